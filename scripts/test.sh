@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# The whole test suite, as CI runs it: formatting, lints, Rust unit and integration tests, then
+# the end-to-end tests (real binaries, network namespaces, the EC2 emulator, TLS like the
+# kube-apiserver). Needs root for the network namespaces.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+scripts/setup-test-env.sh
+
+echo "== cargo fmt --check"
+cargo fmt --all -- --check
+echo "== cargo clippy"
+cargo clippy --workspace --all-targets --locked -- -D warnings
+echo "== cargo build (binaries for the end-to-end tests)"
+cargo build --workspace --bins --locked
+echo "== cargo test"
+cargo test --workspace --locked
+echo "== pytest (end-to-end)"
+export MULTUS_ENI_BIN_DIR="${MULTUS_ENI_BIN_DIR:-$PWD/target/debug}"
+.venv/bin/python -m pytest tests -ra
