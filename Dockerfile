@@ -1,0 +1,48 @@
+# syntax=docker/dockerfile:1.7
+# Images for both binaries, one target each:
+#   docker buildx build --target webhook -t REGISTRY/multus-eni-webhook:TAG .
+#   docker buildx build --target sidecar -t REGISTRY/multus-eni-sidecar:TAG .
+# Multi-arch (amd64 + arm64/Graviton): add --platform linux/amd64,linux/arm64 --push
+# (docs/install.md "Build the images"). Each platform compiles natively in its own build stage
+# (QEMU or a native builder node); no cross toolchain is involved.
+#
+# The binaries link glibc (aws-lc-sys is C), so the runtime is distroless cc on the same Debian
+# release as the build image: glibc and libgcc only, no shell, no package manager, uid 65532.
+
+ARG RUST_VERSION=1.95
+ARG DEBIAN_RELEASE=bookworm
+
+FROM docker.io/library/rust:${RUST_VERSION}-${DEBIAN_RELEASE} AS source
+WORKDIR /src
+COPY . .
+ENV CARGO_TERM_COLOR=never \
+    CARGO_PROFILE_RELEASE_STRIP=symbols
+
+FROM source AS build-webhook
+ARG TARGETPLATFORM
+RUN --mount=type=cache,target=/usr/local/cargo/registry,sharing=locked \
+    --mount=type=cache,id=multus-eni-target-$TARGETPLATFORM,target=/src/target,sharing=locked \
+    cargo build --release --locked -p multus-eni-webhook \
+ && install -D -m 0755 target/release/multus-eni-webhook /out/multus-eni-webhook
+
+FROM source AS build-sidecar
+ARG TARGETPLATFORM
+RUN --mount=type=cache,target=/usr/local/cargo/registry,sharing=locked \
+    --mount=type=cache,id=multus-eni-target-$TARGETPLATFORM,target=/src/target,sharing=locked \
+    cargo build --release --locked -p multus-eni-sidecar \
+ && install -D -m 0755 target/release/multus-eni-sidecar /out/multus-eni-sidecar
+
+FROM gcr.io/distroless/cc-debian12:nonroot AS webhook
+COPY --from=build-webhook /out/multus-eni-webhook /usr/local/bin/multus-eni-webhook
+# Numeric, so kubelet can verify runAsNonRoot.
+USER 65532:65532
+EXPOSE 8443 8080
+ENTRYPOINT ["/usr/local/bin/multus-eni-webhook"]
+CMD ["--help"]
+
+FROM gcr.io/distroless/cc-debian12:nonroot AS sidecar
+COPY --from=build-sidecar /out/multus-eni-sidecar /usr/local/bin/multus-eni-sidecar
+USER 65532:65532
+EXPOSE 9811
+ENTRYPOINT ["/usr/local/bin/multus-eni-sidecar"]
+CMD ["--help"]
