@@ -1,0 +1,901 @@
+"""What an operator applies, checked the way a broken install would show up.
+
+- every kustomization renders with `kubectl kustomize` and every built-in object passes the
+  Kubernetes OpenAPI schemas of 1.29 onwards in strict mode (kubernetes-validate); the CRD kinds
+  listed in CRD_KINDS are checked structurally instead;
+- the parts agree with each other (Service ↔ webhook flags, webhook config ↔ Service,
+  Certificate ↔ Service and Deployment, opt-in label ↔ sample namespace, sidecar image and probe
+  port ↔ the sidecar binary, IAM policy ↔ the EC2 calls in sidecar/src, Dockerfile ↔ contract);
+- the webhook's matchConditions, evaluated with a CEL implementation on fixture pods, send only
+  Multus pods that are not hostNetwork and not opted out.
+
+Needs kubectl (with its built-in kustomize) on PATH: without it these tests fail, they never skip.
+Binaries are read from $MULTUS_ENI_BIN_DIR (default <repo>/target/debug) when present.
+"""
+
+from __future__ import annotations
+
+import copy
+import fnmatch
+import ipaddress
+import json
+import os
+import re
+import shutil
+import subprocess
+import tomllib
+from pathlib import Path
+
+import celpy
+import kubernetes_validate
+import pytest
+import yaml
+from kubernetes_validate.utils import SchemaNotFoundError, ValidationError
+
+REPO = Path(__file__).resolve().parent.parent
+MANIFESTS = REPO / "manifests"
+CONTRACT = REPO / "docs" / "contract.md"
+BIN_DIR = Path(os.environ.get("MULTUS_ENI_BIN_DIR", REPO / "target" / "debug"))
+
+# Every kustomization an operator may apply.
+KUSTOMIZATIONS = {
+    "default": MANIFESTS,
+    "no-cert-manager": MANIFESTS / "overlays" / "no-cert-manager",
+    "samples": MANIFESTS / "samples",
+}
+# Kubernetes versions whose schemas every built-in object must pass (1.29 is the oldest release
+# with native sidecars on by default). Newer schemas shipped by kubernetes-validate are added.
+MIN_VERSION = (1, 29)
+# Custom resources: kubernetes-validate has no schema for them; check_crd_object() covers them.
+CRD_KINDS = {
+    ("cert-manager.io/v1", "Issuer"),
+    ("cert-manager.io/v1", "Certificate"),
+    ("k8s.cni.cncf.io/v1", "NetworkAttachmentDefinition"),
+}
+
+NAMESPACE = "multus-eni"
+SERVICE = "multus-eni-webhook"
+OPT_IN_LABEL = ("multus-eni.io/injection", "enabled")
+NETWORKS_ANNOTATION = "k8s.v1.cni.cncf.io/networks"
+OPT_OUT_ANNOTATION = "multus-eni.io/inject"
+WEBHOOK_PATH = "/mutate"
+SIDECAR_BINARY_PATH = "/usr/local/bin/multus-eni-sidecar"
+
+
+# === rendering ===
+
+
+def kubectl() -> str:
+    path = shutil.which("kubectl")
+    if path is None:
+        pytest.fail(
+            "kubectl is not on PATH: the manifest tests render the kustomizations with "
+            "`kubectl kustomize`. Install kubectl >= 1.29 (it bundles kustomize) and run again.",
+            pytrace=False,
+        )
+    return path
+
+
+def render(directory: Path) -> list[dict]:
+    proc = subprocess.run(
+        [kubectl(), "kustomize", str(directory)], capture_output=True, text=True, check=False
+    )
+    assert proc.returncode == 0, f"kubectl kustomize {directory} failed:\n{proc.stderr}"
+    docs = [d for d in yaml.safe_load_all(proc.stdout) if d]
+    assert docs, f"kubectl kustomize {directory} rendered nothing"
+    return docs
+
+
+@pytest.fixture(scope="module")
+def rendered() -> dict[str, list[dict]]:
+    return {name: render(path) for name, path in KUSTOMIZATIONS.items()}
+
+
+def only(docs: list[dict], kind: str, name: str | None = None) -> dict:
+    found = [
+        d
+        for d in docs
+        if d["kind"] == kind and (name is None or d["metadata"]["name"] == name)
+    ]
+    assert len(found) == 1, f"expected exactly one {kind} {name or ''}, found {len(found)}"
+    return found[0]
+
+
+def all_of(docs: list[dict], kind: str) -> list[dict]:
+    return [d for d in docs if d["kind"] == kind]
+
+
+def webhook_container(docs: list[dict]) -> dict:
+    deployment = only(docs, "Deployment", SERVICE)
+    containers = deployment["spec"]["template"]["spec"]["containers"]
+    assert len(containers) == 1, "the webhook Deployment runs exactly one container"
+    return containers[0]
+
+
+def flags(container: dict) -> dict[str, str]:
+    """`--name=value` / `--name value` arguments of a container, by flag name."""
+    args = list(container.get("command", [])[1:]) + list(container.get("args", []))
+    out: dict[str, str] = {}
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if arg.startswith("--"):
+            if "=" in arg:
+                name, value = arg[2:].split("=", 1)
+            elif i + 1 < len(args) and not args[i + 1].startswith("--"):
+                name, value = arg[2:], args[i + 1]
+                i += 1
+            else:
+                name, value = arg[2:], "true"
+            out[name] = value
+        i += 1
+    return out
+
+
+def port_of(addr: str) -> int:
+    host, _, port = addr.rpartition(":")
+    assert host and port.isdigit(), f"not a host:port address: {addr!r}"
+    return int(port)
+
+
+def container_port(container: dict, port: int | str) -> int:
+    if isinstance(port, int):
+        return port
+    named = [p["containerPort"] for p in container.get("ports", []) if p.get("name") == port]
+    assert named, f"container {container['name']} has no port named {port!r}"
+    return named[0]
+
+
+def selector_matches(selector: dict, labels: dict) -> bool:
+    """Kubernetes label selector semantics (matchLabels + matchExpressions)."""
+    for key, value in selector.get("matchLabels", {}).items():
+        if labels.get(key) != value:
+            return False
+    for expr in selector.get("matchExpressions", []):
+        key, op, values = expr["key"], expr["operator"], expr.get("values", [])
+        if op == "In" and labels.get(key) not in values:
+            return False
+        if op == "NotIn" and key in labels and labels[key] in values:
+            return False
+        if op == "Exists" and key not in labels:
+            return False
+        if op == "DoesNotExist" and key in labels:
+            return False
+    return True
+
+
+def namespace_labels(namespace: dict) -> dict:
+    """Labels as the apiserver stores them: plus the immutable kubernetes.io/metadata.name."""
+    labels = dict(namespace["metadata"].get("labels", {}))
+    labels["kubernetes.io/metadata.name"] = namespace["metadata"]["name"]
+    return labels
+
+
+# === schema validation ===
+
+
+def kubernetes_versions() -> list[str]:
+    versions = sorted(
+        {
+            tuple(int(p) for p in v.split(".")[:2])
+            for v in kubernetes_validate.utils.all_versions()
+        }
+    )
+    wanted = [f"{a}.{b}" for a, b in versions if (a, b) >= MIN_VERSION]
+    return wanted
+
+
+def test_validator_ships_every_supported_version():
+    versions = kubernetes_versions()
+    for required in ("1.29", "1.30", "1.31", "1.32", "1.33"):
+        assert required in versions, (
+            f"kubernetes-validate {kubernetes_validate.__version__} has no schema for {required}; "
+            "pin a release that has 1.29-1.33 in tests/requirements.txt"
+        )
+
+
+def test_strict_validation_rejects_unknown_fields(rendered):
+    """The validator itself must be able to fail, or the schema test proves nothing."""
+    deployment = copy.deepcopy(only(rendered["default"], "Deployment", SERVICE))
+    deployment["spec"]["template"]["spec"]["containers"][0]["tlsCertFile"] = "/x"
+    with pytest.raises(ValidationError):
+        kubernetes_validate.validate(deployment, "1.29", strict=True)
+
+
+@pytest.mark.parametrize("kustomization", sorted(KUSTOMIZATIONS))
+def test_builtin_objects_pass_strict_schemas(rendered, kustomization):
+    checked = 0
+    for doc in rendered[kustomization]:
+        if (doc["apiVersion"], doc["kind"]) in CRD_KINDS:
+            continue
+        for version in kubernetes_versions():
+            try:
+                kubernetes_validate.validate(doc, version, strict=True)
+            except ValidationError as e:
+                path = ".".join(str(p) for p in e.path)
+                pytest.fail(
+                    f"{doc['kind']}/{doc['metadata']['name']} fails the {version} schema at "
+                    f"{path}: {e.message}"
+                )
+            except SchemaNotFoundError as e:
+                pytest.fail(f"{e.message}: add it to CRD_KINDS only if it is a custom resource")
+        checked += 1
+    assert checked > 0
+
+
+# Fields of the cert-manager v1 API that these manifests may use (a typo is an error).
+CERT_MANAGER_FIELDS = {
+    "Issuer": {"selfSigned", "ca"},
+    "Certificate": {
+        "secretName", "commonName", "dnsNames", "duration", "renewBefore", "usages",
+        "privateKey", "issuerRef", "isCA", "subject", "secretTemplate", "ipAddresses",
+        "revisionHistoryLimit",
+    },
+    "Certificate.privateKey": {"algorithm", "size", "encoding", "rotationPolicy"},
+    "Certificate.issuerRef": {"name", "kind", "group"},
+}
+DURATION = re.compile(r"^(\d+h)?(\d+m)?(\d+s)?$")
+
+
+def check_crd_object(doc: dict) -> None:
+    meta = doc["metadata"]
+    assert set(doc) <= {"apiVersion", "kind", "metadata", "spec"}, f"unexpected keys in {doc}"
+    assert meta.get("name") and meta.get("namespace"), f"{doc['kind']} needs name and namespace"
+    spec = doc.get("spec")
+    assert isinstance(spec, dict), f"{doc['kind']}/{meta['name']} has no spec"
+    kind = doc["kind"]
+    if kind == "Issuer":
+        assert set(spec) <= CERT_MANAGER_FIELDS["Issuer"] and len(spec) == 1, spec
+        if "ca" in spec:
+            assert set(spec["ca"]) == {"secretName"}, spec
+    elif kind == "Certificate":
+        unknown = set(spec) - CERT_MANAGER_FIELDS["Certificate"]
+        assert not unknown, f"unknown Certificate fields {unknown}"
+        assert spec["secretName"] and spec["issuerRef"]["name"]
+        assert set(spec["issuerRef"]) <= CERT_MANAGER_FIELDS["Certificate.issuerRef"]
+        assert set(spec.get("privateKey", {})) <= CERT_MANAGER_FIELDS["Certificate.privateKey"]
+        for key in ("duration", "renewBefore"):
+            if key in spec:
+                assert DURATION.match(spec[key]), f"{key} {spec[key]!r} is not a Go duration"
+        if not spec.get("isCA"):
+            assert spec.get("dnsNames"), "a serving certificate needs dnsNames"
+    elif kind == "NetworkAttachmentDefinition":
+        assert set(spec) == {"config"}, spec
+        config = json.loads(spec["config"])
+        assert config.get("cniVersion") and config.get("type"), config
+    else:  # pragma: no cover - CRD_KINDS and this function must move together
+        pytest.fail(f"no structural check for {kind}")
+
+
+@pytest.mark.parametrize("kustomization", sorted(KUSTOMIZATIONS))
+def test_custom_resources_are_well_formed(rendered, kustomization):
+    for doc in rendered[kustomization]:
+        if (doc["apiVersion"], doc["kind"]) in CRD_KINDS:
+            check_crd_object(doc)
+
+
+def test_expected_objects_are_rendered(rendered):
+    kinds = sorted((d["kind"], d["metadata"]["name"]) for d in rendered["default"])
+    assert kinds == sorted(
+        [
+            ("Namespace", NAMESPACE),
+            ("ServiceAccount", SERVICE),
+            ("Deployment", SERVICE),
+            ("Service", SERVICE),
+            ("PodDisruptionBudget", SERVICE),
+            ("MutatingWebhookConfiguration", SERVICE),
+            ("Issuer", "multus-eni-selfsigned"),
+            ("Issuer", "multus-eni-ca"),
+            ("Certificate", "multus-eni-ca"),
+            ("Certificate", "multus-eni-webhook"),
+        ]
+    )
+    for doc in rendered["default"]:
+        if doc["kind"] not in ("Namespace", "MutatingWebhookConfiguration"):
+            assert doc["metadata"].get("namespace") == NAMESPACE, doc["metadata"]
+
+
+def test_no_cert_manager_overlay_is_core_without_cert_manager(rendered):
+    overlay = rendered["no-cert-manager"]
+    assert not [d for d in overlay if d["apiVersion"].startswith("cert-manager.io/")]
+    webhook = only(overlay, "MutatingWebhookConfiguration")
+    assert "cert-manager.io/inject-ca-from" not in webhook["metadata"].get("annotations", {})
+    default_core = [
+        d for d in rendered["default"] if not d["apiVersion"].startswith("cert-manager.io/")
+    ]
+    for doc in default_core:
+        twin = only(overlay, doc["kind"], doc["metadata"]["name"])
+        if doc["kind"] != "MutatingWebhookConfiguration":
+            assert twin == doc, f"{doc['kind']} differs between the default install and overlay"
+
+
+# === the webhook Deployment, Service and PDB ===
+
+
+def test_service_reaches_the_webhook_tls_port(rendered):
+    docs = rendered["default"]
+    service = only(docs, "Service", SERVICE)
+    container = webhook_container(docs)
+    addr_port = port_of(flags(container)["addr"])
+    [port] = service["spec"]["ports"]
+    assert port["port"] == 443
+    assert container_port(container, port["targetPort"]) == addr_port
+    pod_labels = only(docs, "Deployment", SERVICE)["spec"]["template"]["metadata"]["labels"]
+    assert selector_matches({"matchLabels": service["spec"]["selector"]}, pod_labels)
+
+
+def test_webhook_client_config_points_at_the_service(rendered):
+    docs = rendered["default"]
+    service = only(docs, "Service", SERVICE)
+    [hook] = only(docs, "MutatingWebhookConfiguration")["webhooks"]
+    svc_ref = hook["clientConfig"]["service"]
+    assert svc_ref["name"] == service["metadata"]["name"]
+    assert svc_ref["namespace"] == service["metadata"]["namespace"]
+    assert svc_ref["path"] == WEBHOOK_PATH
+    assert svc_ref.get("port", 443) == service["spec"]["ports"][0]["port"]
+    assert "url" not in hook["clientConfig"]
+
+
+def test_deployment_is_highly_available_and_hardened(rendered):
+    docs = rendered["default"]
+    deployment = only(docs, "Deployment", SERVICE)
+    pod = deployment["spec"]["template"]
+    spec = pod["spec"]
+    assert deployment["spec"]["replicas"] == 2
+    assert deployment["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
+    spread = {c["topologyKey"]: c for c in spec["topologySpreadConstraints"]}
+    assert spread["kubernetes.io/hostname"]["whenUnsatisfiable"] == "DoNotSchedule"
+    for constraint in spread.values():
+        assert selector_matches(constraint["labelSelector"], pod["metadata"]["labels"])
+
+    pdb = only(docs, "PodDisruptionBudget", SERVICE)
+    assert selector_matches(pdb["spec"]["selector"], pod["metadata"]["labels"])
+    assert pdb["spec"].get("maxUnavailable") == 1 or pdb["spec"].get("minAvailable") == 1
+
+    assert spec["automountServiceAccountToken"] is False
+    service_account = only(docs, "ServiceAccount", spec["serviceAccountName"])
+    assert service_account["automountServiceAccountToken"] is False
+    assert not [d for d in docs if d["kind"] in ("Role", "ClusterRole", "RoleBinding")]
+
+    pod_sc = spec["securityContext"]
+    assert pod_sc["runAsNonRoot"] is True and pod_sc["runAsUser"] != 0
+    assert pod_sc["seccompProfile"]["type"] == "RuntimeDefault"
+    container = webhook_container(docs)
+    sc = container["securityContext"]
+    assert sc["allowPrivilegeEscalation"] is False
+    assert sc["readOnlyRootFilesystem"] is True
+    assert sc["capabilities"]["drop"] == ["ALL"] and "add" not in sc["capabilities"]
+    assert sc.get("privileged", False) is False
+    assert container["resources"]["requests"]["cpu"]
+    assert container["resources"]["requests"]["memory"]
+    assert container["resources"]["limits"]["memory"]
+
+    ns = only(docs, "Namespace", NAMESPACE)
+    assert ns["metadata"]["labels"]["pod-security.kubernetes.io/enforce"] == "restricted"
+
+
+def test_probes_use_the_metrics_port(rendered):
+    container = webhook_container(rendered["default"])
+    metrics_port = port_of(flags(container).get("metrics-addr", "0.0.0.0:8080"))
+    assert metrics_port == 8080
+    probes = {"readinessProbe": "/readyz", "livenessProbe": "/healthz"}
+    for probe, path in probes.items():
+        get = container[probe]["httpGet"]
+        assert get["path"] == path
+        assert get.get("scheme", "HTTP") == "HTTP"
+        assert container_port(container, get["port"]) == metrics_port
+
+
+def test_tls_secret_is_mounted_as_a_directory_the_flags_point_into(rendered):
+    docs = rendered["default"]
+    deployment = only(docs, "Deployment", SERVICE)
+    container = webhook_container(docs)
+    args = flags(container)
+    volumes = {v["name"]: v for v in deployment["spec"]["template"]["spec"]["volumes"]}
+    serving = only(docs, "Certificate", "multus-eni-webhook")
+    tls_mounts = [
+        m
+        for m in container["volumeMounts"]
+        if volumes[m["name"]].get("secret", {}).get("secretName") == serving["spec"]["secretName"]
+    ]
+    assert len(tls_mounts) == 1, "the Secret the Certificate writes is mounted exactly once"
+    [mount] = tls_mounts
+    assert "subPath" not in mount and "subPathExpr" not in mount, (
+        "a subPath mount never sees kubelet's ..data swap, so rotation would not reach the webhook"
+    )
+    assert mount.get("readOnly") is True
+    # cert-manager and `multus-eni-webhook certs` both write kubernetes.io/tls keys.
+    assert args["tls-cert"] == f"{mount['mountPath']}/tls.crt"
+    assert args["tls-key"] == f"{mount['mountPath']}/tls.key"
+    assert "items" not in volumes[mount["name"]]["secret"]
+
+
+# === MutatingWebhookConfiguration ===
+
+
+def test_webhook_configuration_settings(rendered):
+    [hook] = only(rendered["default"], "MutatingWebhookConfiguration")["webhooks"]
+    assert hook["admissionReviewVersions"] == ["v1"]
+    assert hook["sideEffects"] == "None"
+    assert 1 <= hook["timeoutSeconds"] <= 5
+    assert hook["reinvocationPolicy"] == "IfNeeded"
+    assert hook["failurePolicy"] == "Fail"  # justified in docs/install.md
+    assert hook["rules"] == [
+        {
+            "apiGroups": [""],
+            "apiVersions": ["v1"],
+            "operations": ["CREATE"],
+            "resources": ["pods"],
+            "scope": "Namespaced",
+        }
+    ]
+    assert "clientConfig" in hook and "caBundle" not in hook["clientConfig"]
+
+
+def test_only_opted_in_namespaces_are_selected(rendered):
+    [hook] = only(rendered["default"], "MutatingWebhookConfiguration")["webhooks"]
+    selector = hook["namespaceSelector"]
+    key, value = OPT_IN_LABEL
+    sample_ns = only(rendered["samples"], "Namespace")
+    assert sample_ns["metadata"]["labels"][key] == value
+    assert selector_matches(selector, namespace_labels(sample_ns))
+
+    plain = {"metadata": {"name": "default", "labels": {}}}
+    assert not selector_matches(selector, namespace_labels(plain))
+    wrong_value = {"metadata": {"name": "apps", "labels": {key: "disabled"}}}
+    assert not selector_matches(selector, namespace_labels(wrong_value))
+    # Labelled by mistake, the webhook's own namespace and kube-system are still never selected.
+    for name in (NAMESPACE, "kube-system"):
+        labelled = {"metadata": {"name": name, "labels": {key: value}}}
+        assert not selector_matches(selector, namespace_labels(labelled)), name
+
+
+def test_cert_manager_chain_and_ca_injection(rendered):
+    docs = rendered["default"]
+    service = only(docs, "Service", SERVICE)
+    webhook = only(docs, "MutatingWebhookConfiguration")
+    inject_from = webhook["metadata"]["annotations"]["cert-manager.io/inject-ca-from"]
+    ns, _, cert_name = inject_from.partition("/")
+    serving = only(docs, "Certificate", cert_name)
+    assert serving["metadata"]["namespace"] == ns
+
+    svc = f"{service['metadata']['name']}.{service['metadata']['namespace']}.svc"
+    assert svc in serving["spec"]["dnsNames"]
+    assert set(serving["spec"]["dnsNames"]) <= {svc, f"{svc}.cluster.local"}
+    assert serving["spec"].get("commonName", svc) in serving["spec"]["dnsNames"]
+    assert "server auth" in serving["spec"].get("usages", ["server auth"])
+    assert not serving["spec"].get("isCA")
+
+    # serving Certificate -> CA Issuer -> CA Certificate -> self-signed Issuer
+    issuers = {d["metadata"]["name"]: d for d in all_of(docs, "Issuer")}
+    ca_issuer = issuers[serving["spec"]["issuerRef"]["name"]]
+    assert serving["spec"]["issuerRef"].get("kind", "Issuer") == "Issuer"
+    assert ca_issuer["metadata"]["namespace"] == ns
+    ca_secret = ca_issuer["spec"]["ca"]["secretName"]
+    ca_certs = [c for c in all_of(docs, "Certificate") if c["spec"]["secretName"] == ca_secret]
+    assert len(ca_certs) == 1, f"no Certificate writes the CA Secret {ca_secret}"
+    [ca_cert] = ca_certs
+    assert ca_cert["spec"]["isCA"] is True
+    assert ca_cert["metadata"]["namespace"] == ns
+    root = issuers[ca_cert["spec"]["issuerRef"]["name"]]
+    assert "selfSigned" in root["spec"]
+    # A CA key kept across renewals keeps already-issued serving certificates valid.
+    assert ca_cert["spec"]["privateKey"]["rotationPolicy"] == "Never"
+
+
+# === CEL matchConditions ===
+
+
+def pod(name: str, annotations: dict | None = None, host_network: bool | None = None) -> dict:
+    metadata: dict = {"name": name, "namespace": "multus"}
+    if annotations is not None:
+        metadata["annotations"] = annotations
+    spec: dict = {"containers": [{"name": "app", "image": "busybox:1.37"}]}
+    if host_network is not None:
+        spec["hostNetwork"] = host_network
+    return {"apiVersion": "v1", "kind": "Pod", "metadata": metadata, "spec": spec}
+
+
+def sample_pod(rendered) -> dict:
+    """The sample Deployment's pod as the ReplicaSet controller creates it."""
+    deployment = only(rendered["samples"], "Deployment")
+    template = copy.deepcopy(deployment["spec"]["template"])
+    template["metadata"].update(name="busybox-deployment-5d8f7c-abcde", namespace="multus")
+    return {"apiVersion": "v1", "kind": "Pod", **template}
+
+
+def admission_request(obj: dict) -> dict:
+    return {
+        "uid": "705ab4f5-6393-11e8-b7cc-42010a800002",
+        "kind": {"group": "", "version": "v1", "kind": "Pod"},
+        "resource": {"group": "", "version": "v1", "resource": "pods"},
+        "requestKind": {"group": "", "version": "v1", "kind": "Pod"},
+        "requestResource": {"group": "", "version": "v1", "resource": "pods"},
+        "name": obj["metadata"].get("name", ""),
+        "namespace": obj["metadata"].get("namespace", ""),
+        "operation": "CREATE",
+        "userInfo": {"username": "system:serviceaccount:kube-system:replicaset-controller"},
+        "dryRun": False,
+    }
+
+
+def sent_to_webhook(conditions: list[dict], obj: dict) -> bool:
+    """The apiserver calls the webhook only when every matchCondition is true.
+
+    An expression that errors would fall back to failurePolicy (Fail): treat it as a test failure.
+    """
+    env = celpy.Environment()
+    activation = {
+        "object": celpy.json_to_cel(obj),
+        "oldObject": celpy.json_to_cel(None),
+        "request": celpy.json_to_cel(admission_request(obj)),
+    }
+    results = []
+    for condition in conditions:
+        program = env.program(env.compile(condition["expression"]))
+        value = program.evaluate(activation)
+        assert isinstance(value, celpy.celtypes.BoolType), (
+            f"matchCondition {condition['name']} did not yield a bool on {obj['metadata']}: {value!r}"
+        )
+        results.append(bool(value))
+    return all(results)
+
+
+def test_match_conditions_send_only_multus_pods(rendered):
+    [hook] = only(rendered["default"], "MutatingWebhookConfiguration")["webhooks"]
+    conditions = hook["matchConditions"]
+    multus = sample_pod(rendered)
+    assert NETWORKS_ANNOTATION in multus["metadata"]["annotations"]
+    cases = {
+        "multus pod (sample Deployment)": (multus, True),
+        "multus pod, hostNetwork false": (
+            pod("b", {NETWORKS_ANNOTATION: "ipvlan-multus@n3"}, host_network=False),
+            True,
+        ),
+        "plain pod": (pod("c", {"prometheus.io/scrape": "true"}), False),
+        "pod without annotations map": (pod("d", None), False),
+        "hostNetwork multus pod": (
+            pod("e", {NETWORKS_ANNOTATION: "ipvlan-multus"}, host_network=True),
+            False,
+        ),
+        "empty networks annotation": (pod("f", {NETWORKS_ANNOTATION: ""}), False),
+        "multus pod opted out": (
+            pod("g", {NETWORKS_ANNOTATION: "ipvlan-multus", OPT_OUT_ANNOTATION: "false"}),
+            False,
+        ),
+    }
+    got = {name: sent_to_webhook(conditions, obj) for name, (obj, _) in cases.items()}
+    want = {name: expected for name, (_, expected) in cases.items()}
+    assert got == want
+
+
+def test_match_condition_evaluator_sees_changes():
+    """A condition that matches everything must be caught by the test above (sanity check)."""
+    always = [{"name": "all", "expression": "true"}]
+    assert sent_to_webhook(always, pod("x", None)) is True
+    never_host = [{"name": "h", "expression": "!has(object.spec.hostNetwork) || !object.spec.hostNetwork"}]
+    assert sent_to_webhook(never_host, pod("x", None, host_network=True)) is False
+
+
+# === samples ===
+
+
+def test_sample_is_the_aws_sample_without_the_sidecar(rendered):
+    docs = rendered["samples"]
+    nad = only(docs, "NetworkAttachmentDefinition")
+    deployment = only(docs, "Deployment")
+    namespace = only(docs, "Namespace")
+    for doc in (nad, deployment):
+        assert doc["metadata"]["namespace"] == namespace["metadata"]["name"]
+
+    networks = deployment["spec"]["template"]["metadata"]["annotations"][NETWORKS_ANNOTATION]
+    referenced = {entry.strip().split("@")[0] for entry in networks.split(",")}
+    assert referenced == {nad["metadata"]["name"]}, "the pod must use the sample's NAD"
+
+    config = json.loads(nad["spec"]["config"])
+    assert config["type"] == "ipvlan" and config["master"]
+    ipam = config["ipam"]
+    assert ipam["type"] == "whereabouts"
+    subnet = ipaddress.ip_network(ipam["range"])
+    for key in ("range_start", "range_end", "gateway"):
+        assert ipaddress.ip_address(ipam[key]) in subnet, key
+    pool = int(ipaddress.ip_address(ipam["range_end"])) - int(ipaddress.ip_address(ipam["range_start"])) + 1
+    assert pool > deployment["spec"]["replicas"], "a rolling update needs a spare address"
+
+    # The whole point: the application manifests know nothing of multus-eni.
+    for doc in (nad, deployment):
+        text = json.dumps(doc).lower()
+        assert "sidecar" not in text and "multus-eni" not in text, doc["metadata"]["name"]
+    spec = deployment["spec"]["template"]["spec"]
+    assert [c["name"] for c in spec["containers"]] == ["busybox"]
+    assert "initContainers" not in spec
+
+
+# === sidecar contract: image and probe port ===
+
+
+def binary(name: str) -> Path | None:
+    path = BIN_DIR / name
+    return path if path.is_file() and os.access(path, os.X_OK) else None
+
+
+def help_text(name: str, *args: str) -> str | None:
+    path = binary(name)
+    if path is None:
+        return None
+    proc = subprocess.run([str(path), *args, "--help"], capture_output=True, text=True, check=False)
+    assert proc.returncode == 0, f"{path} {' '.join(args)} --help failed: {proc.stderr}"
+    assert "--help" in proc.stdout, (
+        f"`{path} {' '.join(args)} --help` printed no help: a stale build? run `cargo build --workspace`"
+    )
+    return proc.stdout
+
+
+def option_block(help_output: str, flag: str) -> str | None:
+    """The help paragraph of one option (from its line to the next option line)."""
+    match = re.search(rf"^\s+(?:-\w, )?{re.escape(flag)}\b.*?(?=^\s+-{{1,2}}\w|\Z)", help_output, re.M | re.S)
+    return match.group(0) if match else None
+
+
+def contract_text() -> str:
+    assert CONTRACT.is_file(), f"{CONTRACT} is missing"
+    return CONTRACT.read_text()
+
+
+def sidecar_default_probe_port() -> tuple[int, str]:
+    help_output = help_text("multus-eni-sidecar", "run")
+    if help_output is not None:
+        block = option_block(help_output, "--probe-addr")
+        assert block, "`multus-eni-sidecar run --help` has no --probe-addr"
+        default = re.search(r"\[default: ([^\]]+)\]", block)
+        assert default, f"--probe-addr shows no default:\n{block}"
+        return port_of(default.group(1)), "multus-eni-sidecar run --help"
+    row = re.search(r"^\|\s*`--probe-addr[^|]*\|[^|]*\|\s*`([^`]+)`", contract_text(), re.M)
+    assert row, "neither the sidecar binary nor docs/contract.md gives the default probe address"
+    return port_of(row.group(1)), "docs/contract.md"
+
+
+def webhook_serve_flags() -> tuple[set[str], str]:
+    help_output = help_text("multus-eni-webhook", "serve")
+    if help_output is not None:
+        return set(re.findall(r"--([a-z][a-z0-9-]*)", help_output)), "multus-eni-webhook serve --help"
+    section = contract_text().split("## Webhook command line", 1)
+    assert len(section) == 2, "docs/contract.md has no webhook command line section"
+    body = section[1].split("\n## ", 1)[0]
+    return set(re.findall(r"--([a-z][a-z0-9-]*)", body)), "docs/contract.md"
+
+
+def test_webhook_flags_exist(rendered):
+    known, source = webhook_serve_flags()
+    container = webhook_container(rendered["default"])
+    assert container["args"][0] == "serve"
+    unknown = set(flags(container)) - known
+    assert not unknown, f"the Deployment passes flags {sorted(unknown)} unknown to {source}"
+    for required in ("addr", "tls-cert", "tls-key", "sidecar-image"):
+        assert required in flags(container), required
+
+
+def test_sidecar_probe_port_matches_the_sidecar(rendered):
+    container = webhook_container(rendered["default"])
+    passed = flags(container).get("sidecar-probe-port")
+    if passed is None:
+        help_output = help_text("multus-eni-webhook", "serve")
+        block = option_block(help_output or "", "--sidecar-probe-port")
+        default = re.search(r"\[default: (\d+)\]", block or "")
+        assert default, "--sidecar-probe-port is not passed and its default is unknown"
+        passed = default.group(1)
+    port, source = sidecar_default_probe_port()
+    assert int(passed) == port, f"webhook injects probes on {passed}, the sidecar listens on {port} ({source})"
+
+
+def image_parts(image: str) -> tuple[str, str]:
+    assert "@" not in image or ":" in image.split("@")[0]
+    name, _, tag = image.split("@")[0].rpartition(":")
+    assert name and "/" not in tag, f"image {image!r} has no tag"
+    return name, tag
+
+
+def test_images_are_the_same_release(rendered):
+    container = webhook_container(rendered["default"])
+    webhook_repo, webhook_tag = image_parts(container["image"])
+    sidecar_repo, sidecar_tag = image_parts(flags(container)["sidecar-image"])
+    assert webhook_repo.endswith("/multus-eni-webhook")
+    assert sidecar_repo.endswith("/multus-eni-sidecar")
+    assert webhook_repo.rsplit("/", 1)[0] == sidecar_repo.rsplit("/", 1)[0], "same registry"
+    version = tomllib.loads((REPO / "Cargo.toml").read_text())["workspace"]["package"]["version"]
+    assert webhook_tag == sidecar_tag == version, (
+        f"webhook {webhook_tag}, sidecar {sidecar_tag}, workspace version {version}"
+    )
+
+
+# === IAM policy ===
+
+
+def ec2_operations() -> set[str]:
+    """snake_case names of every aws-sdk-ec2 operation (its src/operation/ modules).
+
+    Read from the crate source cargo downloaded for the version in Cargo.lock.
+    """
+    lock = tomllib.loads((REPO / "Cargo.lock").read_text())
+    versions = [p["version"] for p in lock["package"] if p["name"] == "aws-sdk-ec2"]
+    assert len(versions) == 1, f"Cargo.lock has aws-sdk-ec2 versions {versions}"
+    cargo_home = Path(os.environ.get("CARGO_HOME", Path.home() / ".cargo"))
+    candidates = sorted(cargo_home.glob(f"registry/src/*/aws-sdk-ec2-{versions[0]}/src/operation"))
+    assert candidates, (
+        f"aws-sdk-ec2 {versions[0]} source not found under {cargo_home}/registry/src: "
+        "run `cargo fetch` (or build the sidecar) first"
+    )
+    ops = {p.stem for p in candidates[0].iterdir() if p.suffix == ".rs" or p.is_dir()}
+    assert "assign_private_ip_addresses" in ops, f"unexpected layout of {candidates[0]}"
+    return ops
+
+
+def sidecar_ec2_calls(ops: set[str], root: Path = REPO / "sidecar" / "src") -> set[str]:
+    """EC2 operations called as SDK fluent builders (`client.assign_private_ip_addresses()`)."""
+    called: set[str] = set()
+    for source in sorted(root.rglob("*.rs")):
+        for name in re.findall(r"\.([a-z][a-z0-9_]*)\s*\(\s*\)", source.read_text()):
+            if name in ops:
+                called.add(name)
+    return called
+
+
+def iam_action(operation: str) -> str:
+    return "ec2:" + "".join(part.capitalize() for part in operation.split("_"))
+
+
+def policy() -> dict:
+    return json.loads((MANIFESTS / "iam-policy.json").read_text())
+
+
+def policy_actions(doc: dict) -> set[str]:
+    actions: set[str] = set()
+    for statement in doc["Statement"]:
+        action = statement["Action"]
+        actions.update([action] if isinstance(action, str) else action)
+    return actions
+
+
+def contract_actions() -> set[str]:
+    text = contract_text()
+    paragraph = text.split("EC2 actions the sidecar calls", 1)[1].split("\n\n", 1)[0]
+    return set(re.findall(r"`(ec2:[A-Za-z0-9]+)`", paragraph))
+
+
+def test_iam_action_names_map_from_sdk_operations():
+    assert iam_action("assign_private_ip_addresses") == "ec2:AssignPrivateIpAddresses"
+    assert iam_action("unassign_ipv6_addresses") == "ec2:UnassignIpv6Addresses"
+    assert iam_action("describe_network_interfaces") == "ec2:DescribeNetworkInterfaces"
+
+
+def test_sdk_call_scanner_finds_calls(tmp_path):
+    (tmp_path / "eni.rs").write_text(
+        "let out = client\n    .describe_network_interfaces()\n    .filters(f)\n    .send()\n    .await?;\n"
+        "client.unassign_ipv6_addresses().network_interface_id(id).send().await?;\n"
+    )
+    ops = {"describe_network_interfaces", "unassign_ipv6_addresses", "assign_private_ip_addresses"}
+    assert sidecar_ec2_calls(ops, tmp_path) == {"describe_network_interfaces", "unassign_ipv6_addresses"}
+
+
+def test_iam_policy_matches_the_sidecar_code():
+    ops = ec2_operations()
+    in_code = {iam_action(op) for op in sidecar_ec2_calls(ops)}
+    in_policy = policy_actions(policy())
+    assert in_policy == contract_actions(), "manifests/iam-policy.json vs docs/contract.md"
+    assert in_code == in_policy, (
+        f"called but not allowed: {sorted(in_code - in_policy)}; "
+        f"allowed but never called: {sorted(in_policy - in_code)}"
+    )
+
+
+def test_iam_policy_is_scoped():
+    doc = policy()
+    assert doc["Version"] == "2012-10-17"
+    for statement in doc["Statement"]:
+        assert statement["Effect"] == "Allow"
+        actions = statement["Action"] if isinstance(statement["Action"], list) else [statement["Action"]]
+        assert not [a for a in actions if "*" in a], "no wildcard actions"
+        if actions == ["ec2:DescribeNetworkInterfaces"]:
+            # Describe* calls support no resource-level permissions: "*" is the only valid value.
+            assert statement["Resource"] == "*"
+            continue
+        assert statement["Resource"] == "arn:aws:ec2:*:*:network-interface/*", statement
+        assert statement["Condition"] == {
+            "StringEquals": {"aws:ResourceTag/node.k8s.amazonaws.com/no_manage": "true"}
+        }
+    describe = [s for s in doc["Statement"] if s["Action"] == "ec2:DescribeNetworkInterfaces"]
+    assert len(describe) == 1
+
+
+# === images ===
+
+
+def dockerfile_stages() -> dict[str, dict]:
+    """Stages of the root Dockerfile: base image and instructions, by stage name."""
+    text = (REPO / "Dockerfile").read_text()
+    lines, current = [], ""
+    for raw in text.splitlines():
+        if raw.lstrip().startswith("#") and not current:
+            continue
+        current += raw.rstrip("\\").rstrip() + " " if raw.endswith("\\") else raw
+        if not raw.endswith("\\"):
+            if current.strip():
+                lines.append(current.strip())
+            current = ""
+    args = {}
+    stages: dict[str, dict] = {}
+    stage = None
+    for line in lines:
+        op, _, rest = line.partition(" ")
+        op = op.upper()
+        if op == "ARG" and stage is None:
+            name, _, value = rest.partition("=")
+            args[name] = value
+        elif op == "FROM":
+            match = re.match(r"(?:--platform=\S+\s+)?(\S+)(?:\s+AS\s+(\S+))?", rest, re.I)
+            assert match, line
+            base = re.sub(r"\$\{(\w+)\}", lambda m: args[m.group(1)], match.group(1))
+            stage = {"from": base, "lines": []}
+            stages[match.group(2) or base] = stage
+        elif stage is not None:
+            stage["lines"].append((op, rest))
+    return stages
+
+
+def stage_chain(stages: dict[str, dict], name: str) -> list[dict]:
+    chain = [stages[name]]
+    while chain[-1]["from"] in stages:
+        chain.append(stages[chain[-1]["from"]])
+    return chain
+
+
+@pytest.mark.parametrize("target", ["webhook", "sidecar"])
+def test_dockerfile_target(target):
+    package = f"multus-eni-{target}"
+    stages = dockerfile_stages()
+    assert target in stages, f"Dockerfile has no stage named {target}"
+    final = stages[target]
+    assert final["from"].startswith("gcr.io/distroless/cc-debian") and final["from"].endswith(":nonroot")
+
+    copies = [rest for op, rest in final["lines"] if op == "COPY"]
+    assert len(copies) == 1, "the runtime image holds the binary only"
+    match = re.match(r"--from=(\S+)\s+(\S+)\s+(\S+)$", copies[0])
+    assert match and match.group(3) == f"/usr/local/bin/{package}"
+    build = match.group(1)
+    runs = " ".join(rest for s in stage_chain(stages, build) for op, rest in s["lines"] if op == "RUN")
+    assert f"cargo build --release --locked -p {package}" in runs
+    assert f"target/release/{package}" in runs
+
+    users = [rest for op, rest in final["lines"] if op == "USER"]
+    assert users and re.fullmatch(r"[1-9]\d*(:[1-9]\d*)?", users[-1]), "numeric non-root USER"
+    entrypoint = [json.loads(rest) for op, rest in final["lines"] if op == "ENTRYPOINT"]
+    assert entrypoint == [[f"/usr/local/bin/{package}"]]
+    if target == "sidecar":
+        assert entrypoint[0][0] == SIDECAR_BINARY_PATH, "the webhook injects this command path"
+
+    # glibc of the build must not be newer than the runtime's: same Debian release.
+    builder = stage_chain(stages, build)[-1]["from"]
+    debian = {"bookworm": "12", "trixie": "13"}
+    release = next((v for k, v in debian.items() if k in builder), None)
+    assert release and final["from"].startswith(f"gcr.io/distroless/cc-debian{release}:"), builder
+    rust = re.search(r"rust:(\d+)\.(\d+)", builder)
+    minimum = tomllib.loads((REPO / "Cargo.toml").read_text())["workspace"]["package"]["rust-version"]
+    assert rust and (int(rust.group(1)), int(rust.group(2))) >= tuple(int(x) for x in minimum.split(".")[:2])
+
+
+def test_dockerignore_keeps_the_workspace():
+    patterns = [
+        line.strip()
+        for line in (REPO / ".dockerignore").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    ]
+    assert "target" in patterns and ".git" in patterns
+    workspace = tomllib.loads((REPO / "Cargo.toml").read_text())["workspace"]
+    needed = ["Cargo.toml", "Cargo.lock"]
+    for member in workspace["members"]:
+        needed += [f"{member}/Cargo.toml", f"{member}/src/main.rs"]
+    for path in needed:
+        excluded = [p for p in patterns if not p.startswith("!") and (
+            fnmatch.fnmatch(path, p) or fnmatch.fnmatch(path, p + "/*") or path.startswith(p.rstrip("/") + "/")
+        )]
+        assert not excluded, f".dockerignore {excluded} drops {path}, needed by cargo build --locked"
