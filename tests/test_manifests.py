@@ -899,3 +899,93 @@ def test_dockerignore_keeps_the_workspace():
             fnmatch.fnmatch(path, p) or fnmatch.fnmatch(path, p + "/*") or path.startswith(p.rstrip("/") + "/")
         )]
         assert not excluded, f".dockerignore {excluded} drops {path}, needed by cargo build --locked"
+
+
+# === certs/ (clusters without cert-manager) ===
+
+
+def json_patch(document: dict, operations: list[dict]) -> dict:
+    """RFC 6902 add/replace/test, enough for a caBundle patch."""
+    doc = copy.deepcopy(document)
+    for op in operations:
+        tokens = [t.replace("~1", "/").replace("~0", "~") for t in op["path"].split("/")[1:]]
+        parent = doc
+        for token in tokens[:-1]:
+            parent = parent[int(token)] if isinstance(parent, list) else parent[token]
+        last = tokens[-1]
+        key = (len(parent) if last == "-" else int(last)) if isinstance(parent, list) else last
+        if op["op"] == "test":
+            assert parent[key] == op["value"], f"patch test failed at {op['path']}"
+        elif op["op"] == "replace" or (op["op"] == "add" and not isinstance(parent, list)):
+            if op["op"] == "replace":
+                assert key in parent if isinstance(parent, dict) else key < len(parent), op
+            parent[key] = op["value"]
+        elif op["op"] == "add":
+            parent.insert(key, op["value"])
+        else:
+            pytest.fail(f"unexpected patch operation {op}")
+    return doc
+
+
+def strategic_merge_webhooks(document: dict, patch: dict) -> dict:
+    """Strategic merge of a MutatingWebhookConfiguration: webhooks merge by name."""
+    doc = copy.deepcopy(document)
+    by_name = {w["name"]: w for w in doc["webhooks"]}
+    for hook in patch.get("webhooks", []):
+        assert hook["name"] in by_name, f"patch names webhook {hook['name']} that does not exist"
+        target = by_name[hook["name"]]
+        target.setdefault("clientConfig", {}).update(hook.get("clientConfig", {}))
+    return doc
+
+
+def test_certs_script_writes_a_matching_secret_and_ca_bundle(rendered, tmp_path):
+    import base64
+
+    from cryptography import x509
+
+    webhook = binary("multus-eni-webhook")
+    assert webhook is not None, (
+        f"{BIN_DIR}/multus-eni-webhook is missing: build it (`cargo build -p multus-eni-webhook`) "
+        "or set MULTUS_ENI_BIN_DIR"
+    )
+    out = tmp_path / "certs"
+    env = {**os.environ, "MULTUS_ENI_WEBHOOK": str(webhook)}
+    docs = rendered["no-cert-manager"]
+    deployment = only(docs, "Deployment", SERVICE)
+    [tls_volume] = [v for v in deployment["spec"]["template"]["spec"]["volumes"] if "secret" in v]
+    mwc = only(docs, "MutatingWebhookConfiguration")
+
+    for run in (1, 2):  # idempotent: a second run leaves a consistent set
+        proc = subprocess.run(
+            [str(REPO / "certs" / "generate.sh"), "--out-dir", str(out)],
+            env=env, capture_output=True, text=True, check=False,
+        )
+        assert proc.returncode == 0, f"run {run}: {proc.stdout}\n{proc.stderr}"
+
+        [secret] = [d for d in yaml.safe_load_all((out / "secret.yaml").read_text()) if d]
+        for version in kubernetes_versions():
+            kubernetes_validate.validate(secret, version, strict=True)
+        assert secret["kind"] == "Secret" and secret["type"] == "kubernetes.io/tls"
+        assert secret["metadata"]["name"] == tls_volume["secret"]["secretName"]
+        assert secret["metadata"]["namespace"] == NAMESPACE
+        if "data" in secret:
+            leaf_pem = base64.b64decode(secret["data"]["tls.crt"])
+            assert base64.b64decode(secret["data"]["tls.key"])
+        else:
+            leaf_pem = secret["stringData"]["tls.crt"].encode()
+            assert secret["stringData"]["tls.key"]
+        leaf = x509.load_pem_x509_certificates(leaf_pem)[0]
+        sans = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        assert f"{SERVICE}.{NAMESPACE}.svc" in sans.get_values_for_type(x509.DNSName)
+
+        patch = json.loads((out / "cabundle-patch.json").read_text())
+        patched = (
+            json_patch(mwc, patch) if isinstance(patch, list) else strategic_merge_webhooks(mwc, patch)
+        )
+        [hook] = patched["webhooks"]
+        ca_bundle = base64.b64decode(hook["clientConfig"]["caBundle"])
+        cas = x509.load_pem_x509_certificates(ca_bundle)
+        assert any(ca.subject == leaf.issuer for ca in cas), "caBundle holds no issuer of tls.crt"
+        issuer = next(ca for ca in cas if ca.subject == leaf.issuer)
+        leaf.verify_directly_issued_by(issuer)  # raises when the signature does not verify
+        assert patched["metadata"] == mwc["metadata"], "the patch must touch caBundle only"
