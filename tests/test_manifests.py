@@ -989,3 +989,19 @@ def test_certs_script_writes_a_matching_secret_and_ca_bundle(rendered, tmp_path)
         issuer = next(ca for ca in cas if ca.subject == leaf.issuer)
         leaf.verify_directly_issued_by(issuer)  # raises when the signature does not verify
         assert patched["metadata"] == mwc["metadata"], "the patch must touch caBundle only"
+
+
+def test_image_override_overlay_in_docs_renders(tmp_path):
+    """docs/install.md shows an overlay that swaps both images; it must keep working."""
+    text = (REPO / "docs" / "install.md").read_text()
+    blocks = re.findall(r"```yaml\n# my-multus-eni/kustomization.yaml\n(.*?)```", text, re.S)
+    assert len(blocks) == 1, "docs/install.md lost its image override example"
+    overlay = yaml.safe_load(blocks[0])
+    overlay["resources"] = [os.path.relpath(MANIFESTS, tmp_path)]
+    (tmp_path / "kustomization.yaml").write_text(yaml.safe_dump(overlay))
+    docs = render(tmp_path)
+    container = webhook_container(docs)
+    registry = "123456789012.dkr.ecr.eu-west-1.amazonaws.com"
+    assert container["image"] == f"{registry}/multus-eni-webhook:0.1.0"
+    assert flags(container)["sidecar-image"] == f"{registry}/multus-eni-sidecar:0.1.0"
+    assert flags(container)["aws-region"] == "eu-west-1"
