@@ -955,7 +955,8 @@ def test_certs_script_writes_a_matching_secret_and_ca_bundle(rendered, tmp_path)
     [tls_volume] = [v for v in deployment["spec"]["template"]["spec"]["volumes"] if "secret" in v]
     mwc = only(docs, "MutatingWebhookConfiguration")
 
-    for run in (1, 2):  # idempotent: a second run leaves a consistent set
+    bundles = []
+    for run in (1, 2):  # idempotent: a second run reuses the CA and issues a new leaf
         proc = subprocess.run(
             [str(REPO / "certs" / "generate.sh"), "--out-dir", str(out)],
             env=env, capture_output=True, text=True, check=False,
@@ -988,7 +989,11 @@ def test_certs_script_writes_a_matching_secret_and_ca_bundle(rendered, tmp_path)
         assert any(ca.subject == leaf.issuer for ca in cas), "caBundle holds no issuer of tls.crt"
         issuer = next(ca for ca in cas if ca.subject == leaf.issuer)
         leaf.verify_directly_issued_by(issuer)  # raises when the signature does not verify
-        assert patched["metadata"] == mwc["metadata"], "the patch must touch caBundle only"
+        bundles.append(ca_bundle)
+        untouched = copy.deepcopy(patched)
+        del untouched["webhooks"][0]["clientConfig"]["caBundle"]
+        assert untouched == mwc, "the patch must set caBundle and nothing else"
+    assert bundles[0] == bundles[1], "re-running certs must not change the caBundle"
 
 
 def test_image_override_overlay_in_docs_renders(tmp_path):
