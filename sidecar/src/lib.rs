@@ -1,1 +1,52 @@
-//! placeholder
+//! multus-eni sidecar: makes a pod's Multus (ipvlan) addresses routable in the VPC by
+//! assigning them as secondary addresses on the node ENI whose MAC the interface carries.
+//!
+//! Edges: [`addresses`] (netlink), [`eni`] (EC2), [`probe`] (HTTP). The decisions are pure
+//! functions in [`reconcile`]; [`run`] is the one event loop that ties them together.
+
+pub mod addresses;
+pub mod cli;
+pub mod eni;
+pub mod probe;
+pub mod reconcile;
+pub mod run;
+
+use std::net::SocketAddr;
+
+/// Everything that can go wrong in the sidecar.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Opening the netlink socket or reading links/addresses failed.
+    #[error("netlink: {0}")]
+    Netlink(String),
+
+    /// The netlink event subscription ended; the sidecar reconnects.
+    #[error("netlink event stream ended")]
+    NetlinkStreamEnded,
+
+    /// An EC2 call failed; `kind` says whether and why it is retried.
+    #[error("EC2 {action} failed ({kind}): {message}")]
+    Ec2 {
+        action: &'static str,
+        kind: eni::ErrorKind,
+        message: String,
+    },
+
+    /// The probe server could not bind its address.
+    #[error("cannot listen on probe address {addr}: {source}")]
+    ProbeBind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+
+    /// The async runtime could not start.
+    #[error("cannot start the async runtime: {0}")]
+    Runtime(std::io::Error),
+
+    /// Installing signal handlers failed.
+    #[error("signal handler: {0}")]
+    Signal(std::io::Error),
+}
+
+/// Result with the sidecar's [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -1,0 +1,385 @@
+//! The pod's interfaces as netlink sees them: global-scope IPv4/IPv6 addresses and the MAC
+//! of exactly the named interfaces, kept current from link and address events.
+//!
+//! IPv6 addresses still in duplicate address detection (`tentative`) are reported apart:
+//! the kernel does not use them yet and DAD may still fail, so the sidecar does not claim
+//! them on the ENI (which could take the address away from another ENI) until DAD passes.
+//! Addresses whose DAD failed are ignored.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+use std::net::{IpAddr, Ipv6Addr};
+
+use futures::StreamExt;
+use futures::TryStreamExt;
+use futures::channel::mpsc::UnboundedReceiver;
+use rtnetlink::packet_core::{NetlinkMessage, NetlinkPayload};
+use rtnetlink::packet_route::RouteNetlinkMessage;
+use rtnetlink::packet_route::address::{AddressAttribute, AddressFlags, AddressMessage, AddressScope};
+use rtnetlink::packet_route::link::{LinkAttribute, LinkMessage};
+use rtnetlink::sys::SocketAddr;
+use rtnetlink::{Handle, MulticastGroup};
+
+use crate::reconcile::DesiredInterface;
+use crate::{Error, Result};
+
+/// An Ethernet MAC address; printed as EC2 prints it (`0e:1a:2b:3c:4d:5e`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct MacAddress(pub [u8; 6]);
+
+impl MacAddress {
+    fn from_bytes(bytes: &[u8]) -> Option<Self> {
+        <[u8; 6]>::try_from(bytes).ok().map(MacAddress)
+    }
+}
+
+impl fmt::Display for MacAddress {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let [a, b, c, d, e, g] = self.0;
+        write!(f, "{a:02x}:{b:02x}:{c:02x}:{d:02x}:{e:02x}:{g:02x}")
+    }
+}
+
+/// One named interface as currently seen.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+struct Interface {
+    name: String,
+    mac: Option<MacAddress>,
+    usable: BTreeSet<IpAddr>,
+    tentative: BTreeSet<Ipv6Addr>,
+}
+
+/// The named interfaces that exist, by kernel link index. Every other interface (eth0...)
+/// is ignored.
+#[derive(Debug, Clone, Default)]
+pub struct InterfaceTable {
+    wanted: Vec<String>,
+    by_index: BTreeMap<u32, Interface>,
+}
+
+/// What a netlink message did to the table.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Applied {
+    /// The desired state (addresses or MACs) changed.
+    pub changed: bool,
+    /// A named link appeared or changed MAC: its addresses must be dumped.
+    pub dump_link: Option<u32>,
+}
+
+/// Address flags, from `IFA_FLAGS` when present (it carries the full 32 bits).
+fn address_flags(msg: &AddressMessage) -> AddressFlags {
+    msg.attributes
+        .iter()
+        .find_map(|a| match a {
+            AddressAttribute::Flags(f) => Some(*f),
+            _ => None,
+        })
+        .unwrap_or_else(|| AddressFlags::from_bits_retain(u32::from(msg.header.flags.bits())))
+}
+
+/// The interface address of a message: `IFA_LOCAL` for IPv4 (`IFA_ADDRESS` is the peer on
+/// point-to-point links), `IFA_ADDRESS` for IPv6.
+fn address_of(msg: &AddressMessage) -> Option<IpAddr> {
+    let local = msg.attributes.iter().find_map(|a| match a {
+        AddressAttribute::Local(ip @ IpAddr::V4(_)) => Some(*ip),
+        _ => None,
+    });
+    local.or_else(|| {
+        msg.attributes.iter().find_map(|a| match a {
+            AddressAttribute::Address(ip) => Some(*ip),
+            _ => None,
+        })
+    })
+}
+
+fn link_name(msg: &LinkMessage) -> Option<&str> {
+    msg.attributes.iter().find_map(|a| match a {
+        LinkAttribute::IfName(n) => Some(n.as_str()),
+        _ => None,
+    })
+}
+
+fn link_mac(msg: &LinkMessage) -> Option<MacAddress> {
+    msg.attributes.iter().find_map(|a| match a {
+        LinkAttribute::Address(bytes) => MacAddress::from_bytes(bytes),
+        _ => None,
+    })
+}
+
+// === impl InterfaceTable ===
+
+impl InterfaceTable {
+    pub fn new(wanted: Vec<String>) -> Self {
+        Self { wanted, by_index: BTreeMap::new() }
+    }
+
+    /// The interface names the sidecar manages, in command-line order.
+    pub fn wanted(&self) -> &[String] {
+        &self.wanted
+    }
+
+    /// Named interfaces that do not exist (yet).
+    pub fn missing(&self) -> Vec<&str> {
+        self.wanted
+            .iter()
+            .filter(|w| !self.by_index.values().any(|i| i.name == **w))
+            .map(String::as_str)
+            .collect()
+    }
+
+    /// The desired state handed to [`crate::reconcile`].
+    pub fn desired(&self) -> Vec<DesiredInterface> {
+        self.by_index
+            .values()
+            .map(|i| DesiredInterface {
+                name: i.name.clone(),
+                mac: i.mac,
+                addresses: i.usable.clone(),
+                tentative: i.tentative.clone(),
+            })
+            .collect()
+    }
+
+    /// Applies one link or address message (from a dump or an event).
+    pub fn apply(&mut self, msg: &RouteNetlinkMessage) -> Applied {
+        match msg {
+            RouteNetlinkMessage::NewLink(link) => self.new_link(link),
+            RouteNetlinkMessage::DelLink(link) => {
+                let removed = self.by_index.remove(&link.header.index).is_some();
+                Applied { changed: removed, dump_link: None }
+            }
+            RouteNetlinkMessage::NewAddress(addr) => self.address(addr, true),
+            RouteNetlinkMessage::DelAddress(addr) => self.address(addr, false),
+            _ => Applied::default(),
+        }
+    }
+
+    fn new_link(&mut self, link: &LinkMessage) -> Applied {
+        let index = link.header.index;
+        let name = link_name(link);
+        let mac = link_mac(link);
+        match (self.by_index.get_mut(&index), name) {
+            // Renamed away from a wanted name: no longer ours.
+            (Some(_), Some(n)) if !self.wanted.iter().any(|w| w == n) => {
+                self.by_index.remove(&index);
+                Applied { changed: true, dump_link: None }
+            }
+            (Some(iface), _) => {
+                if mac.is_some() && mac != iface.mac {
+                    iface.mac = mac;
+                    return Applied { changed: true, dump_link: Some(index) };
+                }
+                Applied::default()
+            }
+            (None, Some(n)) if self.wanted.iter().any(|w| w == n) => {
+                self.by_index.insert(index, Interface { name: n.to_string(), mac, ..Default::default() });
+                Applied { changed: true, dump_link: Some(index) }
+            }
+            (None, _) => Applied::default(),
+        }
+    }
+
+    fn address(&mut self, msg: &AddressMessage, added: bool) -> Applied {
+        let Some(iface) = self.by_index.get_mut(&msg.header.index) else {
+            return Applied::default();
+        };
+        if msg.header.scope != AddressScope::Universe {
+            return Applied::default();
+        }
+        let Some(ip) = address_of(msg) else { return Applied::default() };
+        let flags = address_flags(msg);
+        let before = (iface.usable.clone(), iface.tentative.clone());
+        iface.usable.remove(&ip);
+        if let IpAddr::V6(v6) = ip {
+            iface.tentative.remove(&v6);
+        }
+        if added && !flags.contains(AddressFlags::Dadfailed) {
+            match ip {
+                IpAddr::V6(v6) if flags.contains(AddressFlags::Tentative) => {
+                    iface.tentative.insert(v6);
+                }
+                _ => {
+                    iface.usable.insert(ip);
+                }
+            }
+        }
+        Applied { changed: before != (iface.usable.clone(), iface.tentative.clone()), dump_link: None }
+    }
+
+    /// Forgets the addresses of one link before its addresses are dumped again.
+    fn clear_addresses(&mut self, index: u32) {
+        if let Some(iface) = self.by_index.get_mut(&index) {
+            iface.usable.clear();
+            iface.tentative.clear();
+        }
+    }
+}
+
+/// A netlink connection subscribed to link and address events, also used for dumps.
+pub struct AddressWatcher {
+    handle: Handle,
+    events: UnboundedReceiver<(NetlinkMessage<RouteNetlinkMessage>, SocketAddr)>,
+    connection: tokio::task::JoinHandle<()>,
+}
+
+impl AddressWatcher {
+    /// Subscribes to `RTNLGRP_LINK`, `RTNLGRP_IPV4_IFADDR` and `RTNLGRP_IPV6_IFADDR`. Subscribe
+    /// first, dump second: a change between the two is then seen as an event, not lost.
+    pub fn subscribe() -> Result<Self> {
+        let (connection, handle, events) = rtnetlink::new_multicast_connection(&[
+            MulticastGroup::Link,
+            MulticastGroup::Ipv4Ifaddr,
+            MulticastGroup::Ipv6Ifaddr,
+        ])
+        .map_err(|e| Error::Netlink(format!("cannot open netlink socket: {e}")))?;
+        let connection = tokio::spawn(connection);
+        Ok(Self { handle, events, connection })
+    }
+
+    /// Re-reads every named link and its addresses into a fresh table; returns whether the
+    /// desired state changed.
+    pub async fn dump(&self, table: &mut InterfaceTable) -> Result<bool> {
+        let mut fresh = InterfaceTable::new(table.wanted.clone());
+        let mut links = self.handle.link().get().execute();
+        while let Some(link) = links.try_next().await.map_err(netlink_error)? {
+            fresh.apply(&RouteNetlinkMessage::NewLink(link));
+        }
+        self.dump_addresses(&mut fresh, None).await?;
+        let changed = fresh.desired() != table.desired();
+        *table = fresh;
+        Ok(changed)
+    }
+
+    /// Re-reads the addresses of one link (it appeared or changed MAC).
+    pub async fn dump_link(&self, table: &mut InterfaceTable, index: u32) -> Result<()> {
+        table.clear_addresses(index);
+        self.dump_addresses(table, Some(index)).await
+    }
+
+    async fn dump_addresses(&self, table: &mut InterfaceTable, index: Option<u32>) -> Result<()> {
+        let mut request = self.handle.address().get();
+        if let Some(index) = index {
+            request = request.set_link_index_filter(index);
+        }
+        let mut addresses = request.execute();
+        while let Some(addr) = addresses.try_next().await.map_err(netlink_error)? {
+            if index.is_none_or(|i| i == addr.header.index) {
+                table.apply(&RouteNetlinkMessage::NewAddress(addr));
+            }
+        }
+        Ok(())
+    }
+
+    /// The next link or address event; [`Error::NetlinkStreamEnded`] when the socket closed.
+    pub async fn next_event(&mut self) -> Result<RouteNetlinkMessage> {
+        loop {
+            let Some((msg, _)) = self.events.next().await else {
+                return Err(Error::NetlinkStreamEnded);
+            };
+            if let NetlinkPayload::InnerMessage(inner) = msg.payload {
+                return Ok(inner);
+            }
+        }
+    }
+
+    /// An event if one is already queued, without waiting: lets a burst be applied at once.
+    pub fn try_next_event(&mut self) -> Option<RouteNetlinkMessage> {
+        loop {
+            match self.events.try_recv() {
+                Ok((msg, _)) => {
+                    if let NetlinkPayload::InnerMessage(inner) = msg.payload {
+                        return Some(inner);
+                    }
+                }
+                _ => return None,
+            }
+        }
+    }
+}
+
+impl Drop for AddressWatcher {
+    fn drop(&mut self) {
+        self.connection.abort();
+    }
+}
+
+fn netlink_error(e: rtnetlink::Error) -> Error {
+    Error::Netlink(e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rtnetlink::packet_route::AddressFamily;
+
+    fn link(index: u32, name: &str, mac: [u8; 6]) -> RouteNetlinkMessage {
+        let mut msg = LinkMessage::default();
+        msg.header.index = index;
+        msg.attributes.push(LinkAttribute::IfName(name.into()));
+        msg.attributes.push(LinkAttribute::Address(mac.to_vec()));
+        RouteNetlinkMessage::NewLink(msg)
+    }
+
+    fn addr(index: u32, ip: &str, scope: AddressScope, flags: AddressFlags) -> AddressMessage {
+        let ip: IpAddr = ip.parse().unwrap_or_else(|e| panic!("{ip}: {e}"));
+        let mut msg = AddressMessage::default();
+        msg.header.index = index;
+        msg.header.scope = scope;
+        msg.header.family = if ip.is_ipv4() { AddressFamily::Inet } else { AddressFamily::Inet6 };
+        msg.attributes.push(AddressAttribute::Address(ip));
+        if ip.is_ipv4() {
+            msg.attributes.push(AddressAttribute::Local(ip));
+        }
+        msg.attributes.push(AddressAttribute::Flags(flags));
+        msg
+    }
+
+    #[test]
+    fn only_named_interfaces_and_global_usable_addresses_count() {
+        let mut t = InterfaceTable::new(vec!["net1".into()]);
+        assert_eq!(t.missing(), vec!["net1"]);
+        assert_eq!(t.apply(&link(2, "eth0", [2, 0, 0, 0, 0, 1])), Applied::default());
+        assert_eq!(t.apply(&link(3, "net1", [2, 0, 0, 0, 0, 2])), Applied { changed: true, dump_link: Some(3) });
+        let e = AddressFlags::empty();
+        t.apply(&RouteNetlinkMessage::NewAddress(addr(2, "10.0.0.9", AddressScope::Universe, e)));
+        t.apply(&RouteNetlinkMessage::NewAddress(addr(3, "10.0.1.10", AddressScope::Universe, e)));
+        t.apply(&RouteNetlinkMessage::NewAddress(addr(3, "fe80::1", AddressScope::Link, e)));
+        t.apply(&RouteNetlinkMessage::NewAddress(addr(3, "2001:db8::1", AddressScope::Universe, AddressFlags::Tentative)));
+        t.apply(&RouteNetlinkMessage::NewAddress(addr(3, "2001:db8::2", AddressScope::Universe, AddressFlags::Tentative | AddressFlags::Dadfailed)));
+        let d = t.desired();
+        assert_eq!(d.len(), 1);
+        assert_eq!(d[0].name, "net1");
+        assert_eq!(d[0].mac.map(|m| m.to_string()), Some("02:00:00:00:00:02".into()));
+        assert_eq!(d[0].addresses, ["10.0.1.10".parse().unwrap_or(IpAddr::V4([0; 4].into()))].into());
+        assert_eq!(d[0].tentative.len(), 1);
+        assert!(t.missing().is_empty());
+    }
+
+    #[test]
+    fn dad_completion_moves_address_to_usable_and_delete_removes_it() {
+        let mut t = InterfaceTable::new(vec!["net1".into()]);
+        t.apply(&link(3, "net1", [2, 0, 0, 0, 0, 2]));
+        let a = addr(3, "2001:db8::1", AddressScope::Universe, AddressFlags::Tentative);
+        t.apply(&RouteNetlinkMessage::NewAddress(a));
+        let a = addr(3, "2001:db8::1", AddressScope::Universe, AddressFlags::Permanent);
+        assert!(t.apply(&RouteNetlinkMessage::NewAddress(a.clone())).changed);
+        assert!(!t.apply(&RouteNetlinkMessage::NewAddress(a.clone())).changed);
+        assert_eq!(t.desired()[0].addresses.len(), 1);
+        assert!(t.desired()[0].tentative.is_empty());
+        assert!(t.apply(&RouteNetlinkMessage::DelAddress(a)).changed);
+        assert!(t.desired()[0].addresses.is_empty());
+    }
+
+    #[test]
+    fn rename_and_delete_drop_the_interface() {
+        let mut t = InterfaceTable::new(vec!["net1".into()]);
+        t.apply(&link(3, "net1", [2, 0, 0, 0, 0, 2]));
+        assert!(t.apply(&link(3, "other", [2, 0, 0, 0, 0, 2])).changed);
+        assert_eq!(t.missing(), vec!["net1"]);
+        t.apply(&link(4, "net1", [2, 0, 0, 0, 0, 2]));
+        let mut del = LinkMessage::default();
+        del.header.index = 4;
+        assert!(t.apply(&RouteNetlinkMessage::DelLink(del)).changed);
+        assert_eq!(t.missing(), vec!["net1"]);
+    }
+}

@@ -1,0 +1,142 @@
+//! Command line (docs/contract.md): every flag also from env `MULTUS_ENI_<FLAG>`.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use clap::{ArgAction, Parser, Subcommand, ValueEnum};
+use tracing_subscriber::EnvFilter;
+
+use crate::{Error, Result};
+
+/// Assigns a pod's Multus interface addresses as secondary IPs on the node ENI.
+#[derive(Debug, Parser)]
+#[command(name = "multus-eni-sidecar", version, about)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Manage the addresses of the named interfaces until SIGTERM.
+    Run(RunArgs),
+}
+
+/// Flags of `run`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct RunArgs {
+    /// Comma list of pod interfaces to manage (e.g. `net1,n3`); every other interface is
+    /// never touched.
+    #[arg(long, env = "MULTUS_ENI_INTERFACES", value_delimiter = ',', required = true, num_args = 1..)]
+    pub interfaces: Vec<String>,
+
+    /// Plain HTTP address for `GET /readyz` and `GET /healthz`.
+    #[arg(long, env = "MULTUS_ENI_PROBE_ADDR", default_value = "0.0.0.0:9811")]
+    pub probe_addr: SocketAddr,
+
+    /// On SIGTERM, unassign the managed addresses that are still on their ENI.
+    #[arg(long, env = "MULTUS_ENI_RELEASE_ON_EXIT", default_value_t = true, action = ArgAction::Set)]
+    pub release_on_exit: bool,
+
+    /// Slow re-read of the ENIs (and interfaces) that heals drift.
+    #[arg(long, env = "MULTUS_ENI_RESYNC_INTERVAL", default_value = "60s", value_parser = parse_duration)]
+    pub resync_interval: Duration,
+
+    /// Upper bound for the release on SIGTERM.
+    #[arg(long, env = "MULTUS_ENI_SHUTDOWN_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub shutdown_timeout: Duration,
+
+    /// Log output format.
+    #[arg(long, env = "MULTUS_ENI_LOG_FORMAT", value_enum, default_value_t = LogFormat::Json)]
+    pub log_format: LogFormat,
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Json,
+    Text,
+}
+
+fn parse_duration(s: &str) -> std::result::Result<Duration, String> {
+    let d = humantime::parse_duration(s).map_err(|e| e.to_string())?;
+    if d.is_zero() {
+        return Err("must be greater than zero".into());
+    }
+    Ok(d)
+}
+
+impl Cli {
+    /// Runs the chosen subcommand to completion on a single-threaded runtime (small RSS,
+    /// near-zero idle CPU).
+    pub fn run(self) -> Result<()> {
+        match self.command {
+            Command::Run(args) => {
+                init_logging(args.log_format);
+                // Installed once: a second install is a harmless no-op error.
+                let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+                let runtime = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .map_err(Error::Runtime)?;
+                runtime.block_on(crate::run::run(args))
+            }
+        }
+    }
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| EnvFilter::new("info,aws_config=warn,aws_smithy_runtime=warn"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Json => builder.json().flatten_event(true).with_current_span(false).init(),
+        LogFormat::Text => builder.init(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> std::result::Result<RunArgs, clap::Error> {
+        let cli = Cli::try_parse_from(args)?;
+        match cli.command {
+            Command::Run(a) => Ok(a),
+        }
+    }
+
+    #[test]
+    fn interfaces_alone_start_a_sidecar_with_contract_defaults() {
+        let a = parse(&["multus-eni-sidecar", "run", "--interfaces", "net1,n3"]).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(a.interfaces, vec!["net1", "n3"]);
+        assert_eq!(a.probe_addr.to_string(), "0.0.0.0:9811");
+        assert!(a.release_on_exit);
+        assert_eq!(a.resync_interval, Duration::from_secs(60));
+        assert_eq!(a.shutdown_timeout, Duration::from_secs(10));
+        assert_eq!(a.log_format, LogFormat::Json);
+    }
+
+    #[test]
+    fn the_injected_form_parses() {
+        let a = parse(&[
+            "multus-eni-sidecar",
+            "run",
+            "--interfaces=net1,n3",
+            "--probe-addr=0.0.0.0:9811",
+            "--release-on-exit",
+            "false",
+            "--resync-interval",
+            "500ms",
+        ])
+        .unwrap_or_else(|e| panic!("{e}"));
+        assert!(!a.release_on_exit);
+        assert_eq!(a.resync_interval, Duration::from_millis(500));
+    }
+
+    #[test]
+    fn interfaces_are_required_and_zero_durations_rejected() {
+        assert!(parse(&["multus-eni-sidecar", "run"]).is_err());
+        assert!(parse(&["multus-eni-sidecar", "run", "--interfaces=net1", "--resync-interval=0s"]).is_err());
+    }
+}
