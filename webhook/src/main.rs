@@ -1,1 +1,6 @@
-fn main() {}
+//! `multus-eni-webhook`: parse the command line and hand over to the library.
+use clap::Parser;
+
+fn main() -> anyhow::Result<()> {
+    Ok(multus_eni_webhook::cli::Cli::parse().run()?)
+}

@@ -1,0 +1,298 @@
+//! `POST /mutate`: AdmissionReview in, AdmissionReview out.
+//!
+//! The envelope is read with `kube::core::admission` types; the pod itself stays raw JSON (see
+//! [`crate::inject`]). Bad bodies get a 4xx with a message, bodies over the kube-apiserver's
+//! 3 MiB request limit a 413; everything else is allowed, with a patch when injecting.
+
+use crate::inject::{Config, Decision, SkipReason, mutate_pod};
+use crate::metrics::{Metrics, OUTCOME_INJECTED, OUTCOME_REJECTED, OUTCOME_SKIPPED};
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD;
+use kube::core::DynamicObject;
+use kube::core::admission::{
+    AdmissionRequest, AdmissionResponse, AdmissionReview, META_KIND, Operation,
+};
+use serde_json::Value;
+use std::sync::Arc;
+use std::time::Instant;
+
+/// The kube-apiserver's request body limit; larger bodies get 413.
+pub const MAX_BODY_BYTES: usize = 3 * 1024 * 1024;
+/// The API versions of AdmissionReview this webhook answers (the response echoes the request's).
+pub const ADMISSION_API_VERSIONS: [&str; 2] = ["admission.k8s.io/v1", "admission.k8s.io/v1beta1"];
+
+/// Why a body is not an admission review we can answer (HTTP 400).
+#[derive(Debug, thiserror::Error)]
+pub enum ReviewError {
+    #[error("body is not JSON: {0}")]
+    NotJson(String),
+    #[error("body is not an AdmissionReview: {0}")]
+    NotAdmissionReview(String),
+    #[error("AdmissionReview has no request")]
+    NoRequest,
+    #[error("building the response patch: {0}")]
+    Patch(String),
+}
+
+/// What `/mutate` decided for one request, plus what logs and metrics need.
+#[derive(Debug)]
+pub struct ReviewOutcome {
+    /// The AdmissionReview to send back, as JSON (see [`response_json`]).
+    pub response: Value,
+    /// Inject or skip, and why.
+    pub decision: Decision,
+    /// `request.uid`.
+    pub uid: String,
+    /// `request.namespace` (empty if none).
+    pub namespace: String,
+    /// The pod's name, or its `generateName` prefix for pods from controllers.
+    pub pod: String,
+}
+
+/// Answers one AdmissionReview body. Pure (no I/O), so benches and fuzzers can call it.
+pub fn review(config: &Config, body: &[u8]) -> Result<ReviewOutcome, ReviewError> {
+    let mut raw: Value =
+        serde_json::from_slice(body).map_err(|e| ReviewError::NotJson(e.to_string()))?;
+    // Keep the pod raw: take it out before the envelope is parsed into typed structs.
+    let object = raw.pointer_mut("/request/object").map(Value::take);
+    if let Some(old) = raw.pointer_mut("/request/oldObject") {
+        *old = Value::Null;
+    }
+    let envelope: AdmissionReview<DynamicObject> =
+        serde_json::from_value(raw).map_err(|e| ReviewError::NotAdmissionReview(e.to_string()))?;
+    if envelope.types.kind != META_KIND {
+        return Err(ReviewError::NotAdmissionReview(format!(
+            "kind is {:?}, want {META_KIND:?}",
+            envelope.types.kind
+        )));
+    }
+    if !ADMISSION_API_VERSIONS.contains(&envelope.types.api_version.as_str()) {
+        return Err(ReviewError::NotAdmissionReview(format!(
+            "apiVersion {:?} is not one of {ADMISSION_API_VERSIONS:?}",
+            envelope.types.api_version
+        )));
+    }
+    let request: AdmissionRequest<DynamicObject> =
+        envelope.try_into().map_err(|_| ReviewError::NoRequest)?;
+    let object = object.unwrap_or(Value::Null);
+
+    let decision = if request.kind.group != "" || request.kind.kind != "Pod" {
+        Decision::Skip(SkipReason::NotAPod)
+    } else if request.sub_resource.is_some() {
+        Decision::Skip(SkipReason::NotAPod)
+    } else if request.operation != Operation::Create {
+        Decision::Skip(SkipReason::NotCreate)
+    } else {
+        mutate_pod(config, &object)
+    };
+
+    let mut response = AdmissionResponse::from(&request);
+    match &decision {
+        Decision::Inject(injection) => {
+            response = response
+                .with_patch(injection.patch.clone())
+                .map_err(|e| ReviewError::Patch(e.to_string()))?;
+        }
+        Decision::Skip(reason) => {
+            if let Some(warning) = reason.warning() {
+                response.warnings = Some(vec![warning]);
+            }
+        }
+    }
+    let pod = match request.name.as_str() {
+        "" => object
+            .pointer("/metadata/generateName")
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_owned(),
+        name => name.to_owned(),
+    };
+    Ok(ReviewOutcome {
+        response: response_json(response.into_review())?,
+        decision,
+        uid: request.uid,
+        namespace: request.namespace.unwrap_or_default(),
+        pod,
+    })
+}
+
+/// Serializes the response review with `patch` as a base64 string.
+///
+/// The kube-apiserver decodes `patch` as Go `[]byte`, i.e. base64. kube-core 5 declares it as a
+/// plain `Vec<u8>`, which serde writes as an array of numbers that the apiserver rejects, so
+/// the field is re-encoded here.
+pub fn response_json(review: AdmissionReview<DynamicObject>) -> Result<Value, ReviewError> {
+    let mut value = serde_json::to_value(&review).map_err(|e| ReviewError::Patch(e.to_string()))?;
+    let patch = review.response.and_then(|r| r.patch);
+    if let (Some(bytes), Some(slot)) = (patch, value.pointer_mut("/response/patch")) {
+        *slot = Value::String(STANDARD.encode(bytes));
+    }
+    Ok(value)
+}
+
+/// Shared state of the `/mutate` handler.
+#[derive(Clone)]
+pub struct AppState {
+    pub config: Arc<Config>,
+    pub metrics: Arc<Metrics>,
+}
+
+/// The HTTPS router: `POST /mutate` with the 3 MiB body limit.
+pub fn build_router(state: AppState) -> Router {
+    Router::new()
+        .route("/mutate", post(mutate))
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .with_state(state)
+}
+
+async fn mutate(State(state): State<AppState>, body: Bytes) -> Response {
+    let started = Instant::now();
+    match review(&state.config, &body) {
+        Ok(outcome) => {
+            let (label, reason) = match &outcome.decision {
+                Decision::Inject(_) => (OUTCOME_INJECTED, ""),
+                Decision::Skip(reason) => (OUTCOME_SKIPPED, reason.label()),
+            };
+            let response = axum::Json(&outcome.response).into_response();
+            let took = started.elapsed();
+            state.metrics.observe_admission(label, reason, took);
+            match &outcome.decision {
+                Decision::Inject(injection) => tracing::info!(
+                    uid = %outcome.uid,
+                    namespace = %outcome.namespace,
+                    pod = %outcome.pod,
+                    interfaces = %injection.interfaces.join(","),
+                    micros = took.as_micros() as u64,
+                    "sidecar injected"
+                ),
+                Decision::Skip(SkipReason::MalformedNetworks(err)) => tracing::warn!(
+                    uid = %outcome.uid,
+                    namespace = %outcome.namespace,
+                    pod = %outcome.pod,
+                    reason,
+                    error = %err,
+                    "not injected: malformed networks annotation"
+                ),
+                Decision::Skip(_) => tracing::debug!(
+                    uid = %outcome.uid,
+                    namespace = %outcome.namespace,
+                    pod = %outcome.pod,
+                    reason,
+                    "not injected"
+                ),
+            }
+            response
+        }
+        Err(err) => {
+            state
+                .metrics
+                .observe_admission(OUTCOME_REJECTED, "bad_request", started.elapsed());
+            tracing::warn!(error = %err, bytes = body.len(), "rejected admission body");
+            (StatusCode::BAD_REQUEST, format!("{err}\n")).into_response()
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn body(operation: &str, object: Value) -> Vec<u8> {
+        json!({
+            "apiVersion": "admission.k8s.io/v1",
+            "kind": "AdmissionReview",
+            "request": {
+                "uid": "705ab4f5-6393-11e8-b7cc-42010a800002",
+                "kind": {"group": "", "version": "v1", "kind": "Pod"},
+                "resource": {"group": "", "version": "v1", "resource": "pods"},
+                "namespace": "ns",
+                "operation": operation,
+                "userInfo": {"username": "admin"},
+                "object": object,
+                "dryRun": false
+            }
+        })
+        .to_string()
+        .into_bytes()
+    }
+
+    fn pod() -> Value {
+        json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"generateName": "web-", "namespace": "ns",
+                "annotations": {"k8s.v1.cni.cncf.io/networks": "ipvlan"}},
+            "spec": {"containers": [{"name": "app", "image": "busybox"}]}
+        })
+    }
+
+    #[test]
+    fn create_is_patched_and_echoes_the_envelope() {
+        let outcome =
+            review(&Config::new("img"), &body("CREATE", pod())).unwrap_or_else(|e| panic!("{e}"));
+        assert!(matches!(outcome.decision, Decision::Inject(_)));
+        assert_eq!(outcome.pod, "web-");
+        let out = &outcome.response;
+        assert_eq!(out["apiVersion"], "admission.k8s.io/v1");
+        assert_eq!(out["kind"], "AdmissionReview");
+        assert_eq!(
+            out["response"]["uid"],
+            "705ab4f5-6393-11e8-b7cc-42010a800002"
+        );
+        assert_eq!(out["response"]["allowed"], true);
+        assert_eq!(out["response"]["patchType"], "JSONPatch");
+        let patch = out["response"]["patch"].as_str().unwrap_or_default();
+        let decoded = STANDARD.decode(patch).unwrap_or_default();
+        let ops: Vec<Value> = serde_json::from_slice(&decoded).unwrap_or_default();
+        assert_eq!(ops.len(), 2, "{patch}");
+        assert_eq!(ops[1]["path"], "/spec/initContainers");
+    }
+
+    #[test]
+    fn update_is_allowed_without_patch() {
+        let outcome =
+            review(&Config::new("img"), &body("UPDATE", pod())).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(outcome.decision, Decision::Skip(SkipReason::NotCreate));
+        assert!(outcome.response["response"].get("patch").is_none());
+        assert_eq!(outcome.response["response"]["allowed"], true);
+    }
+
+    #[test]
+    fn other_kinds_are_skipped() {
+        let mut b: Value = serde_json::from_slice(&body("CREATE", pod())).unwrap_or_default();
+        b["request"]["kind"]["kind"] = json!("ConfigMap");
+        let bytes = b.to_string().into_bytes();
+        let outcome = review(&Config::new("img"), &bytes).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(outcome.decision, Decision::Skip(SkipReason::NotAPod));
+    }
+
+    #[test]
+    fn bad_bodies_are_errors() {
+        let c = Config::new("img");
+        assert!(matches!(
+            review(&c, b"not json"),
+            Err(ReviewError::NotJson(_))
+        ));
+        assert!(matches!(
+            review(
+                &c,
+                br#"{"apiVersion":"admission.k8s.io/v1","kind":"AdmissionReview"}"#
+            ),
+            Err(ReviewError::NoRequest)
+        ));
+        assert!(matches!(
+            review(&c, br#"{"apiVersion":"v1","kind":"Pod"}"#),
+            Err(ReviewError::NotAdmissionReview(_))
+        ));
+        assert!(matches!(
+            review(&c, b"[1,2]"),
+            Err(ReviewError::NotAdmissionReview(_))
+        ));
+    }
+}

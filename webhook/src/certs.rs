@@ -1,0 +1,259 @@
+//! `certs`: TLS material for clusters without cert-manager.
+//!
+//! Writes a CA (`ca.crt`, `ca.key`), a serving certificate for the webhook Service
+//! (`tls.crt`, `tls.key`), the same as a `kubernetes.io/tls` Secret manifest (`secret.yaml`),
+//! and a JSON patch that sets the CA as `caBundle` of the MutatingWebhookConfiguration
+//! (`cabundle-patch.json`). Idempotent: an existing CA is reused, so re-running (e.g. to renew
+//! the serving certificate) never changes the caBundle.
+
+use crate::{Error, Result};
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD;
+use rcgen::{
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    Issuer, KeyPair, KeyUsagePurpose,
+};
+use serde_json::json;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use time::{Duration, OffsetDateTime};
+
+/// Name of the MutatingWebhookConfiguration the caBundle patch is for.
+pub const WEBHOOK_CONFIGURATION: &str = "multus-eni-webhook";
+
+/// What to generate.
+#[derive(Debug, Clone)]
+pub struct CertsRequest {
+    pub out_dir: PathBuf,
+    pub namespace: String,
+    pub service: String,
+    pub secret_name: String,
+    pub validity_days: u32,
+}
+
+/// What was written.
+#[derive(Debug, Clone)]
+pub struct CertsReport {
+    /// True when `ca.crt`/`ca.key` already existed and were reused.
+    pub ca_reused: bool,
+    /// The serving certificate's DNS names.
+    pub dns_names: Vec<String>,
+    pub out_dir: PathBuf,
+}
+
+impl fmt::Display for CertsReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let dir = self.out_dir.display();
+        writeln!(
+            f,
+            "{} CA, new serving certificate for {}",
+            if self.ca_reused { "reused" } else { "created" },
+            self.dns_names.join(", ")
+        )?;
+        writeln!(f, "apply with:")?;
+        writeln!(f, "  kubectl apply -f {dir}/secret.yaml")?;
+        write!(
+            f,
+            "  kubectl patch mutatingwebhookconfiguration {WEBHOOK_CONFIGURATION} --type=json --patch-file {dir}/cabundle-patch.json"
+        )
+    }
+}
+
+/// The names the kube-apiserver may use to reach the Service.
+pub fn dns_names(service: &str, namespace: &str) -> Vec<String> {
+    vec![
+        service.to_owned(),
+        format!("{service}.{namespace}"),
+        format!("{service}.{namespace}.svc"),
+        format!("{service}.{namespace}.svc.cluster.local"),
+    ]
+}
+
+/// Generates (or reuses) the CA and writes all files into `out_dir`.
+pub fn write_certs(request: &CertsRequest) -> Result<CertsReport> {
+    let dir = &request.out_dir;
+    std::fs::create_dir_all(dir).map_err(|e| Error::file(dir, e))?;
+    let ca_crt = dir.join("ca.crt");
+    let ca_key = dir.join("ca.key");
+    let now = OffsetDateTime::now_utc();
+    let days = i64::from(request.validity_days.max(1));
+
+    let (ca_pem, ca_key_pair, ca_reused) = match (ca_crt.exists(), ca_key.exists()) {
+        (true, true) => {
+            let cert = read(&ca_crt)?;
+            let key = KeyPair::from_pem(&read(&ca_key)?)?;
+            (cert, key, true)
+        }
+        (false, false) => {
+            let key = KeyPair::generate()?;
+            let cert = ca_params(now, days * 10).self_signed(&key)?;
+            write(&ca_crt, cert.pem().as_bytes(), false)?;
+            write(&ca_key, key.serialize_pem().as_bytes(), true)?;
+            (cert.pem(), key, false)
+        }
+        _ => {
+            return Err(Error::Tls(format!(
+                "{} and {} must both exist (reuse) or both be absent (create)",
+                ca_crt.display(),
+                ca_key.display()
+            )));
+        }
+    };
+    let issuer = Issuer::from_ca_cert_pem(&ca_pem, ca_key_pair)?;
+
+    let names = dns_names(&request.service, &request.namespace);
+    let mut params = CertificateParams::new(names.clone())?;
+    let mut dn = DistinguishedName::new();
+    dn.push(
+        DnType::CommonName,
+        format!("{}.{}.svc", request.service, request.namespace),
+    );
+    params.distinguished_name = dn;
+    params.not_before = now - Duration::hours(1);
+    params.not_after = now + Duration::days(days);
+    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+    params.use_authority_key_identifier_extension = true;
+    let leaf_key = KeyPair::generate()?;
+    let leaf = params.signed_by(&leaf_key, &issuer)?;
+    let tls_crt = leaf.pem();
+    let tls_key = leaf_key.serialize_pem();
+    write(&dir.join("tls.crt"), tls_crt.as_bytes(), false)?;
+    write(&dir.join("tls.key"), tls_key.as_bytes(), true)?;
+
+    let secret = json!({
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "type": "kubernetes.io/tls",
+        "metadata": {
+            "name": request.secret_name,
+            "namespace": request.namespace,
+            "labels": { "app.kubernetes.io/name": "multus-eni-webhook" },
+        },
+        "data": {
+            "tls.crt": STANDARD.encode(&tls_crt),
+            "tls.key": STANDARD.encode(&tls_key),
+            "ca.crt": STANDARD.encode(&ca_pem),
+        },
+    });
+    let secret_yaml = serde_yaml_ng::to_string(&secret).map_err(|e| Error::Yaml {
+        index: 0,
+        message: e.to_string(),
+    })?;
+    write(&dir.join("secret.yaml"), secret_yaml.as_bytes(), true)?;
+
+    let patch = json!([{
+        "op": "add",
+        "path": "/webhooks/0/clientConfig/caBundle",
+        "value": STANDARD.encode(&ca_pem),
+    }]);
+    let patch_text = serde_json::to_string_pretty(&patch).unwrap_or_default() + "\n";
+    write(
+        &dir.join("cabundle-patch.json"),
+        patch_text.as_bytes(),
+        false,
+    )?;
+    Ok(CertsReport {
+        ca_reused,
+        dns_names: names,
+        out_dir: dir.clone(),
+    })
+}
+
+fn ca_params(now: OffsetDateTime, days: i64) -> CertificateParams {
+    let mut params = CertificateParams::default();
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::CommonName, "multus-eni webhook CA");
+    params.distinguished_name = dn;
+    params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+    params.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    params.not_before = now - Duration::hours(1);
+    params.not_after = now + Duration::days(days);
+    params
+}
+
+fn read(path: &Path) -> Result<String> {
+    std::fs::read_to_string(path).map_err(|e| Error::file(path, e))
+}
+
+/// Writes a file; secrets get mode 0600.
+fn write(path: &Path, contents: &[u8], secret: bool) -> Result<()> {
+    use std::io::Write;
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    if secret {
+        use std::os::unix::fs::OpenOptionsExt;
+        options.mode(0o600);
+    }
+    #[cfg(not(unix))]
+    let _ = secret;
+    options
+        .open(path)
+        .and_then(|mut f| f.write_all(contents))
+        .map_err(|e| Error::file(path, e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request(dir: &Path) -> CertsRequest {
+        CertsRequest {
+            out_dir: dir.to_path_buf(),
+            namespace: "multus-eni".into(),
+            service: "multus-eni-webhook".into(),
+            secret_name: "multus-eni-webhook-tls".into(),
+            validity_days: 30,
+        }
+    }
+
+    #[test]
+    fn second_run_reuses_the_ca_and_issues_a_new_leaf() {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let first = write_certs(&request(dir.path())).unwrap_or_else(|e| panic!("{e}"));
+        assert!(!first.ca_reused);
+        let ca = std::fs::read(dir.path().join("ca.crt")).unwrap_or_default();
+        let patch = std::fs::read(dir.path().join("cabundle-patch.json")).unwrap_or_default();
+        let leaf = std::fs::read(dir.path().join("tls.crt")).unwrap_or_default();
+        let second = write_certs(&request(dir.path())).unwrap_or_else(|e| panic!("{e}"));
+        assert!(second.ca_reused);
+        assert_eq!(
+            std::fs::read(dir.path().join("ca.crt")).unwrap_or_default(),
+            ca
+        );
+        assert_eq!(
+            std::fs::read(dir.path().join("cabundle-patch.json")).unwrap_or_default(),
+            patch
+        );
+        assert_ne!(
+            std::fs::read(dir.path().join("tls.crt")).unwrap_or_default(),
+            leaf
+        );
+    }
+
+    #[test]
+    fn half_a_ca_is_an_error() {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        std::fs::write(dir.path().join("ca.crt"), "x").unwrap_or_else(|e| panic!("{e}"));
+        assert!(write_certs(&request(dir.path())).is_err());
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn keys_are_private() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        write_certs(&request(dir.path())).unwrap_or_else(|e| panic!("{e}"));
+        for name in ["ca.key", "tls.key", "secret.yaml"] {
+            let mode = std::fs::metadata(dir.path().join(name))
+                .map(|m| m.permissions().mode() & 0o777)
+                .unwrap_or_default();
+            assert_eq!(mode, 0o600, "{name}");
+        }
+    }
+}

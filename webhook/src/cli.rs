@@ -1,0 +1,286 @@
+//! Command line: `serve`, `inject`, `certs`. Every flag can also come from `MULTUS_ENI_<FLAG>`.
+
+use crate::admission::{AppState, build_router};
+use crate::certs::{CertsRequest, write_certs};
+use crate::inject::{Config, SidecarMode, SidecarResources};
+use crate::manifest::inject_stream;
+use crate::metrics::{Metrics, metrics_router};
+use crate::serve::{serve_plain, serve_tls, shutdown_signal};
+use crate::telemetry::{self, LogFormat};
+use crate::tls::{CertStore, server_config};
+use crate::{Error, Result};
+use clap::{Args, Parser, Subcommand};
+use std::io::{Read, Write};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+/// Injects the multus-eni sidecar into pods with Multus secondary networks.
+#[derive(Debug, Parser)]
+#[command(name = "multus-eni-webhook", version, about)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the mutating admission webhook (HTTPS `/mutate`, plain-HTTP metrics).
+    Serve(ServeArgs),
+    /// Apply the webhook's mutation offline to a YAML stream (like `istioctl kube-inject`).
+    Inject(InjectArgs),
+    /// Write a CA, the serving certificate Secret and the caBundle patch (no cert-manager).
+    Certs(CertsArgs),
+}
+
+/// What to inject; shared by `serve` and `inject` so both mutate identically.
+#[derive(Debug, Clone, Args)]
+pub struct SidecarArgs {
+    /// Image of the injected sidecar container.
+    #[arg(long, env = "MULTUS_ENI_SIDECAR_IMAGE")]
+    pub sidecar_image: String,
+    /// `native`: first init container with restartPolicy Always (Kubernetes ≥ 1.29);
+    /// `legacy`: appended to containers.
+    #[arg(
+        long,
+        env = "MULTUS_ENI_SIDECAR_MODE",
+        value_enum,
+        default_value = "native"
+    )]
+    pub sidecar_mode: SidecarMode,
+    /// Count of Multus default networks (clusterNetwork + defaultNetworks beyond eth0) that
+    /// shift the `net<k>` numbering of unnamed attachments.
+    #[arg(long, env = "MULTUS_ENI_DEFAULT_NETWORKS", default_value_t = 0)]
+    pub default_networks: u32,
+    /// Port of the sidecar's /readyz and /healthz.
+    #[arg(long, env = "MULTUS_ENI_SIDECAR_PROBE_PORT", default_value_t = 9811)]
+    pub sidecar_probe_port: u16,
+    /// AWS region passed to the sidecar as AWS_REGION (unset: the SDK asks IMDS).
+    #[arg(long, env = "MULTUS_ENI_AWS_REGION")]
+    pub aws_region: Option<String>,
+    /// IAM role for the sidecar only (IRSA): adds AWS_ROLE_ARN and a projected
+    /// service-account token (audience sts.amazonaws.com) to the sidecar container alone.
+    #[arg(long, env = "MULTUS_ENI_SIDECAR_ROLE_ARN")]
+    pub sidecar_role_arn: Option<String>,
+    /// Sidecar CPU request.
+    #[arg(long, env = "MULTUS_ENI_SIDECAR_CPU_REQUEST", default_value = "10m")]
+    pub sidecar_cpu_request: String,
+    /// Sidecar memory request.
+    #[arg(
+        long,
+        env = "MULTUS_ENI_SIDECAR_MEMORY_REQUEST",
+        default_value = "16Mi"
+    )]
+    pub sidecar_memory_request: String,
+    /// Sidecar CPU limit.
+    #[arg(long, env = "MULTUS_ENI_SIDECAR_CPU_LIMIT", default_value = "100m")]
+    pub sidecar_cpu_limit: String,
+    /// Sidecar memory limit.
+    #[arg(long, env = "MULTUS_ENI_SIDECAR_MEMORY_LIMIT", default_value = "64Mi")]
+    pub sidecar_memory_limit: String,
+}
+
+impl SidecarArgs {
+    /// The injection configuration these flags describe.
+    pub fn config(&self) -> Config {
+        Config {
+            sidecar_image: self.sidecar_image.clone(),
+            mode: self.sidecar_mode,
+            default_networks: self.default_networks,
+            probe_port: self.sidecar_probe_port,
+            aws_region: self.aws_region.clone().filter(|r| !r.is_empty()),
+            sidecar_role_arn: self.sidecar_role_arn.clone().filter(|r| !r.is_empty()),
+            resources: SidecarResources {
+                cpu_request: self.sidecar_cpu_request.clone(),
+                memory_request: self.sidecar_memory_request.clone(),
+                cpu_limit: self.sidecar_cpu_limit.clone(),
+                memory_limit: self.sidecar_memory_limit.clone(),
+            },
+        }
+    }
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ServeArgs {
+    /// HTTPS listen address for POST /mutate.
+    #[arg(long, env = "MULTUS_ENI_ADDR", default_value = "0.0.0.0:8443")]
+    pub addr: SocketAddr,
+    /// PEM certificate chain; reloaded when the file (or the Secret volume) changes.
+    #[arg(long, env = "MULTUS_ENI_TLS_CERT")]
+    pub tls_cert: PathBuf,
+    /// PEM private key matching --tls-cert.
+    #[arg(long, env = "MULTUS_ENI_TLS_KEY")]
+    pub tls_key: PathBuf,
+    /// Plain-HTTP listen address for /healthz, /readyz and /metrics.
+    #[arg(long, env = "MULTUS_ENI_METRICS_ADDR", default_value = "0.0.0.0:8080")]
+    pub metrics_addr: SocketAddr,
+    /// Log output.
+    #[arg(
+        long,
+        env = "MULTUS_ENI_LOG_FORMAT",
+        value_enum,
+        default_value = "json"
+    )]
+    pub log_format: LogFormat,
+    #[command(flatten)]
+    pub sidecar: SidecarArgs,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct InjectArgs {
+    /// YAML stream to mutate; `-` reads stdin.
+    #[arg(short = 'f', long = "file", env = "MULTUS_ENI_FILE")]
+    pub file: PathBuf,
+    #[command(flatten)]
+    pub sidecar: SidecarArgs,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct CertsArgs {
+    /// Directory for ca.crt, ca.key, tls.crt, tls.key, secret.yaml, cabundle-patch.json.
+    #[arg(long, env = "MULTUS_ENI_OUT_DIR", default_value = "certs")]
+    pub out_dir: PathBuf,
+    /// Namespace of the webhook Service and Secret.
+    #[arg(long, env = "MULTUS_ENI_NAMESPACE", default_value = "multus-eni")]
+    pub namespace: String,
+    /// Name of the webhook Service (the certificate's DNS names derive from it).
+    #[arg(long, env = "MULTUS_ENI_SERVICE", default_value = "multus-eni-webhook")]
+    pub service: String,
+    /// Name of the kubernetes.io/tls Secret to write.
+    #[arg(
+        long,
+        env = "MULTUS_ENI_SECRET_NAME",
+        default_value = "multus-eni-webhook-tls"
+    )]
+    pub secret_name: String,
+    /// Validity of the serving certificate, in days (the CA gets ten times as long).
+    #[arg(long, env = "MULTUS_ENI_VALIDITY_DAYS", default_value_t = 365)]
+    pub validity_days: u32,
+}
+
+impl Cli {
+    /// Runs the chosen subcommand.
+    pub fn run(self) -> Result<()> {
+        match self.command {
+            Command::Serve(args) => {
+                telemetry::init(args.log_format)?;
+                let runtime = tokio::runtime::Builder::new_multi_thread()
+                    .enable_all()
+                    .build()
+                    .map_err(|e| Error::io("starting the async runtime", e))?;
+                runtime.block_on(serve(args))
+            }
+            Command::Inject(args) => inject(&args),
+            Command::Certs(args) => {
+                let report = write_certs(&CertsRequest {
+                    out_dir: args.out_dir,
+                    namespace: args.namespace,
+                    service: args.service,
+                    secret_name: args.secret_name,
+                    validity_days: args.validity_days,
+                })?;
+                eprintln!("{report}");
+                Ok(())
+            }
+        }
+    }
+}
+
+/// `serve`: loads the certificate (failing fast), binds both listeners, runs until SIGTERM.
+pub async fn serve(args: ServeArgs) -> Result<()> {
+    let config = Arc::new(args.sidecar.config());
+    let metrics = Arc::new(Metrics::new());
+    let store = CertStore::load(&args.tls_cert, &args.tls_key, Some(metrics.clone()))?;
+    let _watcher = store.watch()?;
+    let tls = server_config(store)?;
+    let https = tokio::net::TcpListener::bind(args.addr)
+        .await
+        .map_err(|e| Error::io(format!("binding {}", args.addr), e))?;
+    let plain = tokio::net::TcpListener::bind(args.metrics_addr)
+        .await
+        .map_err(|e| Error::io(format!("binding {}", args.metrics_addr), e))?;
+    let router = build_router(AppState {
+        config: config.clone(),
+        metrics: metrics.clone(),
+    });
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let stopped = move || {
+        let mut rx = stop_rx.clone();
+        async move {
+            let _ = rx.wait_for(|stop| *stop).await;
+        }
+    };
+    let ready = metrics.clone();
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        ready.set_ready(false);
+        let _ = stop_tx.send(true);
+    });
+    metrics.set_ready(true);
+    tracing::info!(
+        addr = %args.addr,
+        metrics_addr = %args.metrics_addr,
+        sidecar_image = %config.sidecar_image,
+        mode = config.mode.as_str(),
+        "serving /mutate"
+    );
+    let (https_result, plain_result) = tokio::join!(
+        serve_tls(https, tls, router, stopped()),
+        serve_plain(plain, metrics_router(metrics), stopped()),
+    );
+    https_result.and(plain_result)
+}
+
+fn inject(args: &InjectArgs) -> Result<()> {
+    let input = if args.file.as_os_str() == "-" {
+        let mut s = String::new();
+        std::io::stdin()
+            .read_to_string(&mut s)
+            .map_err(|e| Error::io("reading stdin", e))?;
+        s
+    } else {
+        std::fs::read_to_string(&args.file).map_err(|e| Error::file(&args.file, e))?
+    };
+    let report = inject_stream(&args.sidecar.config(), &input)?;
+    for warning in &report.warnings {
+        eprintln!("warning: {warning}");
+    }
+    std::io::stdout()
+        .write_all(report.output.as_bytes())
+        .map_err(|e| Error::io("writing stdout", e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn four_flags_start_a_server_with_documented_defaults() {
+        let cli = Cli::try_parse_from([
+            "multus-eni-webhook",
+            "serve",
+            "--addr",
+            "0.0.0.0:8443",
+            "--tls-cert",
+            "/tls/tls.crt",
+            "--tls-key",
+            "/tls/tls.key",
+            "--sidecar-image",
+            "img:1",
+        ])
+        .unwrap_or_else(|e| panic!("{e}"));
+        let Command::Serve(args) = cli.command else {
+            panic!("expected serve");
+        };
+        assert_eq!(args.metrics_addr.to_string(), "0.0.0.0:8080");
+        assert_eq!(args.log_format, LogFormat::Json);
+        let config = args.sidecar.config();
+        assert_eq!(config, Config::new("img:1"));
+    }
+
+    #[test]
+    fn cli_is_consistent() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+    }
+}

@@ -1,0 +1,174 @@
+//! Offline `inject`: mutates the pod templates of a YAML stream with the webhook's own code
+//! path ([`mutate_pod`] + the same JSON patch), for GitOps and clusters without webhooks.
+
+use crate::inject::{Config, Decision, SkipReason, mutate_pod};
+use crate::{Error, Result};
+use serde::Deserialize;
+use serde_json::Value;
+
+/// Result of mutating a YAML stream.
+#[derive(Debug, Clone, PartialEq)]
+pub struct InjectReport {
+    /// The stream with pod templates mutated, other documents unchanged in content.
+    pub output: String,
+    /// Warnings for objects whose networks annotation is malformed.
+    pub warnings: Vec<String>,
+    /// How many pods or templates got the sidecar.
+    pub injected: usize,
+}
+
+/// Where a workload kind keeps its pod template, by API group prefix and kind.
+fn template_pointer(api_version: &str, kind: &str) -> Option<&'static str> {
+    let group = api_version.rsplit_once('/').map_or("", |(g, _)| g);
+    match (group, kind) {
+        ("", "Pod") => Some(""),
+        ("apps" | "extensions", "Deployment" | "StatefulSet" | "DaemonSet" | "ReplicaSet") => {
+            Some("/spec/template")
+        }
+        ("batch", "Job") => Some("/spec/template"),
+        ("batch", "CronJob") => Some("/spec/jobTemplate/spec/template"),
+        _ => None,
+    }
+}
+
+/// Mutates one object in place (recursing into `kind: List`). Returns what it did.
+pub fn inject_object(config: &Config, object: &mut Value) -> Result<Option<Decision>> {
+    let api_version = object
+        .get("apiVersion")
+        .and_then(Value::as_str)
+        .unwrap_or_default()
+        .to_owned();
+    let kind = object
+        .get("kind")
+        .and_then(Value::as_str)
+        .unwrap_or_default()
+        .to_owned();
+    let Some(pointer) = template_pointer(&api_version, &kind) else {
+        return Ok(None);
+    };
+    let Some(template) = object.pointer_mut(pointer) else {
+        return Ok(None);
+    };
+    let decision = mutate_pod(config, template);
+    if let Decision::Inject(injection) = &decision {
+        json_patch::patch(template, &injection.patch).map_err(|e| Error::Mutate {
+            what: format!("{kind} {}", name_of(object)),
+            message: e.to_string(),
+        })?;
+    }
+    Ok(Some(decision))
+}
+
+fn name_of(object: &Value) -> String {
+    object
+        .pointer("/metadata/name")
+        .and_then(Value::as_str)
+        .unwrap_or("<unnamed>")
+        .to_owned()
+}
+
+/// Mutates every Pod, Deployment, StatefulSet, DaemonSet, ReplicaSet, Job and CronJob of a
+/// YAML stream (also inside `kind: List`); other documents pass through. Empty documents are
+/// dropped; comments and YAML formatting are not preserved.
+pub fn inject_stream(config: &Config, input: &str) -> Result<InjectReport> {
+    let mut report = InjectReport {
+        output: String::new(),
+        warnings: Vec::new(),
+        injected: 0,
+    };
+    for (index, document) in serde_yaml_ng::Deserializer::from_str(input).enumerate() {
+        let mut value = Value::deserialize(document).map_err(|e| Error::Yaml {
+            index,
+            message: e.to_string(),
+        })?;
+        if value.is_null() {
+            continue;
+        }
+        let mut decisions = Vec::new();
+        let is_list = value.get("kind").and_then(Value::as_str) == Some("List");
+        if is_list {
+            if let Some(items) = value.get_mut("items").and_then(Value::as_array_mut) {
+                for item in items {
+                    decisions.push((name_of(item), inject_object(config, item)?));
+                }
+            }
+        } else {
+            decisions.push((name_of(&value), inject_object(config, &mut value)?));
+        }
+        for (name, decision) in decisions {
+            match decision {
+                Some(Decision::Inject(_)) => report.injected += 1,
+                Some(Decision::Skip(reason @ SkipReason::MalformedNetworks(_))) => {
+                    if let Some(w) = reason.warning() {
+                        report.warnings.push(format!("{name}: {w}"));
+                    }
+                }
+                _ => {}
+            }
+        }
+        let yaml = serde_yaml_ng::to_string(&value).map_err(|e| Error::Yaml {
+            index,
+            message: e.to_string(),
+        })?;
+        report.output.push_str("---\n");
+        report.output.push_str(&yaml);
+    }
+    Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn template_locations() {
+        assert_eq!(template_pointer("v1", "Pod"), Some(""));
+        assert_eq!(
+            template_pointer("apps/v1", "Deployment"),
+            Some("/spec/template")
+        );
+        assert_eq!(
+            template_pointer("batch/v1", "CronJob"),
+            Some("/spec/jobTemplate/spec/template")
+        );
+        assert_eq!(template_pointer("v1", "ConfigMap"), None);
+        // A custom resource that happens to be called Deployment is not touched.
+        assert_eq!(template_pointer("example.com/v1", "Deployment"), None);
+    }
+
+    #[test]
+    fn list_items_are_mutated_and_empty_documents_dropped() {
+        let input = r#"
+---
+apiVersion: v1
+kind: List
+items:
+- apiVersion: v1
+  kind: Pod
+  metadata:
+    name: a
+    annotations: {k8s.v1.cni.cncf.io/networks: ipvlan}
+  spec:
+    containers: [{name: app, image: busybox}]
+---
+"#;
+        let report = inject_stream(&Config::new("img"), input).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(report.injected, 1);
+        assert_eq!(report.output.matches("---\n").count(), 1);
+        assert!(report.output.contains("multus-eni-sidecar"));
+    }
+
+    #[test]
+    fn malformed_annotation_warns_and_passes_through() {
+        let input = "apiVersion: v1\nkind: Pod\nmetadata:\n  name: bad\n  annotations:\n    k8s.v1.cni.cncf.io/networks: 'a,,b'\nspec:\n  containers: [{name: app, image: busybox}]\n";
+        let report = inject_stream(&Config::new("img"), input).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(report.injected, 0);
+        assert_eq!(report.warnings.len(), 1);
+        assert!(report.warnings[0].starts_with("bad: "));
+    }
+
+    #[test]
+    fn invalid_yaml_is_an_error() {
+        assert!(inject_stream(&Config::new("img"), "a: [").is_err());
+    }
+}

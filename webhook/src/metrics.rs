@@ -1,0 +1,189 @@
+//! Prometheus metrics and the plain-HTTP health/metrics endpoint (`--metrics-addr`).
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use crate::inject::SkipReason;
+
+/// Outcome label of `multus_eni_webhook_admissions_total`.
+pub const OUTCOME_INJECTED: &str = "injected";
+/// Outcome label: allowed without a patch (the `reason` label says why).
+pub const OUTCOME_SKIPPED: &str = "skipped";
+/// Outcome label: the body was rejected with a 4xx/5xx.
+pub const OUTCOME_REJECTED: &str = "rejected";
+
+/// Labels of the admissions counter.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AdmissionLabels {
+    pub outcome: &'static str,
+    pub reason: &'static str,
+}
+
+/// Labels of the certificate reload counter.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReloadLabels {
+    pub result: &'static str,
+}
+
+/// The webhook's metrics; cheap to update from the request path.
+pub struct Metrics {
+    registry: Registry,
+    /// `multus_eni_webhook_admissions_total{outcome,reason}`.
+    pub admissions: Family<AdmissionLabels, Counter>,
+    /// `multus_eni_webhook_admission_duration_seconds`: time spent in the handler.
+    pub admission_duration: Histogram,
+    /// `multus_eni_webhook_tls_cert_reloads_total{result="success|failure"}`.
+    pub cert_reloads: Family<ReloadLabels, Counter>,
+    ready: AtomicBool,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    /// Registers every metric; all admission label pairs start at zero so dashboards see them.
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("multus_eni_webhook");
+        let admissions = Family::<AdmissionLabels, Counter>::default();
+        registry.register(
+            "admissions",
+            "Admission reviews by outcome and skip reason",
+            admissions.clone(),
+        );
+        let admission_duration = Histogram::new(exponential_buckets(0.000_05, 2.0, 16));
+        registry.register(
+            "admission_duration_seconds",
+            "Time to answer one admission review, body read to response built",
+            admission_duration.clone(),
+        );
+        let cert_reloads = Family::<ReloadLabels, Counter>::default();
+        registry.register(
+            "tls_cert_reloads",
+            "Serving certificate (re)loads from disk",
+            cert_reloads.clone(),
+        );
+        let _ = admissions.get_or_create(&AdmissionLabels {
+            outcome: OUTCOME_INJECTED,
+            reason: "",
+        });
+        let _ = admissions.get_or_create(&AdmissionLabels {
+            outcome: OUTCOME_REJECTED,
+            reason: "bad_request",
+        });
+        for reason in SkipReason::LABELS {
+            let _ = admissions.get_or_create(&AdmissionLabels {
+                outcome: OUTCOME_SKIPPED,
+                reason,
+            });
+        }
+        Metrics {
+            registry,
+            admissions,
+            admission_duration,
+            cert_reloads,
+            ready: AtomicBool::new(false),
+        }
+    }
+
+    /// Counts one admission and its latency.
+    pub fn observe_admission(&self, outcome: &'static str, reason: &'static str, took: Duration) {
+        self.admissions
+            .get_or_create(&AdmissionLabels { outcome, reason })
+            .inc();
+        self.admission_duration.observe(took.as_secs_f64());
+    }
+
+    /// Counts one certificate load attempt.
+    pub fn observe_cert_reload(&self, success: bool) {
+        let result = if success { "success" } else { "failure" };
+        self.cert_reloads
+            .get_or_create(&ReloadLabels { result })
+            .inc();
+    }
+
+    /// Marks the TLS listener as serving (or not); drives `/readyz`.
+    pub fn set_ready(&self, ready: bool) {
+        self.ready.store(ready, Ordering::Relaxed);
+    }
+
+    /// Whether `/readyz` answers 200.
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Relaxed)
+    }
+
+    /// The OpenMetrics text exposition.
+    pub fn encode(&self) -> Result<String, std::fmt::Error> {
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &self.registry)?;
+        Ok(out)
+    }
+}
+
+/// `/healthz` (process up), `/readyz` (TLS listener serving), `/metrics`.
+pub fn metrics_router(metrics: Arc<Metrics>) -> Router {
+    Router::new()
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(render))
+        .with_state(metrics)
+}
+
+async fn readyz(State(metrics): State<Arc<Metrics>>) -> Response {
+    if metrics.is_ready() {
+        (StatusCode::OK, "ready").into_response()
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "not ready").into_response()
+    }
+}
+
+async fn render(State(metrics): State<Arc<Metrics>>) -> Response {
+    match metrics.encode() {
+        Ok(body) => (
+            [(
+                header::CONTENT_TYPE,
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            )],
+            body,
+        )
+            .into_response(),
+        Err(_) => StatusCode::INTERNAL_SERVER_ERROR.into_response(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn admissions_are_exposed_with_labels() {
+        let metrics = Metrics::new();
+        metrics.observe_admission(OUTCOME_INJECTED, "", Duration::from_micros(200));
+        metrics.observe_admission(OUTCOME_SKIPPED, "host_network", Duration::from_micros(50));
+        let text = metrics.encode().unwrap_or_default();
+        assert!(
+            text.contains(r#"multus_eni_webhook_admissions_total{outcome="injected",reason=""} 1"#),
+            "{text}"
+        );
+        assert!(text.contains(
+            r#"multus_eni_webhook_admissions_total{outcome="skipped",reason="host_network"} 1"#
+        ));
+        assert!(text.contains(
+            r#"multus_eni_webhook_admissions_total{outcome="skipped",reason="opted_out"} 0"#
+        ));
+        assert!(text.contains("multus_eni_webhook_admission_duration_seconds_count 2"));
+    }
+}

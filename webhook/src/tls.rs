@@ -1,0 +1,229 @@
+//! TLS for `/mutate`: rustls (aws-lc-rs, TLS 1.2+) with a serving certificate that is reloaded
+//! from disk whenever its files change, without restarting the listener.
+//!
+//! Kubelet updates a Secret volume by writing a new timestamped directory and atomically
+//! renaming a `..data_tmp` symlink over `..data`; `tls.crt`/`tls.key` are symlinks through
+//! `..data`. Watching the directories that hold the files sees that rename. A reload that reads
+//! a half-updated pair (certificate and key that do not match) keeps the current certificate
+//! and retries shortly, so a handshake never sees a broken pair.
+
+use crate::metrics::Metrics;
+use crate::{Error, Result};
+use arc_swap::ArcSwap;
+use notify::{EventKind, RecommendedWatcher, RecursiveMode, Watcher};
+use rustls::ServerConfig;
+use rustls::crypto::CryptoProvider;
+use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::sign::CertifiedKey;
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+/// How often a reload that read a mismatched certificate/key pair is retried.
+const RELOAD_RETRIES: u32 = 10;
+const RELOAD_RETRY_DELAY: Duration = Duration::from_millis(100);
+
+static PROVIDER: OnceLock<Arc<CryptoProvider>> = OnceLock::new();
+
+/// Installs aws-lc-rs as the process-wide rustls provider (once) and returns it.
+pub fn crypto_provider() -> Arc<CryptoProvider> {
+    PROVIDER
+        .get_or_init(|| {
+            let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+            // Fails only if another provider was installed first; ours is used explicitly anyway.
+            let _ = CryptoProvider::install_default(provider.as_ref().clone());
+            provider
+        })
+        .clone()
+}
+
+/// Reads a PEM certificate chain and private key into a rustls [`CertifiedKey`], checking that
+/// the key belongs to the certificate.
+pub fn load_certified_key(
+    cert_path: &Path,
+    key_path: &Path,
+    provider: &CryptoProvider,
+) -> Result<CertifiedKey> {
+    let cert_pem = std::fs::read(cert_path).map_err(|e| Error::file(cert_path, e))?;
+    let key_pem = std::fs::read(key_path).map_err(|e| Error::file(key_path, e))?;
+    let chain = rustls_pemfile::certs(&mut cert_pem.as_slice())
+        .collect::<std::result::Result<Vec<_>, _>>()
+        .map_err(|e| Error::Tls(format!("{}: {e}", cert_path.display())))?;
+    if chain.is_empty() {
+        return Err(Error::Tls(format!(
+            "{}: no PEM certificate",
+            cert_path.display()
+        )));
+    }
+    let key = rustls_pemfile::private_key(&mut key_pem.as_slice())
+        .map_err(|e| Error::Tls(format!("{}: {e}", key_path.display())))?
+        .ok_or_else(|| Error::Tls(format!("{}: no PEM private key", key_path.display())))?;
+    CertifiedKey::from_der(chain, key, provider).map_err(|e| {
+        Error::Tls(format!(
+            "{} / {}: {e}",
+            cert_path.display(),
+            key_path.display()
+        ))
+    })
+}
+
+/// The serving certificate in use, swapped atomically on reload.
+pub struct CertStore {
+    current: ArcSwap<CertifiedKey>,
+    cert_path: PathBuf,
+    key_path: PathBuf,
+    provider: Arc<CryptoProvider>,
+    metrics: Option<Arc<Metrics>>,
+}
+
+impl std::fmt::Debug for CertStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CertStore")
+            .field("cert_path", &self.cert_path)
+            .field("key_path", &self.key_path)
+            .finish_non_exhaustive()
+    }
+}
+
+impl CertStore {
+    /// Loads the certificate once; fails when the files are missing or do not match, so a
+    /// misconfigured webhook does not start.
+    pub fn load(
+        cert_path: impl Into<PathBuf>,
+        key_path: impl Into<PathBuf>,
+        metrics: Option<Arc<Metrics>>,
+    ) -> Result<Arc<Self>> {
+        let cert_path = cert_path.into();
+        let key_path = key_path.into();
+        let provider = crypto_provider();
+        let key = load_certified_key(&cert_path, &key_path, &provider)?;
+        if let Some(m) = &metrics {
+            m.observe_cert_reload(true);
+        }
+        Ok(Arc::new(CertStore {
+            current: ArcSwap::from_pointee(key),
+            cert_path,
+            key_path,
+            provider,
+            metrics,
+        }))
+    }
+
+    /// The certificate chain served to new connections.
+    pub fn current(&self) -> Arc<CertifiedKey> {
+        self.current.load_full()
+    }
+
+    /// Re-reads the files; swaps in the new pair when it is valid and different.
+    /// Returns whether the served certificate changed.
+    pub fn reload(&self) -> Result<bool> {
+        let key = load_certified_key(&self.cert_path, &self.key_path, &self.provider);
+        if let Some(m) = &self.metrics {
+            m.observe_cert_reload(key.is_ok());
+        }
+        let key = key?;
+        if key.cert == self.current.load().cert {
+            return Ok(false);
+        }
+        self.current.store(Arc::new(key));
+        Ok(true)
+    }
+
+    /// Reload with a few retries, for a pair caught in the middle of an update.
+    fn reload_settled(&self) {
+        for attempt in 0..=RELOAD_RETRIES {
+            match self.reload() {
+                Ok(true) => {
+                    tracing::info!(cert = %self.cert_path.display(), "serving certificate reloaded");
+                    return;
+                }
+                Ok(false) => return,
+                Err(err) if attempt == RELOAD_RETRIES => {
+                    tracing::error!(error = %err, "serving certificate not reloaded; keeping the current one");
+                }
+                Err(_) => std::thread::sleep(RELOAD_RETRY_DELAY),
+            }
+        }
+    }
+
+    /// Starts watching the directories of the certificate and key; keep the returned watcher
+    /// alive for as long as reloads should happen.
+    pub fn watch(self: &Arc<Self>) -> Result<RecommendedWatcher> {
+        let store = Arc::clone(self);
+        let mut watcher =
+            notify::recommended_watcher(move |event: notify::Result<notify::Event>| match event {
+                Ok(event) if matches!(event.kind, EventKind::Access(_)) => {}
+                Ok(_) => store.reload_settled(),
+                Err(err) => tracing::warn!(error = %err, "certificate watcher error"),
+            })?;
+        let dirs: BTreeSet<PathBuf> = [&self.cert_path, &self.key_path]
+            .into_iter()
+            .map(|p| match p.parent() {
+                Some(dir) if !dir.as_os_str().is_empty() => dir.to_path_buf(),
+                _ => PathBuf::from("."),
+            })
+            .collect();
+        for dir in dirs {
+            watcher.watch(&dir, RecursiveMode::NonRecursive)?;
+        }
+        Ok(watcher)
+    }
+}
+
+impl ResolvesServerCert for CertStore {
+    fn resolve(&self, _client_hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.current.load_full())
+    }
+}
+
+/// rustls server configuration: TLS 1.3 and 1.2, HTTP/2 and HTTP/1.1, certificate from `store`.
+pub fn server_config(store: Arc<CertStore>) -> Result<Arc<ServerConfig>> {
+    let mut config = ServerConfig::builder_with_provider(crypto_provider())
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+        .map_err(|e| Error::Tls(e.to_string()))?
+        .with_no_client_auth()
+        .with_cert_resolver(store);
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(Arc::new(config))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write_pair(dir: &Path, name: &str) -> (PathBuf, PathBuf) {
+        let key = rcgen::KeyPair::generate().unwrap_or_else(|e| panic!("{e}"));
+        let cert = rcgen::CertificateParams::new(vec!["localhost".to_string()])
+            .and_then(|p| p.self_signed(&key))
+            .unwrap_or_else(|e| panic!("{e}"));
+        let cert_path = dir.join(format!("{name}.crt"));
+        let key_path = dir.join(format!("{name}.key"));
+        std::fs::write(&cert_path, cert.pem()).unwrap_or_else(|e| panic!("{e}"));
+        std::fs::write(&key_path, key.serialize_pem()).unwrap_or_else(|e| panic!("{e}"));
+        (cert_path, key_path)
+    }
+
+    #[test]
+    fn mismatched_pair_is_refused_and_current_kept() {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let (cert_a, key_a) = write_pair(dir.path(), "a");
+        let (_, key_b) = write_pair(dir.path(), "b");
+        let store = CertStore::load(&cert_a, &key_a, None).unwrap_or_else(|e| panic!("{e}"));
+        let before = store.current().cert.clone();
+        std::fs::copy(&key_b, &key_a).unwrap_or_else(|e| panic!("{e}"));
+        assert!(store.reload().is_err());
+        assert_eq!(store.current().cert, before);
+        assert!(CertStore::load(&cert_a, &key_b, None).is_err());
+    }
+
+    #[test]
+    fn missing_or_empty_files_are_errors() {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let missing = dir.path().join("missing");
+        assert!(load_certified_key(&missing, &missing, &crypto_provider()).is_err());
+        let empty = dir.path().join("empty");
+        std::fs::write(&empty, "").unwrap_or_else(|e| panic!("{e}"));
+        assert!(load_certified_key(&empty, &empty, &crypto_provider()).is_err());
+    }
+}
