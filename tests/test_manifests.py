@@ -1010,3 +1010,14 @@ def test_image_override_overlay_in_docs_renders(tmp_path):
     assert container["image"] == f"{registry}/multus-eni-webhook:0.1.0"
     assert flags(container)["sidecar-image"] == f"{registry}/multus-eni-sidecar:0.1.0"
     assert flags(container)["aws-region"] == "eu-west-1"
+
+
+def test_images_expose_the_ports_the_manifests_use(rendered):
+    stages = dockerfile_stages()
+    exposed = {
+        target: {int(p.split("/")[0]) for op, rest in stages[target]["lines"] if op == "EXPOSE" for p in rest.split()}
+        for target in ("webhook", "sidecar")
+    }
+    args = flags(webhook_container(rendered["default"]))
+    assert exposed["webhook"] == {port_of(args["addr"]), port_of(args["metrics-addr"])}
+    assert exposed["sidecar"] == {int(args["sidecar-probe-port"])}
