@@ -1021,3 +1021,45 @@ def test_images_expose_the_ports_the_manifests_use(rendered):
     args = flags(webhook_container(rendered["default"]))
     assert exposed["webhook"] == {port_of(args["addr"]), port_of(args["metrics-addr"])}
     assert exposed["sidecar"] == {int(args["sidecar-probe-port"])}
+
+
+def test_sample_injected_with_the_deployment_flags_fits_the_sidecar_image(rendered):
+    """`multus-eni-webhook inject` with the Deployment's own flags on the sample: the sidecar it
+    adds must run the image's binary, probe the port the sidecar listens on, run as the image's
+    user, use only flags the sidecar knows, and still pass the schemas."""
+    webhook = binary("multus-eni-webhook")
+    sidecar_help = help_text("multus-eni-sidecar", "run")
+    assert webhook is not None and sidecar_help is not None, (
+        f"needs the built binaries in {BIN_DIR}: cargo build --workspace --bins"
+    )
+    inject_flags = set(re.findall(r"--([a-z][a-z0-9-]*)", help_text("multus-eni-webhook", "inject")))
+    serve_args = flags(webhook_container(rendered["default"]))
+    args = [f"--{k}={v}" for k, v in serve_args.items() if k in inject_flags]
+    assert any(a.startswith("--sidecar-image=") for a in args)
+    sample = yaml.safe_dump_all(rendered["samples"])
+    proc = subprocess.run(
+        [str(webhook), "inject", "-f", "-", *args], input=sample, capture_output=True, text=True, check=False
+    )
+    assert proc.returncode == 0, proc.stderr
+    injected = only([d for d in yaml.safe_load_all(proc.stdout) if d], "Deployment")
+    for version in kubernetes_versions():
+        kubernetes_validate.validate(injected, version, strict=True)
+
+    spec = injected["spec"]["template"]["spec"]
+    containers = spec.get("initContainers", []) + spec["containers"]
+    [sidecar] = [c for c in containers if c["name"] == "multus-eni-sidecar"]
+    assert sidecar["image"] == serve_args["sidecar-image"]
+    stages = dockerfile_stages()
+    [entrypoint] = [json.loads(rest) for op, rest in stages["sidecar"]["lines"] if op == "ENTRYPOINT"]
+    assert sidecar["command"] == entrypoint
+    uid = int([rest for op, rest in stages["sidecar"]["lines"] if op == "USER"][-1].split(":")[0])
+    assert sidecar["securityContext"].get("runAsUser", uid) == uid
+
+    sidecar_flags = flags({"args": sidecar["args"][1:]})
+    known = set(re.findall(r"--([a-z][a-z0-9-]*)", sidecar_help))
+    assert sidecar["args"][0] == "run" and set(sidecar_flags) <= known, sidecar["args"]
+    probe_port = port_of(sidecar_flags.get("probe-addr", f"0.0.0.0:{sidecar_default_probe_port()[0]}"))
+    assert probe_port == sidecar_default_probe_port()[0]
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        if probe in sidecar:
+            assert sidecar[probe]["httpGet"]["port"] == probe_port, probe
