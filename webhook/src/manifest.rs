@@ -18,7 +18,7 @@ pub struct InjectReport {
 }
 
 /// Where a workload kind keeps its pod template, by API group prefix and kind.
-fn template_pointer(api_version: &str, kind: &str) -> Option<&'static str> {
+pub fn template_pointer(api_version: &str, kind: &str) -> Option<&'static str> {
     let group = api_version.rsplit_once('/').map_or("", |(g, _)| g);
     match (group, kind) {
         ("", "Pod") => Some(""),
