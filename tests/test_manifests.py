@@ -1063,3 +1063,28 @@ def test_sample_injected_with_the_deployment_flags_fits_the_sidecar_image(render
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
         if probe in sidecar:
             assert sidecar[probe]["httpGet"]["port"] == probe_port, probe
+
+
+def test_certs_script_applies_in_a_working_order(tmp_path):
+    """`generate.sh --apply`: overlay first (namespace), then the Secret, then the caBundle patch.
+
+    kubectl is replaced by a recorder: no cluster is touched."""
+    webhook = binary("multus-eni-webhook")
+    assert webhook is not None, f"{BIN_DIR}/multus-eni-webhook is missing: cargo build -p multus-eni-webhook"
+    fake_bin = tmp_path / "bin"
+    fake_bin.mkdir()
+    log = tmp_path / "kubectl.log"
+    (fake_bin / "kubectl").write_text(f'#!/bin/sh\necho "$*" >> {log}\n')
+    (fake_bin / "kubectl").chmod(0o755)
+    out = tmp_path / "certs"
+    env = {**os.environ, "MULTUS_ENI_WEBHOOK": str(webhook), "PATH": f"{fake_bin}:{os.environ['PATH']}"}
+    proc = subprocess.run(
+        [str(REPO / "certs" / "generate.sh"), "--out-dir", str(out), "--apply"],
+        env=env, capture_output=True, text=True, check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert log.read_text().splitlines() == [
+        f"apply -k {MANIFESTS}/overlays/no-cert-manager",
+        f"apply -f {out}/secret.yaml",
+        f"patch mutatingwebhookconfiguration {SERVICE} --type=json --patch-file {out}/cabundle-patch.json",
+    ]
