@@ -82,9 +82,11 @@ pub fn review(config: &Config, body: &[u8]) -> Result<ReviewOutcome, ReviewError
         envelope.try_into().map_err(|_| ReviewError::NoRequest)?;
     let object = object.unwrap_or(Value::Null);
 
-    let decision = if request.kind.group != "" || request.kind.kind != "Pod" {
-        Decision::Skip(SkipReason::NotAPod)
-    } else if request.sub_resource.is_some() {
+    // Subresources (pods/binding, pods/eviction, ...) are not the pod itself.
+    let is_pod = request.kind.group.is_empty()
+        && request.kind.kind == "Pod"
+        && request.sub_resource.is_none();
+    let decision = if !is_pod {
         Decision::Skip(SkipReason::NotAPod)
     } else if request.operation != Operation::Create {
         Decision::Skip(SkipReason::NotCreate)

@@ -143,10 +143,13 @@ impl TestCa {
     pub fn client(&self, addr: SocketAddr) -> TestResult<Client> {
         let mut roots = rustls::RootCertStore::empty();
         roots.add(self.cert.clone())?;
-        let config = rustls::ClientConfig::builder_with_provider(crypto_provider())
+        let mut config = rustls::ClientConfig::builder_with_provider(crypto_provider())
             .with_safe_default_protocol_versions()?
             .with_root_certificates(roots)
             .with_no_client_auth();
+        // Like the kube-apiserver (Go, no ClientSessionCache): every connection is a full
+        // handshake, so each one sees the certificate currently served.
+        config.resumption = rustls::client::Resumption::disabled();
         Ok(Client {
             connector: TlsConnector::from(Arc::new(config)),
             addr,
