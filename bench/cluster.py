@@ -1,0 +1,322 @@
+"""A simulated cluster for the benchmarks: an emulator namespace (moto + the throttling
+proxy on a bridge), one network namespace per pod, nodes with Multus ENIs in the emulator,
+and real sidecar processes.
+
+Addressing: everything lives in namespaces created here. The emulator namespace holds a
+bridge `br0` with 10.251.0.1/16; every pod namespace has an `eth0` veth on that bridge
+(10.251.x.y/16) to reach the proxy, and a `net1` veth carrying its ENI's MAC with the pod's
+Multus addresses (VPC subnet 10.90.0.0/20). The root namespace is never used for traffic.
+A sidecar runs in its pod's namespace (`ip netns exec`), so its netlink view is that pod.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from tests.lib import moto as motolib  # noqa: E402
+from tests.lib.netns import NetNS, run  # noqa: E402
+
+BRIDGE_IP = "10.251.0.1"
+BRIDGE_NET = ipaddress.IPv4Network("10.251.0.0/16")
+VPC_CIDR = "10.90.0.0/16"
+SUBNET_CIDR = "10.90.0.0/20"
+POD_POOL_START = ipaddress.IPv4Address("10.90.4.10")
+MOTO_PORT = 5000
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def sidecar_binary() -> str:
+    """`MULTUS_ENI_SIDECAR_BIN`, else the release build if present, else the debug build."""
+    env = os.environ.get("MULTUS_ENI_SIDECAR_BIN")
+    if env:
+        return env
+    root = Path(__file__).resolve().parent.parent
+    for profile in ("release", "debug"):
+        p = root / "target" / profile / "multus-eni-sidecar"
+        if p.exists():
+            return str(p)
+    raise SystemExit("no sidecar binary: run `cargo build -p multus-eni-sidecar` or set MULTUS_ENI_SIDECAR_BIN")
+
+
+@dataclasses.dataclass
+class Eni:
+    id: str
+    mac: str
+    node: str
+
+
+@dataclasses.dataclass
+class Pod:
+    index: int
+    ns_name: str
+    eni: Eni
+    addresses: list[str]
+    ns: NetNS | None = None
+    proc: subprocess.Popen[bytes] | None = None
+    started: float = 0.0
+
+
+class Emulator:
+    """The emulator namespace: bridge, moto on the bridge address."""
+
+    def __init__(self, run_id: str, log_dir: Path):
+        self.run_id = run_id
+        self.ns = NetNS(f"mne-{run_id}-emu")
+        self.ns.ip("link", "add", "br0", "type", "bridge")
+        self.ns.ip("addr", "add", f"{BRIDGE_IP}/{BRIDGE_NET.prefixlen}", "dev", "br0")
+        self.ns.ip("link", "set", "br0", "up")
+        self.moto = motolib.MotoServer(self.ns, port=MOTO_PORT, host=BRIDGE_IP, log_path=str(log_dir / "moto.log"))
+
+    @property
+    def moto_endpoint(self) -> str:
+        return self.moto.endpoint
+
+    def client(self) -> Any:
+        """A boto3 EC2 client straight to moto (not throttled); only on threads in `ns`."""
+        return motolib.client(self.moto.endpoint)
+
+    def close(self) -> None:
+        self.moto.stop()
+        self.ns.close()
+
+
+@dataclasses.dataclass
+class World:
+    vpc_id: str
+    subnet_id: str
+    nodes: list[str]
+    enis: list[Eni]
+
+
+def build_world(emu: Emulator, enis: int, enis_per_node: int = 3) -> World:
+    """A VPC, a /20 subnet, ceil(enis / enis_per_node) instances (nodes), each with up to
+    `enis_per_node` extra ENIs tagged no_manage (the Multus ENIs)."""
+
+    def make() -> World:
+        ec2 = emu.client()
+        vpc = ec2.create_vpc(CidrBlock=VPC_CIDR)["Vpc"]
+        subnet = ec2.create_subnet(VpcId=vpc["VpcId"], CidrBlock=SUBNET_CIDR)["Subnet"]
+        nodes: list[str] = []
+        out: list[Eni] = []
+        n_nodes = -(-enis // enis_per_node)
+        for n in range(n_nodes):
+            inst = ec2.run_instances(
+                ImageId=motolib.AMI,
+                MinCount=1,
+                MaxCount=1,
+                InstanceType="c5.4xlarge",
+                SubnetId=subnet["SubnetId"],
+                PrivateIpAddress=f"10.90.1.{n + 10}",
+            )["Instances"][0]
+            nodes.append(inst["InstanceId"])
+            for d in range(min(enis_per_node, enis - len(out))):
+                e = ec2.create_network_interface(
+                    SubnetId=subnet["SubnetId"], PrivateIpAddress=f"10.90.2.{len(out) + 10}"
+                )["NetworkInterface"]
+                ec2.attach_network_interface(
+                    NetworkInterfaceId=e["NetworkInterfaceId"], InstanceId=inst["InstanceId"], DeviceIndex=d + 1
+                )
+                ec2.create_tags(
+                    Resources=[e["NetworkInterfaceId"]],
+                    Tags=[{"Key": "node.k8s.amazonaws.com/no_manage", "Value": "true"}],
+                )
+                out.append(Eni(e["NetworkInterfaceId"], e["MacAddress"], inst["InstanceId"]))
+        return World(vpc["VpcId"], subnet["SubnetId"], nodes, out)
+
+    return emu.ns.call(make)
+
+
+def plan_pods(run_id: str, world: World, count: int) -> list[Pod]:
+    """Pod i sits on ENI i mod len(enis); even pods get two addresses, odd pods one."""
+    pods = []
+    next_ip = POD_POOL_START
+    for i in range(count):
+        n = 2 if i % 2 == 0 else 1
+        addrs = [str(next_ip + k) for k in range(n)]
+        next_ip += n
+        pods.append(Pod(i, f"mne-{run_id}-p{i}", world.enis[i % len(world.enis)], addrs))
+    return pods
+
+
+def fresh_addresses(pods: list[Pod], start_after: int) -> list[str]:
+    """Addresses beyond every pod's own, for address changes."""
+    base = POD_POOL_START + start_after
+    return [str(base + i) for i in range(len(pods))]
+
+
+def pod_eth0_ip(i: int) -> str:
+    host = i + 2
+    return str(BRIDGE_NET.network_address + host)
+
+
+def create_pod(emu: Emulator, pod: Pod) -> None:
+    """The pod's namespace: `net1` (veth, ENI MAC, the pod's addresses) and `eth0` on the
+    emulator's bridge. Two `ip -batch` runs per pod."""
+    pod.ns = NetNS(pod.ns_name)
+    eth_peer = f"vp{pod.index}"
+    lines = [
+        "link add net1 type veth peer name net1p",
+        f"link set net1 address {pod.eni.mac}",
+        "link set net1p up",
+        "link set net1 up",
+        *[f"addr add {a}/20 dev net1" for a in pod.addresses],
+        f"link add eth0 type veth peer name {eth_peer} netns {emu.ns.name}",
+        f"addr add {pod_eth0_ip(pod.index)}/{BRIDGE_NET.prefixlen} dev eth0",
+        "link set eth0 up",
+    ]
+    batch(pod.ns.name, lines)
+
+
+def batch(ns_name: str, lines: list[str]) -> None:
+    proc = subprocess.run(
+        ["ip", "-n", ns_name, "-batch", "-"], input="\n".join(lines) + "\n", capture_output=True, text=True
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(f"ip -n {ns_name} -batch failed: {proc.stderr.strip()}")
+
+
+def attach_pods_to_bridge(emu: Emulator, pods: list[Pod]) -> None:
+    batch(emu.ns.name, [f"link set vp{p.index} master br0 up" for p in pods])
+
+
+def sidecar_env(endpoint: str, pod: Pod) -> dict[str, str]:
+    env = {
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        "AWS_REGION": motolib.REGION,
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_ENDPOINT_URL_EC2": endpoint,
+        "AWS_EC2_METADATA_DISABLED": "true",
+        "POD_NAME": f"bench-{pod.index}",
+        "POD_NAMESPACE": "bench",
+        "NODE_NAME": pod.eni.node,
+        "MULTUS_ENI_LOG_FORMAT": "json",
+    }
+    if "RUST_LOG" in os.environ:
+        env["RUST_LOG"] = os.environ["RUST_LOG"]
+    return env
+
+
+def start_sidecar(binary: str, endpoint: str, pod: Pod, log_dir: Path, extra_args: list[str]) -> None:
+    """The real sidecar in the pod's namespace (`ip netns exec` execs it: same pid)."""
+    log = open(log_dir / f"sidecar-{pod.index}.log", "wb")
+    try:
+        pod.proc = subprocess.Popen(
+            [
+                "ip", "netns", "exec", pod.ns_name, binary, "run",
+                "--interfaces", "net1", "--probe-addr", "127.0.0.1:9811", *extra_args,
+            ],
+            env=sidecar_env(endpoint, pod),
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    finally:
+        log.close()
+    pod.started = time.monotonic()
+
+
+@dataclasses.dataclass
+class ProcStats:
+    rss_kib: int
+    hwm_kib: int
+    cpu_seconds: float
+
+
+def proc_stats(pid: int) -> ProcStats | None:
+    """RSS and peak RSS (VmHWM) from /proc/PID/status, CPU (utime+stime) from /proc/PID/stat."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = {}
+    for line in status.splitlines():
+        k, _, v = line.partition(":")
+        fields[k] = v.strip()
+    rest = stat.rsplit(")", 1)[1].split()
+    # Fields after "(comm)": state is field 3, utime/stime are fields 14/15.
+    utime, stime = int(rest[11]), int(rest[12])
+    return ProcStats(
+        rss_kib=int(fields.get("VmRSS", "0 kB").split()[0]),
+        hwm_kib=int(fields.get("VmHWM", "0 kB").split()[0]),
+        cpu_seconds=(utime + stime) / CLK_TCK,
+    )
+
+
+def eni_addresses(emu: Emulator, subnet_id: str) -> dict[str, set[str]]:
+    """Every ENI of the subnet → its private IPv4 addresses, straight from moto."""
+
+    def read() -> dict[str, set[str]]:
+        ec2 = emu.client()
+        out: dict[str, set[str]] = {}
+        pages = ec2.get_paginator("describe_network_interfaces").paginate(
+            Filters=[{"Name": "subnet-id", "Values": [subnet_id]}]
+        )
+        for page in pages:
+            for n in page["NetworkInterfaces"]:
+                out[n["NetworkInterfaceId"]] = {p["PrivateIpAddress"] for p in n.get("PrivateIpAddresses", [])}
+        return out
+
+    return emu.ns.call(read)
+
+
+def unassign_all(emu: Emulator, state: dict[str, set[str]], addresses: set[str]) -> int:
+    """Removes `addresses` from every ENI straight on moto (resets the world between runs)."""
+
+    def do() -> int:
+        ec2 = emu.client()
+        n = 0
+        for eni, held in state.items():
+            ours = sorted(held & addresses)
+            if ours:
+                ec2.unassign_private_ip_addresses(NetworkInterfaceId=eni, PrivateIpAddresses=ours)
+                n += len(ours)
+        return n
+
+    return emu.ns.call(do)
+
+
+def stop_process(proc: subprocess.Popen[bytes] | None) -> None:
+    """SIGKILL a process this benchmark started (by its own pid) and reap it."""
+    if proc is None or proc.poll() is not None:
+        return
+    try:
+        os.kill(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    try:
+        proc.wait(5)
+    except subprocess.TimeoutExpired:
+        pass
+
+
+def delete_namespace(name: str) -> None:
+    """Kill what still runs in the namespace (only processes started here), then delete it."""
+    pids = run(["ip", "netns", "pids", name], check=False).stdout.split()
+    for pid in pids:
+        try:
+            os.kill(int(pid), signal.SIGKILL)
+        except (ProcessLookupError, ValueError):
+            pass
+    run(["ip", "netns", "del", name], check=False)
+
+
+def percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    s = sorted(values)
+    k = (len(s) - 1) * q
+    lo, hi = int(k), min(int(k) + 1, len(s) - 1)
+    return s[lo] + (s[hi] - s[lo]) * (k - lo)

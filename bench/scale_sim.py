@@ -1,0 +1,552 @@
+"""Scale simulation: many real sidecars through a rollout against EC2's token buckets, and
+the polling baseline through the same rollout against fresh buckets, in one run.
+
+Phases (each for the sidecars, then for the baseline):
+  start    every pod appears within a few seconds; ends when every address is on its ENI
+  change   a fraction of the pods swap one address (add a new one, delete an old one)
+  idle     nothing changes for `--idle` seconds (the sidecars' 60 s resync falls in here)
+  release  SIGTERM to every sidecar (the baseline never releases)
+
+Run as root through scripts/bench-scale.sh. Prints a table; `--write-doc` replaces the
+marked section of docs/scale.md with it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import random
+import shutil
+import signal
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import cluster
+from cluster import Emulator, Pod, ProcStats
+from ec2_throttle import ACTION_BUCKETS, SOURCE, BucketModel, ThrottlingProxy, summarize
+from poller_baseline import PollingFleet
+
+ROOT = Path(__file__).resolve().parent.parent
+DESCRIBE = "DescribeNetworkInterfaces"
+ASSIGN = "AssignPrivateIpAddresses"
+UNASSIGN = "UnassignPrivateIpAddresses"
+ACTIONS = [DESCRIBE, ASSIGN, UNASSIGN]
+
+
+class Interrupted(Exception):
+    pass
+
+
+def _on_signal(signum: int, _frame: Any) -> None:
+    raise Interrupted(f"signal {signum}")
+
+
+@dataclasses.dataclass
+class Phase:
+    name: str
+    started: float
+    ended: float = 0.0
+    converged: float | None = None  # seconds from start; None when it did not
+    optimum: float = 0.0
+    needed: dict[str, int] = dataclasses.field(default_factory=dict)
+    calls: dict[str, dict[str, int]] = dataclasses.field(default_factory=dict)
+    note: str = ""
+
+    def total(self, key: str = "calls") -> int:
+        return sum(row[key] for row in self.calls.values())
+
+    def amplification(self) -> float | None:
+        need = sum(self.needed.values())
+        return self.total() / need if need else None
+
+
+@dataclasses.dataclass
+class RunResult:
+    mode: str
+    phases: list[Phase]
+    extra: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+# === convergence ===
+
+
+def wait_until(emu: Emulator, subnet: str, done: Any, timeout: float, every: float = 0.5) -> bool:
+    """Polls moto directly (not through the proxy: no tokens used) until `done(state)`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if done(cluster.eni_addresses(emu, subnet)):
+            return True
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(every)
+
+
+def all_assigned(pods: list[Pod], wanted: dict[int, set[str]]) -> Any:
+    def check(state: dict[str, set[str]]) -> bool:
+        return all(wanted[p.index] <= state.get(p.eni.id, set()) for p in pods)
+
+    return check
+
+
+def first_ok(proxy: ThrottlingProxy, action: str, since: float, prefix: str) -> dict[str, float]:
+    """Address → arrival of the first successful `action` request naming it."""
+    out: dict[str, float] = {}
+    for r in proxy.requests(action):
+        if r.arrived >= since and r.status == 200 and r.fault is None:
+            for a in r.values(prefix):
+                out.setdefault(a, r.arrived)
+    return out
+
+
+def converged_at(proxy: ThrottlingProxy, since: float, assigned: set[str], unassigned: set[str]) -> float | None:
+    """Seconds from `since` to the arrival of the last request that completed the phase."""
+    ok_assign = first_ok(proxy, ASSIGN, since, "PrivateIpAddress")
+    ok_unassign = first_ok(proxy, UNASSIGN, since, "PrivateIpAddress")
+    times = []
+    for a in assigned:
+        if a not in ok_assign:
+            return None
+        times.append(ok_assign[a])
+    for a in unassigned:
+        if a not in ok_unassign:
+            return None
+        times.append(ok_unassign[a])
+    return (max(times) - since) if times else 0.0
+
+
+def ready_count(pods: list[Pod]) -> int:
+    """Pods whose sidecar answers 200 on /readyz (asked inside each pod's namespace)."""
+    import urllib.error
+    import urllib.request
+
+    def probe() -> bool:
+        try:
+            with urllib.request.urlopen("http://127.0.0.1:9811/readyz", timeout=2) as r:
+                return r.status == 200
+        except (urllib.error.URLError, OSError):
+            return False
+
+    futures = [p.ns.submit(probe) for p in pods if p.ns is not None]
+    return sum(1 for f in futures if f.result())
+
+
+# === the two modes ===
+
+
+def change_plan(pods: list[Pod], fraction: float, fresh: list[str]) -> list[tuple[Pod, str, str]]:
+    """(pod, old address, new address) for every k-th pod. The old address is the pod's
+    last one: deleting the first (primary) address of a subnet would make the kernel flush
+    the secondaries with it."""
+    count = max(1, round(len(pods) * fraction)) if fraction > 0 else 0
+    step = max(1, len(pods) // count) if count else 1
+    chosen = pods[::step][:count]
+    return [(p, p.addresses[-1], fresh[i]) for i, p in enumerate(chosen)]
+
+
+def run_sidecars(
+    emu: Emulator, world: cluster.World, pods: list[Pod], args: argparse.Namespace, log_dir: Path
+) -> RunResult:
+    model = BucketModel(scope=args.scope)
+    proxy = ThrottlingProxy(emu.ns, cluster.MOTO_PORT, cluster.BRIDGE_IP, model).start()
+    binary = cluster.sidecar_binary()
+    phases: list[Phase] = []
+    extra: dict[str, Any] = {"binary": binary}
+    try:
+        wanted = {p.index: set(p.addresses) for p in pods}
+        # --- start
+        start = Phase("start", time.monotonic())
+        start.needed = {DESCRIBE: len(pods), ASSIGN: len(pods)}
+        start.optimum = model.optimum_seconds(start.needed)
+        for p in pods:
+            cluster.start_sidecar(binary, proxy.endpoint, p, log_dir, args.sidecar_arg)
+            if args.start_window > 0:
+                time.sleep(args.start_window / len(pods))
+        extra["spawn_seconds"] = time.monotonic() - start.started
+        ok = wait_until(emu, world.subnet_id, all_assigned(pods, wanted), args.phase_timeout)
+        all_addr = {a for p in pods for a in p.addresses}
+        start.converged = converged_at(proxy, start.started, all_addr, set()) if ok else None
+        time.sleep(1.0)
+        extra["ready_after_start"] = ready_count(pods)
+        dead = [p.index for p in pods if p.proc is not None and p.proc.poll() is not None]
+        extra["exited_early"] = dead
+        # --- change
+        change = Phase("change", time.monotonic())
+        start.ended = change.started
+        plan = change_plan(pods, args.change_fraction, cluster.fresh_addresses(pods, 4 * len(pods)))
+        change.needed = {ASSIGN: len(plan), UNASSIGN: len(plan)}
+        change.optimum = model.optimum_seconds(change.needed, model.levels(ACTIONS))
+        for pod, old, new in plan:
+            cluster.batch(pod.ns_name, [f"addr del {old}/20 dev net1", f"addr add {new}/20 dev net1"])
+            wanted[pod.index] = (wanted[pod.index] - {old}) | {new}
+        olds = {old for _, old, _ in plan}
+
+        def changed(state: dict[str, set[str]]) -> bool:
+            held = set().union(*state.values()) if state else set()
+            return all_assigned(pods, wanted)(state) and not (olds & held)
+
+        ok = wait_until(emu, world.subnet_id, changed, args.phase_timeout)
+        change.converged = converged_at(proxy, change.started, {n for _, _, n in plan}, olds) if ok else None
+        time.sleep(1.0)
+        # --- idle
+        idle = Phase("idle", time.monotonic())
+        change.ended = idle.started
+        time.sleep(args.idle)
+        # --- release
+        stats = {p.index: cluster.proc_stats(p.proc.pid) for p in pods if p.proc is not None}
+        extra["stats"] = {k: dataclasses.asdict(v) for k, v in stats.items() if v is not None}
+        release = Phase("release", time.monotonic())
+        idle.ended = release.started
+        release.needed = {DESCRIBE: len(pods), UNASSIGN: len(pods)}
+        release.optimum = model.optimum_seconds(release.needed, model.levels(ACTIONS))
+        for p in pods:
+            if p.proc is not None and p.proc.poll() is None:
+                p.proc.send_signal(signal.SIGTERM)
+        exit_after: dict[int, float] = {}
+        deadline = time.monotonic() + args.shutdown_wait
+        while len(exit_after) < len(pods) and time.monotonic() < deadline:
+            for p in pods:
+                if p.index not in exit_after and p.proc is not None and p.proc.poll() is not None:
+                    exit_after[p.index] = time.monotonic() - release.started
+            time.sleep(0.05)
+        extra["exit_codes"] = sorted({p.proc.returncode for p in pods if p.proc is not None and p.proc.poll() is not None})
+        extra["not_exited"] = len(pods) - len(exit_after)
+        extra["exit_p50"] = cluster.percentile(list(exit_after.values()), 0.5)
+        extra["exit_max"] = max(exit_after.values(), default=float("nan"))
+        time.sleep(0.5)
+        release.ended = time.monotonic()
+        state = cluster.eni_addresses(emu, world.subnet_id)
+        final = set().union(*wanted.values())
+        held = set().union(*state.values())
+        extra["leaked"] = len(final & held)
+        released = final - held
+        release.converged = converged_at(proxy, release.started, set(), final) if not (final & held) else None
+        extra["released"] = len(released)
+        phases = [start, change, idle, release]
+        for ph in phases:
+            ph.calls = summarize(proxy.requests(), ph.started, ph.ended)
+        proxy.check_hooked()
+        extra["moto_cpu_seconds"] = _moto_cpu(emu)
+    finally:
+        for p in pods:
+            cluster.stop_process(p.proc)
+        proxy.stop()
+    return RunResult("sidecar", phases, extra)
+
+
+def run_baseline(
+    emu: Emulator, world: cluster.World, pods: list[Pod], args: argparse.Namespace
+) -> RunResult:
+    model = BucketModel(scope=args.scope)
+    proxy = ThrottlingProxy(emu.ns, cluster.MOTO_PORT, cluster.BRIDGE_IP, model).start()
+    fleet = PollingFleet(emu, proxy.endpoint, pods, period=args.poll_period, sdk_attempts=args.baseline_attempts)
+    extra: dict[str, Any] = {}
+    try:
+        fleet.prepare()
+        wanted = {p.index: set(p.addresses) for p in pods}
+        start = Phase("start", time.monotonic())
+        start.needed = {DESCRIBE: len(pods), ASSIGN: len(pods)}
+        start.optimum = model.optimum_seconds(start.needed)
+        fleet.start()
+        ok = wait_until(emu, world.subnet_id, all_assigned(pods, wanted), args.phase_timeout)
+        all_addr = {a for p in pods for a in p.addresses}
+        start.converged = converged_at(proxy, start.started, all_addr, set()) if ok else None
+        time.sleep(1.0)
+        change = Phase("change", time.monotonic())
+        start.ended = change.started
+        plan = change_plan(pods, args.change_fraction, cluster.fresh_addresses(pods, 4 * len(pods)))
+        change.needed = {ASSIGN: len(plan), UNASSIGN: len(plan)}
+        change.optimum = model.optimum_seconds(change.needed, model.levels(ACTIONS))
+        for pod, old, new in plan:
+            wanted[pod.index] = (wanted[pod.index] - {old}) | {new}
+            fleet.set_addresses(pod, wanted[pod.index])
+        ok = wait_until(emu, world.subnet_id, all_assigned(pods, wanted), args.phase_timeout)
+        # The old addresses are never unassigned: the phase does not complete, by design.
+        change.note = "old addresses never unassigned"
+        assigned_at = converged_at(proxy, change.started, {n for _, _, n in plan}, set()) if ok else None
+        extra["change_assigned_after"] = assigned_at
+        time.sleep(1.0)
+        idle = Phase("idle", time.monotonic())
+        change.ended = idle.started
+        time.sleep(args.idle)
+        release = Phase("release", time.monotonic())
+        idle.ended = release.started
+        release.needed = {DESCRIBE: len(pods), UNASSIGN: len(pods)}
+        release.note = "never releases"
+        fleet.stop()
+        release.ended = time.monotonic() + 0.5
+        time.sleep(0.5)
+        state = cluster.eni_addresses(emu, world.subnet_id)
+        held = set().union(*state.values())
+        extra["leaked"] = len(set().union(*wanted.values(), {o for _, o, _ in plan}) & held)
+        for ph in (start, change, idle, release):
+            ph.calls = summarize(proxy.requests(), ph.started, ph.ended)
+        proxy.check_hooked()
+    finally:
+        fleet.stop()
+        proxy.stop()
+    return RunResult("baseline", [start, change, idle, release], extra)
+
+
+def _moto_cpu(emu: Emulator) -> float | None:
+    proc = emu.moto.proc
+    s = cluster.proc_stats(proc.pid) if proc is not None else None
+    return s.cpu_seconds if s else None
+
+
+# === moto's own capacity ===
+
+
+def measure_moto(emu: Emulator, world: cluster.World, seconds: float = 3.0, threads: int = 4) -> dict[str, float]:
+    """Calls per second moto answers straight (no proxy) with `threads` boto3 clients."""
+    eni = world.enis[0]
+    spare = "10.90.15.200"
+
+    def describe_loop(_: int) -> int:
+        ec2 = emu.client()
+        n, end = 0, time.monotonic() + seconds
+        while time.monotonic() < end:
+            ec2.describe_network_interfaces(Filters=[{"Name": "mac-address", "Values": [eni.mac]}])
+            n += 1
+        return n
+
+    def assign_loop(i: int) -> int:
+        ec2 = emu.client()
+        addr = f"10.90.15.{200 + i}"
+        n, end = 0, time.monotonic() + seconds
+        while time.monotonic() < end:
+            ec2.assign_private_ip_addresses(NetworkInterfaceId=eni.id, PrivateIpAddresses=[addr], AllowReassignment=True)
+            ec2.unassign_private_ip_addresses(NetworkInterfaceId=eni.id, PrivateIpAddresses=[addr])
+            n += 2
+        return n
+
+    del spare
+    out = {}
+    for name, fn in (("describe_per_s", describe_loop), ("assign_unassign_per_s", assign_loop)):
+        with ThreadPoolExecutor(threads, initializer=_setns, initargs=(emu.ns.path,)) as pool:
+            t0 = time.monotonic()
+            total = sum(pool.map(fn, range(threads)))
+            out[name] = total / (time.monotonic() - t0)
+    return out
+
+
+def _setns(path: str) -> None:
+    from tests.lib.netns import setns
+
+    setns(path)
+
+
+# === report ===
+
+
+def fmt_s(v: float | None) -> str:
+    return "—" if v is None else f"{v:.1f} s"
+
+
+def calls_cell(ph: Phase) -> str:
+    parts = []
+    short = {DESCRIBE: "D", ASSIGN: "A", UNASSIGN: "U"}
+    for action in ACTIONS + sorted(set(ph.calls) - set(ACTIONS)):
+        row = ph.calls.get(action)
+        if row:
+            t = f"/{row['throttled']}thr" if row["throttled"] else ""
+            parts.append(f"{short.get(action, action)} {row['calls']}{t}")
+    return ", ".join(parts) or "0"
+
+
+def report(args: argparse.Namespace, res: list[RunResult], moto: dict[str, float], setup_s: float, total_s: float) -> str:
+    lines = []
+    lines.append(
+        f"{args.pods} pods on {args.enis} ENIs ({-(-args.enis // args.enis_per_node)} nodes), "
+        f"change {args.change_fraction:.0%}, idle {args.idle:.0f} s, bucket scope {args.scope}; "
+        f"setup {setup_s:.0f} s, whole run {total_s:.0f} s"
+    )
+    lines.append("")
+    lines.append("| mode | phase | converged | optimum | calls (D=Describe, A=Assign, U=Unassign; thr=throttled) | needed | amplification |")
+    lines.append("| --- | --- | --- | --- | --- | --- | --- |")
+    for r in res:
+        for ph in r.phases:
+            amp = ph.amplification()
+            need = sum(ph.needed.values())
+            conv = fmt_s(ph.converged) if ph.name != "idle" else f"{args.idle:.0f} s window"
+            if ph.note:
+                conv = f"{conv} ({ph.note})"
+            lines.append(
+                f"| {r.mode} | {ph.name} | {conv} | {fmt_s(ph.optimum) if need else '—'} | {calls_cell(ph)} | "
+                f"{need if need else '—'} | {f'{amp:.2f}' if amp is not None else '—'} |"
+            )
+    lines.append("")
+    for r in res:
+        made = sum(ph.total() for ph in r.phases if ph.name != "idle")
+        need = sum(sum(ph.needed.values()) for ph in r.phases if ph.name != "idle")
+        thr = sum(ph.total("throttled") for ph in r.phases)
+        idle = next(ph for ph in r.phases if ph.name == "idle")
+        lines.append(
+            f"- {r.mode}: rollout calls {made} for {need} needed (amplification {made / need:.2f}), "
+            f"throttled {thr} in all, idle {idle.total() / args.idle:.2f} calls/s "
+            f"({idle.total('throttled')} throttled), addresses left on ENIs at the end: {r.extra.get('leaked')}"
+        )
+    sc = next((r for r in res if r.mode == "sidecar"), None)
+    if sc:
+        st = [ProcStats(**v) for v in sc.extra.get("stats", {}).values()]
+        if st:
+            rss = [s.rss_kib / 1024 for s in st]
+            hwm = [s.hwm_kib / 1024 for s in st]
+            cpu = [s.cpu_seconds * 1000 for s in st]
+            lines.append(
+                f"- per sidecar ({Path(sc.extra['binary']).parent.name} build): RSS p50 {cluster.percentile(rss, .5):.1f} MiB, "
+                f"max {max(rss):.1f} MiB; VmHWM max {max(hwm):.1f} MiB; CPU for the whole run p50 "
+                f"{cluster.percentile(cpu, .5):.0f} ms, max {max(cpu):.0f} ms"
+            )
+        lines.append(
+            f"- sidecars: spawned in {sc.extra['spawn_seconds']:.1f} s, /readyz 200 after start: "
+            f"{sc.extra['ready_after_start']}/{args.pods}, exited early: {len(sc.extra['exited_early'])}; "
+            f"SIGTERM → exit p50 {sc.extra['exit_p50']:.1f} s, max {sc.extra['exit_max']:.1f} s, "
+            f"exit codes {sc.extra['exit_codes']}, not exited {sc.extra['not_exited']}; released {sc.extra['released']}"
+        )
+        if sc.extra.get("moto_cpu_seconds") is not None:
+            lines.append(f"- moto CPU during the sidecar run: {sc.extra['moto_cpu_seconds']:.1f} s")
+    bl = next((r for r in res if r.mode == "baseline"), None)
+    if sc and bl:
+        s_made = sum(ph.total() for ph in sc.phases)
+        b_made = sum(ph.total() for ph in bl.phases)
+        s_start, b_start = sc.phases[0].converged, bl.phases[0].converged
+        ratio = f"{b_start / s_start:.1f}×" if s_start and b_start else "—"
+        lines.append(
+            f"- baseline / sidecar: calls over the whole run {b_made}/{s_made} = {b_made / max(s_made, 1):.1f}×; "
+            f"time to all routable at start {fmt_s(b_start)} / {fmt_s(s_start)} = {ratio}"
+        )
+    lines.append(
+        f"- moto alone (4 boto3 clients, no proxy): {moto['describe_per_s']:.0f} DescribeNetworkInterfaces/s, "
+        f"{moto['assign_unassign_per_s']:.0f} Assign+Unassign/s; bucket refill: Describe "
+        f"{ACTION_BUCKETS[DESCRIBE].refill:.0f}/s, Assign {ACTION_BUCKETS[ASSIGN].refill:.0f}/s"
+    )
+    lines.append("")
+    lines.append(projection(res))
+    return "\n".join(lines)
+
+
+def projection(res: list[RunResult]) -> str:
+    """1,000 pods on 50 nodes and 10,000 pods, from the bucket model and measured figures."""
+    d, a, u = ACTION_BUCKETS[DESCRIBE], ACTION_BUCKETS[ASSIGN], ACTION_BUCKETS[UNASSIGN]
+    sc = next((r for r in res if r.mode == "sidecar"), None)
+    rss = None
+    if sc and sc.extra.get("stats"):
+        rss = cluster.percentile([v["rss_kib"] / 1024 for v in sc.extra["stats"].values()], 0.5)
+    out = ["| projection | 1,000 pods / 50 nodes | 10,000 pods |", "| --- | --- | --- |"]
+
+    def row(name: str, f: Any) -> None:
+        out.append(f"| {name} | {f(1000)} | {f(10000)} |")
+
+    row("optimum to all routable (1 Describe + 1 Assign per pod)",
+        lambda n: f"{max((n - d.capacity) / d.refill, (n - a.capacity) / a.refill):.0f} s")
+    row("sidecar resync Describe load (60 s) vs refill 20/s", lambda n: f"{n / 60:.1f}/s ({n / 60 / d.refill:.0%})")
+    row("baseline poll Describe load (1 s) vs refill 20/s", lambda n: f"{n:.0f}/s ({n / d.refill:.0f}×)")
+    row("releases that fit a 10 s shutdown (100 + 10×5)", lambda n: f"{min(n, u.capacity + 10 * u.refill):.0f} of {n}")
+    if rss is not None:
+        row("sidecar memory per node (RSS p50 × pods per node)",
+            lambda n: f"{rss * (n / 50 if n == 1000 else n / 500):.0f} MiB ({n // (50 if n == 1000 else 500)} pods/node)")
+    return "\n".join(out)
+
+
+def write_doc(text: str) -> None:
+    doc = ROOT / "docs" / "scale.md"
+    begin, end = "<!-- bench-scale:begin -->", "<!-- bench-scale:end -->"
+    body = doc.read_text() if doc.exists() else f"# Scale\n\n{begin}\n{end}\n"
+    if begin not in body:
+        body += f"\n{begin}\n{end}\n"
+    head, _, rest = body.partition(begin)
+    _, _, tail = rest.partition(end)
+    stamp = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    doc.write_text(f"{head}{begin}\nLast run: {stamp}, `scripts/bench-scale.sh {sys.argv[1:] and ' '.join(sys.argv[1:]) or ''}`.\n\n{text}\n{end}{tail}")
+
+
+# === main ===
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--pods", type=int, default=200)
+    ap.add_argument("--enis", type=int, default=30)
+    ap.add_argument("--enis-per-node", type=int, default=3)
+    ap.add_argument("--change-fraction", type=float, default=0.2)
+    ap.add_argument("--idle", type=float, default=65.0, help="seconds of quiet (covers the 60 s resync)")
+    ap.add_argument("--start-window", type=float, default=0.0, help="spread sidecar starts over this many seconds")
+    ap.add_argument("--phase-timeout", type=float, default=240.0)
+    ap.add_argument("--shutdown-wait", type=float, default=20.0)
+    ap.add_argument("--scope", choices=["action", "category"], default="action")
+    ap.add_argument("--poll-period", type=float, default=1.0)
+    ap.add_argument("--baseline-attempts", type=int, default=3)
+    ap.add_argument("--no-baseline", action="store_true")
+    ap.add_argument("--sidecar-arg", action="append", default=[], help="extra sidecar flag (repeatable)")
+    ap.add_argument("--write-doc", action="store_true", help="replace the figures in docs/scale.md")
+    ap.add_argument("--json", help="write raw results here")
+    ap.add_argument("--keep-logs", action="store_true")
+    args = ap.parse_args()
+    if os.geteuid() != 0:
+        print("scale_sim: needs root (network namespaces)", file=sys.stderr)
+        return 2
+
+    signal.signal(signal.SIGTERM, _on_signal)
+    signal.signal(signal.SIGINT, _on_signal)
+    run_id = os.environ.get("MNE_BENCH_RUN", str(os.getpid()))
+    log_dir = Path(tempfile.mkdtemp(prefix=f"mne-bench-{run_id}-"))
+    random.seed(1)
+    t_all = time.monotonic()
+    emu: Emulator | None = None
+    pods: list[Pod] = []
+    try:
+        emu = Emulator(run_id, log_dir)
+        emu.moto.start()
+        world = cluster.build_world(emu, args.enis, args.enis_per_node)
+        moto = measure_moto(emu, world)
+        pods = cluster.plan_pods(run_id, world, args.pods)
+        with ThreadPoolExecutor(4) as pool:
+            list(pool.map(lambda p: cluster.create_pod(emu, p), pods))
+        cluster.attach_pods_to_bridge(emu, pods)
+        setup_s = time.monotonic() - t_all
+        print(f"scale_sim: setup done in {setup_s:.0f} s ({len(pods)} pods, {len(world.enis)} ENIs); sidecar run", flush=True)
+        results = [run_sidecars(emu, world, pods, args, log_dir)]
+        if not args.no_baseline:
+            # Back to a clean world (sidecars that could not release within their timeout).
+            all_addr = {a for p in pods for a in p.addresses} | set(cluster.fresh_addresses(pods, 4 * len(pods)))
+            cluster.unassign_all(emu, cluster.eni_addresses(emu, world.subnet_id), all_addr)
+            print("scale_sim: baseline run", flush=True)
+            results.append(run_baseline(emu, world, pods, args))
+        text = report(args, results, moto, setup_s, time.monotonic() - t_all)
+        print(text)
+        if args.write_doc:
+            write_doc(text)
+        if args.json:
+            Path(args.json).write_text(
+                json.dumps([dataclasses.asdict(r) for r in results], indent=1, default=str)
+            )
+        return 0
+    except Interrupted as e:
+        print(f"scale_sim: interrupted ({e}); cleaning up", file=sys.stderr)
+        return 130
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        for p in pods:
+            cluster.stop_process(p.proc)
+        for p in pods:
+            if p.ns is not None:
+                p.ns.close()
+            else:
+                cluster.delete_namespace(p.ns_name)
+        if emu is not None:
+            emu.close()
+        if args.keep_logs:
+            print(f"scale_sim: logs kept in {log_dir}", file=sys.stderr)
+        else:
+            shutil.rmtree(log_dir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

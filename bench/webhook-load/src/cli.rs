@@ -1,0 +1,193 @@
+//! Command line of `webhook-load`: `bench` (fixed rate + saturation) and `sustained`.
+
+use crate::bodies::{Fixtures, Mix, load_fixtures};
+use crate::client::Connector;
+use crate::load::{Pace, Plan, Report, run};
+use crate::server::Webhook;
+use crate::{Error, Result, certs, report};
+use clap::{Args, Parser, Subcommand};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Load generator for multus-eni-webhook (starts the binary itself, with throwaway certs).
+#[derive(Debug, Parser)]
+#[command(name = "webhook-load", version, about)]
+pub struct Cli {
+    #[command(flatten)]
+    pub common: Common,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct Common {
+    /// The webhook binary to start.
+    #[arg(long, env = "WEBHOOK_LOAD_BIN", default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/../../target/release/multus-eni-webhook"), global = true)]
+    pub webhook_bin: PathBuf,
+    /// Directory of fixture pods (JSON/YAML Pods, AdmissionReviews, workloads).
+    #[arg(long, env = "WEBHOOK_LOAD_FIXTURES", default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/../../webhook/tests/data"), global = true)]
+    pub fixtures: PathBuf,
+    /// Client runtime threads (the rest of the machine is left to the server).
+    #[arg(long, env = "WEBHOOK_LOAD_CLIENT_THREADS", default_value_t = 1, global = true)]
+    pub client_threads: usize,
+    /// Seed for the choice of bodies.
+    #[arg(long, default_value_t = 5, global = true)]
+    pub seed: u64,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Latency at a fixed admission rate, then throughput at saturation.
+    Bench(BenchArgs),
+    /// Minutes of load mixing real pods with bad bodies: 5xx, liveness, memory growth.
+    Sustained(SustainedArgs),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct BenchArgs {
+    /// Fixed admission rate per second.
+    #[arg(long, default_value_t = 2000.0)]
+    pub rate: f64,
+    /// Keep-alive connections at the fixed rate.
+    #[arg(long, default_value_t = 16)]
+    pub rate_connections: usize,
+    /// Length of the fixed-rate run.
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    pub rate_duration: Duration,
+    /// Concurrent connections at saturation (comma list: one run each).
+    #[arg(long, value_delimiter = ',', default_value = "1,4,16")]
+    pub saturation_connections: Vec<usize>,
+    /// Length of each saturation run.
+    #[arg(long, default_value = "15s", value_parser = humantime::parse_duration)]
+    pub saturation_duration: Duration,
+    /// Unmeasured warm-up at the fixed rate before everything.
+    #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
+    pub warmup: Duration,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct SustainedArgs {
+    /// Length of the run.
+    #[arg(long, default_value = "3m", value_parser = humantime::parse_duration)]
+    pub duration: Duration,
+    /// Requests per second (all classes together).
+    #[arg(long, default_value_t = 1000.0)]
+    pub rate: f64,
+    /// Keep-alive connections.
+    #[arg(long, default_value_t = 8)]
+    pub connections: usize,
+}
+
+impl Cli {
+    /// Runs the chosen command and prints its tables.
+    pub fn run(self) -> Result<()> {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(self.common.client_threads.max(1))
+            .enable_all()
+            .build()
+            .map_err(|e| Error::io("starting the client runtime", e))?;
+        runtime.block_on(async {
+            match &self.command {
+                Command::Bench(args) => {
+                    let reports = bench(&self.common, args).await?;
+                    println!("{}", report::latency_table(&reports));
+                    Ok(())
+                }
+                Command::Sustained(args) => {
+                    let r = sustained(&self.common, args).await?;
+                    println!("{}", report::sustained_table(&r));
+                    if r.tally.server_errors > 0 || !r.alive || r.tally.unexpected > 0 {
+                        return Err(Error::Server(
+                            "sustained load found 5xx, wrong answers or a dead process".into(),
+                        ));
+                    }
+                    Ok(())
+                }
+            }
+        })
+    }
+}
+
+fn describe(common: &Common, fixtures: &Fixtures) {
+    eprintln!(
+        "webhook-load: {} | fixtures: {} Multus pods, {} plain pods from {} | client threads: {} | cores: {}",
+        common.webhook_bin.display(),
+        fixtures.multus.len(),
+        fixtures.plain.len(),
+        common.fixtures.display(),
+        common.client_threads,
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+    );
+}
+
+/// Fixed rate then saturation, on one server process (its peak RSS covers all runs).
+pub async fn bench(common: &Common, args: &BenchArgs) -> Result<Vec<Report>> {
+    let fixtures = load_fixtures(&common.fixtures)?;
+    describe(common, &fixtures);
+    let mix = Arc::new(Mix::admissions(&fixtures, common.seed));
+    let certs = certs::generate()?;
+    let mut webhook = Webhook::start(&common.webhook_bin, &certs).await?;
+    let connector = Connector::new(webhook.https, &certs);
+    let every = Duration::from_millis(200);
+    if !args.warmup.is_zero() {
+        let warmup = Plan {
+            label: "warm-up".into(),
+            pace: Pace::Rate(args.rate),
+            connections: args.rate_connections,
+            duration: args.warmup,
+            seed: common.seed,
+        };
+        run(&mut webhook, &connector, mix.clone(), &warmup, every).await?;
+    }
+    let mut plans = vec![Plan {
+        label: format!("fixed {:.0}/s", args.rate),
+        pace: Pace::Rate(args.rate),
+        connections: args.rate_connections,
+        duration: args.rate_duration,
+        seed: common.seed,
+    }];
+    for &connections in &args.saturation_connections {
+        plans.push(Plan {
+            label: format!("saturation ×{connections}"),
+            pace: Pace::Saturate,
+            connections,
+            duration: args.saturation_duration,
+            seed: common.seed,
+        });
+    }
+    let mut reports = Vec::new();
+    for plan in &plans {
+        eprintln!("running {} for {:?}", plan.label, plan.duration);
+        let r = run(&mut webhook, &connector, mix.clone(), plan, every).await?;
+        reports.push(r);
+    }
+    if !webhook.stop().await? {
+        eprintln!("warning: the webhook did not exit cleanly on SIGTERM");
+    }
+    Ok(reports)
+}
+
+/// The sustained run with bad input.
+pub async fn sustained(common: &Common, args: &SustainedArgs) -> Result<Report> {
+    let fixtures = load_fixtures(&common.fixtures)?;
+    describe(common, &fixtures);
+    let mix = Arc::new(Mix::with_bad_input(&fixtures, common.seed));
+    let certs = certs::generate()?;
+    let mut webhook = Webhook::start(&common.webhook_bin, &certs).await?;
+    let connector = Connector::new(webhook.https, &certs);
+    let plan = Plan {
+        label: format!("sustained {:.0}/s", args.rate),
+        pace: Pace::Rate(args.rate),
+        connections: args.connections,
+        duration: args.duration,
+        seed: common.seed,
+    };
+    eprintln!("running {} for {:?}", plan.label, plan.duration);
+    let every = Duration::from_millis(500);
+    let r = run(&mut webhook, &connector, mix, &plan, every).await?;
+    if r.alive && !webhook.stop().await? {
+        eprintln!("warning: the webhook did not exit cleanly on SIGTERM");
+    }
+    Ok(r)
+}
