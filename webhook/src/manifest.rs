@@ -49,6 +49,7 @@ pub fn inject_object(config: &Config, object: &mut Value) -> Result<Option<Decis
     let Some(template) = object.pointer_mut(pointer) else {
         return Ok(None);
     };
+    restore_octal_modes(template);
     let decision = mutate_pod(config, template);
     if let Decision::Inject(injection) = &decision {
         json_patch::patch(template, &injection.patch).map_err(|e| Error::Mutate {
@@ -116,6 +117,36 @@ pub fn inject_stream(config: &Config, input: &str) -> Result<InjectReport> {
     Ok(report)
 }
 
+/// kubectl reads YAML 1.1, where an unquoted `0644` is octal 420; serde_yaml_ng follows YAML
+/// 1.2 and keeps it as the string `"0644"`, which the API would reject. File modes are the one
+/// place pod specs write octal, so inside pod templates `mode`/`defaultMode` strings of octal
+/// digits with a leading zero are turned back into the number kubectl would have sent.
+fn restore_octal_modes(value: &mut Value) {
+    match value {
+        Value::Object(map) => {
+            for (key, child) in map.iter_mut() {
+                if key == "mode" || key == "defaultMode" {
+                    if let Some(octal) = child.as_str().and_then(parse_octal) {
+                        *child = Value::from(octal);
+                        continue;
+                    }
+                }
+                restore_octal_modes(child);
+            }
+        }
+        Value::Array(items) => items.iter_mut().for_each(restore_octal_modes),
+        _ => {}
+    }
+}
+
+fn parse_octal(text: &str) -> Option<u32> {
+    let digits = text.strip_prefix('0')?;
+    if digits.is_empty() || !digits.bytes().all(|b| (b'0'..=b'7').contains(&b)) {
+        return None;
+    }
+    u32::from_str_radix(digits, 8).ok()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -165,6 +196,26 @@ items:
         assert_eq!(report.injected, 0);
         assert_eq!(report.warnings.len(), 1);
         assert!(report.warnings[0].starts_with("bad: "));
+    }
+
+    #[test]
+    fn octal_file_modes_are_read_as_kubectl_reads_them() {
+        let input = "apiVersion: v1\nkind: Pod\nmetadata: {name: m}\nspec:\n  volumes:\n  - name: v\n    configMap: {name: c, defaultMode: 0644, items: [{key: k, path: p, mode: 0777}]}\n  other: 0644\n---\napiVersion: v1\nkind: ConfigMap\nmetadata: {name: m}\ndata:\n  mode: '0644'\n";
+        let report = inject_stream(&Config::new("img"), input).unwrap_or_else(|e| panic!("{e}"));
+        let mut docs = serde_yaml_ng::Deserializer::from_str(&report.output)
+            .map(|d| Value::deserialize(d).unwrap_or_default());
+        let out = docs.next().unwrap_or_default();
+        let config_map = docs.next().unwrap_or_default();
+        assert_eq!(config_map["data"]["mode"], "0644");
+        assert_eq!(out["spec"]["volumes"][0]["configMap"]["defaultMode"], 420);
+        assert_eq!(
+            out["spec"]["volumes"][0]["configMap"]["items"][0]["mode"],
+            511
+        );
+        assert_eq!(out["spec"]["other"], "0644");
+        assert_eq!(parse_octal("0"), None);
+        assert_eq!(parse_octal("0800"), None);
+        assert_eq!(parse_octal("644"), None);
     }
 
     #[test]

@@ -1,0 +1,117 @@
+"""Every object the webhook's mutation produces is valid Kubernetes, in strict mode, for every
+supported release: the built `multus-eni-webhook inject` runs over every fixture under
+webhook/tests/data (native mode, and legacy mode with the sidecar-only IRSA role) and each
+resulting object is validated with kubernetes-validate (1.29 — the first release with native
+sidecars on by default — through the newest schema the package ships; kubernetes-validate 1.37.0
+ships 1.25–1.37).
+
+The binary is read from $MULTUS_ENI_BIN_DIR (default <repo>/target/debug); pytest does not build.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import kubernetes_validate
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+BIN_DIR = Path(os.environ.get("MULTUS_ENI_BIN_DIR", REPO / "target" / "debug"))
+WEBHOOK = BIN_DIR / "multus-eni-webhook"
+FIXTURES = sorted((REPO / "webhook" / "tests" / "data").glob("*.yaml"))
+SIDECAR = "multus-eni-sidecar"
+IMAGE = "ghcr.io/multus-eni/multus-eni-sidecar:0.1.0"
+MIN_VERSION = (1, 29)
+REQUIRED_VERSIONS = ["1.29", "1.30", "1.31", "1.32", "1.33"]
+
+MODES = {
+    "native": ["--sidecar-mode", "native", "--aws-region", "us-west-2"],
+    "legacy-irsa": [
+        "--sidecar-mode",
+        "legacy",
+        "--sidecar-role-arn",
+        "arn:aws:iam::123456789012:role/multus-eni-sidecar",
+    ],
+}
+
+
+def schema_versions() -> list[str]:
+    """`major.minor` of every schema set kubernetes-validate ships from 1.29 on."""
+    found = set()
+    for v in kubernetes_validate.utils.all_versions():
+        major, minor = (int(x) for x in v.split(".")[:2])
+        if (major, minor) >= MIN_VERSION:
+            found.add((major, minor))
+    return [f"{a}.{b}" for a, b in sorted(found)]
+
+
+VERSIONS = schema_versions()
+
+
+def test_the_supported_releases_have_schemas() -> None:
+    missing = [v for v in REQUIRED_VERSIONS if v not in VERSIONS]
+    assert not missing, f"kubernetes-validate lacks schemas for {missing}; pin a newer one in tests/requirements.txt"
+
+
+def inject(fixture: Path, mode: str) -> list[dict]:
+    if not WEBHOOK.exists():
+        pytest.fail(f"{WEBHOOK} missing: run `cargo build -p multus-eni-webhook` first")
+    done = subprocess.run(
+        [str(WEBHOOK), "inject", "-f", str(fixture), "--sidecar-image", IMAGE, *MODES[mode]],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={k: v for k, v in os.environ.items() if not k.startswith("MULTUS_ENI_")},
+    )
+    assert done.returncode == 0, done.stderr
+    return [doc for doc in yaml.safe_load_all(done.stdout) if doc is not None]
+
+
+def pod_template(obj: dict) -> dict | None:
+    kind = obj.get("kind")
+    if kind == "Pod":
+        return obj
+    if kind in {"Deployment", "StatefulSet", "DaemonSet", "ReplicaSet", "Job"}:
+        return obj["spec"]["template"]
+    if kind == "CronJob":
+        return obj["spec"]["jobTemplate"]["spec"]["template"]
+    return None
+
+
+def sidecar_of(template: dict) -> dict | None:
+    spec = template.get("spec", {})
+    for container in spec.get("initContainers", []) + spec.get("containers", []):
+        if container.get("name") == SIDECAR:
+            return container
+    return None
+
+
+@pytest.mark.parametrize("mode", sorted(MODES))
+@pytest.mark.parametrize("fixture", FIXTURES, ids=[f.stem for f in FIXTURES])
+def test_injected_objects_pass_strict_schemas(fixture: Path, mode: str) -> None:
+    assert FIXTURES, "no fixtures found"
+    original = [doc for doc in yaml.safe_load_all(fixture.read_text()) if doc is not None]
+    objects = inject(fixture, mode)
+    assert len(objects) == len(original)
+    for before, obj in zip(original, objects):
+        template = pod_template(obj)
+        # The golden file says whether this fixture is injected; the binary must agree.
+        golden = fixture.with_suffix(".patch.json").read_text()
+        expect_sidecar = '"skip"' not in golden
+        if template is not None:
+            sidecar = sidecar_of(template)
+            assert (sidecar is not None) == expect_sidecar, fixture.name
+            if sidecar is not None:
+                first = template["spec"]["initContainers"][0] if mode == "native" else template["spec"]["containers"][-1]
+                assert first["name"] == SIDECAR
+                assert template["spec"]["containers"][: len(pod_template(before)["spec"]["containers"])] == pod_template(before)["spec"]["containers"]
+        else:
+            assert obj == before, f"{fixture.name}: a non-workload object was changed"
+        for version in VERSIONS:
+            try:
+                kubernetes_validate.validate(obj, version, strict=True)
+            except kubernetes_validate.ValidationError as err:
+                pytest.fail(f"{fixture.name} ({mode}) invalid for Kubernetes {version}: {err.message} at {list(err.path)}")
