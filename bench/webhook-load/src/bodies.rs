@@ -154,7 +154,10 @@ fn collect_files(dir: &Path, out: &mut Vec<std::path::PathBuf>) {
 
 /// The pods a Kubernetes object carries.
 fn pods_in(value: &Value) -> Vec<Value> {
-    let kind = value.get("kind").and_then(Value::as_str).unwrap_or_default();
+    let kind = value
+        .get("kind")
+        .and_then(Value::as_str)
+        .unwrap_or_default();
     let template = |pointer: &str| {
         value.pointer(pointer).map(|t| {
             let mut pod = t.clone();
@@ -365,7 +368,13 @@ impl MixBuilder {
                 ),
                 Class::MalformedAnnotation => {
                     let mut pod = fixtures.multus[i % fixtures.multus.len()].clone();
-                    let bad = ["[{\"name\":", "a,,b", "UPPER/case", "a@b@c", "[{\"interface\":\"n3\"}]"];
+                    let bad = [
+                        "[{\"name\":",
+                        "a,,b",
+                        "UPPER/case",
+                        "a@b@c",
+                        "[{\"interface\":\"n3\"}]",
+                    ];
                     pod["metadata"]["annotations"]
                         [multus_eni_webhook::networks::NETWORKS_ANNOTATION] =
                         json!(bad[i % bad.len()]);
@@ -373,8 +382,7 @@ impl MixBuilder {
                 }
                 Class::Large => {
                     let mut pod = fixtures.multus[i % fixtures.multus.len()].clone();
-                    pod["metadata"]["annotations"]
-                        ["kubectl.kubernetes.io/last-applied-configuration"] =
+                    pod["metadata"]["annotations"]["kubectl.kubernetes.io/last-applied-configuration"] =
                         json!("x".repeat(1536 * 1024));
                     admission_review(&uid, "CREATE", &pod)
                 }
@@ -389,8 +397,9 @@ impl MixBuilder {
     fn garbage(&mut self, class: Class, weight: u32, fixtures: &Fixtures) {
         for i in 0..VARIANTS {
             let uid = self.uid();
-            let valid = admission_review(&uid, "CREATE", &fixtures.multus[i % fixtures.multus.len()])
-                .to_string();
+            let valid =
+                admission_review(&uid, "CREATE", &fixtures.multus[i % fixtures.multus.len()])
+                    .to_string();
             let bytes: Vec<u8> = match class {
                 Class::NotJson => {
                     let samples: [&[u8]; 4] = [

@@ -29,7 +29,12 @@ pub struct Common {
     #[arg(long, env = "WEBHOOK_LOAD_FIXTURES", default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/../../webhook/tests/data"), global = true)]
     pub fixtures: PathBuf,
     /// Client runtime threads (the rest of the machine is left to the server).
-    #[arg(long, env = "WEBHOOK_LOAD_CLIENT_THREADS", default_value_t = 1, global = true)]
+    #[arg(
+        long,
+        env = "WEBHOOK_LOAD_CLIENT_THREADS",
+        default_value_t = 1,
+        global = true
+    )]
     pub client_threads: usize,
     /// Seed for the choice of bodies.
     #[arg(long, default_value_t = 5, global = true)]

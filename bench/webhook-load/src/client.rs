@@ -76,7 +76,12 @@ impl Connection {
             .map_err(|e| Error::Http(e.to_string()))?;
         let response = self.sender.send_request(request).await.map_err(http)?;
         let status = response.status().as_u16();
-        let body = response.into_body().collect().await.map_err(http)?.to_bytes();
+        let body = response
+            .into_body()
+            .collect()
+            .await
+            .map_err(http)?
+            .to_bytes();
         Ok(Answer { status, body })
     }
 

@@ -106,7 +106,8 @@ impl Tally {
                     self.unexpected += 1;
                 }
                 if !matches!(body.class, Class::Large | Class::Huge) {
-                    self.latency.saturating_record(took.as_micros().max(1) as u64);
+                    self.latency
+                        .saturating_record(took.as_micros().max(1) as u64);
                 }
             }
             Err(err) => {
@@ -195,7 +196,11 @@ impl Report {
 
     /// Peak resident memory of the process so far (`VmHWM`).
     pub fn peak_kib(&self) -> u64 {
-        self.memory.iter().map(|(_, m)| m.hwm_kib).max().unwrap_or(0)
+        self.memory
+            .iter()
+            .map(|(_, m)| m.hwm_kib)
+            .max()
+            .unwrap_or(0)
     }
 }
 

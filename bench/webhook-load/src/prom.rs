@@ -127,7 +127,10 @@ multus_eni_webhook_admission_duration_seconds_bucket{le="+Inf"} 100
     fn differences_between_scrapes() {
         let later = Buckets::parse(TEXT, ADMISSION_HISTOGRAM);
         let earlier = Buckets::parse(
-            &TEXT.replace("} 90", "} 50").replace("} 99", "} 59").replace("} 100", "} 60"),
+            &TEXT
+                .replace("} 90", "} 50")
+                .replace("} 99", "} 59")
+                .replace("} 100", "} 60"),
             ADMISSION_HISTOGRAM,
         );
         let d = later.since(&earlier);

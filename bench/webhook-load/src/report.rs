@@ -27,7 +27,10 @@ pub fn latency_table(reports: &[Report]) -> String {
         out,
         "| run | conns | sent | adm/s | client p50 ms | p90 | p99 | max | server p50 ms (bucket) | p90 | p99 | server mean ms | 4xx/5xx/no answer/wrong | RSS end MiB | RSS peak MiB |"
     );
-    let _ = writeln!(out, "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
+    let _ = writeln!(
+        out,
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+    );
     for r in reports {
         let t = &r.tally;
         let h = &t.latency;
@@ -69,7 +72,10 @@ pub fn latency_table(reports: &[Report]) -> String {
 /// The sustained-load summary: answers by class of body, then the verdict lines.
 pub fn sustained_table(r: &Report) -> String {
     let mut out = String::new();
-    let _ = writeln!(out, "| body class | sent | answers by status | unexpected | no answer |");
+    let _ = writeln!(
+        out,
+        "| body class | sent | answers by status | unexpected | no answer |"
+    );
     let _ = writeln!(out, "|---|---|---|---|---|");
     for (class, c) in &r.tally.by_class {
         let statuses = c

@@ -184,6 +184,11 @@ pub async fn http_get(addr: SocketAddr, path: &str) -> Result<(u16, String)> {
         .map_err(|e| Error::Http(e.to_string()))?;
     let response = sender.send_request(request).await.map_err(http)?;
     let status = response.status().as_u16();
-    let body = response.into_body().collect().await.map_err(http)?.to_bytes();
+    let body = response
+        .into_body()
+        .collect()
+        .await
+        .map_err(http)?
+        .to_bytes();
     Ok((status, String::from_utf8_lossy(&body).into_owned()))
 }
