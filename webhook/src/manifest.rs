@@ -125,11 +125,11 @@ fn restore_octal_modes(value: &mut Value) {
     match value {
         Value::Object(map) => {
             for (key, child) in map.iter_mut() {
-                if key == "mode" || key == "defaultMode" {
-                    if let Some(octal) = child.as_str().and_then(parse_octal) {
-                        *child = Value::from(octal);
-                        continue;
-                    }
+                if (key == "mode" || key == "defaultMode")
+                    && let Some(octal) = child.as_str().and_then(parse_octal)
+                {
+                    *child = Value::from(octal);
+                    continue;
                 }
                 restore_octal_modes(child);
             }
