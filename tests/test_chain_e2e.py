@@ -1,0 +1,164 @@
+"""End-to-end chain: admission → patched pod → sidecar → emulated ENI (issue 4).
+
+The real webhook binary serves TLS with the material `multus-eni-webhook certs` wrote and the
+flags of the rendered Deployment; the busybox sample goes through it as an apiserver would
+send it; the injected sidecar container is run exactly as the patched pod says, inside a
+network namespace wired like that pod, against the EC2 emulator. The steps live in
+tests/lib/chain.py, which scripts/demo.sh runs too.
+
+Convergence is awaited by bounded polling; nothing here measures time.
+"""
+
+from __future__ import annotations
+
+import json
+import ssl
+import sys
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+from lib import apiserver
+from lib.chain import (
+    ASSIGN4,
+    SIDECAR_CONTAINER,
+    SIDECAR_IMAGE_BINARY,
+    Chain,
+    flag_value,
+)
+
+
+@pytest.fixture(scope="module")
+def chain(request: pytest.FixtureRequest) -> Iterator[Chain]:
+    """Steps 1–2 for the whole module: certs written, the webhook serving."""
+    c = Chain()
+    try:
+        c.generate_certs()
+        c.start_webhook()
+        yield c
+    finally:
+        failed = any(getattr(item, "rep_call", None) and item.rep_call.failed for item in request.session.items)
+        if failed:
+            for path in c.log_files():
+                sys.stderr.write(f"--- {path}\n{path.read_text(errors='replace')[-6000:]}\n")
+        c.close()
+        if not failed:
+            import shutil
+
+            shutil.rmtree(c.workdir, ignore_errors=True)
+
+
+def deployment_flag(chain: Chain, flag: str) -> str:
+    value = flag_value(chain.manifests.webhook_container["args"], flag)
+    assert value is not None, f"the Deployment passes no {flag}"
+    return value
+
+
+# === TLS as the kube-apiserver sees it ===
+
+
+def test_webhook_is_trusted_only_through_the_cabundle_under_the_service_name(chain: Chain, tmp_path: Path):
+    pod = apiserver.defaulted_pod(
+        {"metadata": {"name": "plain", "namespace": "multus"}, "spec": {"containers": [{"name": "c", "image": "i"}]}}
+    )
+    ok = chain.client().review(apiserver.create_review(pod))
+    assert ok.allowed and ok.patch is None, "a pod without Multus networks is left alone"
+    assert ok.tls_version in ("TLSv1.2", "TLSv1.3")
+    assert ok.server_name == "multus-eni-webhook.multus-eni.svc"
+
+    # Another CA from the same command: the apiserver would refuse the serving certificate.
+    other = tmp_path / "other-certs"
+    import subprocess
+
+    subprocess.run([str(chain.webhook_binary), "certs", "--out-dir", str(other)], check=True, capture_output=True)
+    stranger = apiserver.WebhookClient(
+        chain.webhook_result.addr, (other / "ca.crt").read_bytes(), "multus-eni-webhook", "multus-eni"
+    )
+    with pytest.raises(ssl.SSLCertVerificationError):
+        stranger.review(apiserver.create_review(pod))
+
+    # The right CA, but a name the certificate does not carry.
+    ca = (chain.certs_result.out_dir / "ca.crt").read_bytes()
+    misnamed = apiserver.WebhookClient(chain.webhook_result.addr, ca, "multus-eni-webhook", "default")
+    with pytest.raises(ssl.SSLCertVerificationError):
+        misnamed.review(apiserver.create_review(pod))
+
+
+# === admission ===
+
+
+def test_sample_pod_gets_the_native_sidecar_and_nothing_else_changes(chain: Chain):
+    adm = chain.admit_sample_pod()
+    pod = adm.review_request["request"]["object"]
+    assert "name" not in adm.review_request["request"], "a ReplicaSet pod has no name at admission"
+    assert adm.result.uid == adm.review_request["request"]["uid"]
+
+    assert adm.sidecar_position == "initContainers[0]"
+    sidecar = adm.sidecar
+    assert sidecar["name"] == SIDECAR_CONTAINER
+    assert sidecar["restartPolicy"] == "Always"
+    assert sidecar["image"] == deployment_flag(chain, "--sidecar-image")
+    assert sidecar["command"] == [SIDECAR_IMAGE_BINARY]
+    port = int(deployment_flag(chain, "--sidecar-probe-port"))
+    assert sidecar["args"] == ["run", "--interfaces=net1", f"--probe-addr=0.0.0.0:{port}"]
+    assert sidecar["startupProbe"]["httpGet"] == {"path": "/readyz", "port": port}
+    assert [e["name"] for e in sidecar["env"]] == ["POD_NAME", "POD_NAMESPACE", "NODE_NAME"]
+
+    admitted = adm.admitted
+    assert admitted["spec"]["containers"] == pod["spec"]["containers"], "the application container is untouched"
+    assert admitted["spec"]["volumes"] == pod["spec"]["volumes"]
+    status = json.loads(admitted["metadata"]["annotations"]["multus-eni.io/status"])
+    assert status["interfaces"] == ["net1"] and status["mode"] == "native"
+
+    # With reinvocationPolicy IfNeeded the apiserver may send the patched pod again: no-op.
+    again = chain.client().review(apiserver.create_review(admitted))
+    assert again.allowed and not again.patch
+
+
+# === the whole chain ===
+
+
+def test_injected_sidecar_puts_the_address_on_the_right_eni_and_releases_it(chain: Chain, require_root: None):
+    if chain.admission is None:
+        chain.admit_sample_pod()
+    net = chain.build_network()
+    chain.build_pod_namespace()
+    pod = chain.schedule_pod()
+    spec = chain.sidecar_spec(chain.endpoint)
+
+    # Exactly the injected container: the image's binary swapped, the rest verbatim.
+    sidecar = chain.admission.sidecar
+    assert spec.argv[1:] == sidecar["command"][1:] + sidecar["args"]
+    assert spec.injected_env == {
+        "POD_NAME": pod["metadata"]["name"],
+        "POD_NAMESPACE": "multus",
+        "NODE_NAME": net.node_name,
+    }
+    assert pod["metadata"]["name"].startswith(pod["metadata"]["generateName"])
+    assert spec.run_as.uid == 65532 and spec.run_as.drop_all_capabilities and spec.run_as.no_new_privs
+
+    address = str(net.net1_address.ip)
+    before = chain.eni_addresses()
+    assert not any(state.holds(address) for state in before.values())
+
+    chain.start_sidecar(spec, hold_assign=True)
+    readiness = chain.await_readiness(spec)
+    assert readiness.statuses == [503, 200], readiness
+    assert readiness.held_assign_calls == 1
+
+    after = chain.eni_addresses()
+    assert after["net1"].holds(address)
+    assert not after["eth0"].holds(address) and not after["other"].holds(address)
+    assert chain.placement_problems(before, after) == []
+    (assign,) = chain.proxy.requests(ASSIGN4)
+    assert assign.param("NetworkInterfaceId") == net.enis["net1"]
+    assert assign.values("PrivateIpAddress") == [address]
+    assert chain.probe("/healthz") == 200
+
+    # The release happens before the process exits: no waiting.
+    assert chain.terminate_sidecar() == 0
+    released = chain.eni_addresses()
+    assert net.world.enis[0].primary_ip in released["net1"].ipv4, "the ENI's primary IP stays"
+    assert released["eth0"] == before["eth0"] and released["other"] == before["other"]
+    assert released["net1"] == before["net1"]
