@@ -141,8 +141,13 @@ impl TestCa {
 
     /// A client that trusts only this CA and checks the Service name, like the apiserver.
     pub fn client(&self, addr: SocketAddr) -> TestResult<Client> {
+        Self::client_for(self.cert.clone(), addr)
+    }
+
+    /// A client that trusts only `ca` (a caBundle) and checks the Service name.
+    pub fn client_for(ca: CertificateDer<'static>, addr: SocketAddr) -> TestResult<Client> {
         let mut roots = rustls::RootCertStore::empty();
-        roots.add(self.cert.clone())?;
+        roots.add(ca)?;
         let mut config = rustls::ClientConfig::builder_with_provider(crypto_provider())
             .with_safe_default_protocol_versions()?
             .with_root_certificates(roots)
