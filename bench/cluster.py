@@ -320,3 +320,17 @@ def percentile(values: list[float], q: float) -> float:
     k = (len(s) - 1) * q
     lo, hi = int(k), min(int(k) + 1, len(s) - 1)
     return s[lo] + (s[hi] - s[lo]) * (k - lo)
+
+
+def write_doc_section(marker: str, command: str, text: str) -> None:
+    """Replaces the text between `<!-- MARKER:begin -->` and `<!-- MARKER:end -->` in
+    docs/scale.md (appending the markers when missing) with `text` and the command."""
+    doc = Path(__file__).resolve().parent.parent / "docs" / "scale.md"
+    begin, end = f"<!-- {marker}:begin -->", f"<!-- {marker}:end -->"
+    body = doc.read_text() if doc.exists() else "# Scale and speed\n"
+    if begin not in body:
+        body += f"\n{begin}\n{end}\n"
+    head, _, rest = body.partition(begin)
+    _, _, tail = rest.partition(end)
+    stamp = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    doc.write_text(f"{head}{begin}\nLast run {stamp}: `{command}`\n\n{text}\n{end}{tail}")

@@ -232,6 +232,8 @@ def run_sidecars(
             ph.calls = summarize(proxy.requests(), ph.started, ph.ended)
         proxy.check_hooked()
         extra["moto_cpu_seconds"] = _moto_cpu(emu)
+        waves = [r.arrived for r in proxy.requests(DESCRIBE) if idle.started <= r.arrived < idle.ended]
+        extra["resync_wave"] = (len(waves), (max(waves) - min(waves)) if waves else 0.0)
     finally:
         for p in pods:
             cluster.stop_process(p.proc)
@@ -409,6 +411,9 @@ def report(args: argparse.Namespace, res: list[RunResult], moto: dict[str, float
             f"SIGTERM → exit p50 {sc.extra['exit_p50']:.1f} s, max {sc.extra['exit_max']:.1f} s, "
             f"exit codes {sc.extra['exit_codes']}, not exited {sc.extra['not_exited']}; released {sc.extra['released']}"
         )
+        n, span = sc.extra.get("resync_wave", (0, 0.0))
+        if n:
+            lines.append(f"- sidecar resync while idle: {n} DescribeNetworkInterfaces within {span:.1f} s (every sidecar resyncs 60 s after its own start)")
         if sc.extra.get("moto_cpu_seconds") is not None:
             lines.append(f"- moto CPU during the sidecar run: {sc.extra['moto_cpu_seconds']:.1f} s")
     bl = next((r for r in res if r.mode == "baseline"), None)
@@ -454,19 +459,13 @@ def projection(res: list[RunResult]) -> str:
     return "\n".join(out)
 
 
-def write_doc(text: str) -> None:
-    doc = ROOT / "docs" / "scale.md"
-    begin, end = "<!-- bench-scale:begin -->", "<!-- bench-scale:end -->"
-    body = doc.read_text() if doc.exists() else f"# Scale\n\n{begin}\n{end}\n"
-    if begin not in body:
-        body += f"\n{begin}\n{end}\n"
-    head, _, rest = body.partition(begin)
-    _, _, tail = rest.partition(end)
-    stamp = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
-    doc.write_text(f"{head}{begin}\nLast run: {stamp}, `scripts/bench-scale.sh {sys.argv[1:] and ' '.join(sys.argv[1:]) or ''}`.\n\n{text}\n{end}{tail}")
-
-
 # === main ===
+
+
+def command_line() -> str:
+    profile = Path(cluster.sidecar_binary()).parent.name
+    env = "BENCH_PROFILE=release " if profile == "release" else ""
+    return f"{env}scripts/bench-scale.sh " + " ".join(a for a in sys.argv[1:] if a != "--write-doc")
 
 
 def main() -> int:
@@ -521,7 +520,7 @@ def main() -> int:
         text = report(args, results, moto, setup_s, time.monotonic() - t_all)
         print(text)
         if args.write_doc:
-            write_doc(text)
+            cluster.write_doc_section("bench-scale", command_line(), text)
         if args.json:
             Path(args.json).write_text(
                 json.dumps([dataclasses.asdict(r) for r in results], indent=1, default=str)
