@@ -5,7 +5,7 @@
 #   scripts/bench-scale.sh [PODS] [ENIS] [scale_sim.py flags, e.g. --write-doc --idle 65]
 #   BENCH_PROFILE=release scripts/bench-scale.sh 200 30 --write-doc
 set -euo pipefail
-source "$(dirname "$0")/bench-common.sh"
+source "$(dirname "$0")/../bench/common.sh"
 
 pods=200
 enis=30

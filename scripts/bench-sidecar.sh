@@ -5,6 +5,6 @@
 #   scripts/bench-sidecar.sh [reaction.py flags, e.g. --changes 50 --idle 30]
 #   BENCH_PROFILE=release scripts/bench-sidecar.sh
 set -euo pipefail
-source "$(dirname "$0")/bench-common.sh"
+source "$(dirname "$0")/../bench/common.sh"
 
 bench_run 300 .venv/bin/python bench/reaction.py "$@"
