@@ -120,6 +120,13 @@ def converged_at(proxy: ThrottlingProxy, since: float, assigned: set[str], unass
     return (max(times) - since) if times else 0.0
 
 
+def routable_spread(proxy: ThrottlingProxy, since: float, addresses: set[str]) -> tuple[float, float]:
+    """p50 and p90 seconds from the rollout start until an address was assigned."""
+    ok = first_ok(proxy, ASSIGN, since, "PrivateIpAddress")
+    times = [ok[a] - since for a in addresses if a in ok]
+    return cluster.percentile(times, 0.5), cluster.percentile(times, 0.9)
+
+
 def ready_count(pods: list[Pod]) -> int:
     """Pods whose sidecar answers 200 on /readyz (asked inside each pod's namespace)."""
     import urllib.error
@@ -171,6 +178,7 @@ def run_sidecars(
         ok = wait_until(emu, world.subnet_id, all_assigned(pods, wanted), args.phase_timeout)
         all_addr = {a for p in pods for a in p.addresses}
         start.converged = converged_at(proxy, start.started, all_addr, set()) if ok else None
+        extra["routable"] = routable_spread(proxy, start.started, all_addr)
         time.sleep(1.0)
         extra["ready_after_start"] = ready_count(pods)
         dead = [p.index for p in pods if p.proc is not None and p.proc.poll() is not None]
@@ -258,6 +266,7 @@ def run_baseline(
         ok = wait_until(emu, world.subnet_id, all_assigned(pods, wanted), args.phase_timeout)
         all_addr = {a for p in pods for a in p.addresses}
         start.converged = converged_at(proxy, start.started, all_addr, set()) if ok else None
+        extra["routable"] = routable_spread(proxy, start.started, all_addr)
         time.sleep(1.0)
         change = Phase("change", time.monotonic())
         start.ended = change.started
@@ -393,6 +402,10 @@ def report(args: argparse.Namespace, res: list[RunResult], moto: dict[str, float
             f"throttled {thr} in all, idle {idle.total() / args.idle:.2f} calls/s "
             f"({idle.total('throttled')} throttled), addresses left on ENIs at the end: {r.extra.get('leaked')}"
         )
+    for r in res:
+        if "routable" in r.extra:
+            p50, p90 = r.extra["routable"]
+            lines.append(f"- {r.mode}: an address is routable p50 {p50:.1f} s, p90 {p90:.1f} s after the rollout starts")
     sc = next((r for r in res if r.mode == "sidecar"), None)
     if sc:
         st = [ProcStats(**v) for v in sc.extra.get("stats", {}).values()]
@@ -415,7 +428,7 @@ def report(args: argparse.Namespace, res: list[RunResult], moto: dict[str, float
         if n:
             lines.append(f"- sidecar resync while idle: {n} DescribeNetworkInterfaces within {span:.1f} s (every sidecar resyncs 60 s after its own start)")
         if sc.extra.get("moto_cpu_seconds") is not None:
-            lines.append(f"- moto CPU during the sidecar run: {sc.extra['moto_cpu_seconds']:.1f} s")
+            lines.append(f"- moto CPU from its start to the end of the sidecar run: {sc.extra['moto_cpu_seconds']:.1f} s")
     bl = next((r for r in res if r.mode == "baseline"), None)
     if sc and bl:
         s_made = sum(ph.total() for ph in sc.phases)
