@@ -15,7 +15,9 @@ use futures::TryStreamExt;
 use futures::channel::mpsc::UnboundedReceiver;
 use rtnetlink::packet_core::{NetlinkMessage, NetlinkPayload};
 use rtnetlink::packet_route::RouteNetlinkMessage;
-use rtnetlink::packet_route::address::{AddressAttribute, AddressFlags, AddressMessage, AddressScope};
+use rtnetlink::packet_route::address::{
+    AddressAttribute, AddressFlags, AddressMessage, AddressScope,
+};
 use rtnetlink::packet_route::link::{LinkAttribute, LinkMessage};
 use rtnetlink::sys::SocketAddr;
 use rtnetlink::{Handle, MulticastGroup};
@@ -110,7 +112,10 @@ fn link_mac(msg: &LinkMessage) -> Option<MacAddress> {
 
 impl InterfaceTable {
     pub fn new(wanted: Vec<String>) -> Self {
-        Self { wanted, by_index: BTreeMap::new() }
+        Self {
+            wanted,
+            by_index: BTreeMap::new(),
+        }
     }
 
     /// The interface names the sidecar manages, in command-line order.
@@ -146,7 +151,10 @@ impl InterfaceTable {
             RouteNetlinkMessage::NewLink(link) => self.new_link(link),
             RouteNetlinkMessage::DelLink(link) => {
                 let removed = self.by_index.remove(&link.header.index).is_some();
-                Applied { changed: removed, dump_link: None }
+                Applied {
+                    changed: removed,
+                    dump_link: None,
+                }
             }
             RouteNetlinkMessage::NewAddress(addr) => self.address(addr, true),
             RouteNetlinkMessage::DelAddress(addr) => self.address(addr, false),
@@ -162,18 +170,34 @@ impl InterfaceTable {
             // Renamed away from a wanted name: no longer ours.
             (Some(_), Some(n)) if !self.wanted.iter().any(|w| w == n) => {
                 self.by_index.remove(&index);
-                Applied { changed: true, dump_link: None }
+                Applied {
+                    changed: true,
+                    dump_link: None,
+                }
             }
             (Some(iface), _) => {
                 if mac.is_some() && mac != iface.mac {
                     iface.mac = mac;
-                    return Applied { changed: true, dump_link: Some(index) };
+                    return Applied {
+                        changed: true,
+                        dump_link: Some(index),
+                    };
                 }
                 Applied::default()
             }
             (None, Some(n)) if self.wanted.iter().any(|w| w == n) => {
-                self.by_index.insert(index, Interface { name: n.to_string(), mac, ..Default::default() });
-                Applied { changed: true, dump_link: Some(index) }
+                self.by_index.insert(
+                    index,
+                    Interface {
+                        name: n.to_string(),
+                        mac,
+                        ..Default::default()
+                    },
+                );
+                Applied {
+                    changed: true,
+                    dump_link: Some(index),
+                }
             }
             (None, _) => Applied::default(),
         }
@@ -186,7 +210,9 @@ impl InterfaceTable {
         if msg.header.scope != AddressScope::Universe {
             return Applied::default();
         }
-        let Some(ip) = address_of(msg) else { return Applied::default() };
+        let Some(ip) = address_of(msg) else {
+            return Applied::default();
+        };
         let flags = address_flags(msg);
         let before = (iface.usable.clone(), iface.tentative.clone());
         iface.usable.remove(&ip);
@@ -203,7 +229,10 @@ impl InterfaceTable {
                 }
             }
         }
-        Applied { changed: before != (iface.usable.clone(), iface.tentative.clone()), dump_link: None }
+        Applied {
+            changed: before != (iface.usable.clone(), iface.tentative.clone()),
+            dump_link: None,
+        }
     }
 
     /// Forgets the addresses of one link before its addresses are dumped again.
@@ -233,7 +262,11 @@ impl AddressWatcher {
         ])
         .map_err(|e| Error::Netlink(format!("cannot open netlink socket: {e}")))?;
         let connection = tokio::spawn(connection);
-        Ok(Self { handle, events, connection })
+        Ok(Self {
+            handle,
+            events,
+            connection,
+        })
     }
 
     /// Re-reads every named link and its addresses into a fresh table; returns whether the
@@ -325,7 +358,11 @@ mod tests {
         let mut msg = AddressMessage::default();
         msg.header.index = index;
         msg.header.scope = scope;
-        msg.header.family = if ip.is_ipv4() { AddressFamily::Inet } else { AddressFamily::Inet6 };
+        msg.header.family = if ip.is_ipv4() {
+            AddressFamily::Inet
+        } else {
+            AddressFamily::Inet6
+        };
         msg.attributes.push(AddressAttribute::Address(ip));
         if ip.is_ipv4() {
             msg.attributes.push(AddressAttribute::Local(ip));
@@ -338,19 +375,59 @@ mod tests {
     fn only_named_interfaces_and_global_usable_addresses_count() {
         let mut t = InterfaceTable::new(vec!["net1".into()]);
         assert_eq!(t.missing(), vec!["net1"]);
-        assert_eq!(t.apply(&link(2, "eth0", [2, 0, 0, 0, 0, 1])), Applied::default());
-        assert_eq!(t.apply(&link(3, "net1", [2, 0, 0, 0, 0, 2])), Applied { changed: true, dump_link: Some(3) });
+        assert_eq!(
+            t.apply(&link(2, "eth0", [2, 0, 0, 0, 0, 1])),
+            Applied::default()
+        );
+        assert_eq!(
+            t.apply(&link(3, "net1", [2, 0, 0, 0, 0, 2])),
+            Applied {
+                changed: true,
+                dump_link: Some(3)
+            }
+        );
         let e = AddressFlags::empty();
-        t.apply(&RouteNetlinkMessage::NewAddress(addr(2, "10.0.0.9", AddressScope::Universe, e)));
-        t.apply(&RouteNetlinkMessage::NewAddress(addr(3, "10.0.1.10", AddressScope::Universe, e)));
-        t.apply(&RouteNetlinkMessage::NewAddress(addr(3, "fe80::1", AddressScope::Link, e)));
-        t.apply(&RouteNetlinkMessage::NewAddress(addr(3, "2001:db8::1", AddressScope::Universe, AddressFlags::Tentative)));
-        t.apply(&RouteNetlinkMessage::NewAddress(addr(3, "2001:db8::2", AddressScope::Universe, AddressFlags::Tentative | AddressFlags::Dadfailed)));
+        t.apply(&RouteNetlinkMessage::NewAddress(addr(
+            2,
+            "10.0.0.9",
+            AddressScope::Universe,
+            e,
+        )));
+        t.apply(&RouteNetlinkMessage::NewAddress(addr(
+            3,
+            "10.0.1.10",
+            AddressScope::Universe,
+            e,
+        )));
+        t.apply(&RouteNetlinkMessage::NewAddress(addr(
+            3,
+            "fe80::1",
+            AddressScope::Link,
+            e,
+        )));
+        t.apply(&RouteNetlinkMessage::NewAddress(addr(
+            3,
+            "2001:db8::1",
+            AddressScope::Universe,
+            AddressFlags::Tentative,
+        )));
+        t.apply(&RouteNetlinkMessage::NewAddress(addr(
+            3,
+            "2001:db8::2",
+            AddressScope::Universe,
+            AddressFlags::Tentative | AddressFlags::Dadfailed,
+        )));
         let d = t.desired();
         assert_eq!(d.len(), 1);
         assert_eq!(d[0].name, "net1");
-        assert_eq!(d[0].mac.map(|m| m.to_string()), Some("02:00:00:00:00:02".into()));
-        assert_eq!(d[0].addresses, ["10.0.1.10".parse().unwrap_or(IpAddr::V4([0; 4].into()))].into());
+        assert_eq!(
+            d[0].mac.map(|m| m.to_string()),
+            Some("02:00:00:00:00:02".into())
+        );
+        assert_eq!(
+            d[0].addresses,
+            ["10.0.1.10".parse().unwrap_or(IpAddr::V4([0; 4].into()))].into()
+        );
         assert_eq!(d[0].tentative.len(), 1);
         assert!(t.missing().is_empty());
     }
@@ -359,9 +436,19 @@ mod tests {
     fn dad_completion_moves_address_to_usable_and_delete_removes_it() {
         let mut t = InterfaceTable::new(vec!["net1".into()]);
         t.apply(&link(3, "net1", [2, 0, 0, 0, 0, 2]));
-        let a = addr(3, "2001:db8::1", AddressScope::Universe, AddressFlags::Tentative);
+        let a = addr(
+            3,
+            "2001:db8::1",
+            AddressScope::Universe,
+            AddressFlags::Tentative,
+        );
         t.apply(&RouteNetlinkMessage::NewAddress(a));
-        let a = addr(3, "2001:db8::1", AddressScope::Universe, AddressFlags::Permanent);
+        let a = addr(
+            3,
+            "2001:db8::1",
+            AddressScope::Universe,
+            AddressFlags::Permanent,
+        );
         assert!(t.apply(&RouteNetlinkMessage::NewAddress(a.clone())).changed);
         assert!(!t.apply(&RouteNetlinkMessage::NewAddress(a.clone())).changed);
         assert_eq!(t.desired()[0].addresses.len(), 1);

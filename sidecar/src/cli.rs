@@ -88,9 +88,15 @@ impl Cli {
 fn init_logging(format: LogFormat) {
     let filter = EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| EnvFilter::new("info,aws_config=warn,aws_smithy_runtime=warn"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     match format {
-        LogFormat::Json => builder.json().flatten_event(true).with_current_span(false).init(),
+        LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .init(),
         LogFormat::Text => builder.init(),
     }
 }
@@ -108,7 +114,8 @@ mod tests {
 
     #[test]
     fn interfaces_alone_start_a_sidecar_with_contract_defaults() {
-        let a = parse(&["multus-eni-sidecar", "run", "--interfaces", "net1,n3"]).unwrap_or_else(|e| panic!("{e}"));
+        let a = parse(&["multus-eni-sidecar", "run", "--interfaces", "net1,n3"])
+            .unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(a.interfaces, vec!["net1", "n3"]);
         assert_eq!(a.probe_addr.to_string(), "0.0.0.0:9811");
         assert!(a.release_on_exit);
@@ -137,6 +144,14 @@ mod tests {
     #[test]
     fn interfaces_are_required_and_zero_durations_rejected() {
         assert!(parse(&["multus-eni-sidecar", "run"]).is_err());
-        assert!(parse(&["multus-eni-sidecar", "run", "--interfaces=net1", "--resync-interval=0s"]).is_err());
+        assert!(
+            parse(&[
+                "multus-eni-sidecar",
+                "run",
+                "--interfaces=net1",
+                "--resync-interval=0s"
+            ])
+            .is_err()
+        );
     }
 }

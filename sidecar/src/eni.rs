@@ -11,7 +11,7 @@ use std::time::Duration;
 use aws_sdk_ec2::Client;
 use aws_sdk_ec2::config::retry::RetryConfig;
 use aws_sdk_ec2::config::timeout::TimeoutConfig;
-use aws_sdk_ec2::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
+use aws_sdk_ec2::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_ec2::types::{Filter, NetworkInterface};
 
 use crate::addresses::MacAddress;
@@ -123,9 +123,10 @@ pub fn classify(stage: FailureStage, code: Option<&str>, status: Option<u16>) ->
             (_, Some(429)) => ErrorKind::Throttled,
             (Some(c), _) if AUTH.contains(&c) => ErrorKind::AuthOrConfig,
             (_, Some(401 | 403)) => ErrorKind::AuthOrConfig,
-            (Some("InternalError" | "InternalFailure" | "ServiceUnavailable" | "Unavailable"), _) => {
-                ErrorKind::ServerError
-            }
+            (
+                Some("InternalError" | "InternalFailure" | "ServiceUnavailable" | "Unavailable"),
+                _,
+            ) => ErrorKind::ServerError,
             (_, Some(s)) if s >= 500 => ErrorKind::ServerError,
             _ => ErrorKind::Rejected,
         },
@@ -136,8 +137,11 @@ fn sdk_error<E>(action: &'static str, err: SdkError<E>) -> Error
 where
     E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
 {
+    let chain = error_chain(&err);
     let stage = match &err {
         SdkError::ConstructionFailure(_) => FailureStage::Construction,
+        // The credentials chain and region resolution fail inside dispatch.
+        SdkError::DispatchFailure(_) if mentions_setup(&chain) => FailureStage::DispatchUser,
         SdkError::TimeoutError(_) => FailureStage::Timeout,
         SdkError::DispatchFailure(d) if d.is_timeout() => FailureStage::DispatchTimeout,
         SdkError::DispatchFailure(d) if d.is_io() => FailureStage::DispatchIo,
@@ -147,11 +151,37 @@ where
     };
     let status = err.raw_response().map(|r| r.status().as_u16());
     let kind = classify(stage, err.code(), status);
-    let message = match (err.code(), err.message()) {
-        (Some(code), Some(msg)) => format!("{code}: {msg}"),
-        _ => DisplayErrorContext(&err).to_string(),
+    let message = match (err.code(), err.message(), status) {
+        (Some(code), Some(msg), _) => format!("{code}: {msg}"),
+        (Some(code), None, _) => code.to_string(),
+        (None, _, Some(status)) => format!("HTTP {status} without an EC2 error code"),
+        _ => chain,
     };
-    Error::Ec2 { action, kind, message }
+    Error::Ec2 {
+        action,
+        kind,
+        message,
+    }
+}
+
+/// The messages of an error and its sources, without repeats: short enough for one log line.
+fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    let mut next: Option<&(dyn std::error::Error + 'static)> = Some(err);
+    while let Some(e) = next {
+        let text = e.to_string();
+        if !parts.iter().any(|p| p.contains(&text)) {
+            parts.push(text);
+        }
+        next = e.source();
+    }
+    parts.join(": ")
+}
+
+/// Whether a dispatch failure is a local setup problem (credentials or region), not the network.
+fn mentions_setup(chain: &str) -> bool {
+    let lower = chain.to_ascii_lowercase();
+    lower.contains("credential") || lower.contains("region")
 }
 
 /// The EC2 client and what it learned about the endpoint.
@@ -190,7 +220,10 @@ impl Ec2 {
                     .build(),
             )
             .build();
-        Self { client: Client::from_conf(config), ipv6_filter: AtomicBool::new(true) }
+        Self {
+            client: Client::from_conf(config),
+            ipv6_filter: AtomicBool::new(true),
+        }
     }
 
     /// The ENI with this MAC (`DescribeNetworkInterfaces`, filter `mac-address`). `None` is a
@@ -199,7 +232,12 @@ impl Ec2 {
         let out = self
             .client
             .describe_network_interfaces()
-            .filters(Filter::builder().name("mac-address").values(mac.to_string()).build())
+            .filters(
+                Filter::builder()
+                    .name("mac-address")
+                    .values(mac.to_string())
+                    .build(),
+            )
             .send()
             .await
             .map_err(|e| sdk_error("DescribeNetworkInterfaces", e))?;
@@ -207,7 +245,10 @@ impl Ec2 {
         Ok(out
             .network_interfaces()
             .iter()
-            .find(|n| n.mac_address().is_none_or(|m| m.eq_ignore_ascii_case(&wanted)))
+            .find(|n| {
+                n.mac_address()
+                    .is_none_or(|m| m.eq_ignore_ascii_case(&wanted))
+            })
             .map(eni_addresses))
     }
 
@@ -223,11 +264,20 @@ impl Ec2 {
         if self.ipv6_filter.load(Ordering::Relaxed) {
             let values: Vec<String> = addresses.iter().map(ToString::to_string).collect();
             let result = self
-                .describe_all(Filter::builder().name("ipv6-addresses.ipv6-address").set_values(Some(values)).build())
+                .describe_all(
+                    Filter::builder()
+                        .name("ipv6-addresses.ipv6-address")
+                        .set_values(Some(values))
+                        .build(),
+                )
                 .await;
             match result {
                 Ok(enis) => return Ok(holders(&enis, &ours.id, addresses)),
-                Err(Error::Ec2 { kind: ErrorKind::ServerError | ErrorKind::Rejected, message, .. }) => {
+                Err(Error::Ec2 {
+                    kind: ErrorKind::ServerError | ErrorKind::Rejected,
+                    message,
+                    ..
+                }) => {
                     tracing::warn!(
                         action = "DescribeNetworkInterfaces",
                         outcome = "filter_unsupported",
@@ -240,8 +290,12 @@ impl Ec2 {
                 Err(e) => return Err(e),
             }
         }
-        let Some(subnet) = ours.subnet_id.clone() else { return Ok(BTreeMap::new()) };
-        let enis = self.describe_all(Filter::builder().name("subnet-id").values(subnet).build()).await?;
+        let Some(subnet) = ours.subnet_id.clone() else {
+            return Ok(BTreeMap::new());
+        };
+        let enis = self
+            .describe_all(Filter::builder().name("subnet-id").values(subnet).build())
+            .await?;
         Ok(holders(&enis, &ours.id, addresses))
     }
 
@@ -312,7 +366,11 @@ impl Ec2 {
     }
 }
 
-fn holders(enis: &[EniAddresses], ours: &str, addresses: &BTreeSet<Ipv6Addr>) -> BTreeMap<Ipv6Addr, EniId> {
+fn holders(
+    enis: &[EniAddresses],
+    ours: &str,
+    addresses: &BTreeSet<Ipv6Addr>,
+) -> BTreeMap<Ipv6Addr, EniId> {
     let mut found = BTreeMap::new();
     for eni in enis.iter().filter(|e| e.id != ours) {
         for a in eni.ipv6.intersection(addresses) {
@@ -340,11 +398,15 @@ fn eni_addresses(n: &NetworkInterface) -> EniAddresses {
             .filter_map(|p| p.private_ip_address()?.parse().ok())
             .chain(primary_ipv4)
             .collect(),
-        ipv6: n.ipv6_addresses().iter().filter_map(|a| a.ipv6_address()?.parse().ok()).collect(),
-        no_manage: n
-            .tag_set()
+        ipv6: n
+            .ipv6_addresses()
             .iter()
-            .any(|t| t.key() == Some(NO_MANAGE_TAG) && t.value().is_some_and(|v| v.eq_ignore_ascii_case("true"))),
+            .filter_map(|a| a.ipv6_address()?.parse().ok())
+            .collect(),
+        no_manage: n.tag_set().iter().any(|t| {
+            t.key() == Some(NO_MANAGE_TAG)
+                && t.value().is_some_and(|v| v.eq_ignore_ascii_case("true"))
+        }),
     }
 }
 
@@ -355,29 +417,62 @@ mod tests {
     #[test]
     fn throttling_is_recognised_by_code_or_status() {
         let r = FailureStage::Response;
-        assert_eq!(classify(r, Some("RequestLimitExceeded"), Some(503)), ErrorKind::Throttled);
-        assert_eq!(classify(r, Some("Throttling"), Some(400)), ErrorKind::Throttled);
+        assert_eq!(
+            classify(r, Some("RequestLimitExceeded"), Some(503)),
+            ErrorKind::Throttled
+        );
+        assert_eq!(
+            classify(r, Some("Throttling"), Some(400)),
+            ErrorKind::Throttled
+        );
         assert_eq!(classify(r, None, Some(429)), ErrorKind::Throttled);
     }
 
     #[test]
     fn server_errors_timeouts_and_connection_errors_are_transient() {
         let r = FailureStage::Response;
-        assert_eq!(classify(r, Some("InternalError"), Some(500)), ErrorKind::ServerError);
+        assert_eq!(
+            classify(r, Some("InternalError"), Some(500)),
+            ErrorKind::ServerError
+        );
         assert_eq!(classify(r, None, Some(502)), ErrorKind::ServerError);
-        assert_eq!(classify(r, Some("Unavailable"), Some(503)), ErrorKind::ServerError);
-        assert_eq!(classify(FailureStage::Timeout, None, None), ErrorKind::Timeout);
-        assert_eq!(classify(FailureStage::DispatchTimeout, None, None), ErrorKind::Timeout);
-        assert_eq!(classify(FailureStage::DispatchIo, None, None), ErrorKind::Connection);
+        assert_eq!(
+            classify(r, Some("Unavailable"), Some(503)),
+            ErrorKind::ServerError
+        );
+        assert_eq!(
+            classify(FailureStage::Timeout, None, None),
+            ErrorKind::Timeout
+        );
+        assert_eq!(
+            classify(FailureStage::DispatchTimeout, None, None),
+            ErrorKind::Timeout
+        );
+        assert_eq!(
+            classify(FailureStage::DispatchIo, None, None),
+            ErrorKind::Connection
+        );
     }
 
     #[test]
     fn auth_and_config_errors_name_the_fixes() {
         let r = FailureStage::Response;
-        assert_eq!(classify(r, Some("UnauthorizedOperation"), Some(403)), ErrorKind::AuthOrConfig);
-        assert_eq!(classify(r, Some("AuthFailure"), Some(401)), ErrorKind::AuthOrConfig);
-        assert_eq!(classify(FailureStage::Construction, None, None), ErrorKind::AuthOrConfig);
-        assert_eq!(classify(FailureStage::DispatchUser, None, None), ErrorKind::AuthOrConfig);
+        assert_eq!(
+            classify(r, Some("UnauthorizedOperation"), Some(403)),
+            ErrorKind::AuthOrConfig
+        );
+        assert_eq!(
+            classify(r, Some("AuthFailure"), Some(401)),
+            ErrorKind::AuthOrConfig
+        );
+        assert_eq!(
+            classify(FailureStage::Construction, None, None),
+            ErrorKind::AuthOrConfig
+        );
+        assert_eq!(
+            classify(FailureStage::DispatchUser, None, None),
+            ErrorKind::AuthOrConfig
+        );
         let hint = ErrorKind::AuthOrConfig.hint();
         for fix in ["hop limit to 2", "IRSA", "Pod Identity", "AWS_REGION"] {
             assert!(hint.contains(fix), "hint lacks {fix}");
@@ -385,16 +480,33 @@ mod tests {
     }
 
     #[test]
+    fn credential_and_region_failures_are_setup_problems() {
+        assert!(mentions_setup("dispatch failure: other: no credentials found in chain"));
+        assert!(mentions_setup("failed to construct request: a region must be set"));
+        assert!(!mentions_setup("dispatch failure: io: connection refused"));
+    }
+
+    #[test]
     fn other_client_errors_are_rejections() {
         let r = FailureStage::Response;
-        assert_eq!(classify(r, Some("PrivateIpAddressLimitExceeded"), Some(400)), ErrorKind::Rejected);
-        assert_eq!(classify(r, Some("InvalidParameterValue"), Some(400)), ErrorKind::Rejected);
+        assert_eq!(
+            classify(r, Some("PrivateIpAddressLimitExceeded"), Some(400)),
+            ErrorKind::Rejected
+        );
+        assert_eq!(
+            classify(r, Some("InvalidParameterValue"), Some(400)),
+            ErrorKind::Rejected
+        );
     }
 
     #[test]
     fn holders_exclude_our_own_eni() {
         let a: Ipv6Addr = "2001:db8::10".parse().unwrap_or(Ipv6Addr::UNSPECIFIED);
-        let mk = |id: &str| EniAddresses { id: id.into(), ipv6: [a].into(), ..Default::default() };
+        let mk = |id: &str| EniAddresses {
+            id: id.into(),
+            ipv6: [a].into(),
+            ..Default::default()
+        };
         let found = holders(&[mk("eni-ours"), mk("eni-other")], "eni-ours", &[a].into());
         assert_eq!(found, [(a, "eni-other".to_string())].into());
     }

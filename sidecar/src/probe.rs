@@ -39,13 +39,18 @@ async fn readyz(State(readiness): State<Readiness>) -> (StatusCode, &'static str
     if readiness.get() {
         (StatusCode::OK, "ready\n")
     } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "addresses not yet assigned on the ENI\n")
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "addresses not yet assigned on the ENI\n",
+        )
     }
 }
 
 /// Binds the probe address (a clash with the application's port fails loudly at start).
 pub async fn bind(addr: SocketAddr) -> Result<TcpListener> {
-    TcpListener::bind(addr).await.map_err(|source| Error::ProbeBind { addr, source })
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| Error::ProbeBind { addr, source })
 }
 
 /// Serves the probe routes until the process exits.
@@ -63,21 +68,32 @@ mod tests {
 
     async fn get_status(port: u16, path: &str) -> String {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap_or_else(|e| panic!("{e}"));
+        let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
         let req = format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
-        s.write_all(req.as_bytes()).await.unwrap_or_else(|e| panic!("{e}"));
+        s.write_all(req.as_bytes())
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
         let mut out = String::new();
-        s.read_to_string(&mut out).await.unwrap_or_else(|e| panic!("{e}"));
+        s.read_to_string(&mut out)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
         out.lines().next().unwrap_or_default().to_string()
     }
 
     #[tokio::test]
     async fn readyz_follows_the_flag_and_healthz_is_always_ok() {
-        let listener = bind("127.0.0.1:0".parse().unwrap_or_else(|e| panic!("{e}"))).await.unwrap_or_else(|e| panic!("{e}"));
+        let listener = bind("127.0.0.1:0".parse().unwrap_or_else(|e| panic!("{e}")))
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
         let port = listener.local_addr().map(|a| a.port()).unwrap_or_default();
         let readiness = Readiness::default();
         let server = spawn(listener, readiness.clone());
-        assert_eq!(get_status(port, "/readyz").await, "HTTP/1.1 503 Service Unavailable");
+        assert_eq!(
+            get_status(port, "/readyz").await,
+            "HTTP/1.1 503 Service Unavailable"
+        );
         assert_eq!(get_status(port, "/healthz").await, "HTTP/1.1 200 OK");
         readiness.set(true);
         assert_eq!(get_status(port, "/readyz").await, "HTTP/1.1 200 OK");

@@ -52,13 +52,25 @@ pub enum EniLookup {
 pub enum Change {
     /// `AssignPrivateIpAddresses` with `AllowReassignment`: moves the address if another
     /// ENI holds it.
-    AssignIpv4 { eni: EniId, addresses: Vec<Ipv4Addr> },
+    AssignIpv4 {
+        eni: EniId,
+        addresses: Vec<Ipv4Addr>,
+    },
     /// `AssignIpv6Addresses` (IPv6 has no reassignment: holders are unassigned first).
-    AssignIpv6 { eni: EniId, addresses: Vec<Ipv6Addr> },
+    AssignIpv6 {
+        eni: EniId,
+        addresses: Vec<Ipv6Addr>,
+    },
     /// `UnassignPrivateIpAddresses`.
-    UnassignIpv4 { eni: EniId, addresses: Vec<Ipv4Addr> },
+    UnassignIpv4 {
+        eni: EniId,
+        addresses: Vec<Ipv4Addr>,
+    },
     /// `UnassignIpv6Addresses`.
-    UnassignIpv6 { eni: EniId, addresses: Vec<Ipv6Addr> },
+    UnassignIpv6 {
+        eni: EniId,
+        addresses: Vec<Ipv6Addr>,
+    },
 }
 
 /// Addresses this sidecar has seen on its interfaces and found or put on an ENI, per
@@ -70,9 +82,17 @@ pub struct Managed(pub BTreeMap<MacAddress, BTreeSet<IpAddr>>);
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum NotReady {
     InterfaceMissing(String),
-    Tentative { interface: String, address: Ipv6Addr },
-    EniUnknown { interface: String },
-    NotAssigned { interface: String, address: IpAddr },
+    Tentative {
+        interface: String,
+        address: Ipv6Addr,
+    },
+    EniUnknown {
+        interface: String,
+    },
+    NotAssigned {
+        interface: String,
+        address: IpAddr,
+    },
 }
 
 // === impl EniAddresses ===
@@ -218,7 +238,10 @@ fn desired_by_mac(desired: &[DesiredInterface]) -> BTreeMap<MacAddress, BTreeSet
     let mut by_mac: BTreeMap<MacAddress, BTreeSet<IpAddr>> = BTreeMap::new();
     for iface in desired {
         if let Some(mac) = iface.mac {
-            by_mac.entry(mac).or_default().extend(iface.addresses.iter().copied());
+            by_mac
+                .entry(mac)
+                .or_default()
+                .extend(iface.addresses.iter().copied());
         }
     }
     by_mac
@@ -271,30 +294,54 @@ pub fn plan_changes(
     let empty = BTreeSet::new();
 
     for (mac, lookup) in enis {
-        let EniLookup::Found(eni) = lookup else { continue };
+        let EniLookup::Found(eni) = lookup else {
+            continue;
+        };
         let want = wanted.get(mac).unwrap_or(&empty);
         for address in want {
             match *address {
                 IpAddr::V4(v4) if !eni.ipv4.contains(&v4) => {
-                    per_eni.entry(eni.id.clone()).or_default().assign4.insert(v4);
+                    per_eni
+                        .entry(eni.id.clone())
+                        .or_default()
+                        .assign4
+                        .insert(v4);
                 }
                 IpAddr::V6(v6) if !eni.ipv6.contains(&v6) => {
                     if let Some(holder) = ipv6_holders.get(&v6).filter(|h| **h != eni.id) {
-                        per_eni.entry(holder.clone()).or_default().unassign6.insert(v6);
+                        per_eni
+                            .entry(holder.clone())
+                            .or_default()
+                            .unassign6
+                            .insert(v6);
                     }
-                    per_eni.entry(eni.id.clone()).or_default().assign6.insert(v6);
+                    per_eni
+                        .entry(eni.id.clone())
+                        .or_default()
+                        .assign6
+                        .insert(v6);
                 }
                 _ => {}
             }
         }
-        let Some(owned) = managed.0.get(mac) else { continue };
+        let Some(owned) = managed.0.get(mac) else {
+            continue;
+        };
         for address in owned.difference(want) {
             match *address {
                 IpAddr::V4(v4) if eni.ipv4.contains(&v4) && eni.primary_ipv4 != Some(v4) => {
-                    per_eni.entry(eni.id.clone()).or_default().unassign4.insert(v4);
+                    per_eni
+                        .entry(eni.id.clone())
+                        .or_default()
+                        .unassign4
+                        .insert(v4);
                 }
                 IpAddr::V6(v6) if eni.ipv6.contains(&v6) => {
-                    per_eni.entry(eni.id.clone()).or_default().unassign6.insert(v6);
+                    per_eni
+                        .entry(eni.id.clone())
+                        .or_default()
+                        .unassign6
+                        .insert(v6);
                 }
                 _ => {}
             }
@@ -305,16 +352,28 @@ pub fn plan_changes(
     let mut assigns = Vec::new();
     for (eni, c) in per_eni {
         if !c.unassign6.is_empty() {
-            unassigns.push(Change::UnassignIpv6 { eni: eni.clone(), addresses: c.unassign6.into_iter().collect() });
+            unassigns.push(Change::UnassignIpv6 {
+                eni: eni.clone(),
+                addresses: c.unassign6.into_iter().collect(),
+            });
         }
         if !c.unassign4.is_empty() {
-            unassigns.push(Change::UnassignIpv4 { eni: eni.clone(), addresses: c.unassign4.into_iter().collect() });
+            unassigns.push(Change::UnassignIpv4 {
+                eni: eni.clone(),
+                addresses: c.unassign4.into_iter().collect(),
+            });
         }
         if !c.assign6.is_empty() {
-            assigns.push(Change::AssignIpv6 { eni: eni.clone(), addresses: c.assign6.into_iter().collect() });
+            assigns.push(Change::AssignIpv6 {
+                eni: eni.clone(),
+                addresses: c.assign6.into_iter().collect(),
+            });
         }
         if !c.assign4.is_empty() {
-            assigns.push(Change::AssignIpv4 { eni, addresses: c.assign4.into_iter().collect() });
+            assigns.push(Change::AssignIpv4 {
+                eni,
+                addresses: c.assign4.into_iter().collect(),
+            });
         }
     }
     unassigns.extend(assigns);
@@ -326,7 +385,9 @@ pub fn plan_changes(
 pub fn plan_release(managed: &Managed, enis: &BTreeMap<MacAddress, EniLookup>) -> Vec<Change> {
     let mut changes = Vec::new();
     for (mac, owned) in &managed.0 {
-        let Some(EniLookup::Found(eni)) = enis.get(mac) else { continue };
+        let Some(EniLookup::Found(eni)) = enis.get(mac) else {
+            continue;
+        };
         let v6: Vec<Ipv6Addr> = owned
             .iter()
             .filter_map(|a| match a {
@@ -337,15 +398,23 @@ pub fn plan_release(managed: &Managed, enis: &BTreeMap<MacAddress, EniLookup>) -
         let v4: Vec<Ipv4Addr> = owned
             .iter()
             .filter_map(|a| match a {
-                IpAddr::V4(v4) if eni.ipv4.contains(v4) && eni.primary_ipv4 != Some(*v4) => Some(*v4),
+                IpAddr::V4(v4) if eni.ipv4.contains(v4) && eni.primary_ipv4 != Some(*v4) => {
+                    Some(*v4)
+                }
                 _ => None,
             })
             .collect();
         if !v6.is_empty() {
-            changes.push(Change::UnassignIpv6 { eni: eni.id.clone(), addresses: v6 });
+            changes.push(Change::UnassignIpv6 {
+                eni: eni.id.clone(),
+                addresses: v6,
+            });
         }
         if !v4.is_empty() {
-            changes.push(Change::UnassignIpv4 { eni: eni.id.clone(), addresses: v4 });
+            changes.push(Change::UnassignIpv4 {
+                eni: eni.id.clone(),
+                addresses: v4,
+            });
         }
     }
     changes
@@ -363,15 +432,25 @@ pub fn readiness(
             return Err(NotReady::InterfaceMissing(name.clone()));
         };
         if let Some(address) = iface.tentative.first() {
-            return Err(NotReady::Tentative { interface: name.clone(), address: *address });
+            return Err(NotReady::Tentative {
+                interface: name.clone(),
+                address: *address,
+            });
         }
         let Some(mac) = iface.mac else { continue };
         match enis.get(&mac) {
-            None => return Err(NotReady::EniUnknown { interface: name.clone() }),
+            None => {
+                return Err(NotReady::EniUnknown {
+                    interface: name.clone(),
+                });
+            }
             Some(EniLookup::NoEni) => {}
             Some(EniLookup::Found(eni)) => {
                 if let Some(address) = iface.addresses.iter().find(|a| !eni.holds(**a)) {
-                    return Err(NotReady::NotAssigned { interface: name.clone(), address: *address });
+                    return Err(NotReady::NotAssigned {
+                        interface: name.clone(),
+                        address: *address,
+                    });
                 }
             }
         }
@@ -442,7 +521,10 @@ mod tests {
         assert_eq!(
             plan,
             vec![
-                Change::AssignIpv6 { eni: "eni-a".into(), addresses: vec![v6("2001:db8::10"), v6("2001:db8::11")] },
+                Change::AssignIpv6 {
+                    eni: "eni-a".into(),
+                    addresses: vec![v6("2001:db8::10"), v6("2001:db8::11")]
+                },
                 Change::AssignIpv4 {
                     eni: "eni-a".into(),
                     addresses: vec![v4("10.0.1.10"), v4("10.0.1.11"), v4("10.0.1.12")]
@@ -454,7 +536,10 @@ mod tests {
     #[test]
     fn nothing_to_do_when_everything_is_there() {
         let desired = [iface("net1", MAC1, &["10.0.1.10", "2001:db8::10"])];
-        let enis = lookups(&[(MAC1, EniLookup::Found(eni("eni-a", "10.0.1.5", &["10.0.1.10", "2001:db8::10"])))]);
+        let enis = lookups(&[(
+            MAC1,
+            EniLookup::Found(eni("eni-a", "10.0.1.5", &["10.0.1.10", "2001:db8::10"])),
+        )]);
         assert!(plan_changes(&desired, &enis, &Managed::default(), &BTreeMap::new()).is_empty());
         assert_eq!(readiness(&["net1".into()], &desired, &enis), Ok(()));
     }
@@ -481,14 +566,26 @@ mod tests {
         managed.record(&desired, &enis);
         assert!(plan_changes(&desired, &enis, &managed, &BTreeMap::new()).is_empty());
         assert!(plan_release(&managed, &enis).is_empty());
-        assert!(plan_changes(&[iface("net1", MAC1, &[])], &enis, &managed, &BTreeMap::new()).is_empty());
+        assert!(
+            plan_changes(
+                &[iface("net1", MAC1, &[])],
+                &enis,
+                &managed,
+                &BTreeMap::new()
+            )
+            .is_empty()
+        );
     }
 
     #[test]
     fn removed_address_is_unassigned_only_if_managed_and_still_there() {
         let enis = lookups(&[(
             MAC1,
-            EniLookup::Found(eni("eni-a", "10.0.1.5", &["10.0.1.10", "10.0.1.99", "2001:db8::10"])),
+            EniLookup::Found(eni(
+                "eni-a",
+                "10.0.1.5",
+                &["10.0.1.10", "10.0.1.99", "2001:db8::10"],
+            )),
         )]);
         let before = [iface("net1", MAC1, &["10.0.1.10", "2001:db8::10"])];
         let mut managed = Managed::default();
@@ -499,8 +596,14 @@ mod tests {
         assert_eq!(
             plan,
             vec![
-                Change::UnassignIpv6 { eni: "eni-a".into(), addresses: vec![v6("2001:db8::10")] },
-                Change::UnassignIpv4 { eni: "eni-a".into(), addresses: vec![v4("10.0.1.10")] },
+                Change::UnassignIpv6 {
+                    eni: "eni-a".into(),
+                    addresses: vec![v6("2001:db8::10")]
+                },
+                Change::UnassignIpv4 {
+                    eni: "eni-a".into(),
+                    addresses: vec![v4("10.0.1.10")]
+                },
             ]
         );
     }
@@ -514,13 +617,23 @@ mod tests {
         assert_eq!(
             plan,
             vec![
-                Change::UnassignIpv6 { eni: "eni-b".into(), addresses: vec![v6("2001:db8::10")] },
-                Change::AssignIpv6 { eni: "eni-a".into(), addresses: vec![v6("2001:db8::10"), v6("2001:db8::11")] },
+                Change::UnassignIpv6 {
+                    eni: "eni-b".into(),
+                    addresses: vec![v6("2001:db8::10")]
+                },
+                Change::AssignIpv6 {
+                    eni: "eni-a".into(),
+                    addresses: vec![v6("2001:db8::10"), v6("2001:db8::11")]
+                },
             ]
         );
         assert_eq!(
             missing_ipv6(&desired, &enis),
-            [("eni-a".to_string(), [v6("2001:db8::10"), v6("2001:db8::11")].into())].into()
+            [(
+                "eni-a".to_string(),
+                [v6("2001:db8::10"), v6("2001:db8::11")].into()
+            )]
+            .into()
         );
     }
 
@@ -529,34 +642,63 @@ mod tests {
         let desired = [iface("net1", MAC1, &["10.0.1.10"])];
         let enis = lookups(&[
             (MAC1, EniLookup::Found(eni("eni-a", "10.0.1.5", &[]))),
-            (MAC2, EniLookup::Found(eni("eni-b", "10.0.1.6", &["10.0.1.10"]))),
+            (
+                MAC2,
+                EniLookup::Found(eni("eni-b", "10.0.1.6", &["10.0.1.10"])),
+            ),
         ]);
         let plan = plan_changes(&desired, &enis, &Managed::default(), &BTreeMap::new());
-        assert_eq!(plan, vec![Change::AssignIpv4 { eni: "eni-a".into(), addresses: vec![v4("10.0.1.10")] }]);
+        assert_eq!(
+            plan,
+            vec![Change::AssignIpv4 {
+                eni: "eni-a".into(),
+                addresses: vec![v4("10.0.1.10")]
+            }]
+        );
     }
 
     #[test]
     fn release_only_what_is_still_on_our_eni() {
-        let desired = [iface("net1", MAC1, &["10.0.1.10", "10.0.1.11", "2001:db8::10"])];
+        let desired = [iface(
+            "net1",
+            MAC1,
+            &["10.0.1.10", "10.0.1.11", "2001:db8::10"],
+        )];
         let at_start = lookups(&[(
             MAC1,
-            EniLookup::Found(eni("eni-a", "10.0.1.5", &["10.0.1.10", "10.0.1.11", "2001:db8::10"])),
+            EniLookup::Found(eni(
+                "eni-a",
+                "10.0.1.5",
+                &["10.0.1.10", "10.0.1.11", "2001:db8::10"],
+            )),
         )]);
         let mut managed = Managed::default();
         managed.record(&desired, &at_start);
         // Meanwhile 10.0.1.11 and the IPv6 moved to another ENI.
-        let at_exit = lookups(&[(MAC1, EniLookup::Found(eni("eni-a", "10.0.1.5", &["10.0.1.10"])))]);
+        let at_exit = lookups(&[(
+            MAC1,
+            EniLookup::Found(eni("eni-a", "10.0.1.5", &["10.0.1.10"])),
+        )]);
         assert_eq!(
             plan_release(&managed, &at_exit),
-            vec![Change::UnassignIpv4 { eni: "eni-a".into(), addresses: vec![v4("10.0.1.10")] }]
+            vec![Change::UnassignIpv4 {
+                eni: "eni-a".into(),
+                addresses: vec![v4("10.0.1.10")]
+            }]
         );
     }
 
     #[test]
     fn unknown_mac_is_left_alone_and_does_not_hold_readiness() {
-        let desired = [iface("net1", MAC1, &["10.0.1.10"]), iface("net2", MAC_NONE, &["192.168.5.5"])];
+        let desired = [
+            iface("net1", MAC1, &["10.0.1.10"]),
+            iface("net2", MAC_NONE, &["192.168.5.5"]),
+        ];
         let enis = lookups(&[
-            (MAC1, EniLookup::Found(eni("eni-a", "10.0.1.5", &["10.0.1.10"]))),
+            (
+                MAC1,
+                EniLookup::Found(eni("eni-a", "10.0.1.5", &["10.0.1.10"])),
+            ),
             (MAC_NONE, EniLookup::NoEni),
         ]);
         let wanted = vec!["net1".to_string(), "net2".to_string()];
@@ -564,7 +706,14 @@ mod tests {
         assert_eq!(readiness(&wanted, &desired, &enis), Ok(()));
         let mut managed = Managed::default();
         managed.record(&desired, &enis);
-        assert!(plan_release(&managed, &enis).is_empty());
+        assert!(!managed.0.contains_key(&MAC_NONE));
+        assert_eq!(
+            plan_release(&managed, &enis),
+            vec![Change::UnassignIpv4 {
+                eni: "eni-a".into(),
+                addresses: vec![v4("10.0.1.10")]
+            }]
+        );
     }
 
     #[test]
@@ -572,32 +721,60 @@ mod tests {
         let wanted = vec!["net1".to_string()];
         let mut desired = vec![iface("net1", MAC1, &["10.0.1.10"])];
         let empty = BTreeMap::new();
-        assert_eq!(readiness(&wanted, &[], &empty), Err(NotReady::InterfaceMissing("net1".into())));
-        assert_eq!(readiness(&wanted, &desired, &empty), Err(NotReady::EniUnknown { interface: "net1".into() }));
+        assert_eq!(
+            readiness(&wanted, &[], &empty),
+            Err(NotReady::InterfaceMissing("net1".into()))
+        );
+        assert_eq!(
+            readiness(&wanted, &desired, &empty),
+            Err(NotReady::EniUnknown {
+                interface: "net1".into()
+            })
+        );
         let enis = lookups(&[(MAC1, EniLookup::Found(eni("eni-a", "10.0.1.5", &[])))]);
         assert_eq!(
             readiness(&wanted, &desired, &enis),
-            Err(NotReady::NotAssigned { interface: "net1".into(), address: ip("10.0.1.10") })
+            Err(NotReady::NotAssigned {
+                interface: "net1".into(),
+                address: ip("10.0.1.10")
+            })
         );
         desired[0].addresses.clear();
         desired[0].tentative.insert(v6("2001:db8::10"));
-        assert!(matches!(readiness(&wanted, &desired, &enis), Err(NotReady::Tentative { .. })));
+        assert!(matches!(
+            readiness(&wanted, &desired, &enis),
+            Err(NotReady::Tentative { .. })
+        ));
     }
 
     #[test]
     fn unknown_eni_state_plans_nothing() {
         let desired = [iface("net1", MAC1, &["10.0.1.10"])];
-        assert!(plan_changes(&desired, &BTreeMap::new(), &Managed::default(), &BTreeMap::new()).is_empty());
+        assert!(
+            plan_changes(
+                &desired,
+                &BTreeMap::new(),
+                &Managed::default(),
+                &BTreeMap::new()
+            )
+            .is_empty()
+        );
     }
 
     #[test]
     fn managed_forgets_addresses_that_moved_away_or_were_released() {
         let desired = [iface("net1", MAC1, &["10.0.1.10", "10.0.1.11"])];
-        let enis = lookups(&[(MAC1, EniLookup::Found(eni("eni-a", "10.0.1.5", &["10.0.1.10", "10.0.1.11"])))]);
+        let enis = lookups(&[(
+            MAC1,
+            EniLookup::Found(eni("eni-a", "10.0.1.5", &["10.0.1.10", "10.0.1.11"])),
+        )]);
         let mut managed = Managed::default();
         managed.record(&desired, &enis);
         let later = [iface("net1", MAC1, &["10.0.1.10"])];
-        let enis_later = lookups(&[(MAC1, EniLookup::Found(eni("eni-a", "10.0.1.5", &["10.0.1.10"])))]);
+        let enis_later = lookups(&[(
+            MAC1,
+            EniLookup::Found(eni("eni-a", "10.0.1.5", &["10.0.1.10"])),
+        )]);
         managed.forget_released(&later, &enis_later);
         assert_eq!(managed.0.get(&MAC1), Some(&[ip("10.0.1.10")].into()));
     }
@@ -605,7 +782,10 @@ mod tests {
     #[test]
     fn address_moving_between_interfaces_of_different_enis() {
         let enis = lookups(&[
-            (MAC1, EniLookup::Found(eni("eni-a", "10.0.1.5", &["10.0.1.10"]))),
+            (
+                MAC1,
+                EniLookup::Found(eni("eni-a", "10.0.1.5", &["10.0.1.10"])),
+            ),
             (MAC2, EniLookup::Found(eni("eni-b", "10.0.1.6", &[]))),
         ]);
         let mut managed = Managed::default();
@@ -614,8 +794,14 @@ mod tests {
         assert_eq!(
             plan_changes(&desired, &enis, &managed, &BTreeMap::new()),
             vec![
-                Change::UnassignIpv4 { eni: "eni-a".into(), addresses: vec![v4("10.0.1.10")] },
-                Change::AssignIpv4 { eni: "eni-b".into(), addresses: vec![v4("10.0.1.10")] },
+                Change::UnassignIpv4 {
+                    eni: "eni-a".into(),
+                    addresses: vec![v4("10.0.1.10")]
+                },
+                Change::AssignIpv4 {
+                    eni: "eni-b".into(),
+                    addresses: vec![v4("10.0.1.10")]
+                },
             ]
         );
     }

@@ -157,7 +157,10 @@ impl Sidecar {
 
     /// Applies an event and every event already queued behind it, then marks the state
     /// dirty if the desired addresses changed (the pass runs right after: no waiting).
-    async fn on_event(&mut self, first: rtnetlink::packet_route::RouteNetlinkMessage) -> Result<()> {
+    async fn on_event(
+        &mut self,
+        first: rtnetlink::packet_route::RouteNetlinkMessage,
+    ) -> Result<()> {
         let mut next = Some(first);
         let mut changed = false;
         while let Some(msg) = next {
@@ -185,7 +188,12 @@ impl Sidecar {
     }
 
     fn announce_interfaces(&mut self) {
-        let missing: BTreeSet<String> = self.table.missing().into_iter().map(str::to_string).collect();
+        let missing: BTreeSet<String> = self
+            .table
+            .missing()
+            .into_iter()
+            .map(str::to_string)
+            .collect();
         for name in missing.difference(&self.announced_missing) {
             tracing::info!(interface = %name, action = "wait", "interface does not exist yet; waiting for it to appear");
         }
@@ -207,8 +215,11 @@ impl Sidecar {
     }
 
     async fn reconcile_inner(&mut self, desired: &[DesiredInterface]) -> Result<()> {
-        let macs: BTreeSet<MacAddress> =
-            desired.iter().filter_map(|d| d.mac).chain(self.managed.0.keys().copied()).collect();
+        let macs: BTreeSet<MacAddress> = desired
+            .iter()
+            .filter_map(|d| d.mac)
+            .chain(self.managed.0.keys().copied())
+            .collect();
         for mac in macs {
             if !self.enis.contains_key(&mac) || self.stale.contains(&mac) {
                 self.look_up(mac, desired).await?;
@@ -219,12 +230,15 @@ impl Sidecar {
 
         let mut holders = BTreeMap::new();
         for (eni_id, addresses) in reconcile::missing_ipv6(desired, &self.enis) {
-            let Some(ours) = self.found(&eni_id).cloned() else { continue };
+            let Some(ours) = self.found(&eni_id).cloned() else {
+                continue;
+            };
             holders.extend(self.ec2.ipv6_holders(&ours, &addresses).await?);
         }
 
         for change in reconcile::plan_changes(desired, &self.enis, &self.managed, &holders) {
-            let addresses: Vec<String> = change.addresses().iter().map(ToString::to_string).collect();
+            let addresses: Vec<String> =
+                change.addresses().iter().map(ToString::to_string).collect();
             match self.ec2.apply(&change).await {
                 Ok(()) => {
                     tracing::info!(
@@ -264,8 +278,11 @@ impl Sidecar {
     }
 
     async fn look_up(&mut self, mac: MacAddress, desired: &[DesiredInterface]) -> Result<()> {
-        let names: Vec<&str> =
-            desired.iter().filter(|d| d.mac == Some(mac)).map(|d| d.name.as_str()).collect();
+        let names: Vec<&str> = desired
+            .iter()
+            .filter(|d| d.mac == Some(mac))
+            .map(|d| d.name.as_str())
+            .collect();
         let interface = names.join(",");
         match self.ec2.find_by_mac(mac).await? {
             Some(eni) => {
@@ -327,7 +344,11 @@ impl Sidecar {
         match outcome {
             Ok(()) => {
                 if self.last_error.take().is_some() {
-                    tracing::info!(action = "reconcile", outcome = "recovered", "EC2 calls succeed again");
+                    tracing::info!(
+                        action = "reconcile",
+                        outcome = "recovered",
+                        "EC2 calls succeed again"
+                    );
                 }
                 self.backoff = retry_policy().build();
                 self.retry_at = None;
@@ -339,7 +360,8 @@ impl Sidecar {
                     Error::Ec2 { kind, .. } => Some(*kind),
                     _ => None,
                 };
-                let retry_in = humantime::format_duration(Duration::from_millis(delay.as_millis() as u64));
+                let retry_in =
+                    humantime::format_duration(Duration::from_millis(delay.as_millis() as u64));
                 if kind.is_some() && self.last_error != kind {
                     let hint = kind.map(|k| k.hint()).unwrap_or_default();
                     tracing::error!(action = "reconcile", outcome = "retry", error = %e, retry_in = %retry_in, "{hint}");
@@ -359,7 +381,11 @@ impl Sidecar {
         match verdict {
             Ok(()) if !was => {
                 self.last_not_ready = None;
-                tracing::info!(action = "readiness", outcome = "ready", "every managed address is on its ENI");
+                tracing::info!(
+                    action = "readiness",
+                    outcome = "ready",
+                    "every managed address is on its ENI"
+                );
             }
             Err(reason) => {
                 let reason = reason.to_string();
@@ -375,17 +401,27 @@ impl Sidecar {
     /// On SIGTERM: release what we manage that is still on our ENI, within the timeout.
     async fn shutdown(&mut self) {
         if !self.args.release_on_exit {
-            tracing::info!(action = "release", outcome = "skipped", "release on exit disabled; exiting");
+            tracing::info!(
+                action = "release",
+                outcome = "skipped",
+                "release on exit disabled; exiting"
+            );
             return;
         }
         if self.managed.is_empty() {
-            tracing::info!(action = "release", outcome = "nothing", "nothing to release; exiting");
+            tracing::info!(
+                action = "release",
+                outcome = "nothing",
+                "nothing to release; exiting"
+            );
             return;
         }
         let timeout = self.args.shutdown_timeout;
         match tokio::time::timeout(timeout, self.release()).await {
             Ok(Ok(())) => tracing::info!(action = "release", outcome = "ok", "released; exiting"),
-            Ok(Err(e)) => tracing::error!(action = "release", outcome = "failed", error = %e, "release failed; exiting"),
+            Ok(Err(e)) => {
+                tracing::error!(action = "release", outcome = "failed", error = %e, "release failed; exiting")
+            }
             Err(_) => tracing::error!(
                 action = "release",
                 outcome = "timeout",
@@ -405,7 +441,8 @@ impl Sidecar {
             };
         }
         for change in reconcile::plan_release(&self.managed, &fresh) {
-            let addresses: Vec<String> = change.addresses().iter().map(ToString::to_string).collect();
+            let addresses: Vec<String> =
+                change.addresses().iter().map(ToString::to_string).collect();
             self.ec2.apply(&change).await?;
             tracing::info!(
                 action = change.action(),

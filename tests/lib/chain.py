@@ -280,6 +280,16 @@ class Process:
                 os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait()
 
+    def stop(self, grace: float = 30) -> None:
+        """SIGTERM, then SIGKILL to the whole session if it does not exit within `grace`."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(grace)
+            except subprocess.TimeoutExpired:
+                pass
+        self.kill()
+
 
 def http_status(url: str) -> int | None:
     """Status of a plain GET; None while nothing listens."""
@@ -642,7 +652,7 @@ class Chain:
         argv = [str(self.webhook_binary), *args]
         env = {"PATH": CONTAINER_PATH, **container_env(container, {"metadata": {}, "spec": {}})}
         self.webhook = Process("webhook", argv, self.logs / "webhook.log", env=env).start()
-        self._stack.callback(self.webhook.kill)
+        self._stack.callback(self.webhook.stop)
 
         def ready() -> bool:
             check(self.webhook.running(), f"the webhook exited with {self.webhook.proc.poll()} before /readyz")

@@ -1,0 +1,141 @@
+"""Shared pytest fixtures: network namespaces, the EC2 emulator, the fault proxy and the
+sidecar processes. Everything runs inside namespaces the tests create and delete."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from lib import moto, sidecar  # noqa: E402
+from lib.fault_proxy import FaultProxy  # noqa: E402
+from lib.netns import NetNS  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def sidecar_binary(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A private copy of the built binary: a concurrent `cargo build` relinking
+    target/debug must not swap it under a running test."""
+    path = sidecar.binary_path()
+    if not path.exists():
+        pytest.fail(f"{path} missing: run `cargo build -p multus-eni-sidecar` first (pytest does not build)")
+    copy = tmp_path_factory.mktemp("bin") / path.name
+    shutil.copy2(path, copy)
+    return copy
+
+
+@pytest.fixture(scope="session")
+def require_root() -> None:
+    if os.geteuid() != 0:
+        pytest.skip("needs root: creates network namespaces")
+
+
+class Emulator:
+    """A namespace with moto_server and the fault proxy in front of it."""
+
+    def __init__(self, ns: NetNS, server: moto.MotoServer, proxy: FaultProxy):
+        self.ns, self.server, self.proxy = ns, server, proxy
+
+    @property
+    def endpoint(self) -> str:
+        """Where the sidecar sends its EC2 calls (through the proxy)."""
+        return self.proxy.endpoint
+
+    @property
+    def direct(self) -> str:
+        """Where the test itself talks to the emulator (not counted by the proxy)."""
+        return self.server.endpoint
+
+    def eni(self, eni_id: str) -> moto.EniState:
+        return moto.eni_state(self.ns, self.direct, eni_id)
+
+
+@pytest.fixture(scope="module")
+def emulator(require_root: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Emulator]:
+    logs = tmp_path_factory.mktemp("emulator")
+    ns = NetNS()
+    server = proxy = None
+    try:
+        server = moto.MotoServer(ns, log_path=str(logs / "moto.log")).start()
+        proxy = FaultProxy(ns, server.port).start()
+        yield Emulator(ns, server, proxy)
+    finally:
+        if proxy is not None:
+            proxy.stop()
+        if server is not None:
+            server.stop()
+        ns.close()
+
+
+class Pod:
+    """The pod side of one test: veth links named like the pod's interfaces in the
+    emulator's namespace, and the sidecars started for them. Cleaned up after the test."""
+
+    def __init__(self, emulator: Emulator, tmp_path: Path, binary: Path):
+        self.emulator = emulator
+        self.binary = binary
+        self.ns = emulator.ns
+        self.tmp_path = tmp_path
+        self.links: list[str] = []
+        self.sidecars: list[sidecar.Sidecar] = []
+
+    def link(self, name: str, mac: str, *addresses: str) -> None:
+        """An interface `name` carrying `mac` (an ipvlan child carries its master's MAC)."""
+        peer = f"p{len(self.links)}-{os.getpid() % 100000}"
+        self.ns.add_veth(name, peer, mac)
+        self.links.append(name)
+        for a in addresses:
+            self.add(name, a)
+
+    def add(self, name: str, address: str) -> None:
+        self.ns.add_address(name, address + ("/64" if ":" in address else "/24"))
+
+    def remove(self, name: str, address: str) -> None:
+        self.ns.del_address(name, address + ("/64" if ":" in address else "/24"))
+
+    def start_sidecar(self, interfaces: list[str], *args: str, env: dict[str, str | None] | None = None) -> sidecar.Sidecar:
+        s = sidecar.Sidecar(
+            self.ns,
+            interfaces,
+            self.emulator.endpoint,
+            self.tmp_path / f"sidecar-{len(self.sidecars)}.log",
+            args=list(args),
+            env=env,
+            binary=self.binary,
+        )
+        self.sidecars.append(s)
+        return s.start()
+
+    def cleanup(self) -> None:
+        for s in self.sidecars:
+            s.kill()
+        for name in self.links:
+            self.ns.del_link(name)
+
+
+@pytest.fixture
+def pod(emulator: Emulator, sidecar_binary: Path, tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Pod]:
+    emulator.proxy.reset()
+    p = Pod(emulator, tmp_path, sidecar_binary)
+    try:
+        yield p
+    finally:
+        failed = getattr(request.node, "rep_call", None)
+        if failed is not None and failed.failed:
+            for s in p.sidecars:
+                sys.stderr.write(f"--- {s.log_path}\n{s.log_text()[-6000:]}\n")
+        p.cleanup()
+        emulator.proxy.reset()
+
+
+@pytest.hookimpl(hookwrapper=True, tryfirst=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    outcome = yield
+    rep = outcome.get_result()
+    setattr(item, f"rep_{rep.when}", rep)

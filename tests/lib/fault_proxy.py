@@ -1,0 +1,266 @@
+"""A small HTTP proxy in front of the EC2 emulator that counts, times and breaks calls.
+
+It runs an asyncio loop on a thread inside the test's network namespace, so the sidecar
+reaches it at 127.0.0.1 there. Every request is recorded with its EC2 `Action`, its
+parameters and its arrival time (`time.monotonic()` when the request head was read): a
+benchmark can compare those timestamps with the moment it changed an address to measure
+the sidecar's reaction time. Faults are injected per action: throttling
+(`RequestLimitExceeded`, EC2 XML error body, HTTP 503), server errors (HTTP 500
+`InternalError`), or holding requests until released.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import threading
+import time
+import urllib.parse
+from typing import Any
+
+from .netns import NetNS
+
+THROTTLE = "throttle"
+SERVER_ERROR = "5xx"
+
+_ERRORS = {
+    THROTTLE: (503, "Service Unavailable", "RequestLimitExceeded", "Request limit exceeded."),
+    SERVER_ERROR: (500, "Internal Server Error", "InternalError", "An internal error has occurred."),
+}
+
+
+@dataclasses.dataclass
+class Request:
+    """One request as the proxy saw it."""
+
+    action: str
+    params: dict[str, list[str]]
+    arrived: float  # time.monotonic()
+    arrived_wall: float  # time.time()
+    status: int = 0
+    fault: str | None = None
+
+    def param(self, name: str) -> str | None:
+        values = self.params.get(name)
+        return values[0] if values else None
+
+    def values(self, prefix: str) -> list[str]:
+        """All values of a list parameter (`PrivateIpAddress.1`, `.2`, ...), in order."""
+        keys = sorted(
+            (k for k in self.params if k.startswith(prefix + ".")),
+            key=lambda k: int(k.rsplit(".", 1)[1]) if k.rsplit(".", 1)[1].isdigit() else 0,
+        )
+        return [self.params[k][0] for k in keys]
+
+
+@dataclasses.dataclass
+class _Fault:
+    action: str | None
+    kind: str
+    remaining: int
+
+
+class FaultProxy:
+    """Start with `start()`; point `AWS_ENDPOINT_URL_EC2` at `endpoint`."""
+
+    def __init__(self, ns: NetNS, upstream_port: int, host: str = "127.0.0.1"):
+        self.ns = ns
+        self.host = host
+        self.upstream_port = upstream_port
+        self.port = 0
+        self._lock = threading.Lock()
+        self._requests: list[Request] = []
+        self._faults: list[_Fault] = []
+        self._held: set[str] = set()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._release: asyncio.Event | None = None
+        self._server: asyncio.base_events.Server | None = None
+        self._thread: threading.Thread | None = None
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    # === control, from the test thread ===
+
+    def start(self) -> "FaultProxy":
+        ready = threading.Event()
+        errors: list[BaseException] = []
+
+        def main() -> None:
+            loop = asyncio.new_event_loop()
+            self._loop = loop
+            try:
+                self._release = asyncio.Event()
+                self._server = loop.run_until_complete(
+                    asyncio.start_server(self._handle, self.host, self.port)
+                )
+                self.port = self._server.sockets[0].getsockname()[1]
+            except BaseException as e:  # reported to start()
+                errors.append(e)
+                ready.set()
+                return
+            ready.set()
+            loop.run_forever()
+            self._server.close()
+            loop.run_until_complete(self._server.wait_closed())
+            loop.close()
+
+        self._thread = self.ns.thread(main, name="fault-proxy")
+        ready.wait(10)
+        if errors:
+            raise errors[0]
+        return self
+
+    def stop(self) -> None:
+        if self._loop is not None and self._loop.is_running():
+            self._loop.call_soon_threadsafe(self._loop.stop)
+        if self._thread is not None:
+            self._thread.join(5)
+
+    def inject(self, kind: str, times: int, action: str | None = None) -> None:
+        """Answer the next `times` requests of `action` (any when None) with a `kind` error."""
+        if kind not in _ERRORS:
+            raise ValueError(kind)
+        with self._lock:
+            self._faults.append(_Fault(action, kind, times))
+
+    def hold(self, action: str) -> None:
+        """Keep requests of `action` waiting (not forwarded) until `release()`."""
+        with self._lock:
+            self._held.add(action)
+
+    def release(self) -> None:
+        with self._lock:
+            self._held.clear()
+        if self._loop is not None and self._release is not None:
+            self._loop.call_soon_threadsafe(self._release.set)
+
+    def reset(self) -> None:
+        """Forget recorded requests and pending faults."""
+        with self._lock:
+            self._requests.clear()
+            self._faults.clear()
+        self.release()
+
+    def requests(self, action: str | None = None) -> list[Request]:
+        with self._lock:
+            return [r for r in self._requests if action is None or r.action == action]
+
+    def calls(self, action: str | None = None) -> int:
+        return len(self.requests(action))
+
+    def counts(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for r in self.requests():
+            out[r.action] = out.get(r.action, 0) + 1
+        return out
+
+    # === the proxy itself, on its own loop ===
+
+    def _take_fault(self, action: str) -> str | None:
+        with self._lock:
+            for f in self._faults:
+                if f.remaining > 0 and (f.action is None or f.action == action):
+                    f.remaining -= 1
+                    return f.kind
+        return None
+
+    def _is_held(self, action: str) -> bool:
+        with self._lock:
+            return action in self._held
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                try:
+                    head = await reader.readuntil(b"\r\n\r\n")
+                except (asyncio.IncompleteReadError, ConnectionError):
+                    return
+                arrived, arrived_wall = time.monotonic(), time.time()
+                lines = head.decode("latin-1").split("\r\n")
+                method, target, _ = lines[0].split(" ", 2)
+                headers = [tuple(line.split(":", 1)) for line in lines[1:] if ":" in line]
+                hmap = {k.strip().lower(): v.strip() for k, v in headers}
+                body = await reader.readexactly(int(hmap.get("content-length", "0") or 0))
+                params = urllib.parse.parse_qs(body.decode("utf-8", "replace"), keep_blank_values=True)
+                query = urllib.parse.urlsplit(target).query
+                for k, v in urllib.parse.parse_qs(query, keep_blank_values=True).items():
+                    params.setdefault(k, v)
+                action = (params.get("Action") or [""])[0]
+                request = Request(action, params, arrived, arrived_wall)
+                with self._lock:
+                    self._requests.append(request)
+
+                while self._is_held(action):
+                    assert self._release is not None
+                    self._release.clear()
+                    if self._is_held(action):
+                        await self._release.wait()
+
+                fault = self._take_fault(action)
+                if fault is not None:
+                    status, reason, code, message = _ERRORS[fault]
+                    payload = (
+                        '<?xml version="1.0" encoding="UTF-8"?>\n'
+                        f"<Response><Errors><Error><Code>{code}</Code><Message>{message}</Message>"
+                        "</Error></Errors><RequestID>fault-proxy</RequestID></Response>"
+                    ).encode()
+                    request.status, request.fault = status, fault
+                    resp_headers = [("Content-Type", "text/xml;charset=UTF-8")]
+                else:
+                    status, reason, resp_headers, payload = await self._forward(method, target, headers, body)
+                    request.status = status
+                out = [f"HTTP/1.1 {status} {reason}"]
+                out += [f"{k}: {v}" for k, v in resp_headers]
+                out += [f"Content-Length: {len(payload)}", "Connection: keep-alive", "", ""]
+                writer.write("\r\n".join(out).encode("latin-1") + payload)
+                await writer.drain()
+                if hmap.get("connection", "").lower() == "close":
+                    return
+        except Exception:  # a broken client connection must not kill the proxy
+            return
+        finally:
+            writer.close()
+
+    async def _forward(
+        self, method: str, target: str, headers: list[Any], body: bytes
+    ) -> tuple[int, str, list[tuple[str, str]], bytes]:
+        reader, writer = await asyncio.open_connection(self.host, self.upstream_port)
+        try:
+            skip = {"connection", "keep-alive", "proxy-connection", "transfer-encoding"}
+            lines = [f"{method} {target} HTTP/1.1"]
+            lines += [f"{k.strip()}: {v.strip()}" for k, v in headers if k.strip().lower() not in skip]
+            lines += ["Connection: close", "", ""]
+            writer.write("\r\n".join(lines).encode("latin-1") + body)
+            await writer.drain()
+            raw = await reader.read()
+        finally:
+            writer.close()
+        head, _, payload = raw.partition(b"\r\n\r\n")
+        head_lines = head.decode("latin-1").split("\r\n")
+        _, status, reason = (head_lines[0].split(" ", 2) + [""])[:3]
+        resp_headers = [
+            (k.strip(), v.strip())
+            for k, v in (line.split(":", 1) for line in head_lines[1:] if ":" in line)
+        ]
+        if any(k.lower() == "transfer-encoding" and "chunked" in v.lower() for k, v in resp_headers):
+            payload = _dechunk(payload)
+        keep = [
+            (k, v)
+            for k, v in resp_headers
+            if k.lower() not in {"content-length", "transfer-encoding", "connection", "keep-alive"}
+        ]
+        return int(status), reason, keep, payload
+
+
+def _dechunk(data: bytes) -> bytes:
+    out = b""
+    while data:
+        size_line, _, rest = data.partition(b"\r\n")
+        size = int(size_line.split(b";")[0], 16)
+        if size == 0:
+            break
+        out += rest[:size]
+        data = rest[size + 2 :]
+    return out

@@ -1,0 +1,210 @@
+"""The moto EC2 emulator run inside a test network namespace, and a small EC2 world on it.
+
+Known moto 5.2.x gaps, designed around in tests (never in the product): assigning an address
+held by another ENI copies it instead of moving it; addresses are not validated; filter
+`ipv6-addresses.ipv6-address` answers HTTP 500; `addresses.private-ip-address` matches only
+primaries; the first call takes ~1.5 s.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from .netns import NetNS
+
+REGION = "us-east-1"
+CREDENTIALS = {"aws_access_key_id": "testing", "aws_secret_access_key": "testing"}
+AMI = "ami-12c6146b"
+
+
+def moto_server_path() -> str:
+    """`moto_server` next to the running Python (the repo's .venv)."""
+    return str(Path(sys.executable).parent / "moto_server")
+
+
+class MotoServer:
+    """`moto_server` on `host:port` inside `ns`; `stop()` kills its process group."""
+
+    def __init__(self, ns: NetNS, port: int = 5000, host: str = "127.0.0.1", log_path: str | None = None):
+        self.ns, self.port, self.host = ns, port, host
+        self.log_path = log_path
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def start(self, timeout: float = 60) -> "MotoServer":
+        log = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL
+        self.proc = subprocess.Popen(
+            self.ns.exec_argv([moto_server_path(), "-H", self.host, "-p", str(self.port)]),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"moto_server exited with {self.proc.returncode}")
+            try:
+                self.ns.call(_http_get, f"{self.endpoint}/moto-api/data.json")
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
+        # The first EC2 call is slow (~1.5 s): pay it here, not inside a test's wait.
+        self.ns.call(lambda: client(self.endpoint).describe_regions())
+        return self
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGTERM)
+                self.proc.wait(10)
+            except (ProcessLookupError, subprocess.TimeoutExpired):
+                try:
+                    os.killpg(self.proc.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                self.proc.wait()
+
+
+def _http_get(url: str) -> int:
+    import urllib.request
+
+    with urllib.request.urlopen(url, timeout=2) as r:
+        return r.status
+
+
+def client(endpoint: str) -> Any:
+    """A boto3 EC2 client; use it only on a thread inside the emulator's namespace."""
+    import boto3
+
+    return boto3.client("ec2", region_name=REGION, endpoint_url=endpoint, **CREDENTIALS)
+
+
+@dataclasses.dataclass
+class Eni:
+    id: str
+    mac: str
+    primary_ip: str
+
+
+@dataclasses.dataclass
+class World:
+    """A VPC with a dual-stack subnet, an instance (its primary ENI is eth0's) and extra
+    ENIs attached to it, two or more in the same subnet."""
+
+    endpoint: str
+    vpc_id: str
+    subnet_id: str
+    subnet_cidr: str
+    ipv6_prefix: str  # "2400:...:3900::" of the subnet's /64
+    instance_id: str
+    eth0: Eni
+    enis: list[Eni]
+
+    def v4(self, host: int) -> str:
+        """Address `host` in the subnet (e.g. 50 → 10.x.y.50)."""
+        return self.subnet_cidr.rsplit(".", 1)[0] + f".{host}"
+
+    def v6(self, host: int) -> str:
+        return f"{self.ipv6_prefix}{host:x}"
+
+
+_world_counter = [0]
+
+
+def build_world(ns: NetNS, endpoint: str, extra_enis: int = 2) -> World:
+    """Creates the world in the emulator (each call gets its own VPC)."""
+    _world_counter[0] += 1
+    n = _world_counter[0] % 250
+
+    def make() -> World:
+        ec2 = client(endpoint)
+        vpc = ec2.create_vpc(CidrBlock=f"10.{n}.0.0/16", AmazonProvidedIpv6CidrBlock=True)["Vpc"]
+        v6_block = vpc["Ipv6CidrBlockAssociationSet"][0]["Ipv6CidrBlock"]  # .../56
+        v6_64 = v6_block.replace("/56", "/64")
+        subnet = ec2.create_subnet(VpcId=vpc["VpcId"], CidrBlock=f"10.{n}.1.0/24", Ipv6CidrBlock=v6_64)["Subnet"]
+        inst = ec2.run_instances(ImageId=AMI, MinCount=1, MaxCount=1, SubnetId=subnet["SubnetId"])["Instances"][0]
+        primary = inst["NetworkInterfaces"][0]
+        eth0 = Eni(primary["NetworkInterfaceId"], primary["MacAddress"], primary["PrivateIpAddress"])
+        enis = []
+        for i in range(extra_enis):
+            e = ec2.create_network_interface(SubnetId=subnet["SubnetId"])["NetworkInterface"]
+            ec2.attach_network_interface(
+                NetworkInterfaceId=e["NetworkInterfaceId"], InstanceId=inst["InstanceId"], DeviceIndex=i + 1
+            )
+            ec2.create_tags(
+                Resources=[e["NetworkInterfaceId"]],
+                Tags=[{"Key": "node.k8s.amazonaws.com/no_manage", "Value": "true"}],
+            )
+            enis.append(Eni(e["NetworkInterfaceId"], e["MacAddress"], e["PrivateIpAddress"]))
+        return World(
+            endpoint=endpoint,
+            vpc_id=vpc["VpcId"],
+            subnet_id=subnet["SubnetId"],
+            subnet_cidr=subnet["CidrBlock"],
+            ipv6_prefix=v6_64.split("/")[0],
+            instance_id=inst["InstanceId"],
+            eth0=eth0,
+            enis=enis,
+        )
+
+    return ns.call(make)
+
+
+@dataclasses.dataclass(frozen=True)
+class EniState:
+    ipv4: frozenset[str]
+    ipv6: frozenset[str]
+    tags: dict[str, str] = dataclasses.field(hash=False, compare=False, default_factory=dict)
+
+    def holds(self, address: str) -> bool:
+        return address in (self.ipv6 if ":" in address else self.ipv4)
+
+
+def eni_state(ns: NetNS, endpoint: str, eni_id: str) -> EniState:
+    def read() -> EniState:
+        n = client(endpoint).describe_network_interfaces(NetworkInterfaceIds=[eni_id])["NetworkInterfaces"][0]
+        return EniState(
+            ipv4=frozenset(p["PrivateIpAddress"] for p in n.get("PrivateIpAddresses", [])),
+            ipv6=frozenset(a["Ipv6Address"] for a in n.get("Ipv6Addresses", [])),
+            tags={t["Key"]: t["Value"] for t in n.get("TagSet", [])},
+        )
+
+    return ns.call(read)
+
+
+def assign(ns: NetNS, endpoint: str, eni_id: str, address: str) -> None:
+    """Put `address` on an ENI directly (as another node or pod would)."""
+
+    def do() -> None:
+        ec2 = client(endpoint)
+        if ":" in address:
+            ec2.assign_ipv6_addresses(NetworkInterfaceId=eni_id, Ipv6Addresses=[address])
+        else:
+            ec2.assign_private_ip_addresses(
+                NetworkInterfaceId=eni_id, PrivateIpAddresses=[address], AllowReassignment=True
+            )
+
+    ns.call(do)
+
+
+def unassign(ns: NetNS, endpoint: str, eni_id: str, address: str) -> None:
+    def do() -> None:
+        ec2 = client(endpoint)
+        if ":" in address:
+            ec2.unassign_ipv6_addresses(NetworkInterfaceId=eni_id, Ipv6Addresses=[address])
+        else:
+            ec2.unassign_private_ip_addresses(NetworkInterfaceId=eni_id, PrivateIpAddresses=[address])
+
+    ns.call(do)

@@ -1,0 +1,261 @@
+"""End-to-end: the real sidecar binary against the moto EC2 emulator, both inside a network
+namespace the test creates; pod interfaces are veth links carrying the ENIs' MACs.
+
+Convergence is awaited by bounded polling of the emulator; nothing here measures time.
+"""
+
+from __future__ import annotations
+
+from lib.fault_proxy import SERVER_ERROR, THROTTLE
+from lib.moto import World, assign, build_world, unassign
+from lib.sidecar import wait_for
+
+ASSIGN4 = "AssignPrivateIpAddresses"
+UNASSIGN4 = "UnassignPrivateIpAddresses"
+ASSIGN6 = "AssignIpv6Addresses"
+UNASSIGN6 = "UnassignIpv6Addresses"
+DESCRIBE = "DescribeNetworkInterfaces"
+MUTATING = {ASSIGN4, UNASSIGN4, ASSIGN6, UNASSIGN6}
+
+
+def world(pod) -> World:
+    return build_world(pod.ns, pod.emulator.direct)
+
+
+def on_eni(pod, eni_id: str, *addresses: str) -> bool:
+    state = pod.emulator.eni(eni_id)
+    return all(state.holds(a) for a in addresses)
+
+
+def off_eni(pod, eni_id: str, *addresses: str) -> bool:
+    state = pod.emulator.eni(eni_id)
+    return not any(state.holds(a) for a in addresses)
+
+
+def mutating_calls_on(pod, eni_id: str) -> list:
+    return [r for r in pod.emulator.proxy.requests() if r.action in MUTATING and r.param("NetworkInterfaceId") == eni_id]
+
+
+def test_addresses_present_at_start_are_assigned_and_eth0_is_never_touched(pod):
+    w = world(pod)
+    eni = w.enis[0]
+    eth0_before = pod.emulator.eni(w.eth0.id)
+    pod.link("eth0", w.eth0.mac, w.eth0.primary_ip, w.v4(200))
+    v4, v6 = w.v4(50), w.v6(0x50)
+    pod.link("net1", eni.mac, v4, v6)
+
+    s = pod.start_sidecar(["net1"])
+    wait_for(lambda: on_eni(pod, eni.id, v4, v6), "net1's addresses on its ENI")
+    wait_for(lambda: s.probe() == 200, "/readyz 200")
+    assert s.probe("/healthz") == 200
+
+    assert pod.emulator.eni(w.eth0.id) == eth0_before
+    assert not mutating_calls_on(pod, w.eth0.id)
+    proxy = pod.emulator.proxy
+    # One call per kind for the ENI, nothing repeated.
+    assert proxy.calls(ASSIGN4) == 1 and proxy.calls(ASSIGN6) == 1
+    (a4,) = proxy.requests(ASSIGN4)
+    assert a4.values("PrivateIpAddress") == [v4]
+    assert a4.param("AllowReassignment") == "true"
+    (lookup,) = [r for r in proxy.requests(DESCRIBE) if r.param("Filter.1.Name") == "mac-address"]
+    assert lookup.values("Filter.1.Value") == [eni.mac]
+
+
+def test_readiness_flips_from_503_to_200_once_assigned(pod):
+    w = world(pod)
+    eni = w.enis[0]
+    pod.link("net1", eni.mac, w.v4(51))
+    proxy = pod.emulator.proxy
+    proxy.hold(ASSIGN4)
+    s = pod.start_sidecar(["net1"])
+    wait_for(lambda: proxy.calls(ASSIGN4) >= 1, "the assign call to reach EC2")
+    wait_for(lambda: s.probe() is not None, "the probe to listen")
+    assert s.probe() == 503
+    proxy.release()
+    wait_for(lambda: s.probe() == 200, "/readyz 200 after the assignment")
+    assert on_eni(pod, eni.id, w.v4(51))
+
+
+def test_added_and_removed_addresses_follow_netlink_events(pod):
+    w = world(pod)
+    eni = w.enis[0]
+    pod.link("net1", eni.mac)
+    s = pod.start_sidecar(["net1"])
+    wait_for(lambda: s.probe() == 200, "ready with no addresses yet")
+    proxy = pod.emulator.proxy
+
+    v4, v6 = w.v4(60), w.v6(0x60)
+    pod.add("net1", v4)
+    wait_for(lambda: on_eni(pod, eni.id, v4), "added IPv4 on the ENI")
+    pod.add("net1", v6)
+    wait_for(lambda: on_eni(pod, eni.id, v6), "added IPv6 on the ENI")
+    wait_for(lambda: s.probe() == 200, "ready again")
+    assert proxy.calls(ASSIGN4) == 1 and proxy.calls(ASSIGN6) == 1
+
+    pod.remove("net1", v4)
+    wait_for(lambda: off_eni(pod, eni.id, v4), "removed IPv4 gone from the ENI")
+    pod.remove("net1", v6)
+    wait_for(lambda: off_eni(pod, eni.id, v6), "removed IPv6 gone from the ENI")
+    assert proxy.calls(UNASSIGN4) == 1 and proxy.calls(UNASSIGN6) == 1
+    assert on_eni(pod, eni.id, eni.primary_ip), "the primary IP stays"
+    assert s.running()
+
+
+def test_ipv4_held_by_another_eni_is_reassigned(pod):
+    w = world(pod)
+    ours, other = w.enis[0], w.enis[1]
+    address = w.v4(70)
+    assign(pod.ns, pod.emulator.direct, other.id, address)
+    pod.link("net1", ours.mac, address)
+    s = pod.start_sidecar(["net1"])
+    wait_for(lambda: on_eni(pod, ours.id, address), "the address on our ENI")
+    wait_for(lambda: s.probe() == 200, "ready")
+    (call,) = pod.emulator.proxy.requests(ASSIGN4)
+    # EC2 moves it thanks to AllowReassignment (moto copies; we do not rely on either).
+    assert call.param("AllowReassignment") == "true"
+    assert not mutating_calls_on(pod, other.id)
+
+
+def test_ipv6_held_by_another_eni_is_unassigned_there_first(pod):
+    w = world(pod)
+    ours, other = w.enis[0], w.enis[1]
+    address = w.v6(0x70)
+    assign(pod.ns, pod.emulator.direct, other.id, address)
+    pod.link("net1", ours.mac, address)
+    s = pod.start_sidecar(["net1"])
+    wait_for(lambda: on_eni(pod, ours.id, address), "the IPv6 on our ENI")
+    assert off_eni(pod, other.id, address)
+    wait_for(lambda: s.probe() == 200, "ready")
+    proxy = pod.emulator.proxy
+    (unassign_call,) = proxy.requests(UNASSIGN6)
+    (assign_call,) = proxy.requests(ASSIGN6)
+    assert unassign_call.param("NetworkInterfaceId") == other.id
+    assert assign_call.param("NetworkInterfaceId") == ours.id
+    assert unassign_call.arrived < assign_call.arrived
+
+
+def test_interface_that_appears_late_is_waited_for(pod):
+    w = world(pod)
+    eni = w.enis[0]
+    s = pod.start_sidecar(["net1"])
+    wait_for(lambda: "does not exist yet" in s.log_text(), "the waiting log line")
+    wait_for(lambda: s.probe() == 503, "/readyz 503 while net1 is missing")
+    pod.link("net1", eni.mac, w.v4(80), w.v6(0x80))
+    wait_for(lambda: on_eni(pod, eni.id, w.v4(80), w.v6(0x80)), "the late interface's addresses on the ENI")
+    wait_for(lambda: s.probe() == 200, "ready")
+
+
+def test_throttling_and_server_errors_converge_with_bounded_calls(pod):
+    w = world(pod)
+    eni = w.enis[0]
+    proxy = pod.emulator.proxy
+    proxy.inject(THROTTLE, 4, action=ASSIGN4)
+    proxy.inject(SERVER_ERROR, 2, action=DESCRIBE)
+    proxy.inject(THROTTLE, 2, action=ASSIGN6)
+    pod.link("net1", eni.mac, w.v4(90), w.v6(0x90))
+    s = pod.start_sidecar(["net1"])
+    wait_for(lambda: on_eni(pod, eni.id, w.v4(90), w.v6(0x90)), "convergence despite faults", timeout=120)
+    wait_for(lambda: s.probe() == 200, "ready")
+    faulted = [r for r in proxy.requests() if r.fault]
+    assert len(faulted) == 8, proxy.counts()
+    # Each failure costs at most the failed call itself: no retry storm.
+    assert proxy.calls(ASSIGN4) <= 4 + 1, proxy.counts()
+    assert proxy.calls(ASSIGN6) <= 2 + 1, proxy.counts()
+    assert proxy.calls() <= 8 + 10, proxy.counts()
+    assert "RequestLimitExceeded" in s.log_text()
+
+
+def test_sigterm_releases_only_our_addresses_and_exits_0(pod):
+    w = world(pod)
+    eni, other = w.enis[0], w.enis[1]
+    mine4, mine6, moved = w.v4(100), w.v6(0x100), w.v4(101)
+    neighbour = w.v4(102)  # another pod's address on the same ENI
+    assign(pod.ns, pod.emulator.direct, eni.id, neighbour)
+    pod.link("net1", eni.mac, mine4, mine6, moved)
+    s = pod.start_sidecar(["net1"])
+    wait_for(lambda: on_eni(pod, eni.id, mine4, mine6, moved), "assigned")
+    # Someone moves one of our addresses to another ENI meanwhile.
+    unassign(pod.ns, pod.emulator.direct, eni.id, moved)
+    assign(pod.ns, pod.emulator.direct, other.id, moved)
+
+    assert s.terminate() == 0
+    assert off_eni(pod, eni.id, mine4, mine6)
+    assert on_eni(pod, eni.id, neighbour, eni.primary_ip)
+    assert on_eni(pod, other.id, moved)
+    assert not mutating_calls_on(pod, other.id)
+
+
+def test_release_on_exit_false_keeps_addresses(pod):
+    w = world(pod)
+    eni = w.enis[0]
+    pod.link("net1", eni.mac, w.v4(110))
+    s = pod.start_sidecar(["net1"], "--release-on-exit", "false")
+    wait_for(lambda: on_eni(pod, eni.id, w.v4(110)), "assigned")
+    assert s.terminate() == 0
+    assert on_eni(pod, eni.id, w.v4(110))
+
+
+def test_mac_without_eni_warns_and_does_not_block_readiness(pod):
+    w = world(pod)
+    eni = w.enis[0]
+    pod.link("net1", eni.mac, w.v4(120))
+    pod.link("net2", "02:42:ac:11:00:02", "192.168.77.7")
+    s = pod.start_sidecar(["net1", "net2"])
+    wait_for(lambda: on_eni(pod, eni.id, w.v4(120)), "net1 assigned")
+    wait_for(lambda: s.probe() == 200, "ready although net2 has no ENI")
+    warnings = [l for l in s.logs() if l.get("outcome") == "no_eni"]
+    assert len(warnings) == 1 and warnings[0].get("interface") == "net2", warnings
+    assert all("192.168.77.7" not in r.values("PrivateIpAddress") for r in pod.emulator.proxy.requests(ASSIGN4))
+
+
+def test_missing_no_manage_tag_is_warned_about_once(pod):
+    w = world(pod)
+    eni = w.enis[0]
+    pod.ns.call(
+        lambda: __import__("lib.moto", fromlist=["client"])
+        .client(pod.emulator.direct)
+        .delete_tags(Resources=[eni.id], Tags=[{"Key": "node.k8s.amazonaws.com/no_manage"}])
+    )
+    pod.link("net1", eni.mac, w.v4(130))
+    s = pod.start_sidecar(["net1"])
+    wait_for(lambda: on_eni(pod, eni.id, w.v4(130)), "assigned anyway")
+    warnings = [l for l in s.logs() if l.get("outcome") == "missing_no_manage_tag"]
+    assert len(warnings) == 1 and warnings[0].get("eni") == eni.id
+
+
+def test_resync_heals_drift(pod):
+    w = world(pod)
+    eni = w.enis[0]
+    pod.link("net1", eni.mac, w.v4(140))
+    s = pod.start_sidecar(["net1"], "--resync-interval", "1s")
+    wait_for(lambda: on_eni(pod, eni.id, w.v4(140)), "assigned")
+    unassign(pod.ns, pod.emulator.direct, eni.id, w.v4(140))
+    wait_for(lambda: on_eni(pod, eni.id, w.v4(140)), "re-assigned by the resync")
+    assert s.running()
+
+
+def test_two_interfaces_on_two_enis_in_the_same_subnet(pod):
+    w = world(pod)
+    a, b = w.enis[0], w.enis[1]
+    pod.link("net1", a.mac, w.v4(150))
+    pod.link("n3", b.mac, w.v4(151))
+    s = pod.start_sidecar(["net1", "n3"])
+    wait_for(lambda: on_eni(pod, a.id, w.v4(150)) and on_eni(pod, b.id, w.v4(151)), "each on its own ENI")
+    wait_for(lambda: s.probe() == 200, "ready")
+    assert off_eni(pod, a.id, w.v4(151)) and off_eni(pod, b.id, w.v4(150))
+
+
+def test_missing_credentials_log_the_fixes_and_keep_retrying(pod):
+    w = world(pod)
+    eni = w.enis[0]
+    pod.link("net1", eni.mac, w.v4(160))
+    s = pod.start_sidecar(["net1"], env={"AWS_ACCESS_KEY_ID": None, "AWS_SECRET_ACCESS_KEY": None})
+    wait_for(lambda: len([l for l in s.logs() if l.get("outcome") == "retry"]) >= 3, "three failed attempts")
+    assert s.running(), "no crash loop"
+    errors = [l for l in s.logs() if l.get("level") == "ERROR" and l.get("outcome") == "retry"]
+    assert len(errors) == 1, "one clear error, then quieter retries"
+    for fix in ("hop limit to 2", "IRSA", "Pod Identity"):
+        assert fix in errors[0]["message"]
+    assert s.probe() == 503 and s.probe("/healthz") == 200
+    assert pod.emulator.proxy.calls() == 0
+    assert s.terminate() == 0
