@@ -49,7 +49,6 @@ pub fn inject_object(config: &Config, object: &mut Value) -> Result<Option<Decis
     let Some(template) = object.pointer_mut(pointer) else {
         return Ok(None);
     };
-    restore_octal_modes(template);
     let decision = mutate_pod(config, template);
     if let Decision::Inject(injection) = &decision {
         json_patch::patch(template, &injection.patch).map_err(|e| Error::Mutate {
@@ -77,14 +76,7 @@ pub fn inject_stream(config: &Config, input: &str) -> Result<InjectReport> {
         warnings: Vec::new(),
         injected: 0,
     };
-    for (index, document) in serde_yaml_ng::Deserializer::from_str(input).enumerate() {
-        let mut value = Value::deserialize(document).map_err(|e| Error::Yaml {
-            index,
-            message: e.to_string(),
-        })?;
-        if value.is_null() {
-            continue;
-        }
+    for (index, mut value) in read_documents(input)?.into_iter().enumerate() {
         let mut decisions = Vec::new();
         let is_list = value.get("kind").and_then(Value::as_str) == Some("List");
         if is_list {
@@ -115,6 +107,46 @@ pub fn inject_stream(config: &Config, input: &str) -> Result<InjectReport> {
         report.output.push_str(&yaml);
     }
     Ok(report)
+}
+
+/// Reads a YAML stream the way kubectl would send its objects: empty documents dropped, and
+/// octal file modes in pod templates read as numbers (see [`restore_octal_modes`]).
+pub fn read_documents(input: &str) -> Result<Vec<Value>> {
+    let mut documents = Vec::new();
+    for (index, document) in serde_yaml_ng::Deserializer::from_str(input).enumerate() {
+        let mut value = Value::deserialize(document).map_err(|e| Error::Yaml {
+            index,
+            message: e.to_string(),
+        })?;
+        if value.is_null() {
+            continue;
+        }
+        if value.get("kind").and_then(Value::as_str) == Some("List") {
+            if let Some(items) = value.get_mut("items").and_then(Value::as_array_mut) {
+                items.iter_mut().for_each(restore_template_modes);
+            }
+        } else {
+            restore_template_modes(&mut value);
+        }
+        documents.push(value);
+    }
+    Ok(documents)
+}
+
+fn restore_template_modes(object: &mut Value) {
+    let api_version = object
+        .get("apiVersion")
+        .and_then(Value::as_str)
+        .unwrap_or_default();
+    let kind = object
+        .get("kind")
+        .and_then(Value::as_str)
+        .unwrap_or_default();
+    if let Some(pointer) = template_pointer(api_version, kind)
+        && let Some(template) = object.pointer_mut(pointer)
+    {
+        restore_octal_modes(template);
+    }
 }
 
 /// kubectl reads YAML 1.1, where an unquoted `0644` is octal 420; serde_yaml_ng follows YAML

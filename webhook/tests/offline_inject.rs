@@ -4,7 +4,7 @@ mod common;
 
 use common::{TestResult, admission_review, data_dir, golden_config, response_patch};
 use multus_eni_webhook::admission::review;
-use multus_eni_webhook::manifest::inject_stream;
+use multus_eni_webhook::manifest::{inject_stream, read_documents};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
@@ -29,7 +29,8 @@ fn workloads_are_mutated_like_the_webhook_mutates_their_pods() -> TestResult {
         ("free5gc-upf.yaml", ""),
     ] {
         let input = std::fs::read_to_string(data_dir().join(file))?;
-        let original = documents(&input)?.remove(0);
+        // The objects as kubectl would send them (YAML 1.1 octal file modes as numbers).
+        let original = read_documents(&input)?.remove(0);
         let report = inject_stream(&config, &input)?;
         assert_eq!(report.injected, 1, "{file}");
         let mutated = documents(&report.output)?.remove(0);
