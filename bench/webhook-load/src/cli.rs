@@ -47,6 +47,15 @@ pub enum Command {
     Bench(BenchArgs),
     /// Minutes of load mixing real pods with bad bodies: 5xx, liveness, memory growth.
     Sustained(SustainedArgs),
+    /// Write seed corpora for the fuzz targets (scripts/fuzz.sh calls this).
+    Corpus(CorpusArgs),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct CorpusArgs {
+    /// Directory that receives one sub-directory per fuzz target.
+    #[arg(long)]
+    pub out: PathBuf,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -87,6 +96,12 @@ pub struct SustainedArgs {
 impl Cli {
     /// Runs the chosen command and prints its tables.
     pub fn run(self) -> Result<()> {
+        if let Command::Corpus(args) = &self.command {
+            let fixtures = load_fixtures(&self.common.fixtures)?;
+            let n = crate::corpus::write_seeds(&fixtures, &args.out)?;
+            eprintln!("wrote {n} seeds under {}", args.out.display());
+            return Ok(());
+        }
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(self.common.client_threads.max(1))
             .enable_all()
@@ -97,11 +112,14 @@ impl Cli {
                 Command::Bench(args) => {
                     let reports = bench(&self.common, args).await?;
                     println!("{}", report::latency_table(&reports));
+                    println!("load average after the runs: {}", load_average());
                     Ok(())
                 }
+                Command::Corpus(_) => Ok(()),
                 Command::Sustained(args) => {
                     let r = sustained(&self.common, args).await?;
                     println!("{}", report::sustained_table(&r));
+                    println!("load average after the run: {}", load_average());
                     if r.tally.server_errors > 0 || !r.alive || r.tally.unexpected > 0 {
                         return Err(Error::Server(
                             "sustained load found 5xx, wrong answers or a dead process".into(),
@@ -116,14 +134,22 @@ impl Cli {
 
 fn describe(common: &Common, fixtures: &Fixtures) {
     eprintln!(
-        "webhook-load: {} | fixtures: {} Multus pods, {} plain pods from {} | client threads: {} | cores: {}",
+        "webhook-load: {} | fixtures: {} Multus pods, {} plain pods from {} | client threads: {} | cores: {} | load average: {}",
         common.webhook_bin.display(),
         fixtures.multus.len(),
         fixtures.plain.len(),
         common.fixtures.display(),
         common.client_threads,
         std::thread::available_parallelism().map_or(0, |n| n.get()),
+        load_average(),
     );
+}
+
+/// `/proc/loadavg` (1, 5, 15 min): other work on the machine skews latency; say so.
+pub fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_default()
 }
 
 /// Fixed rate then saturation, on one server process (its peak RSS covers all runs).

@@ -9,6 +9,7 @@ pub mod bodies;
 pub mod certs;
 pub mod cli;
 pub mod client;
+pub mod corpus;
 pub mod load;
 pub mod prom;
 pub mod report;
