@@ -7,7 +7,7 @@ use crate::manifest::inject_stream;
 use crate::metrics::{Metrics, metrics_router};
 use crate::serve::{serve_plain, serve_tls, shutdown_signal};
 use crate::telemetry::{self, LogFormat};
-use crate::tls::{CertStore, server_config};
+use crate::tls::{CertStore, crypto_provider, server_config};
 use crate::{Error, Result};
 use clap::{Args, Parser, Subcommand};
 use std::io::{Read, Write};
@@ -164,6 +164,8 @@ impl Cli {
         match self.command {
             Command::Serve(args) => {
                 telemetry::init(args.log_format)?;
+                // One rustls provider for the whole process, installed before any TLS use.
+                crypto_provider();
                 let runtime = tokio::runtime::Builder::new_multi_thread()
                     .enable_all()
                     .build()

@@ -190,6 +190,32 @@ async fn bad_bodies_get_4xx_and_the_server_keeps_serving() -> TestResult {
 }
 
 #[tokio::test]
+async fn http2_is_negotiated_like_the_apiserver_does() -> TestResult {
+    let (ca, server, _dir) = started().await?;
+    let client = ca.h2_client(server.addr)?;
+    let pod = load_yaml(&data_dir().join("free5gc-upf.yaml"))?;
+    let reply = client
+        .post("/mutate", body(&admission_review(&pod, "CREATE", "uid-h2")))
+        .await?;
+    assert_eq!(reply.protocol, common::Protocol::Http2);
+    assert_eq!(reply.status, 200);
+    let review = reply.json()?;
+    assert_eq!(review["response"]["uid"], "uid-h2");
+    assert!(response_patch(&review)?.is_some());
+    // The 3 MiB limit holds over h2 too.
+    let mut big = admission_review(&pod, "CREATE", "uid-h2-big");
+    big["request"]["object"]["metadata"]["annotations"]["filler"] =
+        Value::String("x".repeat(3 * 1024 * 1024 + 1));
+    assert_eq!(client.post("/mutate", body(&big)).await?.status, 413);
+    let http1 = ca
+        .client(server.addr)?
+        .post("/mutate", b"{}".to_vec())
+        .await?;
+    assert_eq!(http1.protocol, common::Protocol::Http1);
+    server.stop().await
+}
+
+#[tokio::test]
 async fn a_client_trusting_another_ca_is_refused() -> TestResult {
     let (_ca, server, _dir) = started().await?;
     let other = TestCa::new()?;

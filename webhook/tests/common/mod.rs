@@ -144,21 +144,14 @@ impl TestCa {
         Self::client_for(self.cert.clone(), addr)
     }
 
-    /// A client that trusts only `ca` (a caBundle) and checks the Service name.
+    /// A client that trusts only `ca` (a caBundle) and checks the Service name; HTTP/1.1.
     pub fn client_for(ca: CertificateDer<'static>, addr: SocketAddr) -> TestResult<Client> {
-        let mut roots = rustls::RootCertStore::empty();
-        roots.add(ca)?;
-        let mut config = rustls::ClientConfig::builder_with_provider(crypto_provider())
-            .with_safe_default_protocol_versions()?
-            .with_root_certificates(roots)
-            .with_no_client_auth();
-        // Like the kube-apiserver (Go, no ClientSessionCache): every connection is a full
-        // handshake, so each one sees the certificate currently served.
-        config.resumption = rustls::client::Resumption::disabled();
-        Ok(Client {
-            connector: TlsConnector::from(Arc::new(config)),
-            addr,
-        })
+        Client::new(ca, addr, Protocol::Http1)
+    }
+
+    /// Like [`TestCa::client`], but offering only h2 in ALPN.
+    pub fn h2_client(&self, addr: SocketAddr) -> TestResult<Client> {
+        Client::new(self.cert.clone(), addr, Protocol::Http2)
     }
 }
 
@@ -168,6 +161,8 @@ pub struct Reply {
     pub body: Bytes,
     /// The end-entity certificate the server presented on this connection.
     pub server_cert: CertificateDer<'static>,
+    /// The HTTP version negotiated.
+    pub protocol: Protocol,
 }
 
 impl Reply {
@@ -181,7 +176,35 @@ pub struct Client {
     pub addr: SocketAddr,
 }
 
+/// The HTTP version a [`Client`] speaks; the kube-apiserver negotiates h2 via ALPN.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Protocol {
+    Http1,
+    Http2,
+}
+
 impl Client {
+    /// Trusts only `ca`, checks the Service name, offers one ALPN protocol. Like the
+    /// kube-apiserver (Go, no ClientSessionCache), every connection is a full handshake, so
+    /// each one sees the certificate currently served.
+    fn new(ca: CertificateDer<'static>, addr: SocketAddr, protocol: Protocol) -> TestResult<Self> {
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(ca)?;
+        let mut config = rustls::ClientConfig::builder_with_provider(crypto_provider())
+            .with_safe_default_protocol_versions()?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        config.resumption = rustls::client::Resumption::disabled();
+        config.alpn_protocols = vec![match protocol {
+            Protocol::Http1 => b"http/1.1".to_vec(),
+            Protocol::Http2 => b"h2".to_vec(),
+        }];
+        Ok(Client {
+            connector: TlsConnector::from(Arc::new(config)),
+            addr,
+        })
+    }
+
     /// POSTs `body` to `path` on a fresh TLS connection.
     pub async fn post(&self, path: &str, body: Vec<u8>) -> TestResult<Reply> {
         let tcp = tokio::net::TcpStream::connect(self.addr).await?;
@@ -196,19 +219,42 @@ impl Client {
             .and_then(|c| c.first())
             .cloned()
             .ok_or("no server certificate")?;
-        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls)).await?;
-        tokio::spawn(conn);
-        let request = hyper::Request::post(path)
-            .header("host", SERVICE_DNS)
-            .header("content-type", "application/json")
-            .body(Full::new(Bytes::from(body)))?;
-        let response = sender.send_request(request).await?;
+        let protocol = if tls.get_ref().1.alpn_protocol() == Some(b"h2".as_slice()) {
+            Protocol::Http2
+        } else {
+            Protocol::Http1
+        };
+        let response = match protocol {
+            Protocol::Http2 => {
+                let (mut sender, conn) = hyper::client::conn::http2::handshake(
+                    hyper_util::rt::TokioExecutor::new(),
+                    TokioIo::new(tls),
+                )
+                .await?;
+                tokio::spawn(conn);
+                let request = hyper::Request::post(format!("https://{SERVICE_DNS}{path}"))
+                    .header("content-type", "application/json")
+                    .body(Full::new(Bytes::from(body)))?;
+                sender.send_request(request).await?
+            }
+            Protocol::Http1 => {
+                let (mut sender, conn) =
+                    hyper::client::conn::http1::handshake(TokioIo::new(tls)).await?;
+                tokio::spawn(conn);
+                let request = hyper::Request::post(path)
+                    .header("host", SERVICE_DNS)
+                    .header("content-type", "application/json")
+                    .body(Full::new(Bytes::from(body)))?;
+                sender.send_request(request).await?
+            }
+        };
         let status = response.status().as_u16();
         let body = response.into_body().collect().await?.to_bytes();
         Ok(Reply {
             status,
             body,
             server_cert,
+            protocol,
         })
     }
 }
