@@ -22,7 +22,9 @@ pub fn init(format: LogFormat) -> Result<()> {
             .flatten_event(true)
             .with_current_span(false)
             .try_init(),
-        LogFormat::Text => builder.try_init(),
+        LogFormat::Text => builder
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .try_init(),
     };
     installed.map_err(|e| Error::Logging(e.to_string()))
 }

@@ -117,8 +117,9 @@ async fn certs_then_serve_then_sigterm() -> TestResult {
     assert!(text.contains("multus_eni_webhook_admission_duration_seconds_bucket"));
 
     let pid = child.id().ok_or("no pid")?;
-    let kill = tokio::process::Command::new("kill")
-        .args(["-TERM", &pid.to_string()])
+    // The shell's builtin kill: no procps needed.
+    let kill = tokio::process::Command::new("sh")
+        .args(["-c", &format!("kill -TERM {pid}")])
         .status()
         .await?;
     assert!(kill.success());
