@@ -5,6 +5,7 @@ processes' logs stay in a temp directory that is printed only on failure."""
 from __future__ import annotations
 
 import shutil
+import signal
 import sys
 import traceback
 from pathlib import Path
@@ -13,7 +14,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-from lib.chain import ASSIGN4, Chain, ChainError, check  # noqa: E402
+from lib.chain import ASSIGN4, Chain, check  # noqa: E402
 
 
 def say(text: str = "") -> None:
@@ -41,8 +42,8 @@ def addresses(chain: Chain, title: str) -> dict:
 def run(chain: Chain) -> None:
     step(1, "TLS material: multus-eni-webhook certs")
     certs = chain.generate_certs()
-    say(indent(certs.stderr))
-    say(f"   wrote {', '.join(sorted(p.name for p in certs.out_dir.iterdir()))}")
+    say(f"   {certs.stderr.splitlines()[0]}")
+    say(f"   wrote {', '.join(sorted(p.name for p in certs.out_dir.iterdir()))} (a temp dir, removed at the end)")
     say(f"   Secret {certs.secret['metadata']['namespace']}/{certs.secret['metadata']['name']} "
         "mounted like the kubelet does (..data symlinks)")
 
@@ -104,20 +105,27 @@ def run(chain: Chain) -> None:
 
 
 def main() -> int:
-    chain = None
+    # SIGTERM (e.g. from a CI timeout) unwinds like Ctrl-C, so the cleanup below still runs.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    chain, ok = None, False
     try:
         chain = Chain()
         run(chain)
-    except (ChainError, AssertionError, Exception) as e:  # any failed link ends the demo
+        ok = True
+    except AssertionError as e:  # a ChainError, or a bounded wait that ran out
         say(f"\nFAILED: {e}")
-        if not isinstance(e, ChainError):
-            traceback.print_exc()
+    except Exception as e:  # any other broken link ends the demo too, with its traceback
+        say(f"\nFAILED: {e!r}")
+        traceback.print_exc()
+    finally:
         if chain is not None:
             chain.close()
-            say(f"logs: {chain.logs}")
+            if ok:
+                shutil.rmtree(chain.workdir, ignore_errors=True)
+            else:
+                say(f"logs (webhook, sidecar, EC2 emulator): {chain.logs}")
+    if not ok:
         return 1
-    chain.close()
-    shutil.rmtree(chain.workdir, ignore_errors=True)
     say("\n== cleanup: processes stopped, network namespaces deleted, temp files removed")
     say("The chain works: admission → sidecar → IP on the right ENI → released on exit.")
     return 0

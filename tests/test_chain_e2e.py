@@ -12,7 +12,9 @@ Convergence is awaited by bounded polling; nothing here measures time.
 from __future__ import annotations
 
 import json
+import shutil
 import ssl
+import subprocess
 import sys
 from pathlib import Path
 from typing import Iterator
@@ -44,8 +46,6 @@ def chain(request: pytest.FixtureRequest) -> Iterator[Chain]:
                 sys.stderr.write(f"--- {path}\n{path.read_text(errors='replace')[-6000:]}\n")
         c.close()
         if not failed:
-            import shutil
-
             shutil.rmtree(c.workdir, ignore_errors=True)
 
 
@@ -69,8 +69,6 @@ def test_webhook_is_trusted_only_through_the_cabundle_under_the_service_name(cha
 
     # Another CA from the same command: the apiserver would refuse the serving certificate.
     other = tmp_path / "other-certs"
-    import subprocess
-
     subprocess.run([str(chain.webhook_binary), "certs", "--out-dir", str(other)], check=True, capture_output=True)
     stranger = apiserver.WebhookClient(
         chain.webhook_result.addr, (other / "ca.crt").read_bytes(), "multus-eni-webhook", "multus-eni"

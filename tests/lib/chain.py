@@ -854,8 +854,12 @@ class Chain:
         s, proxy = self.sidecar, self.proxy
         seen: list[int] = []
 
+        def alive() -> bool:
+            check(s.running(), f"the sidecar exited with {s.proc.poll() if s.proc else None} (log: {s.log_path})")
+            return True
+
         def status() -> int | None:
-            check(s.running(), f"the sidecar exited with {s.proc.poll() if s.proc else None}")
+            alive()
             code = s.probe(spec.probe_path)
             if code is not None and (not seen or seen[-1] != code):
                 seen.append(code)
@@ -863,7 +867,7 @@ class Chain:
 
         held = 0
         if self._assign_held:
-            wait_for(lambda: proxy.calls(ASSIGN4) >= 1, "the sidecar's AssignPrivateIpAddresses to reach EC2")
+            wait_for(lambda: alive() and proxy.calls(ASSIGN4) >= 1, "the sidecar's AssignPrivateIpAddresses to reach EC2")
             first = wait_for(status, "the sidecar's probe to listen")
             check(first == 503, f"{spec.probe_path} answered {first} while the address was not yet on the ENI")
             held = proxy.calls(ASSIGN4)
