@@ -101,7 +101,12 @@ def test_sample_pod_gets_the_native_sidecar_and_nothing_else_changes(chain: Chai
     port = int(deployment_flag(chain, "--sidecar-probe-port"))
     assert sidecar["args"] == ["run", "--interfaces=net1", f"--probe-addr=0.0.0.0:{port}"]
     assert sidecar["startupProbe"]["httpGet"] == {"path": "/readyz", "port": port}
-    assert [e["name"] for e in sidecar["env"]] == ["POD_NAME", "POD_NAMESPACE", "NODE_NAME"]
+    env = {e["name"]: e for e in sidecar["env"]}
+    downward = {"POD_NAME": "metadata.name", "POD_NAMESPACE": "metadata.namespace", "NODE_NAME": "spec.nodeName"}
+    for name, path in downward.items():
+        assert env[name]["valueFrom"]["fieldRef"]["fieldPath"] == path
+    region = flag_value(chain.manifests.webhook_container["args"], "--aws-region")
+    assert env.get("AWS_REGION", {}).get("value") == region, "AWS_REGION exactly when the Deployment sets --aws-region"
 
     admitted = adm.admitted
     assert admitted["spec"]["containers"] == pod["spec"]["containers"], "the application container is untouched"

@@ -33,7 +33,7 @@ REPLICASET_CONTROLLER = {
 }
 
 # Alphabet of Kubernetes' generated name suffixes and hashes (k8s.io/apimachinery util/rand).
-_NAME_ALPHABET = "bcdfghjklmnpqrstvwxz2456789"
+NAME_ALPHABET = "bcdfghjklmnpqrstvwxz2456789"
 
 
 class AdmissionError(AssertionError):
@@ -59,7 +59,7 @@ class AdmissionResult:
 
 def generated_suffix(length: int = 5) -> str:
     """Random suffix like the apiserver's `generateName` (`busybox-5d8f9-x7k2q`)."""
-    return "".join(secrets.choice(_NAME_ALPHABET) for _ in range(length))
+    return "".join(secrets.choice(NAME_ALPHABET) for _ in range(length))
 
 
 def defaulted_pod(pod: dict[str, Any]) -> dict[str, Any]:

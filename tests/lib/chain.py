@@ -33,7 +33,6 @@ import base64
 import contextlib
 import copy
 import dataclasses
-import hashlib
 import ipaddress
 import json
 import os
@@ -47,7 +46,7 @@ import urllib.error
 import urllib.request
 import uuid
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import jsonpatch
 import yaml
@@ -311,7 +310,7 @@ def pod_template_hash(template: dict[str, Any]) -> str:
     h = 0x811C9DC5
     for b in json.dumps(template, sort_keys=True).encode():
         h = ((h ^ b) * 0x01000193) & 0xFFFFFFFF
-    return "".join(apiserver._NAME_ALPHABET[ord(c) % len(apiserver._NAME_ALPHABET)] for c in str(h))
+    return "".join(apiserver.NAME_ALPHABET[ord(c) % len(apiserver.NAME_ALPHABET)] for c in str(h))
 
 
 def replicaset_pod(deployment: dict[str, Any]) -> dict[str, Any]:
@@ -490,7 +489,9 @@ def whereabouts_range(nad: dict[str, Any]) -> tuple[ipaddress.IPv4Network, list[
     return network, pool
 
 
-def map_into(address: ipaddress.IPv4Address, source: ipaddress.IPv4Network, target: ipaddress.IPv4Network) -> ipaddress.IPv4Interface:
+def map_into(
+    address: ipaddress.IPv4Address, source: ipaddress.IPv4Network, target: ipaddress.IPv4Network
+) -> ipaddress.IPv4Interface:
     """`address` at the same offset in `target` (the emulated subnet), with `target`'s prefix."""
     offset = int(address) - int(source.network_address)
     check(offset < target.num_addresses, f"{address} does not fit into the emulated subnet {target}")
@@ -517,7 +518,9 @@ class WebhookResult:
 
 
 @dataclasses.dataclass
-class AdmissionResult:
+class Admission:
+    """The sample pod's trip through mutating admission."""
+
     review_request: dict[str, Any]
     result: apiserver.AdmissionResult
     admitted: dict[str, Any]  # the pod as admitted (patched)
@@ -555,8 +558,9 @@ class Readiness:
 
 
 class Chain:
-    """The steps, in order; each records what it started on `cleanups`. Use as a context
-    manager or call `close()`."""
+    """The steps, in order; each registers the cleanup of what it started, and `close()`
+    (or leaving a `with Chain() as c:` block) runs them all. The work directory (binaries,
+    certs, logs) stays for the caller to print or delete."""
 
     def __init__(self, workdir: Path | None = None, repo: Path = REPO):
         self.repo = repo
@@ -568,14 +572,18 @@ class Chain:
         self.bin.mkdir(exist_ok=True)
         os.chmod(self.bin, 0o755)
         self._stack = contextlib.ExitStack()
-        self.manifests = Manifests.render(repo)
-        self.webhook_binary = private_copy(bin_dir() / "multus-eni-webhook", self.bin)
-        self.sidecar_binary = private_copy(bin_dir() / "multus-eni-sidecar", self.bin)
+        try:
+            self.manifests = Manifests.render(repo)
+            self.webhook_binary = private_copy(bin_dir() / "multus-eni-webhook", self.bin)
+            self.sidecar_binary = private_copy(bin_dir() / "multus-eni-sidecar", self.bin)
+        except BaseException:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+            raise
         self.webhook: Process | None = None
         self.sidecar: Sidecar | None = None
         self.certs_result: CertsResult | None = None
         self.webhook_result: WebhookResult | None = None
-        self.admission: AdmissionResult | None = None
+        self.admission: Admission | None = None
         self.pod: dict[str, Any] | None = None
         self._assign_held = False
         self.network: NetworkResult | None = None
@@ -613,7 +621,11 @@ class Chain:
         # The Deployment mounts that Secret: same name, as a directory at the path its flags use.
         pod_spec = self.manifests.webhook_deployment["spec"]["template"]["spec"]
         volumes = {v["name"]: v for v in pod_spec.get("volumes", [])}
-        mounts = [m for m in self.manifests.webhook_container.get("volumeMounts", []) if "secret" in volumes.get(m["name"], {})]
+        mounts = [
+            m
+            for m in self.manifests.webhook_container.get("volumeMounts", [])
+            if "secret" in volumes.get(m["name"], {})
+        ]
         check(len(mounts) == 1, "the webhook Deployment should mount exactly one Secret")
         (mount,) = mounts
         volume = volumes[mount["name"]]["secret"]
@@ -674,7 +686,7 @@ class Chain:
 
     # --- 3. admission ---
 
-    def admit_sample_pod(self) -> AdmissionResult:
+    def admit_sample_pod(self) -> Admission:
         """The sample Deployment's pod through mutating admission, patch applied."""
         config = self.webhook_configuration()
         hook = config["webhooks"][0]
@@ -698,7 +710,7 @@ class Chain:
         check(result.patch, "the webhook allowed the sample pod without a patch")
         admitted = jsonpatch.apply_patch(pod, result.patch)
         sidecar, position = injected_sidecar(admitted)
-        self.admission = AdmissionResult(review, result, admitted, sidecar, position)
+        self.admission = Admission(review, result, admitted, sidecar, position)
         return self.admission
 
     def schedule_pod(self) -> dict[str, Any]:
@@ -716,7 +728,10 @@ class Chain:
         pod = self.pod
         command = list(container.get("command") or [])
         check(command, "the injected sidecar has no command (the image's entrypoint is not known here)")
-        check(command[0] == SIDECAR_IMAGE_BINARY, f"the sidecar command runs {command[0]}, the image has {SIDECAR_IMAGE_BINARY}")
+        check(
+            command[0] == SIDECAR_IMAGE_BINARY,
+            f"the sidecar command runs {command[0]}, the image has {SIDECAR_IMAGE_BINARY}",
+        )
         argv = [str(self.sidecar_binary), *command[1:], *(container.get("args") or [])]
         injected = container_env(container, pod)
         extra = aws_env(endpoint)
@@ -739,7 +754,9 @@ class Chain:
         self._stack.callback(node.close)
         self.node = node
         node.ip("addr", "add", f"{EC2_ENDPOINT_IP}/32", "dev", "lo")
-        self.server = moto.MotoServer(node, port=MOTO_PORT, host=EC2_ENDPOINT_IP, log_path=str(self.logs / "moto.log")).start()
+        self.server = moto.MotoServer(
+            node, port=MOTO_PORT, host=EC2_ENDPOINT_IP, log_path=str(self.logs / "moto.log")
+        ).start()
         self._stack.callback(self.server.stop)
         self.proxy = FaultProxy(node, MOTO_PORT, host=EC2_ENDPOINT_IP).start()
         self._stack.callback(self.proxy.stop)
@@ -755,7 +772,8 @@ class Chain:
 
         # net1's address: the lowest whereabouts address whose image in the emulated subnet is
         # free (in a VPC the whereabouts range is reserved from EC2's own allocation).
-        sample_networks = self.manifests.sample_deployment["spec"]["template"]["metadata"]["annotations"][NETWORKS_ANNOTATION]
+        template = self.manifests.sample_deployment["spec"]["template"]
+        sample_networks = template["metadata"]["annotations"][NETWORKS_ANNOTATION]
         nad_name = sample_networks.split(",")[0].strip().split("@")[0].split("/")[-1]
         nad = self.manifests.network_attachment(nad_name, self.manifests.sample_deployment["metadata"]["namespace"])
         nad_range, pool = whereabouts_range(nad)
@@ -821,7 +839,9 @@ class Chain:
     def mutating_calls(self) -> list[tuple[str, str | None]]:
         """(action, ENI id) of every address change the sidecar asked EC2 for."""
         assert self.proxy is not None
-        return [(r.action, r.param("NetworkInterfaceId")) for r in self.proxy.requests() if r.action in MUTATING_ACTIONS]
+        return [
+            (r.action, r.param("NetworkInterfaceId")) for r in self.proxy.requests() if r.action in MUTATING_ACTIONS
+        ]
 
     # --- 6. the sidecar ---
 
@@ -867,7 +887,9 @@ class Chain:
 
         held = 0
         if self._assign_held:
-            wait_for(lambda: alive() and proxy.calls(ASSIGN4) >= 1, "the sidecar's AssignPrivateIpAddresses to reach EC2")
+            wait_for(
+                lambda: alive() and proxy.calls(ASSIGN4) >= 1, "the sidecar's AssignPrivateIpAddresses to reach EC2"
+            )
             first = wait_for(status, "the sidecar's probe to listen")
             check(first == 503, f"{spec.probe_path} answered {first} while the address was not yet on the ENI")
             held = proxy.calls(ASSIGN4)
@@ -903,16 +925,3 @@ class Chain:
         assert self.sidecar is not None
         return self.sidecar.terminate(timeout=120)
 
-
-@contextlib.contextmanager
-def chain(workdir: Path | None = None) -> Iterator[Chain]:
-    c = Chain(workdir)
-    try:
-        yield c
-    finally:
-        c.close()
-
-
-def wait(check_fn: Callable[[], Any], what: str, timeout: float = 120) -> Any:
-    """Bounded polling (re-exported so callers need only this module)."""
-    return wait_for(check_fn, what, timeout=timeout)
