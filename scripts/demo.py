@@ -59,6 +59,9 @@ def run(chain: Chain) -> None:
     client = chain.client()
     say(f"   pod {obj['metadata']['namespace']}/{obj['metadata']['generateName']}… "
         f"networks={obj['metadata']['annotations']['k8s.v1.cni.cncf.io/networks']}")
+    hook = chain.webhook_configuration()["webhooks"][0]
+    say(f"   the apiserver calls {hook['name']}: rules, namespaceSelector and "
+        f"{len(hook.get('matchConditions') or [])} CEL matchConditions all match")
     say(f"   POST https://{client.server_name}{client.path}?timeout={client.timeout_seconds}s "
         f"({adm.result.tls_version}, trusting only the caBundle patch's CA)")
     say(f"   → allowed, uid echoed, JSONPatch with {len(adm.result.patch)} operations "

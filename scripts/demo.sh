@@ -16,8 +16,8 @@ fi
 
 echo "== 0. setup: test environment and debug binaries"
 scripts/setup-test-env.sh
-if ! cargo build --workspace --bins --quiet; then
-  echo "demo: cargo build --workspace --bins failed" >&2
+if ! cargo build --workspace --bins --locked --quiet; then
+  echo "demo: cargo build --workspace --bins --locked failed" >&2
   exit 1
 fi
 echo "built: target/debug/multus-eni-webhook, target/debug/multus-eni-sidecar"

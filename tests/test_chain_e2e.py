@@ -11,6 +11,7 @@ Convergence is awaited by bounded polling; nothing here measures time.
 
 from __future__ import annotations
 
+import copy
 import json
 import shutil
 import ssl
@@ -24,10 +25,12 @@ import pytest
 from lib import apiserver
 from lib.chain import (
     ASSIGN4,
+    NETWORKS_ANNOTATION,
     SIDECAR_CONTAINER,
     SIDECAR_IMAGE_BINARY,
     Chain,
     flag_value,
+    replicaset_pod,
 )
 
 
@@ -84,6 +87,26 @@ def test_webhook_is_trusted_only_through_the_cabundle_under_the_service_name(cha
 
 
 # === admission ===
+
+
+def test_apiserver_gate_sends_the_sample_pod_only_where_the_configuration_says(chain: Chain):
+    hook = chain.webhook_configuration()["webhooks"][0]
+    pod = apiserver.defaulted_pod(replicaset_pod(chain.manifests.sample_deployment))
+    opted_in = {"multus-eni.io/injection": "enabled", "kubernetes.io/metadata.name": "multus"}
+    assert apiserver.reasons_not_called(hook, apiserver.create_review(pod), opted_in) == []
+
+    not_opted_in = {"kubernetes.io/metadata.name": "multus"}
+    assert apiserver.reasons_not_called(hook, apiserver.create_review(pod), not_opted_in)
+    own = {"multus-eni.io/injection": "enabled", "kubernetes.io/metadata.name": "multus-eni"}
+    assert apiserver.reasons_not_called(hook, apiserver.create_review(pod), own)
+
+    host = copy.deepcopy(pod)
+    host["spec"]["hostNetwork"] = True
+    (reason,) = apiserver.reasons_not_called(hook, apiserver.create_review(host), opted_in)
+    assert "not-host-network" in reason
+    plain = copy.deepcopy(pod)
+    del plain["metadata"]["annotations"][NETWORKS_ANNOTATION]
+    assert apiserver.reasons_not_called(hook, apiserver.create_review(plain), opted_in)
 
 
 def test_sample_pod_gets_the_native_sidecar_and_nothing_else_changes(chain: Chain):

@@ -153,6 +153,76 @@ def create_review(pod: dict[str, Any], user: dict[str, Any] | None = None) -> di
     return {"apiVersion": ADMISSION_API, "kind": "AdmissionReview", "request": request}
 
 
+# === whether the apiserver calls the webhook at all ===
+
+
+def label_selector_matches(selector: dict[str, Any], labels: dict[str, str]) -> bool:
+    """A metav1.LabelSelector over `labels` (an empty selector matches everything)."""
+    for k, v in (selector.get("matchLabels") or {}).items():
+        if labels.get(k) != v:
+            return False
+    for e in selector.get("matchExpressions") or []:
+        key, op, values = e["key"], e["operator"], e.get("values") or []
+        if op == "In" and labels.get(key) not in values:
+            return False
+        if op == "NotIn" and key in labels and labels[key] in values:
+            return False
+        if op == "Exists" and key not in labels:
+            return False
+        if op == "DoesNotExist" and key in labels:
+            return False
+    return True
+
+
+def _rule_matches(rule: dict[str, Any], request: dict[str, Any]) -> bool:
+    def has(field: str, value: str) -> bool:
+        allowed = rule.get(field) or []
+        return "*" in allowed or value in allowed
+
+    gvr = request["resource"]
+    return (
+        has("operations", request["operation"])
+        and has("apiGroups", gvr["group"])
+        and has("apiVersions", gvr["version"])
+        and has("resources", gvr["resource"])
+    )
+
+
+def reasons_not_called(hook: dict[str, Any], review: dict[str, Any], namespace_labels: dict[str, str]) -> list[str]:
+    """Why the apiserver would not send `review` to `hook` (empty: it would): rules,
+    namespaceSelector, objectSelector and the CEL matchConditions, as the apiserver checks
+    them. A matchCondition that errors is reported too (the apiserver would apply
+    failurePolicy)."""
+    import celpy  # cel-python, pinned in tests/requirements.txt
+
+    request = review["request"]
+    obj = request["object"]
+    reasons = []
+    if not any(_rule_matches(r, request) for r in hook.get("rules") or []):
+        reasons.append(f"no rule matches {request['operation']} {request['resource']}")
+    if not label_selector_matches(hook.get("namespaceSelector") or {}, namespace_labels):
+        reasons.append(f"namespaceSelector does not select namespace labels {namespace_labels}")
+    if not label_selector_matches(hook.get("objectSelector") or {}, obj["metadata"].get("labels") or {}):
+        reasons.append("objectSelector does not select the pod")
+    env = celpy.Environment()
+    activation = {
+        "object": celpy.json_to_cel(obj),
+        "oldObject": celpy.json_to_cel(None),
+        "request": celpy.json_to_cel({k: v for k, v in request.items() if k not in ("object", "oldObject")}),
+    }
+    for condition in hook.get("matchConditions") or []:
+        try:
+            value = env.program(env.compile(condition["expression"])).evaluate(activation)
+        except Exception as e:  # noqa: BLE001 - any CEL failure is a reason
+            reasons.append(f"matchCondition {condition['name']} failed: {e}")
+            continue
+        if not isinstance(value, celpy.celtypes.BoolType):
+            reasons.append(f"matchCondition {condition['name']} gave {value!r}, not a bool")
+        elif not value:
+            reasons.append(f"matchCondition {condition['name']} is false")
+    return reasons
+
+
 # === the HTTPS call ===
 
 

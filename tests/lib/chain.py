@@ -189,24 +189,6 @@ def replace_flag(args: list[str], flag: str, value: str) -> list[str]:
     return out
 
 
-def label_selector_matches(selector: dict[str, Any], labels: dict[str, str]) -> bool:
-    """A metav1.LabelSelector, evaluated like the apiserver evaluates namespaceSelector."""
-    for k, v in (selector.get("matchLabels") or {}).items():
-        if labels.get(k) != v:
-            return False
-    for e in selector.get("matchExpressions") or []:
-        key, op, values = e["key"], e["operator"], e.get("values") or []
-        if op == "In" and labels.get(key) not in values:
-            return False
-        if op == "NotIn" and key in labels and labels[key] in values:
-            return False
-        if op == "Exists" and key not in labels:
-            return False
-        if op == "DoesNotExist" and key in labels:
-            return False
-    return True
-
-
 # === processes and files ===
 
 
@@ -695,16 +677,14 @@ class Chain:
             **namespace["metadata"].get("labels", {}),
             "kubernetes.io/metadata.name": namespace["metadata"]["name"],
         }
-        check(
-            label_selector_matches(hook.get("namespaceSelector") or {}, ns_labels),
-            f"the webhook's namespaceSelector does not select the sample namespace {namespace['metadata']['name']}",
-        )
         pod = apiserver.defaulted_pod(replicaset_pod(self.manifests.sample_deployment))
         check(
             pod["metadata"]["namespace"] == namespace["metadata"]["name"],
             "the sample pod is not in the sample namespace",
         )
         review = apiserver.create_review(pod)
+        skipped = apiserver.reasons_not_called(hook, review, ns_labels)
+        check(not skipped, f"the apiserver would not call the webhook for the sample pod: {skipped}")
         result = self.client().review(review)
         check(result.allowed, f"the webhook denied the sample pod: {result.review.get('response')}")
         check(result.patch, "the webhook allowed the sample pod without a patch")
