@@ -629,7 +629,6 @@ class Chain:
         container = self.manifests.webhook_container
         args = list(container.get("args") or [])
         check(args and args[0] == "serve", f"the webhook Deployment does not run `serve`: {args}")
-        port, metrics_port = free_port(), free_port()
 
         def host_path(flag: str) -> str:
             value = flag_value(args, flag) or ""
@@ -639,20 +638,33 @@ class Chain:
             )
             return str(self.certs_result.mount_dir / value[len(self._container_mount_path) + 1 :])
 
-        args = replace_flag(args, "--addr", f"127.0.0.1:{port}")
-        args = replace_flag(args, "--metrics-addr", f"127.0.0.1:{metrics_port}")
         args = replace_flag(args, "--tls-cert", host_path("--tls-cert"))
         args = replace_flag(args, "--tls-key", host_path("--tls-key"))
-        argv = [str(self.webhook_binary), *args]
         env = {"PATH": CONTAINER_PATH, **container_env(container, {"metadata": {}, "spec": {}})}
-        self.webhook = Process("webhook", argv, self.logs / "webhook.log", env=env).start()
-        self._stack.callback(self.webhook.stop)
+        log = self.logs / "webhook.log"
+        # A free port can be taken by another process before the webhook binds it: that
+        # (and only that) is retried with new ports.
+        for attempt in range(3):
+            port, metrics_port = free_port(), free_port()
+            argv = [
+                str(self.webhook_binary),
+                *replace_flag(
+                    replace_flag(args, "--addr", f"127.0.0.1:{port}"), "--metrics-addr", f"127.0.0.1:{metrics_port}"
+                ),
+            ]
+            webhook = self.webhook = Process("webhook", argv, log, env=env).start()
+            self._stack.callback(webhook.stop)
 
-        def ready() -> bool:
-            check(self.webhook.running(), f"the webhook exited with {self.webhook.proc.poll()} before /readyz")
-            return http_status(f"http://127.0.0.1:{metrics_port}/readyz") == 200
+            def ready() -> bool:
+                check(webhook.running(), f"the webhook exited with {webhook.proc.poll()} before /readyz (log: {log})")
+                return http_status(f"http://127.0.0.1:{metrics_port}/readyz") == 200
 
-        wait_for(ready, "the webhook's /readyz 200", timeout=120)
+            try:
+                wait_for(ready, "the webhook's /readyz 200", timeout=120)
+                break
+            except ChainError:
+                if attempt == 2 or "Address already in use" not in log.read_text(errors="replace"):
+                    raise
         self.webhook_result = WebhookResult(argv, ("127.0.0.1", port), metrics_port)
         return self.webhook_result
 
