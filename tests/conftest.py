@@ -20,14 +20,17 @@ from lib.netns import NetNS  # noqa: E402
 
 @pytest.fixture(scope="session")
 def sidecar_binary(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A private copy of the built binary: a concurrent `cargo build` relinking
-    target/debug must not swap it under a running test."""
+    """A private hard link to (or copy of) the built binary: a concurrent `cargo build`
+    relinking target/debug must not swap it under a running test."""
     path = sidecar.binary_path()
     if not path.exists():
         pytest.fail(f"{path} missing: run `cargo build -p multus-eni-sidecar` first (pytest does not build)")
-    copy = tmp_path_factory.mktemp("bin") / path.name
-    shutil.copy2(path, copy)
-    return copy
+    private = tmp_path_factory.mktemp("bin") / path.name
+    try:
+        os.link(path, private)
+    except OSError:
+        shutil.copy2(path, private)
+    return private
 
 
 @pytest.fixture(scope="session")

@@ -154,7 +154,7 @@ def test_throttling_and_server_errors_converge_with_bounded_calls(pod):
     proxy.inject(THROTTLE, 2, action=ASSIGN6)
     pod.link("net1", eni.mac, w.v4(90), w.v6(0x90))
     s = pod.start_sidecar(["net1"])
-    wait_for(lambda: on_eni(pod, eni.id, w.v4(90), w.v6(0x90)), "convergence despite faults", timeout=120)
+    wait_for(lambda: on_eni(pod, eni.id, w.v4(90), w.v6(0x90)), "convergence despite faults")
     wait_for(lambda: s.probe() == 200, "ready")
     faulted = [r for r in proxy.requests() if r.fault]
     assert len(faulted) == 8, proxy.counts()

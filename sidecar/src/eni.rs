@@ -481,8 +481,12 @@ mod tests {
 
     #[test]
     fn credential_and_region_failures_are_setup_problems() {
-        assert!(mentions_setup("dispatch failure: other: no credentials found in chain"));
-        assert!(mentions_setup("failed to construct request: a region must be set"));
+        assert!(mentions_setup(
+            "dispatch failure: other: no credentials found in chain"
+        ));
+        assert!(mentions_setup(
+            "failed to construct request: a region must be set"
+        ));
         assert!(!mentions_setup("dispatch failure: io: connection refused"));
     }
 

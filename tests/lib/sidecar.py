@@ -139,9 +139,14 @@ class Sidecar:
             self._log.close()
 
 
-def wait_for(check: Callable[[], Any], what: str, timeout: float = 120, interval: float = 0.1) -> Any:
-    """Polls `check` until it returns something truthy; fails with `what` after `timeout`.
-    The deadline is generous on purpose: this waits for convergence, it measures nothing."""
+DEFAULT_TIMEOUT = float(os.environ.get("MULTUS_ENI_E2E_TIMEOUT", "120"))
+
+
+def wait_for(check: Callable[[], Any], what: str, timeout: float | None = None, interval: float = 0.1) -> Any:
+    """Polls `check` until it returns something truthy; fails with `what` after `timeout`
+    (default `$MULTUS_ENI_E2E_TIMEOUT`, 120 s). The deadline is generous on purpose: this
+    waits for convergence, it measures nothing."""
+    timeout = DEFAULT_TIMEOUT if timeout is None else timeout
     deadline = time.monotonic() + timeout
     while True:
         value = check()
