@@ -134,12 +134,18 @@ def build_world(ns: NetNS, endpoint: str, extra_enis: int = 2) -> World:
         v6_block = vpc["Ipv6CidrBlockAssociationSet"][0]["Ipv6CidrBlock"]  # .../56
         v6_64 = v6_block.replace("/56", "/64")
         subnet = ec2.create_subnet(VpcId=vpc["VpcId"], CidrBlock=f"10.{n}.1.0/24", Ipv6CidrBlock=v6_64)["Subnet"]
-        inst = ec2.run_instances(ImageId=AMI, MinCount=1, MaxCount=1, SubnetId=subnet["SubnetId"])["Instances"][0]
+        # Primary IPs fixed low in the subnet (.5, .6, ...): tests use .10 and up, and a
+        # random primary equal to a test address would make a change a silent no-op.
+        inst = ec2.run_instances(
+            ImageId=AMI, MinCount=1, MaxCount=1, SubnetId=subnet["SubnetId"], PrivateIpAddress=f"10.{n}.1.5"
+        )["Instances"][0]
         primary = inst["NetworkInterfaces"][0]
         eth0 = Eni(primary["NetworkInterfaceId"], primary["MacAddress"], primary["PrivateIpAddress"])
         enis = []
         for i in range(extra_enis):
-            e = ec2.create_network_interface(SubnetId=subnet["SubnetId"])["NetworkInterface"]
+            e = ec2.create_network_interface(SubnetId=subnet["SubnetId"], PrivateIpAddress=f"10.{n}.1.{6 + i}")[
+                "NetworkInterface"
+            ]
             ec2.attach_network_interface(
                 NetworkInterfaceId=e["NetworkInterfaceId"], InstanceId=inst["InstanceId"], DeviceIndex=i + 1
             )
