@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# Fuzzes the webhook with cargo-fuzz (libFuzzer) on the stable toolchain (issue 5):
+#   networks_annotation  the Multus annotation parser
+#   admission_review     /mutate body handling (admission::review)
+#   mutate_pod           the injection on any JSON pod: patch applies, one sidecar, idempotent
+#
+#   scripts/fuzz.sh [SECONDS]     # SECONDS per target, default 30
+#
+# Installs cargo-fuzz (pinned) if missing, seeds fuzz/corpus/<target> from the fixture pods in
+# webhook/tests/data (via `webhook-load corpus`), builds the targets in fuzz/target and runs
+# each for SECONDS. Env: FUZZ_SANITIZER (default `address`; CI uses `none` to build faster),
+# FUZZ_JOBS (parallel libFuzzer jobs per target, default 1).
+# A crash leaves its input in fuzz/artifacts/<target>/ and fails the script: add it to
+# webhook/tests/fuzz_regressions.rs.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+seconds="${1:-30}"
+sanitizer="${FUZZ_SANITIZER:-address}"
+jobs="${FUZZ_JOBS:-1}"
+cargo_fuzz_version=0.13.2
+targets=(networks_annotation admission_review mutate_pod)
+
+if ! cargo fuzz --version 2>/dev/null | grep -qF "$cargo_fuzz_version"; then
+  cargo install cargo-fuzz --version "$cargo_fuzz_version" --locked
+fi
+# cargo-fuzz passes -Z flags (sanitizer coverage, -Zsanitizer); only nightly accepts them,
+# unless the stable compiler is told to, which is what this does. No nightly is needed.
+export RUSTC_BOOTSTRAP=1
+
+echo "== seeding fuzz/corpus from webhook/tests/data"
+cargo run --quiet --locked -p multus-eni-webhook-load --bin webhook-load -- \
+  --fixtures webhook/tests/data corpus --out fuzz/corpus
+
+cd fuzz
+build=(-O --codegen-units 16 --sanitizer "$sanitizer")
+echo "== cargo fuzz build ${build[*]}"
+cargo fuzz build "${build[@]}"
+
+parallel=()
+if [[ "$jobs" -gt 1 ]]; then
+  parallel=(-jobs="$jobs" -workers="$jobs")
+fi
+status=0
+for target in "${targets[@]}"; do
+  echo "== fuzzing $target for ${seconds}s"
+  mkdir -p "artifacts/$target"
+  if ! cargo fuzz run "${build[@]}" "$target" "corpus/$target" -- \
+      -max_total_time="$seconds" -timeout=10 -rss_limit_mb=2048 -max_len=65536 \
+      "${parallel[@]}" -print_final_stats=1 2>"artifacts/$target/log.txt"; then
+    echo "!! $target found a crash:" >&2
+    tail -n 40 "artifacts/$target/log.txt" >&2
+    status=1
+  fi
+  grep -E "stat::number_of_executed_units|stat::peak_rss_mb|cov: " "artifacts/$target/log.txt" | tail -n 3 || true
+done
+exit "$status"
