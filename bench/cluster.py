@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import logging
 import os
 import signal
 import subprocess
@@ -25,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from tests.lib import moto as motolib  # noqa: E402
 from tests.lib.netns import NetNS, run  # noqa: E402
+from tests.lib.sidecar import Sidecar  # noqa: E402
 
 BRIDGE_IP = "10.251.0.1"
 BRIDGE_NET = ipaddress.IPv4Network("10.251.0.0/16")
@@ -32,7 +34,22 @@ VPC_CIDR = "10.90.0.0/16"
 SUBNET_CIDR = "10.90.0.0/20"
 POD_POOL_START = ipaddress.IPv4Address("10.90.4.10")
 MOTO_PORT = 5000
+PROBE_PORT = 9811
 CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def quiet_proxy_shutdown() -> None:
+    """The fault proxy's loop is stopped with keep-alive connections still open; asyncio
+    then reports each dropped handler. Harmless at the end of a run: keep it off the report."""
+    logging.getLogger("asyncio").setLevel(logging.CRITICAL)
+    default = sys.unraisablehook
+
+    def hook(u: Any) -> None:
+        if isinstance(u.exc_value, RuntimeError) and "Event loop is closed" in str(u.exc_value):
+            return
+        default(u)
+
+    sys.unraisablehook = hook
 
 
 def sidecar_binary() -> str:
@@ -62,6 +79,7 @@ class Pod:
     eni: Eni
     addresses: list[str]
     ns: NetNS | None = None
+    sidecar: Sidecar | None = None
     proc: subprocess.Popen[bytes] | None = None
     started: float = 0.0
 
@@ -189,41 +207,26 @@ def attach_pods_to_bridge(emu: Emulator, pods: list[Pod]) -> None:
     batch(emu.ns.name, [f"link set vp{p.index} master br0 up" for p in pods])
 
 
-def sidecar_env(endpoint: str, pod: Pod) -> dict[str, str]:
-    env = {
-        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
-        "AWS_REGION": motolib.REGION,
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_ENDPOINT_URL_EC2": endpoint,
-        "AWS_EC2_METADATA_DISABLED": "true",
-        "POD_NAME": f"bench-{pod.index}",
-        "POD_NAMESPACE": "bench",
-        "NODE_NAME": pod.eni.node,
-        "MULTUS_ENI_LOG_FORMAT": "json",
-    }
-    if "RUST_LOG" in os.environ:
-        env["RUST_LOG"] = os.environ["RUST_LOG"]
-    return env
-
-
 def start_sidecar(binary: str, endpoint: str, pod: Pod, log_dir: Path, extra_args: list[str]) -> None:
-    """The real sidecar in the pod's namespace (`ip netns exec` execs it: same pid)."""
-    log = open(log_dir / f"sidecar-{pod.index}.log", "wb")
-    try:
-        pod.proc = subprocess.Popen(
-            [
-                "ip", "netns", "exec", pod.ns_name, binary, "run",
-                "--interfaces", "net1", "--probe-addr", "127.0.0.1:9811", *extra_args,
-            ],
-            env=sidecar_env(endpoint, pod),
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    finally:
-        log.close()
+    """The real sidecar in the pod's namespace, through the tests' wrapper
+    (tests/lib/sidecar.py: `ip netns exec`, which execs it, so the pid is the sidecar's)."""
+    pod.sidecar = Sidecar(
+        pod.ns,
+        ["net1"],
+        endpoint,
+        log_dir / f"sidecar-{pod.index}.log",
+        args=extra_args,
+        env={
+            "POD_NAME": f"bench-{pod.index}",
+            "POD_NAMESPACE": "bench",
+            "NODE_NAME": pod.eni.node,
+            "MULTUS_ENI_LOG_FORMAT": "json",
+            "RUST_LOG": os.environ.get("RUST_LOG", "info"),
+        },
+        probe_port=PROBE_PORT,
+        binary=Path(binary),
+    ).start()
+    pod.proc = pod.sidecar.proc
     pod.started = time.monotonic()
 
 
@@ -288,18 +291,10 @@ def unassign_all(emu: Emulator, state: dict[str, set[str]], addresses: set[str])
     return emu.ns.call(do)
 
 
-def stop_process(proc: subprocess.Popen[bytes] | None) -> None:
-    """SIGKILL a process this benchmark started (by its own pid) and reap it."""
-    if proc is None or proc.poll() is not None:
-        return
-    try:
-        os.kill(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    try:
-        proc.wait(5)
-    except subprocess.TimeoutExpired:
-        pass
+def stop_sidecar(pod: Pod) -> None:
+    """SIGKILL a sidecar this benchmark started (its own session) and reap it."""
+    if pod.sidecar is not None:
+        pod.sidecar.kill()
 
 
 def delete_namespace(name: str) -> None:

@@ -101,6 +101,7 @@ def main() -> int:
         return 2
     signal.signal(signal.SIGTERM, _on_signal)
     signal.signal(signal.SIGINT, _on_signal)
+    cluster.quiet_proxy_shutdown()
     run_id = os.environ.get("MNE_BENCH_RUN", str(os.getpid()))
     log_dir = Path(tempfile.mkdtemp(prefix=f"mne-bench-{run_id}-"))
     binary = cluster.sidecar_binary()
@@ -200,7 +201,7 @@ def main() -> int:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         if pod is not None:
-            cluster.stop_process(pod.proc)
+            cluster.stop_sidecar(pod)
             if pod.ns is not None:
                 pod.ns.close()
             else:

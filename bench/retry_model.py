@@ -36,6 +36,7 @@ class Policy:
     sdk_initial: float = 0.2
     loop_min: float = 1.0
     loop_max: float = 30.0
+    loop_factor: float = 2.0
     stale_on_throttle: bool = True
     release_retries: bool = False
     shutdown_timeout: float = 10.0
@@ -95,7 +96,7 @@ def loop_delays(sim: Sim, p: Policy) -> Iterator[float]:
     d = p.loop_min
     while True:
         yield d + d * sim.rng.random()
-        d = min(d * 2, p.loop_max)
+        d = min(d * p.loop_factor, p.loop_max)
 
 
 def start_phase(pods: int, spawn: float, p: Policy, seed: int = 1) -> Outcome:

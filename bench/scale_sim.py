@@ -129,18 +129,7 @@ def routable_spread(proxy: ThrottlingProxy, since: float, addresses: set[str]) -
 
 def ready_count(pods: list[Pod]) -> int:
     """Pods whose sidecar answers 200 on /readyz (asked inside each pod's namespace)."""
-    import urllib.error
-    import urllib.request
-
-    def probe() -> bool:
-        try:
-            with urllib.request.urlopen("http://127.0.0.1:9811/readyz", timeout=2) as r:
-                return r.status == 200
-        except (urllib.error.URLError, OSError):
-            return False
-
-    futures = [p.ns.submit(probe) for p in pods if p.ns is not None]
-    return sum(1 for f in futures if f.result())
+    return sum(1 for p in pods if p.sidecar is not None and p.sidecar.probe() == 200)
 
 
 # === the two modes ===
@@ -244,7 +233,7 @@ def run_sidecars(
         extra["resync_wave"] = (len(waves), (max(waves) - min(waves)) if waves else 0.0)
     finally:
         for p in pods:
-            cluster.stop_process(p.proc)
+            cluster.stop_sidecar(p)
         proxy.stop()
     return RunResult("sidecar", phases, extra)
 
@@ -506,6 +495,7 @@ def main() -> int:
 
     signal.signal(signal.SIGTERM, _on_signal)
     signal.signal(signal.SIGINT, _on_signal)
+    cluster.quiet_proxy_shutdown()
     run_id = os.environ.get("MNE_BENCH_RUN", str(os.getpid()))
     log_dir = Path(tempfile.mkdtemp(prefix=f"mne-bench-{run_id}-"))
     random.seed(1)
@@ -546,7 +536,7 @@ def main() -> int:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         for p in pods:
-            cluster.stop_process(p.proc)
+            cluster.stop_sidecar(p)
         for p in pods:
             if p.ns is not None:
                 p.ns.close()
