@@ -96,8 +96,8 @@ class Pod:
         for a in addresses:
             self.add(name, a)
 
-    def add(self, name: str, address: str) -> None:
-        self.ns.add_address(name, address + ("/64" if ":" in address else "/24"))
+    def add(self, name: str, address: str, nodad: bool = True) -> None:
+        self.ns.add_address(name, address + ("/64" if ":" in address else "/24"), nodad=nodad)
 
     def remove(self, name: str, address: str) -> None:
         self.ns.del_address(name, address + ("/64" if ":" in address else "/24"))

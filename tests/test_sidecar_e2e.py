@@ -259,3 +259,18 @@ def test_missing_credentials_log_the_fixes_and_keep_retrying(pod):
     assert s.probe() == 503 and s.probe("/healthz") == 200
     assert pod.emulator.proxy.calls() == 0
     assert s.terminate() == 0
+
+
+def test_tentative_ipv6_is_assigned_once_dad_completes(pod):
+    w = world(pod)
+    eni = w.enis[0]
+    pod.link("net1", eni.mac)
+    s = pod.start_sidecar(["net1"])
+    wait_for(lambda: s.probe() == 200, "ready with no addresses yet")
+    address = w.v6(0x170)
+    pod.add("net1", address, nodad=False)  # the kernel runs DAD: tentative for ~1 s
+    wait_for(lambda: on_eni(pod, eni.id, address), "the IPv6 on the ENI after DAD")
+    wait_for(lambda: s.probe() == 200, "ready")
+    (call,) = pod.emulator.proxy.requests(ASSIGN6)
+    assert call.values("Ipv6Addresses") == [address]
+    assert "still tentative" in s.log_text()

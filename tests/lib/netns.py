@@ -83,9 +83,10 @@ class NetNS:
     def del_link(self, name: str) -> None:
         self.ip("link", "del", name, check=False)
 
-    def add_address(self, ifname: str, cidr: str) -> None:
-        """Add an address; IPv6 gets `nodad` so it is usable (not tentative) at once."""
-        extra = ["nodad"] if ":" in cidr else []
+    def add_address(self, ifname: str, cidr: str, nodad: bool = True) -> None:
+        """Add an address; IPv6 gets `nodad` (unless told otherwise) so it is usable, not
+        tentative, at once."""
+        extra = ["nodad"] if ":" in cidr and nodad else []
         self.ip("addr", "add", cidr, "dev", ifname, *extra)
 
     def del_address(self, ifname: str, cidr: str) -> None:
