@@ -8,8 +8,9 @@
 #
 # Installs cargo-fuzz (pinned) if missing, seeds fuzz/corpus/<target> from the fixture pods in
 # webhook/tests/data (via `webhook-load corpus`), builds the targets in fuzz/target and runs
-# each for SECONDS. Env: FUZZ_SANITIZER (default `address`; CI uses `none` to build faster),
-# FUZZ_JOBS (parallel libFuzzer jobs per target, default 1).
+# each for SECONDS. Env: FUZZ_SANITIZER (default `address`), FUZZ_PROFILE (`release`, the
+# default, or `dev`: unoptimized, builds in half the time), FUZZ_JOBS (parallel libFuzzer
+# processes per target, default 1). CI: FUZZ_PROFILE=dev FUZZ_SANITIZER=none scripts/fuzz.sh 10
 # A crash leaves its input in fuzz/artifacts/<target>/ and fails the script: add it to
 # webhook/tests/fuzz_regressions.rs.
 set -euo pipefail
@@ -18,6 +19,7 @@ cd "$(dirname "$0")/.."
 seconds="${1:-30}"
 sanitizer="${FUZZ_SANITIZER:-address}"
 jobs="${FUZZ_JOBS:-1}"
+profile="${FUZZ_PROFILE:-release}"
 cargo_fuzz_version=0.13.2
 targets=(networks_annotation admission_review mutate_pod)
 
@@ -33,7 +35,11 @@ cargo run --quiet --locked -p multus-eni-webhook-load --bin webhook-load -- \
   --fixtures webhook/tests/data corpus --out fuzz/corpus
 
 cd fuzz
-build=(-O --codegen-units 16 --sanitizer "$sanitizer")
+case "$profile" in
+  release) build=(-O --codegen-units 16 --sanitizer "$sanitizer") ;;
+  dev) build=(--dev --sanitizer "$sanitizer") ;;
+  *) echo "FUZZ_PROFILE must be release or dev" >&2; exit 2 ;;
+esac
 echo "== cargo fuzz build ${build[*]}"
 cargo fuzz build "${build[@]}"
 

@@ -69,7 +69,7 @@ pub struct BenchArgs {
     /// Length of the fixed-rate run.
     #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
     pub rate_duration: Duration,
-    /// Concurrent connections at saturation (comma list: one run each).
+    /// Concurrent connections at saturation (comma list: one run each; 0: none).
     #[arg(long, value_delimiter = ',', default_value = "1,4,16")]
     pub saturation_connections: Vec<usize>,
     /// Length of each saturation run.
@@ -178,7 +178,7 @@ pub async fn bench(common: &Common, args: &BenchArgs) -> Result<Vec<Report>> {
         duration: args.rate_duration,
         seed: common.seed,
     }];
-    for &connections in &args.saturation_connections {
+    for &connections in args.saturation_connections.iter().filter(|c| **c > 0) {
         plans.push(Plan {
             label: format!("saturation ×{connections}"),
             pace: Pace::Saturate,
