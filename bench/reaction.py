@@ -157,10 +157,14 @@ def main() -> int:
         assert pod.proc is not None
         time.sleep(2.0)
         s0 = cluster.proc_stats(pod.proc.pid)
-        calls_idle0 = proxy.calls()
+        t_idle = time.monotonic()
         time.sleep(args.idle)
         s1 = cluster.proc_stats(pod.proc.pid)
-        idle_calls = proxy.calls() - calls_idle0
+        idle_actions: dict[str, int] = {}
+        for r in proxy.requests():
+            if r.arrived >= t_idle:
+                idle_actions[r.action] = idle_actions.get(r.action, 0) + 1
+        idle_calls = sum(idle_actions.values())
         if s0 is None or s1 is None:
             raise RuntimeError("the sidecar exited")
         idle_cpu_ms = (s1.cpu_seconds - s0.cpu_seconds) * 1000
@@ -185,7 +189,8 @@ def main() -> int:
             + ", ".join(f"{k} {v}" for k, v in sorted(by_action.items()))
             + ")",
             f"- idle CPU over {args.idle:.0f} s: {idle_cpu_ms:.0f} ms ({idle_cpu_ms / 10 / args.idle:.3f} % of one core), "
-            f"EC2 calls while idle: {idle_calls}",
+            f"EC2 calls while idle: {idle_calls}"
+            + (f" ({', '.join(f'{k} {v}' for k, v in sorted(idle_actions.items()))}: the 60 s resync)" if idle_calls else ""),
             f"- RSS {s1.rss_kib / 1024:.1f} MiB, peak (VmHWM) {s1.hwm_kib / 1024:.1f} MiB",
         ]
         print("\n".join(lines))
