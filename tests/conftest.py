@@ -86,6 +86,7 @@ class Pod:
         self.ns = emulator.ns
         self.tmp_path = tmp_path
         self.links: list[str] = []
+        self.worlds: list[moto.World] = []
         self.sidecars: list[sidecar.Sidecar] = []
 
     def link(self, name: str, mac: str, *addresses: str) -> None:
@@ -133,6 +134,10 @@ def pod(emulator: Emulator, sidecar_binary: Path, tmp_path: Path, request: pytes
         if failed is not None and failed.failed:
             for s in p.sidecars:
                 sys.stderr.write(f"--- {s.log_path}\n{s.log_text()[-6000:]}\n")
+            for w in p.worlds:
+                for e in [w.eth0, *w.enis]:
+                    sys.stderr.write(f"--- {e.id} ({e.mac}): {emulator.eni(e.id)}\n")
+            sys.stderr.write(f"--- proxy: {emulator.proxy.counts()}\n")
         p.cleanup()
         emulator.proxy.reset()
 

@@ -19,7 +19,9 @@ MUTATING = {ASSIGN4, UNASSIGN4, ASSIGN6, UNASSIGN6}
 
 
 def world(pod) -> World:
-    return build_world(pod.ns, pod.emulator.direct)
+    w = build_world(pod.ns, pod.emulator.direct)
+    pod.worlds.append(w)
+    return w
 
 
 def on_eni(pod, eni_id: str, *addresses: str) -> bool:

@@ -9,6 +9,7 @@ primaries; the first call takes ~1.5 s.
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import os
 import signal
 import subprocess
@@ -117,7 +118,9 @@ class World:
         return self.subnet_cidr.rsplit(".", 1)[0] + f".{host}"
 
     def v6(self, host: int) -> str:
-        return f"{self.ipv6_prefix}{host:x}"
+        """Address `host` in the subnet's /64, in canonical form (moto's prefixes may carry
+        leading zeros, `0a0b`, which EC2 and the sidecar print as `a0b`)."""
+        return str(ipaddress.IPv6Address(f"{self.ipv6_prefix}{host:x}"))
 
 
 _world_counter = [0]
@@ -175,7 +178,8 @@ class EniState:
     tags: dict[str, str] = dataclasses.field(hash=False, compare=False, default_factory=dict)
 
     def holds(self, address: str) -> bool:
-        return address in (self.ipv6 if ":" in address else self.ipv4)
+        canonical = str(ipaddress.ip_address(address))
+        return canonical in (self.ipv6 if ":" in address else self.ipv4)
 
 
 def eni_state(ns: NetNS, endpoint: str, eni_id: str) -> EniState:
@@ -183,7 +187,7 @@ def eni_state(ns: NetNS, endpoint: str, eni_id: str) -> EniState:
         n = client(endpoint).describe_network_interfaces(NetworkInterfaceIds=[eni_id])["NetworkInterfaces"][0]
         return EniState(
             ipv4=frozenset(p["PrivateIpAddress"] for p in n.get("PrivateIpAddresses", [])),
-            ipv6=frozenset(a["Ipv6Address"] for a in n.get("Ipv6Addresses", [])),
+            ipv6=frozenset(str(ipaddress.IPv6Address(a["Ipv6Address"])) for a in n.get("Ipv6Addresses", [])),
             tags={t["Key"]: t["Value"] for t in n.get("TagSet", [])},
         )
 

@@ -148,10 +148,12 @@ def wait_for(check: Callable[[], Any], what: str, timeout: float | None = None, 
     waits for convergence, it measures nothing."""
     timeout = DEFAULT_TIMEOUT if timeout is None else timeout
     deadline = time.monotonic() + timeout
+    checks = 0
     while True:
         value = check()
+        checks += 1
         if value:
             return value
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+            raise AssertionError(f"timed out after {timeout}s ({checks} checks) waiting for {what}")
         time.sleep(interval)
