@@ -26,7 +26,7 @@ pub struct ThrowawayCerts {
     pub server_name: ServerName<'static>,
 }
 
-/// Generates a CA and a serving certificate and writes `tls.crt`/`tls.key` to a temp dir.
+/// Generates a CA and a serving certificate and writes `tls/tls.crt`, `tls/tls.key` in a temp dir.
 pub fn generate() -> Result<ThrowawayCerts> {
     let ca_key = KeyPair::generate()?;
     let mut ca_params = CertificateParams::new(Vec::<String>::new())?;
@@ -51,8 +51,12 @@ pub fn generate() -> Result<ThrowawayCerts> {
         .prefix("webhook-load-")
         .tempdir()
         .map_err(|e| Error::io("creating a temp dir", e))?;
-    let cert_path = dir.path().join("tls.crt");
-    let key_path = dir.path().join("tls.key");
+    // A directory of their own: the webhook re-reads its certificate on any change in the
+    // directory it watches, so the server log (written next to `tls/`) must not be in it.
+    let tls_dir = dir.path().join("tls");
+    std::fs::create_dir(&tls_dir).map_err(|e| Error::io("creating the tls dir", e))?;
+    let cert_path = tls_dir.join("tls.crt");
+    let key_path = tls_dir.join("tls.key");
     std::fs::write(&cert_path, leaf.pem()).map_err(|e| Error::io("writing tls.crt", e))?;
     std::fs::write(&key_path, key.serialize_pem()).map_err(|e| Error::io("writing tls.key", e))?;
 
