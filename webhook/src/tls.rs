@@ -147,6 +147,20 @@ impl CertStore {
         }
     }
 
+    /// Whether a change to `paths` can affect the pair: the certificate or key file itself, or
+    /// the kubelet's `..data` symlink and timestamped directories behind a Secret volume. Other
+    /// files in the same directory (logs, unrelated keys) do not trigger a reload. An event
+    /// without paths (a watcher rescan) counts.
+    fn concerns_pair(&self, paths: &[PathBuf]) -> bool {
+        let names = [self.cert_path.file_name(), self.key_path.file_name()];
+        paths.is_empty()
+            || paths.iter().any(|path| {
+                path.file_name().is_some_and(|name| {
+                    names.contains(&Some(name)) || name.to_string_lossy().starts_with("..")
+                })
+            })
+    }
+
     /// Starts watching the directories of the certificate and key; keep the returned watcher
     /// alive for as long as reloads should happen.
     pub fn watch(self: &Arc<Self>) -> Result<RecommendedWatcher> {
@@ -154,6 +168,7 @@ impl CertStore {
         let mut watcher =
             notify::recommended_watcher(move |event: notify::Result<notify::Event>| match event {
                 Ok(event) if matches!(event.kind, EventKind::Access(_)) => {}
+                Ok(event) if !store.concerns_pair(&event.paths) => {}
                 Ok(_) => store.reload_settled(),
                 Err(err) => tracing::warn!(error = %err, "certificate watcher error"),
             })?;
@@ -215,6 +230,22 @@ mod tests {
         assert!(store.reload().is_err());
         assert_eq!(store.current().cert, before);
         assert!(CertStore::load(&cert_a, &key_b, None).is_err());
+    }
+
+    #[test]
+    fn only_changes_to_the_pair_or_kubelet_data_trigger_a_reload() {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let (cert, key) = write_pair(dir.path(), "tls");
+        let store = CertStore::load(&cert, &key, None).unwrap_or_else(|e| panic!("{e}"));
+        let at = |name: &str| vec![dir.path().join(name)];
+        assert!(store.concerns_pair(&at("tls.crt")));
+        assert!(store.concerns_pair(&at("tls.key")));
+        assert!(store.concerns_pair(&at("..data")));
+        assert!(store.concerns_pair(&at("..data_tmp")));
+        assert!(store.concerns_pair(&at("..2026_11_25_18_00_00.123")));
+        assert!(store.concerns_pair(&[]));
+        assert!(!store.concerns_pair(&at("server.log")));
+        assert!(!store.concerns_pair(&at("ca.crt")));
     }
 
     #[test]
