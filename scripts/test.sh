@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The whole test suite, as CI runs it: formatting, lints, Rust unit and integration tests, then
 # the end-to-end tests (real binaries, network namespaces, the EC2 emulator, TLS like the
-# kube-apiserver). Needs root for the network namespaces.
+# kube-apiserver), with a short fuzzing run before them. Needs root for the network namespaces.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -15,6 +15,8 @@ echo "== cargo build (binaries for the end-to-end tests)"
 cargo build --workspace --bins --locked
 echo "== cargo test"
 cargo test --workspace --locked
+echo "== fuzz (short run of every target; a longer one: scripts/fuzz.sh 300)"
+FUZZ_PROFILE=dev FUZZ_SANITIZER=none scripts/fuzz.sh "${FUZZ_SECONDS:-10}"
 echo "== pytest (end-to-end)"
 export MULTUS_ENI_BIN_DIR="${MULTUS_ENI_BIN_DIR:-$PWD/target/debug}"
 .venv/bin/python -m pytest tests -ra
