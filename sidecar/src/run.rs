@@ -21,6 +21,12 @@ pub const RETRY_MIN: Duration = Duration::from_secs(1);
 /// Longest wait between two attempts of a failing change (before jitter).
 pub const RETRY_MAX: Duration = Duration::from_secs(30);
 
+/// First wait between two release attempts on SIGTERM; doubles (with jitter) to
+/// [`RELEASE_RETRY_MAX`]. The shutdown timeout bounds the whole release.
+pub const RELEASE_RETRY_MIN: Duration = Duration::from_millis(250);
+/// Longest wait between two release attempts (before jitter).
+pub const RELEASE_RETRY_MAX: Duration = Duration::from_secs(2);
+
 fn retry_policy() -> ExponentialBuilder {
     ExponentialBuilder::default()
         .with_min_delay(RETRY_MIN)
@@ -256,9 +262,20 @@ impl Sidecar {
                     }
                 }
                 Err(e) => {
-                    // Our picture of that ENI may be wrong now: read it again next time.
+                    // Our picture of that ENI may be wrong now: read it again next time. A
+                    // throttled call was not executed: the picture is still right, and a
+                    // describe per retry would only add to the throttling (docs/scale.md).
+                    let throttled = matches!(
+                        e,
+                        Error::Ec2 {
+                            kind: ErrorKind::Throttled,
+                            ..
+                        }
+                    );
                     for (mac, lookup) in &self.enis {
-                        if matches!(lookup, EniLookup::Found(eni) if eni.id == change.eni()) {
+                        if !throttled
+                            && matches!(lookup, EniLookup::Found(eni) if eni.id == change.eni())
+                        {
                             self.stale.insert(*mac);
                         }
                     }
@@ -417,17 +434,39 @@ impl Sidecar {
             return;
         }
         let timeout = self.args.shutdown_timeout;
-        match tokio::time::timeout(timeout, self.release()).await {
-            Ok(Ok(())) => tracing::info!(action = "release", outcome = "ok", "released; exiting"),
-            Ok(Err(e)) => {
-                tracing::error!(action = "release", outcome = "failed", error = %e, "release failed; exiting")
-            }
+        match tokio::time::timeout(timeout, self.release_with_retries()).await {
+            Ok(()) => tracing::info!(action = "release", outcome = "ok", "released; exiting"),
             Err(_) => tracing::error!(
                 action = "release",
                 outcome = "timeout",
                 timeout = %humantime::format_duration(timeout),
                 "release did not finish in time; exiting"
             ),
+        }
+    }
+
+    /// Retries the release (throttling at a mass deletion, 5xx) until it succeeds; the
+    /// caller's shutdown timeout bounds it. Giving up at the first failure left addresses
+    /// on the ENIs (docs/scale.md).
+    async fn release_with_retries(&mut self) {
+        let mut backoff = ExponentialBuilder::default()
+            .with_min_delay(RELEASE_RETRY_MIN)
+            .with_max_delay(RELEASE_RETRY_MAX)
+            .with_factor(2.0)
+            .with_jitter()
+            .without_max_times()
+            .build();
+        loop {
+            match self.release().await {
+                Ok(()) => return,
+                Err(e) => {
+                    let delay = backoff.next().unwrap_or(RELEASE_RETRY_MAX);
+                    let retry_in =
+                        humantime::format_duration(Duration::from_millis(delay.as_millis() as u64));
+                    tracing::warn!(action = "release", outcome = "retry", error = %e, retry_in = %retry_in, "release failed; retrying until the shutdown timeout");
+                    tokio::time::sleep(delay).await;
+                }
+            }
         }
     }
 
