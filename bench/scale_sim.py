@@ -403,7 +403,7 @@ def report(args: argparse.Namespace, res: list[RunResult], moto: dict[str, float
             hwm = [s.hwm_kib / 1024 for s in st]
             cpu = [s.cpu_seconds * 1000 for s in st]
             lines.append(
-                f"- per sidecar ({Path(sc.extra['binary']).parent.name} build): RSS p50 {cluster.percentile(rss, .5):.1f} MiB, "
+                f"- per sidecar ({build_label(sc.extra['binary'])}): RSS p50 {cluster.percentile(rss, .5):.1f} MiB, "
                 f"max {max(rss):.1f} MiB; VmHWM max {max(hwm):.1f} MiB; CPU for the whole run p50 "
                 f"{cluster.percentile(cpu, .5):.0f} ms, max {max(cpu):.0f} ms"
             )
@@ -411,7 +411,8 @@ def report(args: argparse.Namespace, res: list[RunResult], moto: dict[str, float
             f"- sidecars: spawned in {sc.extra['spawn_seconds']:.1f} s, /readyz 200 after start: "
             f"{sc.extra['ready_after_start']}/{args.pods}, exited early: {len(sc.extra['exited_early'])}; "
             f"SIGTERM → exit p50 {sc.extra['exit_p50']:.1f} s, max {sc.extra['exit_max']:.1f} s, "
-            f"exit codes {sc.extra['exit_codes']}, not exited {sc.extra['not_exited']}; released {sc.extra['released']}"
+            f"exit codes {sc.extra['exit_codes']}, not exited {sc.extra['not_exited']}; released {sc.extra['released']} addresses "
+            f"({sc.phases[-1].calls.get(UNASSIGN, {}).get('ok', 0)} successful Unassign calls)"
         )
         n, span = sc.extra.get("resync_wave", (0, 0.0))
         if n:
@@ -436,6 +437,11 @@ def report(args: argparse.Namespace, res: list[RunResult], moto: dict[str, float
     lines.append("")
     lines.append(projection(res))
     return "\n".join(lines)
+
+
+def build_label(binary: str) -> str:
+    parent = Path(binary).parent.name
+    return f"{parent} build" if parent in ("debug", "release") else binary
 
 
 def projection(res: list[RunResult]) -> str:
