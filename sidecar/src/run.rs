@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use backon::{BackoffBuilder, ExponentialBackoff, ExponentialBuilder};
 use tokio::signal::unix::{SignalKind, signal};
-use tokio::time::{Instant, MissedTickBehavior};
+use tokio::time::Instant;
 use tracing::Instrument;
 
 use crate::addresses::{AddressWatcher, InterfaceTable, MacAddress};
@@ -26,6 +26,17 @@ pub const RETRY_MAX: Duration = Duration::from_secs(30);
 pub const RELEASE_RETRY_MIN: Duration = Duration::from_millis(250);
 /// Longest wait between two release attempts (before jitter).
 pub const RELEASE_RETRY_MAX: Duration = Duration::from_secs(2);
+
+/// Spread of the first resync around `--resync-interval` (±50 %): pods of one rollout start
+/// within seconds of each other and would otherwise resync in the same second, every period.
+pub const FIRST_RESYNC_SPREAD: f64 = 0.5;
+/// Spread of every later resync (±20 %), so the waves do not re-form.
+pub const RESYNC_SPREAD: f64 = 0.2;
+
+/// `period` scaled into `[period·(1−spread), period·(1+spread))` by `unit` in `[0, 1)`.
+fn jittered(period: Duration, spread: f64, unit: f64) -> Duration {
+    period.mul_f64(1.0 - spread + 2.0 * spread * unit.clamp(0.0, 1.0))
+}
 
 fn retry_policy() -> ExponentialBuilder {
     ExponentialBuilder::default()
@@ -120,8 +131,8 @@ impl Sidecar {
         sigint: &mut tokio::signal::unix::Signal,
     ) -> Result<()> {
         let period = self.args.resync_interval;
-        let mut resync = tokio::time::interval_at(Instant::now() + period, period);
-        resync.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        let mut next_resync =
+            Instant::now() + jittered(period, FIRST_RESYNC_SPREAD, fastrand::f64());
         loop {
             if self.dirty && self.retry_at.is_none() {
                 self.dirty = false;
@@ -147,7 +158,8 @@ impl Sidecar {
                         self.table_dump().await?;
                     }
                 },
-                _ = resync.tick() => {
+                _ = tokio::time::sleep_until(next_resync) => {
+                    next_resync = Instant::now() + jittered(period, RESYNC_SPREAD, fastrand::f64());
                     tracing::debug!(action = "resync", "re-reading interfaces and ENIs");
                     self.stale.extend(self.enis.keys().copied());
                     self.table_dump().await?;
@@ -499,5 +511,35 @@ async fn sleep_until(at: Option<Instant>) {
     match at {
         Some(at) => tokio::time::sleep_until(at).await,
         None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn resyncs_are_spread_around_the_period() {
+        let period = Duration::from_secs(60);
+        assert_eq!(
+            jittered(period, FIRST_RESYNC_SPREAD, 0.0),
+            Duration::from_secs(30)
+        );
+        assert_eq!(jittered(period, FIRST_RESYNC_SPREAD, 0.5), period);
+        assert!(jittered(period, FIRST_RESYNC_SPREAD, 0.999) < Duration::from_secs(90));
+        assert_eq!(
+            jittered(period, RESYNC_SPREAD, 0.0),
+            Duration::from_secs(48)
+        );
+        assert!(jittered(period, RESYNC_SPREAD, 0.999) < Duration::from_secs(72));
+        // Out-of-range input cannot produce a zero or runaway wait.
+        assert_eq!(
+            jittered(period, RESYNC_SPREAD, -1.0),
+            Duration::from_secs(48)
+        );
+        assert_eq!(
+            jittered(period, RESYNC_SPREAD, 7.0),
+            Duration::from_secs(72)
+        );
     }
 }
