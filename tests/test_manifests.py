@@ -32,6 +32,8 @@ import pytest
 import yaml
 from kubernetes_validate.utils import SchemaNotFoundError, ValidationError
 
+from lib.apiserver import label_selector_matches as selector_matches
+
 REPO = Path(__file__).resolve().parent.parent
 MANIFESTS = REPO / "manifests"
 CONTRACT = REPO / "docs" / "contract.md"
@@ -144,24 +146,6 @@ def container_port(container: dict, port: int | str) -> int:
     named = [p["containerPort"] for p in container.get("ports", []) if p.get("name") == port]
     assert named, f"container {container['name']} has no port named {port!r}"
     return named[0]
-
-
-def selector_matches(selector: dict, labels: dict) -> bool:
-    """Kubernetes label selector semantics (matchLabels + matchExpressions)."""
-    for key, value in selector.get("matchLabels", {}).items():
-        if labels.get(key) != value:
-            return False
-    for expr in selector.get("matchExpressions", []):
-        key, op, values = expr["key"], expr["operator"], expr.get("values", [])
-        if op == "In" and labels.get(key) not in values:
-            return False
-        if op == "NotIn" and key in labels and labels[key] in values:
-            return False
-        if op == "Exists" and key not in labels:
-            return False
-        if op == "DoesNotExist" and key in labels:
-            return False
-    return True
 
 
 def namespace_labels(namespace: dict) -> dict:
