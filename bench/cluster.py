@@ -138,15 +138,8 @@ def build_world(emu: Emulator, enis: int, enis_per_node: int = 3) -> World:
             )["Instances"][0]
             nodes.append(inst["InstanceId"])
             for d in range(min(enis_per_node, enis - len(out))):
-                e = ec2.create_network_interface(
-                    SubnetId=subnet["SubnetId"], PrivateIpAddress=f"10.90.2.{len(out) + 10}"
-                )["NetworkInterface"]
-                ec2.attach_network_interface(
-                    NetworkInterfaceId=e["NetworkInterfaceId"], InstanceId=inst["InstanceId"], DeviceIndex=d + 1
-                )
-                ec2.create_tags(
-                    Resources=[e["NetworkInterfaceId"]],
-                    Tags=[{"Key": "node.k8s.amazonaws.com/no_manage", "Value": "true"}],
+                e = motolib.create_multus_eni(
+                    ec2, subnet["SubnetId"], inst["InstanceId"], d + 1, f"10.90.2.{len(out) + 10}"
                 )
                 out.append(Eni(e["NetworkInterfaceId"], e["MacAddress"], inst["InstanceId"]))
         return World(vpc["VpcId"], subnet["SubnetId"], nodes, out)

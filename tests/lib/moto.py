@@ -146,16 +146,7 @@ def build_world(ns: NetNS, endpoint: str, extra_enis: int = 2) -> World:
         eth0 = Eni(primary["NetworkInterfaceId"], primary["MacAddress"], primary["PrivateIpAddress"])
         enis = []
         for i in range(extra_enis):
-            e = ec2.create_network_interface(SubnetId=subnet["SubnetId"], PrivateIpAddress=f"10.{n}.1.{6 + i}")[
-                "NetworkInterface"
-            ]
-            ec2.attach_network_interface(
-                NetworkInterfaceId=e["NetworkInterfaceId"], InstanceId=inst["InstanceId"], DeviceIndex=i + 1
-            )
-            ec2.create_tags(
-                Resources=[e["NetworkInterfaceId"]],
-                Tags=[{"Key": "node.k8s.amazonaws.com/no_manage", "Value": "true"}],
-            )
+            e = create_multus_eni(ec2, subnet["SubnetId"], inst["InstanceId"], i + 1, f"10.{n}.1.{6 + i}")
             enis.append(Eni(e["NetworkInterfaceId"], e["MacAddress"], e["PrivateIpAddress"]))
         return World(
             endpoint=endpoint,
@@ -169,6 +160,19 @@ def build_world(ns: NetNS, endpoint: str, extra_enis: int = 2) -> World:
         )
 
     return ns.call(make)
+
+
+def create_multus_eni(ec2: Any, subnet_id: str, instance_id: str, device_index: int, private_ip: str) -> dict[str, Any]:
+    """An ENI as a Multus node has it: created in `subnet_id`, attached to the instance at
+    `device_index` and tagged `node.k8s.amazonaws.com/no_manage=true`. Call it on a thread inside
+    the emulator's namespace; returns EC2's NetworkInterface."""
+    e = ec2.create_network_interface(SubnetId=subnet_id, PrivateIpAddress=private_ip)["NetworkInterface"]
+    ec2.attach_network_interface(NetworkInterfaceId=e["NetworkInterfaceId"], InstanceId=instance_id, DeviceIndex=device_index)
+    ec2.create_tags(
+        Resources=[e["NetworkInterfaceId"]],
+        Tags=[{"Key": "node.k8s.amazonaws.com/no_manage", "Value": "true"}],
+    )
+    return e
 
 
 @dataclasses.dataclass(frozen=True)
