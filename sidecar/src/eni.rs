@@ -1,6 +1,8 @@
 //! EC2: find the ENI that carries an interface's MAC, read its addresses, and make the
-//! assign/unassign calls. The SDK retries each call (standard mode, bounded attempts);
-//! the event loop's own backoff sits above that for changes that still fail.
+//! assign/unassign calls. The SDK retries transient failures (5xx, timeouts) itself
+//! (standard mode, bounded attempts) but not throttling: a throttled call goes straight back
+//! to the event loop, whose longer jittered backoff spreads the pods of a rollout over the
+//! account's refill instead of hitting the empty bucket again within the same second.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
@@ -9,9 +11,17 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use aws_sdk_ec2::Client;
-use aws_sdk_ec2::config::retry::RetryConfig;
+use aws_sdk_ec2::config::interceptors::InterceptorContext;
+use aws_sdk_ec2::config::retry::{ClassifyRetry, RetryAction, RetryConfig};
 use aws_sdk_ec2::config::timeout::TimeoutConfig;
 use aws_sdk_ec2::error::{ProvideErrorMetadata, SdkError};
+use aws_sdk_ec2::operation::{
+    assign_ipv6_addresses::AssignIpv6AddressesError,
+    assign_private_ip_addresses::AssignPrivateIpAddressesError,
+    describe_network_interfaces::DescribeNetworkInterfacesError,
+    unassign_ipv6_addresses::UnassignIpv6AddressesError,
+    unassign_private_ip_addresses::UnassignPrivateIpAddressesError,
+};
 use aws_sdk_ec2::types::{Filter, NetworkInterface};
 
 use crate::addresses::MacAddress;
@@ -21,7 +31,8 @@ use crate::{Error, Result};
 /// Tag that tells the VPC CNI to leave an ENI alone (else it may hand our IPs to pods).
 pub const NO_MANAGE_TAG: &str = "node.k8s.amazonaws.com/no_manage";
 
-/// Attempts per EC2 call made by the SDK itself (first try included).
+/// Attempts per EC2 call made by the SDK itself (first try included) for transient
+/// failures; throttled calls get one attempt (see [`ThrottlingIsLeftToTheLoop`]).
 pub const SDK_MAX_ATTEMPTS: u32 = 3;
 
 /// How an EC2 failure is treated. Every kind is retried by the event loop with backoff;
@@ -133,6 +144,51 @@ pub fn classify(stage: FailureStage, code: Option<&str>, status: Option<u16>) ->
     }
 }
 
+/// SDK retry classifier that forbids retrying throttled calls. Under account-wide throttling
+/// the SDK's retries (200 ms, then 400 ms) land on the same empty token bucket: at a 200-pod
+/// rollout they tripled the calls of the start phase (docs/scale.md). Every other failure is
+/// left to the SDK's own classifiers.
+#[derive(Debug)]
+pub struct ThrottlingIsLeftToTheLoop;
+
+impl ClassifyRetry for ThrottlingIsLeftToTheLoop {
+    fn classify_retry(&self, ctx: &InterceptorContext) -> RetryAction {
+        let Some(Err(error)) = ctx.output_or_error() else {
+            return RetryAction::NoActionIndicated;
+        };
+        let code = error.as_operation_error().and_then(|e| {
+            [
+                e.downcast_ref::<DescribeNetworkInterfacesError>()
+                    .map(|e| e.meta()),
+                e.downcast_ref::<AssignPrivateIpAddressesError>()
+                    .map(|e| e.meta()),
+                e.downcast_ref::<UnassignPrivateIpAddressesError>()
+                    .map(|e| e.meta()),
+                e.downcast_ref::<AssignIpv6AddressesError>()
+                    .map(|e| e.meta()),
+                e.downcast_ref::<UnassignIpv6AddressesError>()
+                    .map(|e| e.meta()),
+            ]
+            .into_iter()
+            .flatten()
+            .next()?
+            .code()
+        });
+        let status = ctx.response().map(|r| r.status().as_u16());
+        if status.is_some()
+            && classify(FailureStage::Response, code, status) == ErrorKind::Throttled
+        {
+            RetryAction::RetryForbidden
+        } else {
+            RetryAction::NoActionIndicated
+        }
+    }
+
+    fn name(&self) -> &'static str {
+        "ThrottlingIsLeftToTheLoop"
+    }
+}
+
 fn sdk_error<E>(action: &'static str, err: SdkError<E>) -> Error
 where
     E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
@@ -194,7 +250,7 @@ pub struct Ec2 {
 
 impl Ec2 {
     /// A client from the standard SDK chain only (region, credentials, `AWS_ENDPOINT_URL_EC2`),
-    /// with bounded SDK retries and timeouts.
+    /// with bounded SDK retries (none for throttling) and timeouts.
     pub async fn from_env() -> Self {
         let shared = aws_config::load_defaults(aws_config::BehaviorVersion::latest()).await;
         if shared.region().is_none() {
@@ -212,6 +268,7 @@ impl Ec2 {
                     .with_initial_backoff(Duration::from_millis(200))
                     .with_max_backoff(Duration::from_secs(5)),
             )
+            .retry_classifier(ThrottlingIsLeftToTheLoop)
             .timeout_config(
                 TimeoutConfig::builder()
                     .connect_timeout(Duration::from_secs(3))
@@ -513,5 +570,52 @@ mod tests {
         };
         let found = holders(&[mk("eni-ours"), mk("eni-other")], "eni-ours", &[a].into());
         assert_eq!(found, [(a, "eni-other".to_string())].into());
+    }
+
+    /// What [`ThrottlingIsLeftToTheLoop`] says about an EC2 error answer.
+    fn sdk_retry_verdict(status: u16, code: &str) -> RetryAction {
+        use aws_sdk_ec2::error::ErrorMetadata;
+        use aws_smithy_runtime_api::client::interceptors::context::{Error as Erased, Input};
+        use aws_smithy_runtime_api::client::orchestrator::OrchestratorError;
+        use aws_smithy_runtime_api::http::{Response, StatusCode};
+        use aws_smithy_types::body::SdkBody;
+
+        let mut ctx = InterceptorContext::new(Input::erase(()));
+        let Ok(status) = StatusCode::try_from(status) else {
+            panic!("not an HTTP status: {status}");
+        };
+        ctx.set_response(Response::new(status, SdkBody::empty()));
+        let error =
+            AssignPrivateIpAddressesError::generic(ErrorMetadata::builder().code(code).build());
+        ctx.set_output_or_error(Err(OrchestratorError::operation(Erased::erase(error))));
+        ThrottlingIsLeftToTheLoop.classify_retry(&ctx)
+    }
+
+    #[test]
+    fn the_sdk_does_not_retry_throttling_but_keeps_its_other_retries() {
+        assert_eq!(
+            sdk_retry_verdict(503, "RequestLimitExceeded"),
+            RetryAction::RetryForbidden
+        );
+        assert_eq!(
+            sdk_retry_verdict(429, "SlowDown"),
+            RetryAction::RetryForbidden
+        );
+        assert_eq!(
+            sdk_retry_verdict(500, "InternalError"),
+            RetryAction::NoActionIndicated
+        );
+        assert_eq!(
+            sdk_retry_verdict(503, "Unavailable"),
+            RetryAction::NoActionIndicated
+        );
+        // No answer at all (connect error, timeout): the SDK's classifiers decide.
+        let ctx = InterceptorContext::new(
+            aws_smithy_runtime_api::client::interceptors::context::Input::erase(()),
+        );
+        assert_eq!(
+            ThrottlingIsLeftToTheLoop.classify_retry(&ctx),
+            RetryAction::NoActionIndicated
+        );
     }
 }

@@ -17,7 +17,9 @@ use crate::reconcile::{self, DesiredInterface, EniId, EniLookup, Managed};
 use crate::{Error, Result};
 
 /// First wait after a failed pass; doubles (with up to 100 % jitter) to [`RETRY_MAX`].
-pub const RETRY_MIN: Duration = Duration::from_secs(1);
+/// Throttled calls are retried only here (not by the SDK): 2 s rather than 1 s spreads the
+/// pods a token bucket turned away at a rollout over its refill (docs/scale.md).
+pub const RETRY_MIN: Duration = Duration::from_secs(2);
 /// Longest wait between two attempts of a failing change (before jitter).
 pub const RETRY_MAX: Duration = Duration::from_secs(30);
 
