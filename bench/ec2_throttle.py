@@ -161,6 +161,27 @@ class BucketModel:
         return worst
 
 
+    def unavoidable_throttles(
+        self, needed: dict[str, int], spread: float, levels: dict[str, float] | None = None
+    ) -> int:
+        """Throttled calls no client can avoid when the `needed` calls of independent pods
+        first arrive evenly over `spread` seconds: every call beyond what the bucket holds
+        plus what it refills meanwhile is answered `RequestLimitExceeded` at least once
+        (a pod cannot know the bucket is empty before asking). The floor of amplification
+        is (needed + this) / needed.
+        """
+        per_bucket: dict[str, tuple[float, BucketSize, float]] = {}
+        for action, n in needed.items():
+            key, size = self.key(action), self.size(action)
+            start = size.capacity if levels is None else levels.get(action, size.capacity)
+            calls, _, lvl = per_bucket.get(key, (0.0, size, start))
+            per_bucket[key] = (calls + n, size, min(lvl, start))
+        return sum(
+            max(0, math.ceil(calls - math.floor(start) - size.refill * spread))
+            for calls, size, start in per_bucket.values()
+        )
+
+
 class ThrottlingProxy(FaultProxy):
     """The tests' fault proxy, answering `RequestLimitExceeded` (HTTP 503, EC2 XML error)
     whenever the request's bucket is empty. Faults injected with `inject()` still win."""

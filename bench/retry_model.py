@@ -39,6 +39,7 @@ class Policy:
     loop_factor: float = 2.0
     stale_on_throttle: bool = True
     release_retries: bool = False
+    release_keeps_picture: bool = False
     shutdown_timeout: float = 10.0
 
 
@@ -132,15 +133,18 @@ def release_phase(pods: int, p: Policy, seed: int = 1) -> Outcome:
 
     def pod() -> Iterator[float]:
         deadline = sim.now + p.shutdown_timeout
-        delay = 0.25
+        delay, described = 0.25, False
         while sim.now < deadline:
             ok: list[bool] = []
-            yield from sdk_call(sim, p, DESCRIBE, ok)
-            if ok[-1]:
+            if not described:
+                yield from sdk_call(sim, p, DESCRIBE, ok)
+                described = ok[-1]
+            if described:
                 yield from sdk_call(sim, p, UNASSIGN, ok)
                 if ok[-1] and sim.now <= deadline:
                     released.append(sim.now)
                     return
+                described = p.release_keeps_picture
             if not p.release_retries:
                 return
             yield min(delay + delay * sim.rng.random(), max(0.0, deadline - sim.now))
@@ -167,15 +171,20 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=1)
     args = ap.parse_args()
     policies = {
-        "today (SDK 3 attempts, stale on throttle, release gives up)": Policy(),
-        "SDK 1 attempt + no stale on throttle + release retries": Policy(
-            sdk_attempts=1, stale_on_throttle=False, release_retries=True
+        "until 0913ffe (SDK 3 attempts on throttling, stale on throttle, release gives up)": Policy(),
+        "0913ffe (SDK 3 attempts on throttling, release retries)": Policy(
+            stale_on_throttle=False, release_retries=True
+        ),
+        "now (SDK leaves throttling to the loop, loop backoff from 2 s, release retries and keeps its picture)": Policy(
+            sdk_attempts=1, stale_on_throttle=False, loop_min=2.0, release_retries=True, release_keeps_picture=True
         ),
         "same, shutdown timeout 25 s": Policy(
-            sdk_attempts=1, stale_on_throttle=False, release_retries=True, shutdown_timeout=25.0
-        ),
-        "SDK 1 attempt, no stale on throttle, loop backoff from 2 s, release retries": Policy(
-            sdk_attempts=1, stale_on_throttle=False, loop_min=2.0, release_retries=True
+            sdk_attempts=1,
+            stale_on_throttle=False,
+            loop_min=2.0,
+            release_retries=True,
+            release_keeps_picture=True,
+            shutdown_timeout=25.0,
         ),
     }
     print(f"model: {args.pods} pods starting over {args.spawn:.0f} s, random seed {args.seed}")

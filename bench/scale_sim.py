@@ -55,6 +55,8 @@ class Phase:
     converged: float | None = None  # seconds from start; None when it did not
     optimum: float = 0.0
     needed: dict[str, int] = dataclasses.field(default_factory=dict)
+    #: Throttled calls no client could have avoided (BucketModel.unavoidable_throttles).
+    unavoidable: int = 0
     calls: dict[str, dict[str, int]] = dataclasses.field(default_factory=dict)
     note: str = ""
 
@@ -64,6 +66,11 @@ class Phase:
     def amplification(self) -> float | None:
         need = sum(self.needed.values())
         return self.total() / need if need else None
+
+    def floor(self) -> float | None:
+        """The least amplification the buckets allowed for this phase's arrivals."""
+        need = sum(self.needed.values())
+        return (need + self.unavoidable) / need if need else None
 
 
 @dataclasses.dataclass
@@ -164,6 +171,7 @@ def run_sidecars(
             if args.start_window > 0:
                 time.sleep(args.start_window / len(pods))
         extra["spawn_seconds"] = time.monotonic() - start.started
+        start.unavoidable = model.unavoidable_throttles(start.needed, extra["spawn_seconds"])
         ok = wait_until(emu, world.subnet_id, all_assigned(pods, wanted), args.phase_timeout)
         all_addr = {a for p in pods for a in p.addresses}
         start.converged = converged_at(proxy, start.started, all_addr, set()) if ok else None
@@ -178,9 +186,11 @@ def run_sidecars(
         plan = change_plan(pods, args.change_fraction, cluster.fresh_addresses(pods, 4 * len(pods)))
         change.needed = {ASSIGN: len(plan), UNASSIGN: len(plan)}
         change.optimum = model.optimum_seconds(change.needed, model.levels(ACTIONS))
+        levels = model.levels(ACTIONS)
         for pod, old, new in plan:
             cluster.batch(pod.ns_name, [f"addr del {old}/20 dev net1", f"addr add {new}/20 dev net1"])
             wanted[pod.index] = (wanted[pod.index] - {old}) | {new}
+        change.unavoidable = model.unavoidable_throttles(change.needed, time.monotonic() - change.started, levels)
         olds = {old for _, old, _ in plan}
 
         def changed(state: dict[str, set[str]]) -> bool:
@@ -201,6 +211,7 @@ def run_sidecars(
         idle.ended = release.started
         release.needed = {DESCRIBE: len(pods), UNASSIGN: len(pods)}
         release.optimum = model.optimum_seconds(release.needed, model.levels(ACTIONS))
+        release.unavoidable = model.unavoidable_throttles(release.needed, 0.0, model.levels(ACTIONS))
         for p in pods:
             if p.proc is not None and p.proc.poll() is None:
                 p.proc.send_signal(signal.SIGTERM)
@@ -251,6 +262,7 @@ def run_baseline(
         start = Phase("start", time.monotonic())
         start.needed = {DESCRIBE: len(pods), ASSIGN: len(pods)}
         start.optimum = model.optimum_seconds(start.needed)
+        start.unavoidable = model.unavoidable_throttles(start.needed, 0.0)
         fleet.start()
         ok = wait_until(emu, world.subnet_id, all_assigned(pods, wanted), args.phase_timeout)
         all_addr = {a for p in pods for a in p.addresses}
@@ -262,6 +274,7 @@ def run_baseline(
         plan = change_plan(pods, args.change_fraction, cluster.fresh_addresses(pods, 4 * len(pods)))
         change.needed = {ASSIGN: len(plan), UNASSIGN: len(plan)}
         change.optimum = model.optimum_seconds(change.needed, model.levels(ACTIONS))
+        change.unavoidable = model.unavoidable_throttles(change.needed, 0.0, model.levels(ACTIONS))
         for pod, old, new in plan:
             wanted[pod.index] = (wanted[pod.index] - {old}) | {new}
             fleet.set_addresses(pod, wanted[pod.index])
@@ -367,8 +380,8 @@ def report(args: argparse.Namespace, res: list[RunResult], moto: dict[str, float
         f"setup {setup_s:.0f} s, whole run {total_s:.0f} s"
     )
     lines.append("")
-    lines.append("| mode | phase | converged | optimum | calls (D=Describe, A=Assign, U=Unassign; thr=throttled) | needed | amplification |")
-    lines.append("| --- | --- | --- | --- | --- | --- | --- |")
+    lines.append("| mode | phase | converged | optimum | calls (D=Describe, A=Assign, U=Unassign; thr=throttled) | needed | amplification | floor |")
+    lines.append("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in res:
         for ph in r.phases:
             amp = ph.amplification()
@@ -378,7 +391,8 @@ def report(args: argparse.Namespace, res: list[RunResult], moto: dict[str, float
                 conv = f"{conv} ({ph.note})"
             lines.append(
                 f"| {r.mode} | {ph.name} | {conv} | {fmt_s(ph.optimum) if need else '—'} | {calls_cell(ph)} | "
-                f"{need if need else '—'} | {f'{amp:.2f}' if amp is not None else '—'} |"
+                f"{need if need else '—'} | {f'{amp:.2f}' if amp is not None else '—'} | "
+                f"{f'{ph.floor():.2f}' if ph.floor() is not None and not ph.note else '—'} |"
             )
     lines.append("")
     for r in res:

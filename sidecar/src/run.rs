@@ -470,8 +470,9 @@ impl Sidecar {
             .with_jitter()
             .without_max_times()
             .build();
+        let mut picture = None;
         loop {
-            match self.release().await {
+            match self.release(&mut picture).await {
                 Ok(()) => return,
                 Err(e) => {
                     let delay = backoff.next().unwrap_or(RELEASE_RETRY_MAX);
@@ -484,19 +485,39 @@ impl Sidecar {
         }
     }
 
-    async fn release(&mut self) -> Result<()> {
-        // Read our ENIs again: never release an address that has moved to another ENI.
-        let mut fresh = BTreeMap::new();
-        for mac in self.managed.0.keys().copied().collect::<Vec<_>>() {
-            match self.ec2.find_by_mac(mac).await? {
-                Some(eni) => fresh.insert(mac, EniLookup::Found(eni)),
-                None => fresh.insert(mac, EniLookup::NoEni),
-            };
-        }
-        for change in reconcile::plan_release(&self.managed, &fresh) {
+    /// One release attempt. `picture` is our ENIs as last read: read again unless the last
+    /// attempt ended with a throttled call (EC2 did not execute it, so the picture holds and a
+    /// re-read would only spend the Describe bucket at a mass deletion).
+    async fn release(
+        &mut self,
+        picture: &mut Option<BTreeMap<MacAddress, EniLookup>>,
+    ) -> Result<()> {
+        let enis = match picture.take() {
+            Some(enis) => enis,
+            // Read our ENIs again: never release an address that has moved to another ENI.
+            None => self.read_managed_enis().await?,
+        };
+        let enis = picture.insert(enis);
+        for change in reconcile::plan_release(&self.managed, enis) {
+            if let Err(e) = self.ec2.apply(&change).await {
+                if !matches!(
+                    e,
+                    Error::Ec2 {
+                        kind: ErrorKind::Throttled,
+                        ..
+                    }
+                ) {
+                    *picture = None;
+                }
+                return Err(e);
+            }
+            for lookup in enis.values_mut() {
+                if let EniLookup::Found(eni) = lookup {
+                    eni.apply(&change);
+                }
+            }
             let addresses: Vec<String> =
                 change.addresses().iter().map(ToString::to_string).collect();
-            self.ec2.apply(&change).await?;
             tracing::info!(
                 action = change.action(),
                 eni = change.eni(),
@@ -506,6 +527,17 @@ impl Sidecar {
             );
         }
         Ok(())
+    }
+
+    async fn read_managed_enis(&self) -> Result<BTreeMap<MacAddress, EniLookup>> {
+        let mut fresh = BTreeMap::new();
+        for mac in self.managed.0.keys().copied() {
+            match self.ec2.find_by_mac(mac).await? {
+                Some(eni) => fresh.insert(mac, EniLookup::Found(eni)),
+                None => fresh.insert(mac, EniLookup::NoEni),
+            };
+        }
+        Ok(fresh)
     }
 }
 
