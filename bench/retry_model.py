@@ -4,16 +4,18 @@ predict what a change of the retry parameters does before rebuilding the sidecar
 It mirrors sidecar/src/eni.rs and sidecar/src/run.rs: each reconcile pass makes a
 DescribeNetworkInterfaces when the ENI is unknown or stale, then one
 AssignPrivateIpAddresses; every call is retried by the SDK (standard mode: up to
-`sdk_attempts` attempts, waiting rand(0,1) × 0.2 s × 2^retry); a failed pass waits the
-event loop's backoff (backon: 1 s doubling to 30 s, plus a random 0–100 % of that delay)
-and marks the ENI stale (re-described next pass) when `stale_on_throttle`. On SIGTERM the
-release makes one Describe and one Unassign, each with the SDK's retries, and either gives
-up at the first failure (today) or retries with backoff until the shutdown timeout.
+`sdk_attempts` attempts, waiting rand(0,1) × 0.2 s × 2^retry; 1 attempt where the SDK
+leaves throttling to the loop); a failed pass waits the event loop's backoff (backon:
+`loop_min` doubling to `loop_max`, plus a random 0–100 % of that delay) and marks the ENI
+stale (re-described next pass) when `stale_on_throttle`. On SIGTERM the release makes one
+Unassign, preceded by a Describe when `release_describes`, and either gives up at the first
+failure or retries with backoff (`release_min` doubling to `release_max`, jittered) until
+the shutdown timeout. Each policy below is one state of the code, named by its commit.
 
 It is a model: calibrate it against a measured `scripts/bench-scale.sh` run (the same
 spawn spread and pod count) before trusting its "after" figures.
 
-    .venv/bin/python bench/retry_model.py --pods 200 --spawn 7
+    .venv/bin/python bench/retry_model.py --pods 200 --spawn 3
 """
 
 from __future__ import annotations
@@ -40,6 +42,9 @@ class Policy:
     stale_on_throttle: bool = True
     release_retries: bool = False
     release_keeps_picture: bool = False
+    release_describes: bool = True
+    release_min: float = 0.25
+    release_max: float = 2.0
     shutdown_timeout: float = 10.0
 
 
@@ -133,7 +138,7 @@ def release_phase(pods: int, p: Policy, seed: int = 1) -> Outcome:
 
     def pod() -> Iterator[float]:
         deadline = sim.now + p.shutdown_timeout
-        delay, described = 0.25, False
+        delay, described = p.release_min, not p.release_describes
         while sim.now < deadline:
             ok: list[bool] = []
             if not described:
@@ -148,7 +153,7 @@ def release_phase(pods: int, p: Policy, seed: int = 1) -> Outcome:
             if not p.release_retries:
                 return
             yield min(delay + delay * sim.rng.random(), max(0.0, deadline - sim.now))
-            delay = min(delay * 2, 2.0)
+            delay = min(delay * 2, p.release_max)
 
     for _ in range(pods):
         sim.spawn(0.0, pod)
@@ -170,31 +175,36 @@ def main() -> None:
     ap.add_argument("--spawn", type=float, default=7.0, help="seconds over which the sidecars start")
     ap.add_argument("--seed", type=int, default=1)
     args = ap.parse_args()
+    now = Policy(
+        sdk_attempts=1,
+        stale_on_throttle=False,
+        loop_min=2.0,
+        release_retries=True,
+        release_keeps_picture=True,
+        release_describes=False,
+        release_min=2.0,
+        release_max=8.0,
+    )
     policies = {
         "until 0913ffe (SDK 3 attempts on throttling, stale on throttle, release gives up)": Policy(),
         "0913ffe (SDK 3 attempts on throttling, release retries)": Policy(
             stale_on_throttle=False, release_retries=True
         ),
-        "now (SDK leaves throttling to the loop, loop backoff from 2 s, release retries and keeps its picture)": Policy(
+        "5a9febc (SDK leaves throttling to the loop, loop backoff from 2 s, release retries and keeps its picture)": Policy(
             sdk_attempts=1, stale_on_throttle=False, loop_min=2.0, release_retries=True, release_keeps_picture=True
         ),
-        "same, shutdown timeout 25 s": Policy(
-            sdk_attempts=1,
-            stale_on_throttle=False,
-            loop_min=2.0,
-            release_retries=True,
-            release_keeps_picture=True,
-            shutdown_timeout=25.0,
-        ),
+        "now (release from the loop's picture: no Describe; release backoff 2 s to 8 s)": now,
+        "same, shutdown timeout 25 s": dataclasses.replace(now, shutdown_timeout=25.0),
     }
     print(f"model: {args.pods} pods starting over {args.spawn:.0f} s, random seed {args.seed}")
+    print("needed: start 1 Describe + 1 Assign per pod; release 1 Unassign per pod (the ENI is known)")
     print("| policy, phase | calls | throttled | amplification | last success |")
     print("| --- | --- | --- | --- | --- |")
     for name, p in policies.items():
         s = start_phase(args.pods, args.spawn, p, args.seed)
         r = release_phase(args.pods, p, args.seed)
         print(describe(f"{name}: start", s, 2 * args.pods))
-        print(describe(f"{name}: release", r, 2 * args.pods))
+        print(describe(f"{name}: release", r, args.pods))
 
 
 if __name__ == "__main__":

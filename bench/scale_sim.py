@@ -209,7 +209,7 @@ def run_sidecars(
         extra["stats"] = {k: dataclasses.asdict(v) for k, v in stats.items() if v is not None}
         release = Phase("release", time.monotonic())
         idle.ended = release.started
-        release.needed = {DESCRIBE: len(pods), UNASSIGN: len(pods)}
+        release.needed = {UNASSIGN: len(pods)}  # the ENI is known from the start
         release.optimum = model.optimum_seconds(release.needed, model.levels(ACTIONS))
         release.unavoidable = model.unavoidable_throttles(release.needed, 0.0, model.levels(ACTIONS))
         for p in pods:
@@ -289,7 +289,7 @@ def run_baseline(
         time.sleep(args.idle)
         release = Phase("release", time.monotonic())
         idle.ended = release.started
-        release.needed = {DESCRIBE: len(pods), UNASSIGN: len(pods)}
+        release.needed = {UNASSIGN: len(pods)}  # the ENI is known from the start
         release.note = "never releases"
         fleet.stop()
         release.ended = time.monotonic() + 0.5

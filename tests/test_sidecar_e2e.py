@@ -181,15 +181,25 @@ def test_sigterm_releases_only_our_addresses_and_exits_0(pod):
     pod.link("net1", eni.mac, mine4, mine6, moved)
     s = pod.start_sidecar(["net1"])
     wait_for(lambda: on_eni(pod, eni.id, mine4, mine6, moved), "assigned")
-    # Someone moves one of our addresses to another ENI meanwhile.
+    # Someone moves one of our addresses to another ENI meanwhile; the sidecar is not told.
     unassign(pod.ns, pod.emulator.direct, eni.id, moved)
     assign(pod.ns, pod.emulator.direct, other.id, moved)
+    pod.emulator.proxy.reset()
 
     assert s.terminate() == 0
     assert off_eni(pod, eni.id, mine4, mine6)
     assert on_eni(pod, eni.id, neighbour, eni.primary_ip)
     assert on_eni(pod, other.id, moved)
     assert not mutating_calls_on(pod, other.id)
+    # The release starts from the sidecar's own picture (no Describe); EC2 rejects the
+    # Unassign that still names the moved address, and only then is the ENI read again.
+    calls = pod.emulator.proxy.requests()
+    first, retried = [r for r in calls if r.action == UNASSIGN4]
+    assert calls[0].action != DESCRIBE, [r.action for r in calls]
+    assert sorted(first.values("PrivateIpAddress")) == sorted([mine4, moved]), first.params
+    assert first.error == "InvalidParameterValue", first
+    assert [r.action for r in calls[calls.index(first) + 1 :]].count(DESCRIBE) == 1, [r.action for r in calls]
+    assert retried.values("PrivateIpAddress") == [mine4] and retried.status == 200, retried
 
 
 def test_release_on_exit_false_keeps_addresses(pod):

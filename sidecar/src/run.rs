@@ -23,11 +23,13 @@ pub const RETRY_MIN: Duration = Duration::from_secs(2);
 /// Longest wait between two attempts of a failing change (before jitter).
 pub const RETRY_MAX: Duration = Duration::from_secs(30);
 
-/// First wait between two release attempts on SIGTERM; doubles (with jitter) to
-/// [`RELEASE_RETRY_MAX`]. The shutdown timeout bounds the whole release.
-pub const RELEASE_RETRY_MIN: Duration = Duration::from_millis(250);
+/// First wait between two release attempts on SIGTERM; doubles (with up to 100 % jitter) to
+/// [`RELEASE_RETRY_MAX`]. The shutdown timeout bounds the whole release. At a mass deletion
+/// the Unassign bucket refills 5 calls/s for hundreds of pods: a pod retrying every 250 ms
+/// only adds throttled calls, not releases (docs/scale.md, `bench/retry_model.py`).
+pub const RELEASE_RETRY_MIN: Duration = Duration::from_secs(2);
 /// Longest wait between two release attempts (before jitter).
-pub const RELEASE_RETRY_MAX: Duration = Duration::from_secs(2);
+pub const RELEASE_RETRY_MAX: Duration = Duration::from_secs(8);
 
 /// Spread of the first resync around `--resync-interval` (±50 %): pods of one rollout start
 /// within seconds of each other and would otherwise resync in the same second, every period.
@@ -470,7 +472,7 @@ impl Sidecar {
             .with_jitter()
             .without_max_times()
             .build();
-        let mut picture = None;
+        let mut picture = self.current_picture();
         loop {
             match self.release(&mut picture).await {
                 Ok(()) => return,
@@ -485,16 +487,31 @@ impl Sidecar {
         }
     }
 
-    /// One release attempt. `picture` is our ENIs as last read: read again unless the last
-    /// attempt ended with a throttled call (EC2 did not execute it, so the picture holds and a
-    /// re-read would only spend the Describe bucket at a mass deletion).
+    /// The event loop's picture of the ENIs holding managed addresses, when it is current
+    /// (every one read and none marked stale); `None` sends the release to read them again.
+    fn current_picture(&self) -> Option<BTreeMap<MacAddress, EniLookup>> {
+        self.managed
+            .0
+            .keys()
+            .map(|mac| match self.enis.get(mac) {
+                Some(lookup) if !self.stale.contains(mac) => Some((*mac, lookup.clone())),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// One release attempt. `picture` is our ENIs as last known: the event loop's, which every
+    /// accepted change keeps up to date, so a release needs no DescribeNetworkInterfaces. It is
+    /// read again after a failure other than throttling: EC2 rejects an Unassign that names
+    /// an address no longer on the ENI (someone moved it), and the re-read plan leaves that
+    /// address out. A throttled call was not executed: the picture holds.
     async fn release(
         &mut self,
         picture: &mut Option<BTreeMap<MacAddress, EniLookup>>,
     ) -> Result<()> {
         let enis = match picture.take() {
             Some(enis) => enis,
-            // Read our ENIs again: never release an address that has moved to another ENI.
+            // Unknown or stale: read our ENIs, and release only what is still on them.
             None => self.read_managed_enis().await?,
         };
         let enis = picture.insert(enis);

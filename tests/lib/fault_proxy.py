@@ -7,6 +7,10 @@ benchmark can compare those timestamps with the moment it changed an address to 
 the sidecar's reaction time. Faults are injected per action: throttling
 (`RequestLimitExceeded`, EC2 XML error body, HTTP 503), server errors (HTTP 500
 `InternalError`), or holding requests until released.
+
+Where moto is laxer than EC2 the proxy answers as EC2 does: an UnassignPrivateIpAddresses
+that names an address not on the ENI fails as a whole with `InvalidParameterValue` (moto
+drops the unknown address silently and unassigns the rest).
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import dataclasses
 import threading
 import time
 import urllib.parse
+import xml.etree.ElementTree as ET
 from typing import Any
 
 from .netns import NetNS
@@ -27,6 +32,7 @@ _ERRORS = {
     THROTTLE: (503, "Service Unavailable", "RequestLimitExceeded", "Request limit exceeded."),
     SERVER_ERROR: (500, "Internal Server Error", "InternalError", "An internal error has occurred."),
 }
+NOT_ASSIGNED = "InvalidParameterValue"
 
 
 @dataclasses.dataclass
@@ -38,7 +44,8 @@ class Request:
     arrived: float  # time.monotonic()
     arrived_wall: float  # time.time()
     status: int = 0
-    fault: str | None = None
+    fault: str | None = None  # an injected fault
+    error: str | None = None  # the EC2 error code answered (injected or as EC2 would)
 
     def param(self, name: str) -> str | None:
         values = self.params.get(name)
@@ -199,14 +206,15 @@ class FaultProxy:
                         await self._release.wait()
 
                 fault = self._take_fault(action)
-                if fault is not None:
-                    status, reason, code, message = _ERRORS[fault]
+                rejection = None if fault else await self._as_ec2_would_reject(request, headers)
+                if fault is not None or rejection is not None:
+                    status, reason, code, message = _ERRORS[fault] if fault else rejection
                     payload = (
                         '<?xml version="1.0" encoding="UTF-8"?>\n'
                         f"<Response><Errors><Error><Code>{code}</Code><Message>{message}</Message>"
                         "</Error></Errors><RequestID>fault-proxy</RequestID></Response>"
                     ).encode()
-                    request.status, request.fault = status, fault
+                    request.status, request.fault, request.error = status, fault, code
                     resp_headers = [("Content-Type", "text/xml;charset=UTF-8")]
                 else:
                     status, reason, resp_headers, payload = await self._forward(method, target, headers, body)
@@ -222,6 +230,28 @@ class FaultProxy:
             return
         finally:
             writer.close()
+
+    async def _as_ec2_would_reject(
+        self, request: Request, headers: list[Any]
+    ) -> tuple[int, str, str, str] | None:
+        """EC2's answer where moto would accept: an Unassign of an address not on the ENI."""
+        if request.action != "UnassignPrivateIpAddresses":
+            return None
+        eni_id = request.param("NetworkInterfaceId") or ""
+        query = urllib.parse.urlencode(
+            {"Action": "DescribeNetworkInterfaces", "Version": "2016-11-15", "NetworkInterfaceId.1": eni_id}
+        ).encode()
+        # The caller's headers carry the region moto reads from the signature's scope.
+        kept = [(k, v) for k, v in headers if k.strip().lower() != "content-length"]
+        kept.append(("Content-Length", str(len(query))))
+        status, _, _, payload = await self._forward("POST", "/", kept, query)
+        if status != 200:
+            return None  # moto answers the Unassign itself (unknown ENI, ...)
+        on_eni = {e.text for e in ET.fromstring(payload).iter() if e.tag.endswith("privateIpAddress")}
+        if set(request.values("PrivateIpAddress")) <= on_eni:
+            return None
+        message = f"Some of the specified addresses are not assigned to interface {eni_id}"
+        return 400, "Bad Request", NOT_ASSIGNED, message
 
     async def _forward(
         self, method: str, target: str, headers: list[Any], body: bytes
