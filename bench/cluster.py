@@ -228,10 +228,13 @@ class ProcStats:
     rss_kib: int
     hwm_kib: int
     cpu_seconds: float
+    anon_kib: int = 0  # RssAnon: the process's own memory
+    file_kib: int = 0  # RssFile: mapped file pages (the binary), shared between processes
 
 
 def proc_stats(pid: int) -> ProcStats | None:
-    """RSS and peak RSS (VmHWM) from /proc/PID/status, CPU (utime+stime) from /proc/PID/stat."""
+    """RSS, its anonymous and file parts, peak RSS (VmHWM) from /proc/PID/status, CPU
+    (utime+stime) from /proc/PID/stat."""
     try:
         status = Path(f"/proc/{pid}/status").read_text()
         stat = Path(f"/proc/{pid}/stat").read_text()
@@ -248,6 +251,8 @@ def proc_stats(pid: int) -> ProcStats | None:
         rss_kib=int(fields.get("VmRSS", "0 kB").split()[0]),
         hwm_kib=int(fields.get("VmHWM", "0 kB").split()[0]),
         cpu_seconds=(utime + stime) / CLK_TCK,
+        anon_kib=int(fields.get("RssAnon", "0 kB").split()[0]),
+        file_kib=int(fields.get("RssFile", "0 kB").split()[0]),
     )
 
 

@@ -418,7 +418,10 @@ def report(args: argparse.Namespace, res: list[RunResult], moto: dict[str, float
             cpu = [s.cpu_seconds * 1000 for s in st]
             lines.append(
                 f"- per sidecar ({build_label(sc.extra['binary'])}): RSS p50 {cluster.percentile(rss, .5):.1f} MiB, "
-                f"max {max(rss):.1f} MiB; VmHWM max {max(hwm):.1f} MiB; CPU for the whole run p50 "
+                f"max {max(rss):.1f} MiB (own memory RssAnon p50 "
+                f"{cluster.percentile([s.anon_kib / 1024 for s in st], .5):.1f} MiB, binary pages RssFile p50 "
+                f"{cluster.percentile([s.file_kib / 1024 for s in st], .5):.1f} MiB, shared); "
+                f"VmHWM max {max(hwm):.1f} MiB; CPU for the whole run p50 "
                 f"{cluster.percentile(cpu, .5):.0f} ms, max {max(cpu):.0f} ms"
             )
         lines.append(
@@ -430,7 +433,7 @@ def report(args: argparse.Namespace, res: list[RunResult], moto: dict[str, float
         )
         n, span = sc.extra.get("resync_wave", (0, 0.0))
         if n:
-            lines.append(f"- sidecar resync while idle: {n} DescribeNetworkInterfaces within {span:.1f} s (every sidecar resyncs 60 s after its own start)")
+            lines.append(f"- sidecar resync while idle: {n} DescribeNetworkInterfaces within {span:.1f} s (jittered: each sidecar's first resync falls ½–1½ × 60 s after its start)")
         if sc.extra.get("moto_cpu_seconds") is not None:
             lines.append(f"- moto CPU from its start to the end of the sidecar run: {sc.extra['moto_cpu_seconds']:.1f} s")
     bl = next((r for r in res if r.mode == "baseline"), None)
@@ -462,9 +465,12 @@ def projection(res: list[RunResult]) -> str:
     """1,000 pods on 50 nodes and 10,000 pods, from the bucket model and measured figures."""
     d, a, u = ACTION_BUCKETS[DESCRIBE], ACTION_BUCKETS[ASSIGN], ACTION_BUCKETS[UNASSIGN]
     sc = next((r for r in res if r.mode == "sidecar"), None)
-    rss = None
+    memory = None
     if sc and sc.extra.get("stats"):
-        rss = cluster.percentile([v["rss_kib"] / 1024 for v in sc.extra["stats"].values()], 0.5)
+        stats = [ProcStats(**v) for v in sc.extra["stats"].values()]
+        anon = cluster.percentile([s.anon_kib / 1024 for s in stats], 0.5)
+        shared = max(s.file_kib / 1024 for s in stats)
+        memory = (anon, shared)
     out = ["| projection | 1,000 pods / 50 nodes | 10,000 pods |", "| --- | --- | --- |"]
 
     def row(name: str, f: Any) -> None:
@@ -475,9 +481,10 @@ def projection(res: list[RunResult]) -> str:
     row("sidecar resync Describe load (60 s) vs refill 20/s", lambda n: f"{n / 60:.1f}/s ({n / 60 / d.refill:.0%})")
     row("baseline poll Describe load (1 s) vs refill 20/s", lambda n: f"{n:.0f}/s ({n / d.refill:.0f}×)")
     row("releases that fit a 10 s shutdown (100 + 10×5)", lambda n: f"{min(n, u.capacity + 10 * u.refill):.0f} of {n}")
-    if rss is not None:
-        row("sidecar memory per node (RSS p50 × pods per node)",
-            lambda n: f"{rss * (n / 50 if n == 1000 else n / 500):.0f} MiB ({n // (50 if n == 1000 else 500)} pods/node)")
+    if memory is not None:
+        anon, shared = memory
+        row("sidecar memory per node (RssAnon p50 × pods per node + the binary's pages once)",
+            lambda n: f"{anon * (n / 50 if n == 1000 else n / 500) + shared:.0f} MiB ({n // (50 if n == 1000 else 500)} pods/node)")
     return "\n".join(out)
 
 
