@@ -185,8 +185,8 @@ def run_sidecars(
         start.ended = change.started
         plan = change_plan(pods, args.change_fraction, cluster.fresh_addresses(pods, 4 * len(pods)))
         change.needed = {ASSIGN: len(plan), UNASSIGN: len(plan)}
-        change.optimum = model.optimum_seconds(change.needed, model.levels(ACTIONS))
         levels = model.levels(ACTIONS)
+        change.optimum = model.optimum_seconds(change.needed, levels)
         for pod, old, new in plan:
             cluster.batch(pod.ns_name, [f"addr del {old}/20 dev net1", f"addr add {new}/20 dev net1"])
             wanted[pod.index] = (wanted[pod.index] - {old}) | {new}

@@ -48,5 +48,19 @@ pub enum Error {
     Signal(std::io::Error),
 }
 
+impl Error {
+    /// An EC2 call the account's rate limit turned away: EC2 did not execute it, so what we
+    /// know of the ENI still holds.
+    pub fn is_throttled(&self) -> bool {
+        matches!(
+            self,
+            Error::Ec2 {
+                kind: eni::ErrorKind::Throttled,
+                ..
+            }
+        )
+    }
+}
+
 /// Result with the sidecar's [`Error`].
 pub type Result<T, E = Error> = std::result::Result<T, E>;

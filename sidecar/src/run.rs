@@ -281,15 +281,8 @@ impl Sidecar {
                     // Our picture of that ENI may be wrong now: read it again next time. A
                     // throttled call was not executed: the picture is still right, and a
                     // describe per retry would only add to the throttling (docs/scale.md).
-                    let throttled = matches!(
-                        e,
-                        Error::Ec2 {
-                            kind: ErrorKind::Throttled,
-                            ..
-                        }
-                    );
                     for (mac, lookup) in &self.enis {
-                        if !throttled
+                        if !e.is_throttled()
                             && matches!(lookup, EniLookup::Found(eni) if eni.id == change.eni())
                         {
                             self.stale.insert(*mac);
@@ -517,13 +510,7 @@ impl Sidecar {
         let enis = picture.insert(enis);
         for change in reconcile::plan_release(&self.managed, enis) {
             if let Err(e) = self.ec2.apply(&change).await {
-                if !matches!(
-                    e,
-                    Error::Ec2 {
-                        kind: ErrorKind::Throttled,
-                        ..
-                    }
-                ) {
+                if !e.is_throttled() {
                     *picture = None;
                 }
                 return Err(e);
