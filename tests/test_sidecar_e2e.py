@@ -172,6 +172,24 @@ def test_throttling_and_server_errors_converge_with_bounded_calls(pod):
     assert not any("InternalError" in l.get("error", "") for l in s.logs()), s.log_text()
 
 
+def test_resync_while_throttled_does_not_describe_again(pod):
+    w = world(pod)
+    eni = w.enis[0]
+    proxy = pod.emulator.proxy
+    proxy.inject(THROTTLE, 2, action=ASSIGN4)
+    pod.link("net1", eni.mac, w.v4(95))
+    # Resyncs every ~1 s fall inside the 2–4 s and 4–8 s waits after the throttled calls.
+    s = pod.start_sidecar(["net1"], "--resync-interval", "1s")
+    wait_for(lambda: on_eni(pod, eni.id, w.v4(95)), "assigned after the throttling")
+    calls = proxy.requests()
+    assigned = next(i for i, r in enumerate(calls) if r.action == ASSIGN4 and r.status == 200)
+    before = [r.action for r in calls[:assigned]]
+    assert before == [DESCRIBE, ASSIGN4, ASSIGN4], before
+    # Once calls succeed again, the resync reads the ENI as before.
+    wait_for(lambda: proxy.calls(DESCRIBE) >= 2, "a resync after the recovery")
+    assert s.probe() == 200
+
+
 def test_sigterm_releases_only_our_addresses_and_exits_0(pod):
     w = world(pod)
     eni, other = w.enis[0], w.enis[1]

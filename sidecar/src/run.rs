@@ -165,7 +165,12 @@ impl Sidecar {
                 _ = tokio::time::sleep_until(next_resync) => {
                     next_resync = Instant::now() + jittered(period, RESYNC_SPREAD, fastrand::f64());
                     tracing::debug!(action = "resync", "re-reading interfaces and ENIs");
-                    self.stale.extend(self.enis.keys().copied());
+                    // Throttled and waiting to retry: the picture still holds (EC2 executed
+                    // nothing), and re-reading it would spend the Describe bucket that the
+                    // account lacks right now. The next resync reads it.
+                    if self.last_error != Some(ErrorKind::Throttled) {
+                        self.stale.extend(self.enis.keys().copied());
+                    }
                     self.table_dump().await?;
                     self.dirty = true;
                 }
