@@ -179,6 +179,7 @@ def main() -> None:
         sdk_attempts=1,
         stale_on_throttle=False,
         loop_min=2.0,
+        loop_max=8.0,
         release_retries=True,
         release_keeps_picture=True,
         release_describes=False,
@@ -193,7 +194,10 @@ def main() -> None:
         "5a9febc (SDK leaves throttling to the loop, loop backoff from 2 s, release retries and keeps its picture)": Policy(
             sdk_attempts=1, stale_on_throttle=False, loop_min=2.0, release_retries=True, release_keeps_picture=True
         ),
-        "now (release from the loop's picture: no Describe; release backoff 2 s to 8 s)": now,
+        "f61301a (release from the loop's picture: no Describe; release backoff 2 s to 8 s)": dataclasses.replace(
+            now, loop_max=30.0
+        ),
+        "now (throttled passes back off 2 s doubling to 8 s, not 30 s)": now,
         "same, shutdown timeout 25 s": dataclasses.replace(now, shutdown_timeout=25.0),
     }
     print(f"model: {args.pods} pods starting over {args.spawn:.0f} s, random seed {args.seed}")

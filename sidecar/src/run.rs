@@ -20,8 +20,13 @@ use crate::{Error, Result};
 /// Throttled calls are retried only here (not by the SDK): 2 s rather than 1 s spreads the
 /// pods a token bucket turned away at a rollout over its refill (docs/scale.md).
 pub const RETRY_MIN: Duration = Duration::from_secs(2);
-/// Longest wait between two attempts of a failing change (before jitter).
+/// Longest wait between two attempts of a failing change (before jitter): permission,
+/// credential and server errors, which a quick retry does not mend.
 pub const RETRY_MAX: Duration = Duration::from_secs(30);
+/// Longest wait after a throttled pass (before jitter). The account's bucket refills every
+/// second; at a 400-pod rollout the last pods waited out 30–60 s while it had tokens again
+/// (docs/scale.md).
+pub const THROTTLED_RETRY_MAX: Duration = Duration::from_secs(8);
 
 /// First wait between two release attempts on SIGTERM; doubles (with up to 100 % jitter) to
 /// [`RELEASE_RETRY_MAX`]. The shutdown timeout bounds the whole release. At a mass deletion
@@ -42,13 +47,15 @@ fn jittered(period: Duration, spread: f64, unit: f64) -> Duration {
     period.mul_f64(1.0 - spread + 2.0 * spread * unit.clamp(0.0, 1.0))
 }
 
-fn retry_policy() -> ExponentialBuilder {
+/// Unlimited attempts, `min` doubling to `max`, each wait plus up to 100 % jitter.
+fn backoff(min: Duration, max: Duration) -> ExponentialBackoff {
     ExponentialBuilder::default()
-        .with_min_delay(RETRY_MIN)
-        .with_max_delay(RETRY_MAX)
+        .with_min_delay(min)
+        .with_max_delay(max)
         .with_factor(2.0)
         .with_jitter()
         .without_max_times()
+        .build()
 }
 
 /// Runs the sidecar until SIGTERM (or SIGINT), then releases and returns.
@@ -100,6 +107,7 @@ struct Sidecar {
     last_not_ready: Option<String>,
     last_error: Option<ErrorKind>,
     backoff: ExponentialBackoff,
+    throttled_backoff: ExponentialBackoff,
     retry_at: Option<Instant>,
     dirty: bool,
 }
@@ -123,7 +131,8 @@ impl Sidecar {
             announced_missing: BTreeSet::new(),
             last_not_ready: None,
             last_error: None,
-            backoff: retry_policy().build(),
+            backoff: backoff(RETRY_MIN, RETRY_MAX),
+            throttled_backoff: backoff(RETRY_MIN, THROTTLED_RETRY_MAX),
             retry_at: None,
             dirty: true,
         }
@@ -381,11 +390,17 @@ impl Sidecar {
                         "EC2 calls succeed again"
                     );
                 }
-                self.backoff = retry_policy().build();
+                self.backoff = backoff(RETRY_MIN, RETRY_MAX);
+                self.throttled_backoff = backoff(RETRY_MIN, THROTTLED_RETRY_MAX);
                 self.retry_at = None;
             }
             Err(e) => {
-                let delay = self.backoff.next().unwrap_or(RETRY_MAX);
+                let delay = if e.is_throttled() {
+                    self.throttled_backoff.next()
+                } else {
+                    self.backoff.next()
+                }
+                .unwrap_or(RETRY_MAX);
                 self.retry_at = Some(Instant::now() + delay);
                 let kind = match &e {
                     Error::Ec2 { kind, .. } => Some(*kind),
@@ -463,19 +478,13 @@ impl Sidecar {
     /// caller's shutdown timeout bounds it. Giving up at the first failure left addresses
     /// on the ENIs (docs/scale.md).
     async fn release_with_retries(&mut self) {
-        let mut backoff = ExponentialBuilder::default()
-            .with_min_delay(RELEASE_RETRY_MIN)
-            .with_max_delay(RELEASE_RETRY_MAX)
-            .with_factor(2.0)
-            .with_jitter()
-            .without_max_times()
-            .build();
+        let mut waits = backoff(RELEASE_RETRY_MIN, RELEASE_RETRY_MAX);
         let mut picture = self.current_picture();
         loop {
             match self.release(&mut picture).await {
                 Ok(()) => return,
                 Err(e) => {
-                    let delay = backoff.next().unwrap_or(RELEASE_RETRY_MAX);
+                    let delay = waits.next().unwrap_or(RELEASE_RETRY_MAX);
                     let retry_in =
                         humantime::format_duration(Duration::from_millis(delay.as_millis() as u64));
                     tracing::warn!(action = "release", outcome = "retry", error = %e, retry_in = %retry_in, "release failed; retrying until the shutdown timeout");
