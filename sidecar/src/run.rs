@@ -16,7 +16,8 @@ use crate::probe::{self, Readiness};
 use crate::reconcile::{self, DesiredInterface, EniId, EniLookup, Managed};
 use crate::{Error, Result};
 
-/// First wait after a failed pass; doubles (with up to 100 % jitter) to [`RETRY_MAX`].
+/// First wait after a failed pass; doubles (with up to 100 % jitter) to [`RETRY_MAX`], or to
+/// [`THROTTLED_RETRY_MAX`] after a throttled one.
 /// Throttled calls are retried only here (not by the SDK): 2 s rather than 1 s spreads the
 /// pods a token bucket turned away at a rollout over its refill (docs/scale.md).
 pub const RETRY_MIN: Duration = Duration::from_secs(2);
