@@ -206,9 +206,9 @@ class FaultProxy:
                         await self._release.wait()
 
                 fault = self._take_fault(action)
-                rejection = None if fault else await self._as_ec2_would_reject(request, headers)
-                if fault is not None or rejection is not None:
-                    status, reason, code, message = _ERRORS[fault] if fault else rejection
+                error = _ERRORS[fault] if fault else await self._as_ec2_would_reject(request, headers)
+                if error is not None:
+                    status, reason, code, message = error
                     payload = (
                         '<?xml version="1.0" encoding="UTF-8"?>\n'
                         f"<Response><Errors><Error><Code>{code}</Code><Message>{message}</Message>"
