@@ -181,6 +181,8 @@ def test_resync_while_throttled_does_not_describe_again(pod):
     # Resyncs every ~1 s fall inside the 2–4 s and 4–8 s waits after the throttled calls.
     s = pod.start_sidecar(["net1"], "--resync-interval", "1s")
     wait_for(lambda: on_eni(pod, eni.id, w.v4(95)), "assigned after the throttling")
+    # moto may show the address before the proxy has recorded the answer it forwarded.
+    wait_for(lambda: any(r.action == ASSIGN4 and r.status == 200 for r in proxy.requests()), "answer recorded")
     calls = proxy.requests()
     assigned = next(i for i, r in enumerate(calls) if r.action == ASSIGN4 and r.status == 200)
     before = [r.action for r in calls[:assigned]]
