@@ -1,7 +1,7 @@
 """A discrete-event model of the sidecar's EC2 retries against the account's buckets, to
 predict what a change of the retry parameters does before rebuilding the sidecar.
 
-It mirrors sidecar/src/eni.rs and sidecar/src/run.rs: each reconcile pass makes a
+It mirrors ec2/src/eni.rs and sidecar/src/run.rs: each reconcile pass makes a
 DescribeNetworkInterfaces when the ENI is unknown or stale, then one
 AssignPrivateIpAddresses; every call is retried by the SDK (standard mode: up to
 `sdk_attempts` attempts, waiting rand(0,1) × 0.2 s × 2^retry; 1 attempt where the SDK

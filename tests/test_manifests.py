@@ -5,7 +5,7 @@
   listed in CRD_KINDS are checked structurally instead;
 - the parts agree with each other (Service ↔ webhook flags, webhook config ↔ Service,
   Certificate ↔ Service and Deployment, opt-in label ↔ sample namespace, sidecar image and probe
-  port ↔ the sidecar binary, IAM policy ↔ the EC2 calls in sidecar/src, Dockerfile ↔ contract);
+  port ↔ the sidecar binary, IAM policy ↔ the EC2 calls in ec2/src, Dockerfile ↔ contract);
 - the webhook's matchConditions, evaluated with a CEL implementation on fixture pods, send only
   Multus pods that are not hostNetwork and not opted out.
 
@@ -714,7 +714,7 @@ def ec2_operations() -> set[str]:
     return ops
 
 
-def sidecar_ec2_calls(ops: set[str], root: Path = REPO / "sidecar" / "src") -> set[str]:
+def sidecar_ec2_calls(ops: set[str], root: Path = REPO / "ec2" / "src") -> set[str]:
     """EC2 operations called as SDK fluent builders (`client.assign_private_ip_addresses()`)."""
     called: set[str] = set()
     for source in sorted(root.rglob("*.rs")):

@@ -7,7 +7,6 @@
 //! Addresses whose DAD failed are ignored.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::fmt;
 use std::net::{IpAddr, Ipv6Addr};
 
 use futures::StreamExt;
@@ -25,22 +24,7 @@ use rtnetlink::{Handle, MulticastGroup};
 use crate::reconcile::DesiredInterface;
 use crate::{Error, Result};
 
-/// An Ethernet MAC address; printed as EC2 prints it (`0e:1a:2b:3c:4d:5e`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct MacAddress(pub [u8; 6]);
-
-impl MacAddress {
-    fn from_bytes(bytes: &[u8]) -> Option<Self> {
-        <[u8; 6]>::try_from(bytes).ok().map(MacAddress)
-    }
-}
-
-impl fmt::Display for MacAddress {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let [a, b, c, d, e, g] = self.0;
-        write!(f, "{a:02x}:{b:02x}:{c:02x}:{d:02x}:{e:02x}:{g:02x}")
-    }
-}
+pub use multus_eni_ec2::MacAddress;
 
 /// One named interface as currently seen.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]

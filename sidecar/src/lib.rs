@@ -5,8 +5,9 @@
 //! functions in [`reconcile`]; [`run`] is the one event loop that ties them together.
 
 pub mod addresses;
+/// EC2 calls and their classification, shared with the node agent.
+pub use multus_eni_ec2::eni;
 pub mod cli;
-pub mod eni;
 pub mod probe;
 pub mod reconcile;
 pub mod run;
@@ -24,13 +25,9 @@ pub enum Error {
     #[error("netlink event stream ended")]
     NetlinkStreamEnded,
 
-    /// An EC2 call failed; `kind` says whether and why it is retried.
-    #[error("EC2 {action} failed ({kind}): {message}")]
-    Ec2 {
-        action: &'static str,
-        kind: eni::ErrorKind,
-        message: String,
-    },
+    /// An EC2 call failed; its `kind` says whether and why it is retried.
+    #[error(transparent)]
+    Ec2(#[from] multus_eni_ec2::Error),
 
     /// The probe server could not bind its address.
     #[error("cannot listen on probe address {addr}: {source}")]
@@ -52,13 +49,7 @@ impl Error {
     /// An EC2 call the account's rate limit turned away: EC2 did not execute it, so what we
     /// know of the ENI still holds.
     pub fn is_throttled(&self) -> bool {
-        matches!(
-            self,
-            Error::Ec2 {
-                kind: eni::ErrorKind::Throttled,
-                ..
-            }
-        )
+        matches!(self, Error::Ec2(e) if e.is_throttled())
     }
 }
 

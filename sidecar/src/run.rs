@@ -311,7 +311,7 @@ impl Sidecar {
                         error = %e,
                         "{change} failed"
                     );
-                    return Err(e);
+                    return Err(e.into());
                 }
             }
         }
@@ -404,7 +404,7 @@ impl Sidecar {
                 .unwrap_or(RETRY_MAX);
                 self.retry_at = Some(Instant::now() + delay);
                 let kind = match &e {
-                    Error::Ec2 { kind, .. } => Some(*kind),
+                    Error::Ec2(e) => Some(e.kind),
                     _ => None,
                 };
                 let retry_in =
@@ -528,7 +528,7 @@ impl Sidecar {
                 if !e.is_throttled() {
                     *picture = None;
                 }
-                return Err(e);
+                return Err(e.into());
             }
             for lookup in enis.values_mut() {
                 if let EniLookup::Found(eni) = lookup {

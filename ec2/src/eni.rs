@@ -24,8 +24,8 @@ use aws_sdk_ec2::operation::{
 };
 use aws_sdk_ec2::types::{Filter, NetworkInterface};
 
-use crate::addresses::MacAddress;
-use crate::reconcile::{Change, EniAddresses, EniId};
+use crate::mac::MacAddress;
+use crate::model::{Change, EniAddresses, EniId};
 use crate::{Error, Result};
 
 /// Tag that tells the VPC CNI to leave an ENI alone (else it may hand our IPs to pods).
@@ -189,7 +189,7 @@ impl ClassifyRetry for ThrottlingIsLeftToTheLoop {
     }
 }
 
-fn sdk_error<E>(action: &'static str, err: SdkError<E>) -> Error
+pub(crate) fn sdk_error<E>(action: &'static str, err: SdkError<E>) -> Error
 where
     E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
 {
@@ -213,7 +213,7 @@ where
         (None, _, Some(status)) => format!("HTTP {status} without an EC2 error code"),
         _ => chain,
     };
-    Error::Ec2 {
+    Error {
         action,
         kind,
         message,
@@ -242,7 +242,7 @@ fn mentions_setup(chain: &str) -> bool {
 
 /// The EC2 client and what it learned about the endpoint.
 pub struct Ec2 {
-    client: Client,
+    pub(crate) client: Client,
     /// Cleared when the endpoint rejects the `ipv6-addresses.ipv6-address` filter (some EC2
     /// emulators): IPv6 holders are then found by reading the ENIs of the subnet.
     ipv6_filter: AtomicBool,
@@ -330,7 +330,7 @@ impl Ec2 {
                 .await;
             match result {
                 Ok(enis) => return Ok(holders(&enis, &ours.id, addresses)),
-                Err(Error::Ec2 {
+                Err(Error {
                     kind: ErrorKind::ServerError | ErrorKind::Rejected,
                     message,
                     ..
