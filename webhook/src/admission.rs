@@ -5,9 +5,13 @@
 //! 3 MiB request limit a 413; everything else is allowed, with a patch when injecting.
 
 use crate::inject::{Config, Decision, SkipReason, mutate_pod};
-use crate::metrics::{Metrics, OUTCOME_INJECTED, OUTCOME_REJECTED, OUTCOME_SKIPPED};
+use crate::metrics::{
+    Metrics, OUTCOME_INJECTED, OUTCOME_MOVED_FIRST, OUTCOME_REJECTED, OUTCOME_SKIPPED,
+    REASON_TOO_LARGE,
+};
 use axum::Router;
 use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
 use axum::extract::{DefaultBodyLimit, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
@@ -95,17 +99,15 @@ pub fn review(config: &Config, body: &[u8]) -> Result<ReviewOutcome, ReviewError
     };
 
     let mut response = AdmissionResponse::from(&request);
-    match &decision {
-        Decision::Inject(injection) => {
-            response = response
-                .with_patch(injection.patch.clone())
-                .map_err(|e| ReviewError::Patch(e.to_string()))?;
-        }
-        Decision::Skip(reason) => {
-            if let Some(warning) = reason.warning() {
-                response.warnings = Some(vec![warning]);
-            }
-        }
+    if let Some(patch) = decision.patch() {
+        response = response
+            .with_patch(patch.clone())
+            .map_err(|e| ReviewError::Patch(e.to_string()))?;
+    }
+    if let Decision::Skip(reason) = &decision
+        && let Some(warning) = reason.warning()
+    {
+        response.warnings = Some(vec![warning]);
     }
     let pod = match request.name.as_str() {
         "" => object
@@ -153,12 +155,29 @@ pub fn build_router(state: AppState) -> Router {
         .with_state(state)
 }
 
-async fn mutate(State(state): State<AppState>, body: Bytes) -> Response {
+async fn mutate(State(state): State<AppState>, body: Result<Bytes, BytesRejection>) -> Response {
     let started = Instant::now();
+    let body = match body {
+        Ok(body) => body,
+        Err(rejection) => {
+            // Over the 3 MiB limit (413) or a body that could not be read.
+            let reason = if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                REASON_TOO_LARGE
+            } else {
+                "bad_request"
+            };
+            state
+                .metrics
+                .observe_admission(OUTCOME_REJECTED, reason, started.elapsed());
+            tracing::warn!(error = %rejection.body_text(), reason, "rejected admission body");
+            return rejection.into_response();
+        }
+    };
     match review(&state.config, &body) {
         Ok(outcome) => {
             let (label, reason) = match &outcome.decision {
                 Decision::Inject(_) => (OUTCOME_INJECTED, ""),
+                Decision::MoveSidecarFirst(_) => (OUTCOME_MOVED_FIRST, ""),
                 Decision::Skip(reason) => (OUTCOME_SKIPPED, reason.label()),
             };
             let response = axum::Json(&outcome.response).into_response();
@@ -173,6 +192,12 @@ async fn mutate(State(state): State<AppState>, body: Bytes) -> Response {
                     micros = took.as_micros() as u64,
                     "sidecar injected"
                 ),
+                Decision::MoveSidecarFirst(_) => tracing::info!(
+                    uid = %outcome.uid,
+                    namespace = %outcome.namespace,
+                    pod = %outcome.pod,
+                    "sidecar moved back to the first init container"
+                ),
                 Decision::Skip(SkipReason::MalformedNetworks(err)) => tracing::warn!(
                     uid = %outcome.uid,
                     namespace = %outcome.namespace,
@@ -180,6 +205,14 @@ async fn mutate(State(state): State<AppState>, body: Bytes) -> Response {
                     reason,
                     error = %err,
                     "not injected: malformed networks annotation"
+                ),
+                Decision::Skip(SkipReason::RunToCompletion { restart_policy }) => tracing::warn!(
+                    uid = %outcome.uid,
+                    namespace = %outcome.namespace,
+                    pod = %outcome.pod,
+                    reason,
+                    restart_policy = %restart_policy,
+                    "not injected: legacy mode and a pod that runs to completion"
                 ),
                 Decision::Skip(_) => tracing::debug!(
                     uid = %outcome.uid,

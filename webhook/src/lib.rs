@@ -16,6 +16,7 @@ pub mod networks;
 pub mod serve;
 pub mod telemetry;
 pub mod tls;
+pub mod yaml_out;
 
 pub use admission::{ReviewError, ReviewOutcome, build_router, review};
 pub use inject::{Config, Decision, SidecarMode, SkipReason, mutate_pod};
@@ -41,6 +42,9 @@ pub enum Error {
     /// The serving certificate or key could not be used.
     #[error("TLS: {0}")]
     Tls(String),
+    /// A new serving certificate is expired or not yet valid while the current one is valid.
+    #[error("{path}: certificate is expired or not yet valid; keeping the current one")]
+    CertificateNotValid { path: std::path::PathBuf },
     /// The file watcher that drives certificate reload could not start.
     #[error("watching certificate files: {0}")]
     Watch(#[from] notify::Error),

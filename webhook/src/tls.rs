@@ -18,11 +18,124 @@ use rustls::sign::CertifiedKey;
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 /// How often a reload that read a mismatched certificate/key pair is retried.
 const RELOAD_RETRIES: u32 = 10;
 const RELOAD_RETRY_DELAY: Duration = Duration::from_millis(100);
+/// How often the pair is re-read regardless of file events, in case the watcher missed one
+/// (inotify queue overflow, a volume type without events).
+pub const REREAD_INTERVAL: Duration = Duration::from_secs(60);
+
+/// `reason` label of a handshake that did not finish within the handshake timeout.
+pub const HANDSHAKE_TIMEOUT_REASON: &str = "timeout";
+/// Every `reason` of `multus_eni_webhook_tls_handshake_failures_total`.
+pub const HANDSHAKE_FAILURE_REASONS: [&str; 6] = [
+    "client_rejected_certificate",
+    "no_common_protocol",
+    "not_tls",
+    "client_closed",
+    HANDSHAKE_TIMEOUT_REASON,
+    "other",
+];
+
+/// Why a TLS handshake failed, in a few operator-facing classes. `client_rejected_certificate`
+/// (the client's alert says it does not trust our certificate) is what a stale caBundle or an
+/// expired certificate looks like from the server.
+pub fn handshake_failure_reason(err: &std::io::Error) -> &'static str {
+    use rustls::AlertDescription as Alert;
+    let tls = err
+        .get_ref()
+        .and_then(|inner| inner.downcast_ref::<rustls::Error>());
+    match tls {
+        Some(rustls::Error::AlertReceived(
+            Alert::BadCertificate
+            | Alert::UnknownCA
+            | Alert::CertificateUnknown
+            | Alert::CertificateExpired
+            | Alert::UnsupportedCertificate
+            | Alert::CertificateRevoked,
+        )) => "client_rejected_certificate",
+        Some(
+            rustls::Error::PeerIncompatible(_)
+            | rustls::Error::NoApplicationProtocol
+            | rustls::Error::AlertReceived(Alert::HandshakeFailure | Alert::ProtocolVersion),
+        ) => "no_common_protocol",
+        Some(
+            rustls::Error::InvalidMessage(_)
+            | rustls::Error::InappropriateMessage { .. }
+            | rustls::Error::InappropriateHandshakeMessage { .. },
+        ) => "not_tls",
+        Some(_) => "other",
+        None => match err.kind() {
+            std::io::ErrorKind::UnexpectedEof
+            | std::io::ErrorKind::ConnectionReset
+            | std::io::ErrorKind::BrokenPipe => "client_closed",
+            _ => "other",
+        },
+    }
+}
+
+/// When a certificate may be used.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Validity {
+    pub not_before: SystemTime,
+    pub not_after: SystemTime,
+}
+
+impl Validity {
+    /// Reads the validity of a DER certificate.
+    pub fn of(der: &[u8]) -> Result<Validity> {
+        let (_, cert) = x509_parser::parse_x509_certificate(der)
+            .map_err(|e| Error::Tls(format!("reading the certificate's validity: {e}")))?;
+        let at = |t: x509_parser::time::ASN1Time| {
+            let secs = t.timestamp();
+            match u64::try_from(secs) {
+                Ok(secs) => UNIX_EPOCH + Duration::from_secs(secs),
+                Err(_) => UNIX_EPOCH,
+            }
+        };
+        Ok(Validity {
+            not_before: at(cert.validity().not_before),
+            not_after: at(cert.validity().not_after),
+        })
+    }
+
+    /// Whether `now` is inside the validity period.
+    pub fn contains(&self, now: SystemTime) -> bool {
+        self.not_before <= now && now <= self.not_after
+    }
+
+    fn not_after_unix(&self) -> i64 {
+        self.not_after
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+    }
+}
+
+/// The leaf's validity, if the chain has one that parses.
+fn leaf_validity(key: &CertifiedKey) -> Option<Validity> {
+    key.cert.first().and_then(|der| Validity::of(der).ok())
+}
+
+/// Logs loudly when a certificate is not valid now: clients will refuse it.
+fn warn_if_not_valid(path: &Path, validity: Option<Validity>, now: SystemTime) {
+    if let Some(v) = validity
+        && !v.contains(now)
+    {
+        let state = if now < v.not_before {
+            "not yet valid"
+        } else {
+            "expired"
+        };
+        tracing::error!(
+            cert = %path.display(),
+            not_before = %humantime::format_rfc3339_seconds(v.not_before),
+            not_after = %humantime::format_rfc3339_seconds(v.not_after),
+            "serving certificate is {state}: the kube-apiserver will refuse it and pods will fail to create"
+        );
+    }
+}
 
 static PROVIDER: OnceLock<Arc<CryptoProvider>> = OnceLock::new();
 
@@ -98,8 +211,14 @@ impl CertStore {
         let key_path = key_path.into();
         let provider = crypto_provider();
         let key = load_certified_key(&cert_path, &key_path, &provider)?;
+        let validity = leaf_validity(&key);
+        // Served anyway: it is all there is, and the error log says what to fix.
+        warn_if_not_valid(&cert_path, validity, SystemTime::now());
         if let Some(m) = &metrics {
             m.observe_cert_reload(true);
+            if let Some(v) = validity {
+                m.set_cert_expiry(v.not_after_unix());
+            }
         }
         Ok(Arc::new(CertStore {
             current: ArcSwap::from_pointee(key),
@@ -117,17 +236,56 @@ impl CertStore {
 
     /// Re-reads the files; swaps in the new pair when it is valid and different.
     /// Returns whether the served certificate changed.
+    ///
+    /// A pair that is expired or not yet valid is refused while the current one is still
+    /// valid (a restored backup or a clock-skewed issuer must not break a working webhook).
     pub fn reload(&self) -> Result<bool> {
-        let key = load_certified_key(&self.cert_path, &self.key_path, &self.provider);
+        self.reload_at(SystemTime::now())
+    }
+
+    fn reload_at(&self, now: SystemTime) -> Result<bool> {
+        let key =
+            load_certified_key(&self.cert_path, &self.key_path, &self.provider).and_then(|key| {
+                if key.cert == self.current.load().cert {
+                    return Ok(None);
+                }
+                let validity = leaf_validity(&key);
+                let usable = |v: Option<Validity>| v.is_none_or(|v| v.contains(now));
+                if !usable(validity) && usable(leaf_validity(&self.current.load())) {
+                    return Err(Error::CertificateNotValid {
+                        path: self.cert_path.clone(),
+                    });
+                }
+                Ok(Some((key, validity)))
+            });
         if let Some(m) = &self.metrics {
             m.observe_cert_reload(key.is_ok());
         }
-        let key = key?;
-        if key.cert == self.current.load().cert {
+        let Some((key, validity)) = key? else {
             return Ok(false);
+        };
+        warn_if_not_valid(&self.cert_path, validity, now);
+        if let (Some(m), Some(v)) = (&self.metrics, validity) {
+            m.set_cert_expiry(v.not_after_unix());
         }
         self.current.store(Arc::new(key));
         Ok(true)
+    }
+
+    /// Re-reads the pair every [`REREAD_INTERVAL`] as a safety net for a missed file event;
+    /// stops when the returned guard is dropped. Needs a Tokio runtime.
+    pub fn reread_periodically(self: &Arc<Self>) -> RereadGuard {
+        let store = Arc::clone(self);
+        RereadGuard(tokio::spawn(async move {
+            let mut ticks = tokio::time::interval(REREAD_INTERVAL);
+            ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            ticks.tick().await;
+            loop {
+                ticks.tick().await;
+                let store = store.clone();
+                let _ = tokio::task::spawn_blocking(move || store.reload_settled()).await;
+            }
+        }))
     }
 
     /// Reload with a few retries, for a pair caught in the middle of an update.
@@ -183,6 +341,16 @@ impl CertStore {
             watcher.watch(&dir, RecursiveMode::NonRecursive)?;
         }
         Ok(watcher)
+    }
+}
+
+/// Stops the periodic re-read of [`CertStore::reread_periodically`] when dropped.
+#[derive(Debug)]
+pub struct RereadGuard(tokio::task::JoinHandle<()>);
+
+impl Drop for RereadGuard {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 

@@ -12,7 +12,8 @@ use common::{
 };
 use http_body_util::{BodyExt, Empty};
 use hyper_util::rt::TokioIo;
-use multus_eni_webhook::serve::serve_tls;
+use multus_eni_webhook::metrics::Metrics;
+use multus_eni_webhook::serve::{ConnectionLimits, HttpsServer, serve_tls};
 use multus_eni_webhook::tls::{CertStore, server_config};
 use serde_json::Value;
 use std::net::SocketAddr;
@@ -176,7 +177,13 @@ async fn shutdown_finishes_in_flight_requests_and_stops_accepting() -> TestResul
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
     let (stop_tx, stop_rx) = oneshot::channel::<()>();
-    let server = tokio::spawn(serve_tls(listener, tls, router, async move {
+    let server = HttpsServer {
+        tls,
+        router,
+        limits: ConnectionLimits::default(),
+        metrics: std::sync::Arc::new(Metrics::new()),
+    };
+    let server = tokio::spawn(serve_tls(listener, server, async move {
         let _ = stop_rx.await;
     }));
 
