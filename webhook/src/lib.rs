@@ -45,6 +45,14 @@ pub enum Error {
     /// A new serving certificate is expired or not yet valid while the current one is valid.
     #[error("{path}: certificate is expired or not yet valid; keeping the current one")]
     CertificateNotValid { path: std::path::PathBuf },
+    /// `certs` would issue a serving certificate that expires after the CA it reuses.
+    #[error(
+        "the serving certificate would outlive the CA in {ca} (valid until {ca_not_after}): delete ca.crt and ca.key to issue a new CA (and update the caBundle), or lower --validity-days"
+    )]
+    LeafOutlivesCa {
+        ca: std::path::PathBuf,
+        ca_not_after: String,
+    },
     /// The file watcher that drives certificate reload could not start.
     #[error("watching certificate files: {0}")]
     Watch(#[from] notify::Error),

@@ -75,7 +75,7 @@ impl Default for ConnectionLimits {
             idle: Duration::from_secs(60),
             http2_keep_alive_interval: Duration::from_secs(20),
             http2_keep_alive_timeout: Duration::from_secs(10),
-            max_connections: 4096,
+            max_connections: 10_000,
         }
     }
 }
@@ -108,7 +108,7 @@ pub async fn run(config: ServeConfig) -> Result<()> {
     let metrics = Arc::new(Metrics::new());
     let store = CertStore::load(&config.tls_cert, &config.tls_key, Some(metrics.clone()))?;
     let _watcher = store.watch()?;
-    let _rereads = store.reread_periodically();
+    let _rereads = store.reread_every(crate::tls::REREAD_INTERVAL);
     let tls = server_config(store)?;
     let https = TcpListener::bind(config.addr)
         .await
@@ -243,7 +243,20 @@ pub async fn serve_tls(
             drain: drain_rx.clone(),
         };
         tokio::spawn(async move {
-            connection.serve(tcp, peer).await;
+            // Nothing but the socket until the client sends its first bytes: a flood of silent
+            // connections costs little more than the sockets. The rest of the handshake
+            // timeout applies from there.
+            let started = tokio::time::Instant::now();
+            let first_bytes = tokio::time::timeout(connection.limits.handshake, tcp.readable());
+            match first_bytes.await {
+                Ok(Ok(())) => {
+                    Box::pin(connection.serve(tcp, peer, started)).await;
+                }
+                Ok(Err(_)) => {}
+                Err(_) => connection
+                    .metrics
+                    .observe_handshake_failure(crate::tls::HANDSHAKE_TIMEOUT_REASON),
+            }
             drop(permit);
         });
     }
@@ -273,7 +286,12 @@ struct Connection {
 }
 
 impl Connection {
-    async fn serve(self, tcp: tokio::net::TcpStream, peer: SocketAddr) {
+    async fn serve(
+        self,
+        tcp: tokio::net::TcpStream,
+        peer: SocketAddr,
+        started: tokio::time::Instant,
+    ) {
         let Connection {
             acceptor,
             builder,
@@ -284,7 +302,7 @@ impl Connection {
         } = self;
         let _ = tcp.set_nodelay(true);
         let handshake = tokio::select! {
-            result = tokio::time::timeout(limits.handshake, acceptor.accept(tcp)) => result,
+            result = tokio::time::timeout_at(started + limits.handshake, acceptor.accept(tcp)) => result,
             () = flag_set(drain.clone()) => return,
         };
         let tls = match handshake {
@@ -307,8 +325,9 @@ impl Connection {
             in_flight: Arc::new(in_flight_tx),
             timeout: limits.request,
         };
-        let conn = builder.serve_connection_with_upgrades(TokioIo::new(tls), service);
-        let mut conn = std::pin::pin!(conn);
+        // Boxed: kept out of this task's state, so a connection still in its handshake (the
+        // many a flood opens) stays small.
+        let mut conn = Box::pin(builder.serve_connection_with_upgrades(TokioIo::new(tls), service));
         let idle = idle_for(in_flight, limits.idle);
         tokio::select! {
             result = conn.as_mut() => {

@@ -54,7 +54,10 @@ pub fn handshake_failure_reason(err: &std::io::Error) -> &'static str {
             | Alert::CertificateUnknown
             | Alert::CertificateExpired
             | Alert::UnsupportedCertificate
-            | Alert::CertificateRevoked,
+            | Alert::CertificateRevoked
+            // A CA with the same name but another key (a regenerated CA): the signature check
+            // fails.
+            | Alert::DecryptError,
         )) => "client_rejected_certificate",
         Some(
             rustls::Error::PeerIncompatible(_)
@@ -272,12 +275,12 @@ impl CertStore {
         Ok(true)
     }
 
-    /// Re-reads the pair every [`REREAD_INTERVAL`] as a safety net for a missed file event;
-    /// stops when the returned guard is dropped. Needs a Tokio runtime.
-    pub fn reread_periodically(self: &Arc<Self>) -> RereadGuard {
+    /// Re-reads the pair every `every` (the server uses [`REREAD_INTERVAL`]) as a safety net
+    /// for a missed file event; stops when the returned guard is dropped. Needs a Tokio runtime.
+    pub fn reread_every(self: &Arc<Self>, every: Duration) -> RereadGuard {
         let store = Arc::clone(self);
         RereadGuard(tokio::spawn(async move {
-            let mut ticks = tokio::time::interval(REREAD_INTERVAL);
+            let mut ticks = tokio::time::interval(every);
             ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             ticks.tick().await;
             loop {
@@ -414,6 +417,126 @@ mod tests {
         assert!(store.concerns_pair(&[]));
         assert!(!store.concerns_pair(&at("server.log")));
         assert!(!store.concerns_pair(&at("ca.crt")));
+    }
+
+    /// A self-signed pair for `localhost` valid from `not_before` to `not_after`.
+    fn write_pair_valid(
+        dir: &Path,
+        not_before: time::OffsetDateTime,
+        not_after: time::OffsetDateTime,
+    ) -> (PathBuf, PathBuf) {
+        let key = rcgen::KeyPair::generate().unwrap_or_else(|e| panic!("{e}"));
+        let mut params = rcgen::CertificateParams::new(vec!["localhost".to_string()])
+            .unwrap_or_else(|e| panic!("{e}"));
+        params.not_before = not_before;
+        params.not_after = not_after;
+        let cert = params.self_signed(&key).unwrap_or_else(|e| panic!("{e}"));
+        let cert_path = dir.join("tls.crt");
+        let key_path = dir.join("tls.key");
+        std::fs::write(&cert_path, cert.pem()).unwrap_or_else(|e| panic!("{e}"));
+        std::fs::write(&key_path, key.serialize_pem()).unwrap_or_else(|e| panic!("{e}"));
+        (cert_path, key_path)
+    }
+
+    #[test]
+    fn the_served_certificate_expiry_is_exposed() {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let now = time::OffsetDateTime::now_utc();
+        let not_after = now + time::Duration::days(30);
+        let (cert, key) = write_pair_valid(dir.path(), now - time::Duration::hours(1), not_after);
+        let metrics = Arc::new(Metrics::new());
+        let _store =
+            CertStore::load(&cert, &key, Some(metrics.clone())).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(metrics.cert_expiry.get(), not_after.unix_timestamp());
+    }
+
+    #[test]
+    fn a_reload_to_an_expired_or_future_certificate_is_refused_while_the_current_is_valid() {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let now = time::OffsetDateTime::now_utc();
+        let day = time::Duration::days(1);
+        let (cert, key) = write_pair_valid(dir.path(), now - day, now + time::Duration::days(30));
+        let metrics = Arc::new(Metrics::new());
+        let store =
+            CertStore::load(&cert, &key, Some(metrics.clone())).unwrap_or_else(|e| panic!("{e}"));
+        let good = store.current().cert.clone();
+        for (from, to) in [
+            (now - time::Duration::days(30), now - day),
+            (now + day, now + time::Duration::days(30)),
+        ] {
+            write_pair_valid(dir.path(), from, to);
+            assert!(matches!(
+                store.reload(),
+                Err(Error::CertificateNotValid { .. })
+            ));
+            assert_eq!(store.current().cert, good);
+        }
+        assert_eq!(
+            metrics.cert_expiry.get(),
+            (now + time::Duration::days(30)).unix_timestamp()
+        );
+        // When the current one has lapsed too, a new (even lapsed) one is taken: it may be
+        // the fix for a clock problem, and the error log says so either way.
+        let later = SystemTime::from(now + time::Duration::days(40));
+        write_pair_valid(
+            dir.path(),
+            now - time::Duration::days(30),
+            now + time::Duration::days(35),
+        );
+        assert_eq!(store.reload_at(later).ok(), Some(true));
+    }
+
+    #[tokio::test]
+    async fn a_missed_file_event_is_caught_by_the_periodic_reread() {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let (cert, key) = write_pair(dir.path(), "tls");
+        // No watcher: only the periodic re-read can pick the new pair up.
+        let store = CertStore::load(&cert, &key, None).unwrap_or_else(|e| panic!("{e}"));
+        let before = store.current().cert.clone();
+        let _rereads = store.reread_every(Duration::from_millis(20));
+        write_pair(dir.path(), "tls");
+        // Bounded poll; only a hang exceeds it.
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while store.current().cert == before {
+            assert!(std::time::Instant::now() < deadline, "never re-read");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    #[test]
+    fn handshake_failures_are_classified_for_operators() {
+        use rustls::AlertDescription as Alert;
+        let tls = |e: rustls::Error| std::io::Error::new(std::io::ErrorKind::InvalidData, e);
+        assert_eq!(
+            handshake_failure_reason(&tls(rustls::Error::AlertReceived(Alert::UnknownCA))),
+            "client_rejected_certificate"
+        );
+        assert_eq!(
+            handshake_failure_reason(&tls(rustls::Error::AlertReceived(Alert::BadCertificate))),
+            "client_rejected_certificate"
+        );
+        assert_eq!(
+            handshake_failure_reason(&tls(rustls::Error::NoApplicationProtocol)),
+            "no_common_protocol"
+        );
+        assert_eq!(
+            handshake_failure_reason(&tls(rustls::Error::InvalidMessage(
+                rustls::InvalidMessage::InvalidContentType
+            ))),
+            "not_tls"
+        );
+        assert_eq!(
+            handshake_failure_reason(&std::io::ErrorKind::UnexpectedEof.into()),
+            "client_closed"
+        );
+        for reason in [
+            "client_rejected_certificate",
+            "no_common_protocol",
+            "not_tls",
+            "client_closed",
+        ] {
+            assert!(HANDSHAKE_FAILURE_REASONS.contains(&reason));
+        }
     }
 
     #[test]

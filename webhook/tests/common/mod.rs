@@ -205,6 +205,17 @@ impl Client {
         })
     }
 
+    /// A TLS connection to the server that has done nothing else yet.
+    pub async fn connect_tls(
+        &self,
+    ) -> TestResult<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
+        let tcp = tokio::net::TcpStream::connect(self.addr).await?;
+        Ok(self
+            .connector
+            .connect(ServerName::try_from(SERVICE_DNS)?, tcp)
+            .await?)
+    }
+
     /// POSTs `body` to `path` on a fresh TLS connection.
     pub async fn post(&self, path: &str, body: Vec<u8>) -> TestResult<Reply> {
         let tcp = tokio::net::TcpStream::connect(self.addr).await?;
