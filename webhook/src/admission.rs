@@ -35,13 +35,19 @@ pub const ADMISSION_API_VERSIONS: [&str; 2] = ["admission.k8s.io/v1", "admission
 #[derive(Debug, thiserror::Error)]
 pub enum ReviewError {
     #[error("body is not JSON: {0}")]
-    NotJson(String),
+    NotJson(#[source] serde_json::Error),
     #[error("body is not an AdmissionReview: {0}")]
-    NotAdmissionReview(String),
+    NotAdmissionReview(#[source] serde_json::Error),
+    #[error(
+        "body is not an AdmissionReview: apiVersion {api_version:?}, kind {kind:?} (want {META_KIND:?} in one of {ADMISSION_API_VERSIONS:?})"
+    )]
+    UnsupportedType { api_version: String, kind: String },
     #[error("AdmissionReview has no request")]
     NoRequest,
     #[error("building the response patch: {0}")]
-    Patch(String),
+    Patch(#[from] kube::core::admission::SerializePatchError),
+    #[error("writing the response: {0}")]
+    Response(#[source] serde_json::Error),
 }
 
 /// What `/mutate` decided for one request, plus what logs and metrics need.
@@ -61,26 +67,21 @@ pub struct ReviewOutcome {
 
 /// Answers one AdmissionReview body. Pure (no I/O), so benches and fuzzers can call it.
 pub fn review(config: &Config, body: &[u8]) -> Result<ReviewOutcome, ReviewError> {
-    let mut raw: Value =
-        serde_json::from_slice(body).map_err(|e| ReviewError::NotJson(e.to_string()))?;
+    let mut raw: Value = serde_json::from_slice(body).map_err(ReviewError::NotJson)?;
     // Keep the pod raw: take it out before the envelope is parsed into typed structs.
     let object = raw.pointer_mut("/request/object").map(Value::take);
     if let Some(old) = raw.pointer_mut("/request/oldObject") {
         *old = Value::Null;
     }
     let envelope: AdmissionReview<DynamicObject> =
-        serde_json::from_value(raw).map_err(|e| ReviewError::NotAdmissionReview(e.to_string()))?;
-    if envelope.types.kind != META_KIND {
-        return Err(ReviewError::NotAdmissionReview(format!(
-            "kind is {:?}, want {META_KIND:?}",
-            envelope.types.kind
-        )));
-    }
-    if !ADMISSION_API_VERSIONS.contains(&envelope.types.api_version.as_str()) {
-        return Err(ReviewError::NotAdmissionReview(format!(
-            "apiVersion {:?} is not one of {ADMISSION_API_VERSIONS:?}",
-            envelope.types.api_version
-        )));
+        serde_json::from_value(raw).map_err(ReviewError::NotAdmissionReview)?;
+    if envelope.types.kind != META_KIND
+        || !ADMISSION_API_VERSIONS.contains(&envelope.types.api_version.as_str())
+    {
+        return Err(ReviewError::UnsupportedType {
+            api_version: envelope.types.api_version,
+            kind: envelope.types.kind,
+        });
     }
     let request: AdmissionRequest<DynamicObject> =
         envelope.try_into().map_err(|_| ReviewError::NoRequest)?;
@@ -100,9 +101,7 @@ pub fn review(config: &Config, body: &[u8]) -> Result<ReviewOutcome, ReviewError
 
     let mut response = AdmissionResponse::from(&request);
     if let Some(patch) = decision.patch() {
-        response = response
-            .with_patch(patch.clone())
-            .map_err(|e| ReviewError::Patch(e.to_string()))?;
+        response = response.with_patch(patch.clone())?;
     }
     if let Decision::Skip(reason) = &decision
         && let Some(warning) = reason.warning()
@@ -132,7 +131,7 @@ pub fn review(config: &Config, body: &[u8]) -> Result<ReviewOutcome, ReviewError
 /// plain `Vec<u8>`, which serde writes as an array of numbers that the apiserver rejects, so
 /// the field is re-encoded here.
 pub fn response_json(review: AdmissionReview<DynamicObject>) -> Result<Value, ReviewError> {
-    let mut value = serde_json::to_value(&review).map_err(|e| ReviewError::Patch(e.to_string()))?;
+    let mut value = serde_json::to_value(&review).map_err(ReviewError::Response)?;
     let patch = review.response.and_then(|r| r.patch);
     if let (Some(bytes), Some(slot)) = (patch, value.pointer_mut("/response/patch")) {
         *slot = Value::String(STANDARD.encode(bytes));
@@ -323,11 +322,20 @@ mod tests {
         ));
         assert!(matches!(
             review(&c, br#"{"apiVersion":"v1","kind":"Pod"}"#),
-            Err(ReviewError::NotAdmissionReview(_))
+            Err(ReviewError::UnsupportedType { .. })
         ));
         assert!(matches!(
             review(&c, b"[1,2]"),
             Err(ReviewError::NotAdmissionReview(_))
         ));
+        // The cause is kept for callers that log the chain.
+        let err = review(&c, b"{not json");
+        assert!(
+            err.as_ref()
+                .err()
+                .and_then(std::error::Error::source)
+                .is_some(),
+            "{err:?}"
+        );
     }
 }

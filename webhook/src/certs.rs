@@ -101,11 +101,7 @@ pub fn write_certs(request: &CertsRequest) -> Result<CertsReport> {
             (cert.pem(), key, false)
         }
         _ => {
-            return Err(Error::Tls(format!(
-                "{} and {} must both exist (reuse) or both be absent (create)",
-                ca_crt.display(),
-                ca_key.display()
-            )));
+            return Err(Error::HalfCa { ca_crt, ca_key });
         }
     };
     let not_after = now + Duration::days(days);
@@ -147,10 +143,8 @@ pub fn write_certs(request: &CertsRequest) -> Result<CertsReport> {
             "ca.crt": STANDARD.encode(&ca_pem),
         },
     });
-    let secret_yaml = serde_yaml_ng::to_string(&secret).map_err(|e| Error::Yaml {
-        index: 0,
-        message: e.to_string(),
-    })?;
+    let secret_yaml =
+        serde_yaml_ng::to_string(&secret).map_err(|source| Error::Yaml { index: 0, source })?;
     write(&dir.join("secret.yaml"), secret_yaml.as_bytes(), true)?;
 
     let patch = json!([{
@@ -196,7 +190,10 @@ fn refuse_leaf_outliving_ca(
 ) -> Result<()> {
     let der = rustls_pemfile::certs(&mut ca_pem.as_bytes())
         .next()
-        .ok_or_else(|| Error::Tls(format!("{}: no PEM certificate", ca_path.display())))?
+        .ok_or_else(|| Error::NoPem {
+            path: ca_path.to_path_buf(),
+            what: "certificate",
+        })?
         .map_err(|e| Error::file(ca_path, e))?;
     let ca = crate::tls::Validity::of(&der)?;
     let leaf_not_after = std::time::SystemTime::from(leaf_not_after);

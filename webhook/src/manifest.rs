@@ -53,9 +53,9 @@ pub fn inject_object(config: &Config, object: &mut Value) -> Result<Option<Decis
     };
     let decision = mutate_pod(config, template);
     if let Some(patch) = decision.patch() {
-        json_patch::patch(template, patch).map_err(|e| Error::Mutate {
+        json_patch::patch(template, patch).map_err(|source| Error::Mutate {
             what: format!("{kind} {}", name_of(object)),
-            message: e.to_string(),
+            source,
         })?;
     }
     Ok(Some(decision))
@@ -113,10 +113,8 @@ pub fn inject_stream(config: &Config, input: &str) -> Result<InjectReport> {
 pub fn read_documents(input: &str) -> Result<Vec<Value>> {
     let mut documents = Vec::new();
     for (index, document) in serde_yaml_ng::Deserializer::from_str(input).enumerate() {
-        let mut value = Value::deserialize(document).map_err(|e| Error::Yaml {
-            index,
-            message: e.to_string(),
-        })?;
+        let mut value =
+            Value::deserialize(document).map_err(|source| Error::Yaml { index, source })?;
         if value.is_null() {
             continue;
         }

@@ -172,8 +172,9 @@ async fn flag_set(mut rx: watch::Receiver<bool>) {
 
 /// Serves the HTTPS router on `listener` until `stop_accepting` resolves, then closes the
 /// listener, asks every connection to finish (HTTP/2 GOAWAY, HTTP/1 close after the current
-/// response) and waits for them, at most [`ConnectionLimits::request`] plus the handshake
-/// timeout, since no connection outlives those once asked.
+/// response) and waits for them, at most [`ConnectionLimits::request`] and a second: no
+/// connection outlives that once asked, so the pod's terminationGracePeriodSeconds must cover
+/// the shutdown delay plus that.
 pub async fn serve_tls(
     listener: TcpListener,
     server: HttpsServer,
@@ -265,7 +266,8 @@ pub async fn serve_tls(
     let _ = drain_tx.send(true);
     // Every connection holds a slot until it ends: all slots back means all connections done.
     let everyone = u32::try_from(limits.max_connections).unwrap_or(u32::MAX);
-    let bound = limits.request + limits.handshake + Duration::from_secs(1);
+    // Handshakes in progress end at once; served connections within the request timeout.
+    let bound = limits.request + Duration::from_secs(1);
     if tokio::time::timeout(bound, slots.acquire_many(everyone))
         .await
         .is_err()

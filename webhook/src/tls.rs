@@ -89,8 +89,8 @@ pub struct Validity {
 impl Validity {
     /// Reads the validity of a DER certificate.
     pub fn of(der: &[u8]) -> Result<Validity> {
-        let (_, cert) = x509_parser::parse_x509_certificate(der)
-            .map_err(|e| Error::Tls(format!("reading the certificate's validity: {e}")))?;
+        let (_, cert) =
+            x509_parser::parse_x509_certificate(der).map_err(Error::CertificateParse)?;
         let at = |t: x509_parser::time::ASN1Time| {
             let secs = t.timestamp();
             match u64::try_from(secs) {
@@ -165,22 +165,23 @@ pub fn load_certified_key(
     let key_pem = std::fs::read(key_path).map_err(|e| Error::file(key_path, e))?;
     let chain = rustls_pemfile::certs(&mut cert_pem.as_slice())
         .collect::<std::result::Result<Vec<_>, _>>()
-        .map_err(|e| Error::Tls(format!("{}: {e}", cert_path.display())))?;
+        .map_err(|e| Error::file(cert_path, e))?;
     if chain.is_empty() {
-        return Err(Error::Tls(format!(
-            "{}: no PEM certificate",
-            cert_path.display()
-        )));
+        return Err(Error::NoPem {
+            path: cert_path.to_path_buf(),
+            what: "certificate",
+        });
     }
     let key = rustls_pemfile::private_key(&mut key_pem.as_slice())
-        .map_err(|e| Error::Tls(format!("{}: {e}", key_path.display())))?
-        .ok_or_else(|| Error::Tls(format!("{}: no PEM private key", key_path.display())))?;
-    CertifiedKey::from_der(chain, key, provider).map_err(|e| {
-        Error::Tls(format!(
-            "{} / {}: {e}",
-            cert_path.display(),
-            key_path.display()
-        ))
+        .map_err(|e| Error::file(key_path, e))?
+        .ok_or_else(|| Error::NoPem {
+            path: key_path.to_path_buf(),
+            what: "private key",
+        })?;
+    CertifiedKey::from_der(chain, key, provider).map_err(|source| Error::KeyPair {
+        cert: cert_path.to_path_buf(),
+        key: key_path.to_path_buf(),
+        source,
     })
 }
 
@@ -367,7 +368,7 @@ impl ResolvesServerCert for CertStore {
 pub fn server_config(store: Arc<CertStore>) -> Result<Arc<ServerConfig>> {
     let mut config = ServerConfig::builder_with_provider(crypto_provider())
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
-        .map_err(|e| Error::Tls(e.to_string()))?
+        .map_err(Error::TlsConfig)?
         .with_no_client_auth()
         .with_cert_resolver(store);
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
