@@ -9,6 +9,7 @@
 pub mod admission;
 pub mod certs;
 pub mod cli;
+pub mod handler;
 pub mod inject;
 pub mod manifest;
 pub mod metrics;
@@ -18,7 +19,8 @@ pub mod telemetry;
 pub mod tls;
 pub mod yaml_out;
 
-pub use admission::{ReviewError, ReviewOutcome, build_router, review};
+pub use admission::{ReviewError, ReviewOutcome, review};
+pub use handler::{AppState, build_router};
 pub use inject::{Config, Decision, SidecarMode, SkipReason, mutate_pod};
 pub use networks::{NetworkSelection, NetworksError, parse_networks};
 

@@ -2,7 +2,7 @@
 //! plain-HTTP metrics listener, readiness, and the shutdown sequence (SIGTERM → `/readyz` 503 →
 //! keep serving for the shutdown delay → stop accepting → finish in-flight requests → exit 0).
 
-use crate::admission::{AppState, build_router};
+use crate::handler::{AppState, build_router};
 use crate::inject::Config;
 use crate::metrics::{Metrics, metrics_router};
 use crate::tls::{CertStore, server_config};

@@ -5,7 +5,7 @@
 use axum::body::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper_util::rt::TokioIo;
-use multus_eni_webhook::admission::{AppState, build_router};
+use multus_eni_webhook::handler::{AppState, build_router};
 use multus_eni_webhook::inject::Config;
 use multus_eni_webhook::metrics::Metrics;
 use multus_eni_webhook::serve::{ConnectionLimits, HttpsServer, serve_tls};
