@@ -150,20 +150,29 @@ pub async fn run(config: ServeConfig) -> Result<()> {
         limits: config.limits,
         metrics: metrics.clone(),
     };
-    let metrics_server = serve_plain(
+    let metrics_server = tokio::spawn(serve_plain(
         plain,
         metrics_router(metrics, readiness),
         flag_set(metrics_stopped),
-    );
-    let https_done = async {
-        let result = serve_tls(https, server, flag_set(accepting_stopped)).await;
-        // The metrics port stays up through the drain so /readyz keeps saying 503.
-        let _ = stop_metrics.send(true);
-        result
+    ));
+    let https_result = serve_tls(https, server, flag_set(accepting_stopped)).await;
+    // The metrics port stays up through the drain so /readyz keeps saying 503. Its own
+    // graceful shutdown waits for its connections, so it gets a bound: a client holding one
+    // open must not keep the process alive.
+    let _ = stop_metrics.send(true);
+    let plain_result = match tokio::time::timeout(METRICS_SHUTDOWN, metrics_server).await {
+        Ok(Ok(result)) => result,
+        Ok(Err(join)) => Err(Error::io("metrics listener", std::io::Error::other(join))),
+        Err(_) => {
+            tracing::warn!("metrics connections still open at exit");
+            Ok(())
+        }
     };
-    let (https_result, plain_result) = tokio::join!(https_done, metrics_server);
     https_result.and(plain_result)
 }
+
+/// How long the metrics listener may take to close its connections at exit.
+const METRICS_SHUTDOWN: Duration = Duration::from_secs(2);
 
 /// Resolves once the flag behind `rx` is set (or its sender is gone).
 async fn flag_set(mut rx: watch::Receiver<bool>) {

@@ -118,6 +118,11 @@ async fn certs_then_serve_then_sigterm() -> TestResult {
     );
     assert!(text.contains("multus_eni_webhook_admission_duration_seconds_bucket"));
 
+    // A metrics client that never finishes its request must not keep the process alive.
+    let mut stuck = tokio::net::TcpStream::connect(metrics).await?;
+    tokio::io::AsyncWriteExt::write_all(&mut stuck, b"GET /metrics HTTP/1.1\r\nhost: x\r\n")
+        .await?;
+
     let pid = child.id().ok_or("no pid")?;
     // The shell's builtin kill: no procps needed.
     let kill = tokio::process::Command::new("sh")
@@ -125,7 +130,10 @@ async fn certs_then_serve_then_sigterm() -> TestResult {
         .status()
         .await?;
     assert!(kill.success());
-    let status = tokio::time::timeout(DEADLINE, child.wait()).await??;
+    let status = tokio::time::timeout(Duration::from_secs(10), child.wait())
+        .await
+        .map_err(|_| "process still running 10 s after SIGTERM with no shutdown delay")??;
+    drop(stuck);
     assert!(status.success(), "exit status {status}");
 
     let mut stderr = String::new();
