@@ -258,7 +258,11 @@ pub async fn serve_tls(
             // timeout applies from there.
             let started = tokio::time::Instant::now();
             let first_bytes = tokio::time::timeout(connection.limits.handshake, tcp.readable());
-            match first_bytes.await {
+            let first_bytes = tokio::select! {
+                first_bytes = first_bytes => first_bytes,
+                () = flag_set(connection.drain.clone()) => return,
+            };
+            match first_bytes {
                 Ok(Ok(())) => {
                     Box::pin(connection.serve(tcp, peer, started)).await;
                 }
