@@ -72,10 +72,12 @@ pub fn dns_names(service: &str, namespace: &str) -> Vec<String> {
 /// Generates (or reuses) the CA and writes all files into `out_dir`.
 pub fn write_certs(request: &CertsRequest) -> Result<CertsReport> {
     let dir = &request.out_dir;
+    let created = !dir.exists();
     std::fs::create_dir_all(dir).map_err(|e| Error::file(dir, e))?;
-    // Private keys must never be committed, wherever the directory is.
+    // Private keys must never be committed, wherever the directory is. Only in a directory
+    // of our own: `--out-dir .` in a repository must not ignore the whole repository.
     let ignore = dir.join(".gitignore");
-    if !ignore.exists() {
+    if created {
         write(
             &ignore,
             b"# written by multus-eni-webhook certs: keys stay out of git\n*\n",
@@ -301,11 +303,15 @@ mod tests {
     }
 
     #[test]
-    fn the_output_directory_ignores_itself_in_git() {
+    fn a_directory_certs_creates_ignores_itself_in_git() {
         let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
-        write_certs(&request(dir.path())).unwrap_or_else(|e| panic!("{e}"));
-        let ignore = std::fs::read_to_string(dir.path().join(".gitignore")).unwrap_or_default();
+        let out = dir.path().join("certs");
+        write_certs(&request(&out)).unwrap_or_else(|e| panic!("{e}"));
+        let ignore = std::fs::read_to_string(out.join(".gitignore")).unwrap_or_default();
         assert!(ignore.lines().any(|l| l == "*"), "{ignore}");
+        // An existing directory (the current one, a repository) is left as it was.
+        write_certs(&request(dir.path())).unwrap_or_else(|e| panic!("{e}"));
+        assert!(!dir.path().join(".gitignore").exists());
     }
 
     #[cfg(unix)]
