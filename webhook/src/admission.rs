@@ -1,17 +1,10 @@
-//! `POST /mutate`: AdmissionReview in, AdmissionReview out.
+//! The admission review, pure: an AdmissionReview body in, the response AdmissionReview out
+//! (the HTTP handler is [`crate::handler`]).
 //!
 //! The envelope is read with `kube::core::admission` types; the pod itself stays raw JSON (see
-//! [`crate::inject`]). Bad bodies get a 4xx with a message, bodies over the kube-apiserver's
-//! 3 MiB request limit a 413; everything else is allowed, with a patch when injecting.
+//! [`crate::inject`]). Everything is allowed, with a patch when injecting or moving the sidecar.
 
 use crate::inject::{Config, Decision, SkipReason, mutate_pod};
-use crate::metrics::{Metrics, OUTCOME_INJECTED, OUTCOME_REJECTED, OUTCOME_SKIPPED};
-use axum::Router;
-use axum::body::Bytes;
-use axum::extract::{DefaultBodyLimit, State};
-use axum::http::StatusCode;
-use axum::response::{IntoResponse, Response};
-use axum::routing::post;
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
 use kube::core::DynamicObject;
@@ -19,8 +12,6 @@ use kube::core::admission::{
     AdmissionRequest, AdmissionResponse, AdmissionReview, META_KIND, Operation,
 };
 use serde_json::Value;
-use std::sync::Arc;
-use std::time::Instant;
 
 /// The kube-apiserver's request body limit; larger bodies get 413.
 pub const MAX_BODY_BYTES: usize = 3 * 1024 * 1024;
@@ -31,13 +22,19 @@ pub const ADMISSION_API_VERSIONS: [&str; 2] = ["admission.k8s.io/v1", "admission
 #[derive(Debug, thiserror::Error)]
 pub enum ReviewError {
     #[error("body is not JSON: {0}")]
-    NotJson(String),
+    NotJson(#[source] serde_json::Error),
     #[error("body is not an AdmissionReview: {0}")]
-    NotAdmissionReview(String),
+    NotAdmissionReview(#[source] serde_json::Error),
+    #[error(
+        "body is not an AdmissionReview: apiVersion {api_version:?}, kind {kind:?} (want {META_KIND:?} in one of {ADMISSION_API_VERSIONS:?})"
+    )]
+    UnsupportedType { api_version: String, kind: String },
     #[error("AdmissionReview has no request")]
     NoRequest,
     #[error("building the response patch: {0}")]
-    Patch(String),
+    Patch(#[from] kube::core::admission::SerializePatchError),
+    #[error("writing the response: {0}")]
+    Response(#[source] serde_json::Error),
 }
 
 /// What `/mutate` decided for one request, plus what logs and metrics need.
@@ -57,26 +54,21 @@ pub struct ReviewOutcome {
 
 /// Answers one AdmissionReview body. Pure (no I/O), so benches and fuzzers can call it.
 pub fn review(config: &Config, body: &[u8]) -> Result<ReviewOutcome, ReviewError> {
-    let mut raw: Value =
-        serde_json::from_slice(body).map_err(|e| ReviewError::NotJson(e.to_string()))?;
+    let mut raw: Value = serde_json::from_slice(body).map_err(ReviewError::NotJson)?;
     // Keep the pod raw: take it out before the envelope is parsed into typed structs.
     let object = raw.pointer_mut("/request/object").map(Value::take);
     if let Some(old) = raw.pointer_mut("/request/oldObject") {
         *old = Value::Null;
     }
     let envelope: AdmissionReview<DynamicObject> =
-        serde_json::from_value(raw).map_err(|e| ReviewError::NotAdmissionReview(e.to_string()))?;
-    if envelope.types.kind != META_KIND {
-        return Err(ReviewError::NotAdmissionReview(format!(
-            "kind is {:?}, want {META_KIND:?}",
-            envelope.types.kind
-        )));
-    }
-    if !ADMISSION_API_VERSIONS.contains(&envelope.types.api_version.as_str()) {
-        return Err(ReviewError::NotAdmissionReview(format!(
-            "apiVersion {:?} is not one of {ADMISSION_API_VERSIONS:?}",
-            envelope.types.api_version
-        )));
+        serde_json::from_value(raw).map_err(ReviewError::NotAdmissionReview)?;
+    if envelope.types.kind != META_KIND
+        || !ADMISSION_API_VERSIONS.contains(&envelope.types.api_version.as_str())
+    {
+        return Err(ReviewError::UnsupportedType {
+            api_version: envelope.types.api_version,
+            kind: envelope.types.kind,
+        });
     }
     let request: AdmissionRequest<DynamicObject> =
         envelope.try_into().map_err(|_| ReviewError::NoRequest)?;
@@ -95,17 +87,13 @@ pub fn review(config: &Config, body: &[u8]) -> Result<ReviewOutcome, ReviewError
     };
 
     let mut response = AdmissionResponse::from(&request);
-    match &decision {
-        Decision::Inject(injection) => {
-            response = response
-                .with_patch(injection.patch.clone())
-                .map_err(|e| ReviewError::Patch(e.to_string()))?;
-        }
-        Decision::Skip(reason) => {
-            if let Some(warning) = reason.warning() {
-                response.warnings = Some(vec![warning]);
-            }
-        }
+    if let Some(patch) = decision.patch() {
+        response = response.with_patch(patch.clone())?;
+    }
+    if let Decision::Skip(reason) = &decision
+        && let Some(warning) = reason.warning()
+    {
+        response.warnings = Some(vec![warning]);
     }
     let pod = match request.name.as_str() {
         "" => object
@@ -130,75 +118,12 @@ pub fn review(config: &Config, body: &[u8]) -> Result<ReviewOutcome, ReviewError
 /// plain `Vec<u8>`, which serde writes as an array of numbers that the apiserver rejects, so
 /// the field is re-encoded here.
 pub fn response_json(review: AdmissionReview<DynamicObject>) -> Result<Value, ReviewError> {
-    let mut value = serde_json::to_value(&review).map_err(|e| ReviewError::Patch(e.to_string()))?;
+    let mut value = serde_json::to_value(&review).map_err(ReviewError::Response)?;
     let patch = review.response.and_then(|r| r.patch);
     if let (Some(bytes), Some(slot)) = (patch, value.pointer_mut("/response/patch")) {
         *slot = Value::String(STANDARD.encode(bytes));
     }
     Ok(value)
-}
-
-/// Shared state of the `/mutate` handler.
-#[derive(Clone)]
-pub struct AppState {
-    pub config: Arc<Config>,
-    pub metrics: Arc<Metrics>,
-}
-
-/// The HTTPS router: `POST /mutate` with the 3 MiB body limit.
-pub fn build_router(state: AppState) -> Router {
-    Router::new()
-        .route("/mutate", post(mutate))
-        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
-        .with_state(state)
-}
-
-async fn mutate(State(state): State<AppState>, body: Bytes) -> Response {
-    let started = Instant::now();
-    match review(&state.config, &body) {
-        Ok(outcome) => {
-            let (label, reason) = match &outcome.decision {
-                Decision::Inject(_) => (OUTCOME_INJECTED, ""),
-                Decision::Skip(reason) => (OUTCOME_SKIPPED, reason.label()),
-            };
-            let response = axum::Json(&outcome.response).into_response();
-            let took = started.elapsed();
-            state.metrics.observe_admission(label, reason, took);
-            match &outcome.decision {
-                Decision::Inject(injection) => tracing::info!(
-                    uid = %outcome.uid,
-                    namespace = %outcome.namespace,
-                    pod = %outcome.pod,
-                    interfaces = %injection.interfaces.join(","),
-                    micros = took.as_micros() as u64,
-                    "sidecar injected"
-                ),
-                Decision::Skip(SkipReason::MalformedNetworks(err)) => tracing::warn!(
-                    uid = %outcome.uid,
-                    namespace = %outcome.namespace,
-                    pod = %outcome.pod,
-                    reason,
-                    error = %err,
-                    "not injected: malformed networks annotation"
-                ),
-                Decision::Skip(_) => tracing::debug!(
-                    uid = %outcome.uid,
-                    namespace = %outcome.namespace,
-                    pod = %outcome.pod,
-                    reason,
-                    "not injected"
-                ),
-            }
-            response
-        }
-        Err(err) => {
-            state
-                .metrics
-                .observe_admission(OUTCOME_REJECTED, "bad_request", started.elapsed());
-            tracing::warn!(error = %err, bytes = body.len(), "rejected admission body");
-            (StatusCode::BAD_REQUEST, format!("{err}\n")).into_response()
-        }
-    }
 }
 
 #[cfg(test)]
@@ -290,11 +215,20 @@ mod tests {
         ));
         assert!(matches!(
             review(&c, br#"{"apiVersion":"v1","kind":"Pod"}"#),
-            Err(ReviewError::NotAdmissionReview(_))
+            Err(ReviewError::UnsupportedType { .. })
         ));
         assert!(matches!(
             review(&c, b"[1,2]"),
             Err(ReviewError::NotAdmissionReview(_))
         ));
+        // The cause is kept for callers that log the chain.
+        let err = review(&c, b"{not json");
+        assert!(
+            err.as_ref()
+                .err()
+                .and_then(std::error::Error::source)
+                .is_some(),
+            "{err:?}"
+        );
     }
 }

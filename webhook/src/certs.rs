@@ -72,7 +72,18 @@ pub fn dns_names(service: &str, namespace: &str) -> Vec<String> {
 /// Generates (or reuses) the CA and writes all files into `out_dir`.
 pub fn write_certs(request: &CertsRequest) -> Result<CertsReport> {
     let dir = &request.out_dir;
+    let created = !dir.exists();
     std::fs::create_dir_all(dir).map_err(|e| Error::file(dir, e))?;
+    // Private keys must never be committed, wherever the directory is. Only in a directory
+    // of our own: `--out-dir .` in a repository must not ignore the whole repository.
+    let ignore = dir.join(".gitignore");
+    if created {
+        write(
+            &ignore,
+            b"# written by multus-eni-webhook certs: keys stay out of git\n*\n",
+            false,
+        )?;
+    }
     let ca_crt = dir.join("ca.crt");
     let ca_key = dir.join("ca.key");
     let now = OffsetDateTime::now_utc();
@@ -92,13 +103,11 @@ pub fn write_certs(request: &CertsRequest) -> Result<CertsReport> {
             (cert.pem(), key, false)
         }
         _ => {
-            return Err(Error::Tls(format!(
-                "{} and {} must both exist (reuse) or both be absent (create)",
-                ca_crt.display(),
-                ca_key.display()
-            )));
+            return Err(Error::HalfCa { ca_crt, ca_key });
         }
     };
+    let not_after = now + Duration::days(days);
+    refuse_leaf_outliving_ca(&ca_crt, &ca_pem, not_after)?;
     let issuer = Issuer::from_ca_cert_pem(&ca_pem, ca_key_pair)?;
 
     let names = dns_names(&request.service, &request.namespace);
@@ -110,7 +119,7 @@ pub fn write_certs(request: &CertsRequest) -> Result<CertsReport> {
     );
     params.distinguished_name = dn;
     params.not_before = now - Duration::hours(1);
-    params.not_after = now + Duration::days(days);
+    params.not_after = not_after;
     params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
     params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
     params.use_authority_key_identifier_extension = true;
@@ -136,10 +145,8 @@ pub fn write_certs(request: &CertsRequest) -> Result<CertsReport> {
             "ca.crt": STANDARD.encode(&ca_pem),
         },
     });
-    let secret_yaml = serde_yaml_ng::to_string(&secret).map_err(|e| Error::Yaml {
-        index: 0,
-        message: e.to_string(),
-    })?;
+    let secret_yaml =
+        serde_yaml_ng::to_string(&secret).map_err(|source| Error::Yaml { index: 0, source })?;
     write(&dir.join("secret.yaml"), secret_yaml.as_bytes(), true)?;
 
     let patch = json!([{
@@ -176,6 +183,31 @@ fn ca_params(now: OffsetDateTime, days: i64) -> CertificateParams {
     params
 }
 
+/// A reused CA that expires before the new serving certificate would leave a certificate
+/// clients stop trusting early; renew the CA (delete ca.crt and ca.key) or shorten the leaf.
+fn refuse_leaf_outliving_ca(
+    ca_path: &Path,
+    ca_pem: &str,
+    leaf_not_after: OffsetDateTime,
+) -> Result<()> {
+    let der = rustls_pemfile::certs(&mut ca_pem.as_bytes())
+        .next()
+        .ok_or_else(|| Error::NoPem {
+            path: ca_path.to_path_buf(),
+            what: "certificate",
+        })?
+        .map_err(|e| Error::file(ca_path, e))?;
+    let ca = crate::tls::Validity::of(&der)?;
+    let leaf_not_after = std::time::SystemTime::from(leaf_not_after);
+    if leaf_not_after > ca.not_after {
+        return Err(Error::LeafOutlivesCa {
+            ca: ca_path.to_path_buf(),
+            ca_not_after: humantime::format_rfc3339_seconds(ca.not_after).to_string(),
+        });
+    }
+    Ok(())
+}
+
 fn read(path: &Path) -> Result<String> {
     std::fs::read_to_string(path).map_err(|e| Error::file(path, e))
 }
@@ -192,10 +224,15 @@ fn write(path: &Path, contents: &[u8], secret: bool) -> Result<()> {
     }
     #[cfg(not(unix))]
     let _ = secret;
-    options
-        .open(path)
-        .and_then(|mut f| f.write_all(contents))
-        .map_err(|e| Error::file(path, e))
+    let mut file = options.open(path).map_err(|e| Error::file(path, e))?;
+    // `mode` applies only when the file is created; an existing key keeps its old mode.
+    #[cfg(unix)]
+    if secret {
+        use std::os::unix::fs::PermissionsExt;
+        file.set_permissions(std::fs::Permissions::from_mode(0o600))
+            .map_err(|e| Error::file(path, e))?;
+    }
+    file.write_all(contents).map_err(|e| Error::file(path, e))
 }
 
 #[cfg(test)]
@@ -243,11 +280,54 @@ mod tests {
         assert!(write_certs(&request(dir.path())).is_err());
     }
 
+    #[test]
+    fn a_leaf_that_would_outlive_the_ca_is_refused() {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let mut short = request(dir.path());
+        short.validity_days = 1; // the CA gets 10 days
+        write_certs(&short).unwrap_or_else(|e| panic!("{e}"));
+        let leaf = std::fs::read(dir.path().join("tls.crt")).unwrap_or_default();
+        let mut long = request(dir.path());
+        long.validity_days = 11;
+        assert!(matches!(
+            write_certs(&long),
+            Err(Error::LeafOutlivesCa { .. })
+        ));
+        // Nothing was overwritten.
+        assert_eq!(
+            std::fs::read(dir.path().join("tls.crt")).unwrap_or_default(),
+            leaf
+        );
+        long.validity_days = 9;
+        assert!(write_certs(&long).is_ok());
+    }
+
+    #[test]
+    fn a_directory_certs_creates_ignores_itself_in_git() {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let out = dir.path().join("certs");
+        write_certs(&request(&out)).unwrap_or_else(|e| panic!("{e}"));
+        let ignore = std::fs::read_to_string(out.join(".gitignore")).unwrap_or_default();
+        assert!(ignore.lines().any(|l| l == "*"), "{ignore}");
+        // An existing directory (the current one, a repository) is left as it was.
+        write_certs(&request(dir.path())).unwrap_or_else(|e| panic!("{e}"));
+        assert!(!dir.path().join(".gitignore").exists());
+    }
+
     #[cfg(unix)]
     #[test]
     fn keys_are_private() {
         use std::os::unix::fs::PermissionsExt;
         let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        // A key left world-readable by an earlier tool is tightened when overwritten.
+        for name in ["tls.key", "secret.yaml"] {
+            std::fs::write(dir.path().join(name), "old").unwrap_or_else(|e| panic!("{e}"));
+            std::fs::set_permissions(
+                dir.path().join(name),
+                std::fs::Permissions::from_mode(0o644),
+            )
+            .unwrap_or_else(|e| panic!("{e}"));
+        }
         write_certs(&request(dir.path())).unwrap_or_else(|e| panic!("{e}"));
         for name in ["ca.key", "tls.key", "secret.yaml"] {
             let mode = std::fs::metadata(dir.path().join(name))

@@ -1,19 +1,17 @@
 //! Command line: `serve`, `inject`, `certs`. Every flag can also come from `MULTUS_ENI_<FLAG>`.
 
-use crate::admission::{AppState, build_router};
 use crate::certs::{CertsRequest, write_certs};
 use crate::inject::{Config, SidecarMode, SidecarResources};
 use crate::manifest::inject_stream;
-use crate::metrics::{Metrics, metrics_router};
-use crate::serve::{serve_plain, serve_tls, shutdown_signal};
+use crate::serve::{ConnectionLimits, ServeConfig};
 use crate::telemetry::{self, LogFormat};
-use crate::tls::{CertStore, crypto_provider, server_config};
+use crate::tls::crypto_provider;
 use crate::{Error, Result};
 use clap::{Args, Parser, Subcommand};
 use std::io::{Read, Write};
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::time::Duration;
 
 /// Injects the multus-eni sidecar into pods with Multus secondary networks.
 #[derive(Debug, Parser)]
@@ -122,8 +120,32 @@ pub struct ServeArgs {
         default_value = "json"
     )]
     pub log_format: LogFormat,
+    /// After SIGTERM, how long /readyz says 503 while /mutate keeps answering, so endpoints
+    /// stop routing here first (terminationGracePeriodSeconds must cover it plus 15 s).
+    #[arg(
+        long,
+        env = "MULTUS_ENI_SHUTDOWN_DELAY",
+        default_value = "10s",
+        value_parser = humantime::parse_duration
+    )]
+    pub shutdown_delay: Duration,
     #[command(flatten)]
     pub sidecar: SidecarArgs,
+}
+
+impl ServeArgs {
+    /// The server configuration these flags describe.
+    pub fn config(&self) -> ServeConfig {
+        ServeConfig {
+            addr: self.addr,
+            metrics_addr: self.metrics_addr,
+            tls_cert: self.tls_cert.clone(),
+            tls_key: self.tls_key.clone(),
+            shutdown_delay: self.shutdown_delay,
+            limits: ConnectionLimits::default(),
+            injection: self.sidecar.config(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Args)]
@@ -170,7 +192,7 @@ impl Cli {
                     .enable_all()
                     .build()
                     .map_err(|e| Error::io("starting the async runtime", e))?;
-                runtime.block_on(serve(args))
+                runtime.block_on(crate::serve::run(args.config()))
             }
             Command::Inject(args) => inject(&args),
             Command::Certs(args) => {
@@ -186,51 +208,6 @@ impl Cli {
             }
         }
     }
-}
-
-/// `serve`: loads the certificate (failing fast), binds both listeners, runs until SIGTERM.
-pub async fn serve(args: ServeArgs) -> Result<()> {
-    let config = Arc::new(args.sidecar.config());
-    let metrics = Arc::new(Metrics::new());
-    let store = CertStore::load(&args.tls_cert, &args.tls_key, Some(metrics.clone()))?;
-    let _watcher = store.watch()?;
-    let tls = server_config(store)?;
-    let https = tokio::net::TcpListener::bind(args.addr)
-        .await
-        .map_err(|e| Error::io(format!("binding {}", args.addr), e))?;
-    let plain = tokio::net::TcpListener::bind(args.metrics_addr)
-        .await
-        .map_err(|e| Error::io(format!("binding {}", args.metrics_addr), e))?;
-    let router = build_router(AppState {
-        config: config.clone(),
-        metrics: metrics.clone(),
-    });
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let stopped = move || {
-        let mut rx = stop_rx.clone();
-        async move {
-            let _ = rx.wait_for(|stop| *stop).await;
-        }
-    };
-    let ready = metrics.clone();
-    tokio::spawn(async move {
-        shutdown_signal().await;
-        ready.set_ready(false);
-        let _ = stop_tx.send(true);
-    });
-    metrics.set_ready(true);
-    tracing::info!(
-        addr = %args.addr,
-        metrics_addr = %args.metrics_addr,
-        sidecar_image = %config.sidecar_image,
-        mode = config.mode.as_str(),
-        "serving /mutate"
-    );
-    let (https_result, plain_result) = tokio::join!(
-        serve_tls(https, tls, router, stopped()),
-        serve_plain(plain, metrics_router(metrics), stopped()),
-    );
-    https_result.and(plain_result)
 }
 
 fn inject(args: &InjectArgs) -> Result<()> {
@@ -276,6 +253,7 @@ mod tests {
         };
         assert_eq!(args.metrics_addr.to_string(), "0.0.0.0:8080");
         assert_eq!(args.log_format, LogFormat::Json);
+        assert_eq!(args.shutdown_delay, Duration::from_secs(10));
         let config = args.sidecar.config();
         assert_eq!(config, Config::new("img:1"));
     }

@@ -6,7 +6,7 @@
 
 use crate::networks::{NETWORKS_ANNOTATION, NetworksError, parse_networks};
 use json_patch::jsonptr::PointerBuf;
-use json_patch::{AddOperation, Patch, PatchOperation};
+use json_patch::{AddOperation, MoveOperation, Patch, PatchOperation};
 use serde_json::{Map, Value, json};
 
 /// Name of the injected container; also how a pod is recognised as already injected.
@@ -118,6 +118,9 @@ pub enum SkipReason {
     EmptyNetworks,
     /// The annotation could not be parsed; the pod is admitted with a warning.
     MalformedNetworks(NetworksError),
+    /// Legacy mode and `restartPolicy` `Never`/`OnFailure`: an appended sidecar never exits,
+    /// so the pod (and its Job) would never complete. Admitted with a warning.
+    RunToCompletion { restart_policy: String },
 }
 
 impl SkipReason {
@@ -132,11 +135,12 @@ impl SkipReason {
             SkipReason::NoNetworks => "no_networks",
             SkipReason::EmptyNetworks => "empty_networks",
             SkipReason::MalformedNetworks(_) => "malformed_networks",
+            SkipReason::RunToCompletion { .. } => "run_to_completion",
         }
     }
 
     /// Every label, so metrics can be pre-registered at zero.
-    pub const LABELS: [&'static str; 8] = [
+    pub const LABELS: [&'static str; 9] = [
         "not_a_pod",
         "not_create",
         "host_network",
@@ -145,6 +149,7 @@ impl SkipReason {
         "no_networks",
         "empty_networks",
         "malformed_networks",
+        "run_to_completion",
     ];
 
     /// The admission warning shown to the user (`kubectl` prints it), if any.
@@ -152,6 +157,11 @@ impl SkipReason {
         match self {
             SkipReason::MalformedNetworks(err) => Some(format!(
                 "multus-eni: sidecar not injected, annotation {NETWORKS_ANNOTATION} is malformed: {err}"
+            )),
+            SkipReason::RunToCompletion { restart_policy } => Some(format!(
+                "multus-eni: sidecar not injected, restartPolicy {restart_policy}: in legacy mode the \
+                 sidecar is a regular container that never exits, so the pod would never complete; \
+                 native mode (Kubernetes >= 1.29) supports such pods"
             )),
             _ => None,
         }
@@ -171,7 +181,22 @@ pub struct Injection {
 #[derive(Debug, Clone, PartialEq)]
 pub enum Decision {
     Inject(Injection),
+    /// The sidecar is already there as an init container, but not first: with
+    /// `reinvocationPolicy: IfNeeded`, a later webhook put init containers before it. The patch
+    /// moves it back to index 0 so nothing runs before the pod's IPs are routable.
+    MoveSidecarFirst(Patch),
     Skip(SkipReason),
+}
+
+impl Decision {
+    /// The JSON patch to send back, if the pod changes.
+    pub fn patch(&self) -> Option<&Patch> {
+        match self {
+            Decision::Inject(injection) => Some(&injection.patch),
+            Decision::MoveSidecarFirst(patch) => Some(patch),
+            Decision::Skip(_) => None,
+        }
+    }
 }
 
 /// Decides whether a pod (or pod template: `metadata` + `spec`) gets the sidecar, and builds
@@ -200,8 +225,12 @@ pub fn mutate_pod(config: &Config, pod: &Value) -> Decision {
     {
         return Decision::Skip(SkipReason::HostNetwork);
     }
-    if has_sidecar(spec) {
-        return Decision::Skip(SkipReason::AlreadyInjected);
+    match sidecar_position(spec) {
+        Some(SidecarPosition::InitContainer(index)) if index > 0 => {
+            return Decision::MoveSidecarFirst(move_sidecar_first(index));
+        }
+        Some(_) => return Decision::Skip(SkipReason::AlreadyInjected),
+        None => {}
     }
     let networks = match annotation(NETWORKS_ANNOTATION) {
         None | Some(Value::Null) => return Decision::Skip(SkipReason::NoNetworks),
@@ -217,20 +246,47 @@ pub fn mutate_pod(config: &Config, pod: &Value) -> Decision {
         Ok(s) => s,
         Err(e) => return Decision::Skip(SkipReason::MalformedNetworks(e)),
     };
+    if config.mode == SidecarMode::Legacy
+        && let Some(policy) = spec
+            .and_then(|s| s.get("restartPolicy"))
+            .and_then(Value::as_str)
+            .filter(|p| matches!(*p, "Never" | "OnFailure"))
+    {
+        return Decision::Skip(SkipReason::RunToCompletion {
+            restart_policy: policy.to_owned(),
+        });
+    }
     let interfaces: Vec<String> = selections.into_iter().map(|s| s.interface).collect();
     let patch = build_patch(config, pod, spec, annotations.is_some(), &interfaces);
     Decision::Inject(Injection { patch, interfaces })
 }
 
-fn has_sidecar(spec: Option<&Value>) -> bool {
-    ["initContainers", "containers"].iter().any(|list| {
-        spec.and_then(|s| s.get(*list))
+/// Where an already injected sidecar sits.
+enum SidecarPosition {
+    InitContainer(usize),
+    Container,
+}
+
+fn sidecar_position(spec: Option<&Value>) -> Option<SidecarPosition> {
+    let index_in = |list: &str| {
+        spec.and_then(|s| s.get(list))
             .and_then(Value::as_array)
-            .is_some_and(|cs| {
+            .and_then(|cs| {
                 cs.iter()
-                    .any(|c| c.get("name").and_then(Value::as_str) == Some(SIDECAR_NAME))
+                    .position(|c| c.get("name").and_then(Value::as_str) == Some(SIDECAR_NAME))
             })
-    })
+    };
+    index_in("initContainers")
+        .map(SidecarPosition::InitContainer)
+        .or_else(|| index_in("containers").map(|_| SidecarPosition::Container))
+}
+
+/// Moves the init container at `index` (the sidecar) to the front, keeping the others' order.
+fn move_sidecar_first(index: usize) -> Patch {
+    Patch(vec![PatchOperation::Move(MoveOperation {
+        from: pointer(&["spec", "initContainers", &index.to_string()]),
+        path: pointer(&["spec", "initContainers", "0"]),
+    })])
 }
 
 fn build_patch(
@@ -448,7 +504,7 @@ mod tests {
     fn skip(pod: &Value) -> Option<SkipReason> {
         match mutate_pod(&config(), pod) {
             Decision::Skip(reason) => Some(reason),
-            Decision::Inject(_) => None,
+            Decision::Inject(_) | Decision::MoveSidecarFirst(_) => None,
         }
     }
 
@@ -582,6 +638,65 @@ mod tests {
     }
 
     #[test]
+    fn reinvocation_moves_the_sidecar_back_first() {
+        let p = pod(json!({ NETWORKS_ANNOTATION: "a" }), app_spec());
+        let mut injected = apply(&p, &mutate_pod(&config(), &p));
+        // A later webhook (e.g. a mesh) puts its own init containers in front of ours.
+        let inits = injected["spec"]["initContainers"].as_array_mut();
+        let Some(inits) = inits else {
+            panic!("no initContainers");
+        };
+        inits.insert(0, json!({ "name": "istio-init", "image": "proxyv2" }));
+        inits.push(json!({ "name": "setup", "image": "busybox" }));
+        let decision = mutate_pod(&config(), &injected);
+        assert!(
+            matches!(decision, Decision::MoveSidecarFirst(_)),
+            "{decision:?}"
+        );
+        let mut out = injected.clone();
+        json_patch::patch(&mut out, decision.patch().unwrap_or(&Patch(vec![])))
+            .unwrap_or_else(|e| panic!("{e}"));
+        let names: Vec<&str> = out["spec"]["initContainers"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|c| c["name"].as_str())
+            .collect();
+        assert_eq!(names, [SIDECAR_NAME, "istio-init", "setup"]);
+        // The sidecar is unchanged, only moved; a third call changes nothing.
+        assert_eq!(
+            out["spec"]["initContainers"][0],
+            injected["spec"]["initContainers"][1]
+        );
+        assert_eq!(skip(&out), Some(SkipReason::AlreadyInjected));
+    }
+
+    #[test]
+    fn legacy_mode_skips_pods_that_run_to_completion() {
+        let legacy = Config {
+            mode: SidecarMode::Legacy,
+            ..config()
+        };
+        for policy in ["Never", "OnFailure"] {
+            let mut spec = app_spec();
+            spec["restartPolicy"] = json!(policy);
+            let p = pod(json!({ NETWORKS_ANNOTATION: "a" }), spec);
+            let Decision::Skip(reason) = mutate_pod(&legacy, &p) else {
+                panic!("{policy}: a never-ending container would keep the pod from completing");
+            };
+            assert_eq!(reason.label(), "run_to_completion");
+            let warning = reason.warning().unwrap_or_default();
+            assert!(warning.contains(policy), "{warning}");
+            // Native sidecars end with the pod: still injected.
+            assert_eq!(skip(&p), None, "{policy} in native mode");
+        }
+        let mut spec = app_spec();
+        spec["restartPolicy"] = json!("Always");
+        let p = pod(json!({ NETWORKS_ANNOTATION: "a" }), spec);
+        assert!(matches!(mutate_pod(&legacy, &p), Decision::Inject(_)));
+    }
+
+    #[test]
     fn skip_host_network() {
         let mut spec = app_spec();
         spec["hostNetwork"] = json!(true);
@@ -660,6 +775,9 @@ mod tests {
             SkipReason::NoNetworks,
             SkipReason::EmptyNetworks,
             SkipReason::MalformedNetworks(NetworksError::EmptyEntry { position: 1 }),
+            SkipReason::RunToCompletion {
+                restart_policy: "Never".into(),
+            },
         ] {
             assert!(SkipReason::LABELS.contains(&reason.label()));
         }

@@ -9,6 +9,7 @@
 pub mod admission;
 pub mod certs;
 pub mod cli;
+pub mod handler;
 pub mod inject;
 pub mod manifest;
 pub mod metrics;
@@ -16,8 +17,10 @@ pub mod networks;
 pub mod serve;
 pub mod telemetry;
 pub mod tls;
+pub mod yaml_out;
 
-pub use admission::{ReviewError, ReviewOutcome, build_router, review};
+pub use admission::{ReviewError, ReviewOutcome, review};
+pub use handler::{AppState, build_router};
 pub use inject::{Config, Decision, SidecarMode, SkipReason, mutate_pod};
 pub use networks::{NetworkSelection, NetworksError, parse_networks};
 
@@ -38,9 +41,43 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
-    /// The serving certificate or key could not be used.
-    #[error("TLS: {0}")]
-    Tls(String),
+    /// A PEM file holds no certificate or no private key.
+    #[error("{path}: no PEM {what}")]
+    NoPem {
+        path: std::path::PathBuf,
+        what: &'static str,
+    },
+    /// The key does not belong to the certificate, or rustls cannot use it.
+    #[error("{cert} / {key}: {source}")]
+    KeyPair {
+        cert: std::path::PathBuf,
+        key: std::path::PathBuf,
+        #[source]
+        source: rustls::Error,
+    },
+    /// The TLS server configuration could not be built.
+    #[error("TLS configuration: {0}")]
+    TlsConfig(#[source] rustls::Error),
+    /// A certificate's validity could not be read.
+    #[error("reading the certificate's validity: {0}")]
+    CertificateParse(#[source] x509_parser::nom::Err<x509_parser::error::X509Error>),
+    /// `certs` found only one of `ca.crt` and `ca.key`.
+    #[error("{ca_crt} and {ca_key} must both exist (reuse) or both be absent (create)")]
+    HalfCa {
+        ca_crt: std::path::PathBuf,
+        ca_key: std::path::PathBuf,
+    },
+    /// A new serving certificate is expired or not yet valid while the current one is valid.
+    #[error("{path}: certificate is expired or not yet valid; keeping the current one")]
+    CertificateNotValid { path: std::path::PathBuf },
+    /// `certs` would issue a serving certificate that expires after the CA it reuses.
+    #[error(
+        "the serving certificate would outlive the CA in {ca} (valid until {ca_not_after}): delete ca.crt and ca.key to issue a new CA (and update the caBundle), or lower --validity-days"
+    )]
+    LeafOutlivesCa {
+        ca: std::path::PathBuf,
+        ca_not_after: String,
+    },
     /// The file watcher that drives certificate reload could not start.
     #[error("watching certificate files: {0}")]
     Watch(#[from] notify::Error),
@@ -48,14 +85,22 @@ pub enum Error {
     #[error("generating certificates: {0}")]
     CertGen(#[from] rcgen::Error),
     /// A YAML document of the `inject` input could not be read or written.
-    #[error("YAML document {index}: {message}")]
-    Yaml { index: usize, message: String },
-    /// Building the patch or applying it to a pod template failed.
-    #[error("mutating {what}: {message}")]
-    Mutate { what: String, message: String },
+    #[error("YAML document {index}: {source}")]
+    Yaml {
+        index: usize,
+        #[source]
+        source: serde_yaml_ng::Error,
+    },
+    /// Applying the patch to a pod template failed.
+    #[error("mutating {what}: {source}")]
+    Mutate {
+        what: String,
+        #[source]
+        source: json_patch::PatchError,
+    },
     /// Logging could not be set up.
     #[error("logging: {0}")]
-    Logging(String),
+    Logging(#[source] Box<dyn std::error::Error + Send + Sync>),
 }
 
 /// Result with this crate's [`Error`].

@@ -1,7 +1,8 @@
 //! Offline `inject`: mutates the pod templates of a YAML stream with the webhook's own code
 //! path ([`mutate_pod`] + the same JSON patch), for GitOps and clusters without webhooks.
 
-use crate::inject::{Config, Decision, SkipReason, mutate_pod};
+use crate::inject::{Config, Decision, mutate_pod};
+use crate::yaml_out::to_yaml;
 use crate::{Error, Result};
 use serde::Deserialize;
 use serde_json::Value;
@@ -11,7 +12,8 @@ use serde_json::Value;
 pub struct InjectReport {
     /// The stream with pod templates mutated, other documents unchanged in content.
     pub output: String,
-    /// Warnings for objects whose networks annotation is malformed.
+    /// Warnings for objects left unchanged for a reason the user should fix (a malformed
+    /// networks annotation, a Job's pod in legacy mode).
     pub warnings: Vec<String>,
     /// How many pods or templates got the sidecar.
     pub injected: usize,
@@ -50,10 +52,10 @@ pub fn inject_object(config: &Config, object: &mut Value) -> Result<Option<Decis
         return Ok(None);
     };
     let decision = mutate_pod(config, template);
-    if let Decision::Inject(injection) = &decision {
-        json_patch::patch(template, &injection.patch).map_err(|e| Error::Mutate {
+    if let Some(patch) = decision.patch() {
+        json_patch::patch(template, patch).map_err(|source| Error::Mutate {
             what: format!("{kind} {}", name_of(object)),
-            message: e.to_string(),
+            source,
         })?;
     }
     Ok(Some(decision))
@@ -69,14 +71,15 @@ fn name_of(object: &Value) -> String {
 
 /// Mutates every Pod, Deployment, StatefulSet, DaemonSet, ReplicaSet, Job and CronJob of a
 /// YAML stream (also inside `kind: List`); other documents pass through. Empty documents are
-/// dropped; comments and YAML formatting are not preserved.
+/// dropped; comments and YAML formatting are not preserved, and strings that YAML 1.1 would
+/// read as something else are quoted (see [`crate::yaml_out`]).
 pub fn inject_stream(config: &Config, input: &str) -> Result<InjectReport> {
     let mut report = InjectReport {
         output: String::new(),
         warnings: Vec::new(),
         injected: 0,
     };
-    for (index, mut value) in read_documents(input)?.into_iter().enumerate() {
+    for mut value in read_documents(input)? {
         let mut decisions = Vec::new();
         let is_list = value.get("kind").and_then(Value::as_str) == Some("List");
         if is_list {
@@ -91,7 +94,7 @@ pub fn inject_stream(config: &Config, input: &str) -> Result<InjectReport> {
         for (name, decision) in decisions {
             match decision {
                 Some(Decision::Inject(_)) => report.injected += 1,
-                Some(Decision::Skip(reason @ SkipReason::MalformedNetworks(_))) => {
+                Some(Decision::Skip(reason)) => {
                     if let Some(w) = reason.warning() {
                         report.warnings.push(format!("{name}: {w}"));
                     }
@@ -99,12 +102,8 @@ pub fn inject_stream(config: &Config, input: &str) -> Result<InjectReport> {
                 _ => {}
             }
         }
-        let yaml = serde_yaml_ng::to_string(&value).map_err(|e| Error::Yaml {
-            index,
-            message: e.to_string(),
-        })?;
         report.output.push_str("---\n");
-        report.output.push_str(&yaml);
+        report.output.push_str(&to_yaml(&value));
     }
     Ok(report)
 }
@@ -114,10 +113,8 @@ pub fn inject_stream(config: &Config, input: &str) -> Result<InjectReport> {
 pub fn read_documents(input: &str) -> Result<Vec<Value>> {
     let mut documents = Vec::new();
     for (index, document) in serde_yaml_ng::Deserializer::from_str(input).enumerate() {
-        let mut value = Value::deserialize(document).map_err(|e| Error::Yaml {
-            index,
-            message: e.to_string(),
-        })?;
+        let mut value =
+            Value::deserialize(document).map_err(|source| Error::Yaml { index, source })?;
         if value.is_null() {
             continue;
         }

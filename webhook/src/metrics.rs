@@ -8,16 +8,20 @@ use axum::routing::get;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use crate::inject::SkipReason;
+use crate::serve::Readiness;
+use crate::tls::HANDSHAKE_FAILURE_REASONS;
 
 /// Outcome label of `multus_eni_webhook_admissions_total`.
 pub const OUTCOME_INJECTED: &str = "injected";
+/// Outcome label: already injected, and the sidecar was moved back to the first init container.
+pub const OUTCOME_MOVED_FIRST: &str = "moved_first";
 /// Outcome label: allowed without a patch (the `reason` label says why).
 pub const OUTCOME_SKIPPED: &str = "skipped";
 /// Outcome label: the body was rejected with a 4xx/5xx.
@@ -27,6 +31,15 @@ pub const OUTCOME_REJECTED: &str = "rejected";
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct AdmissionLabels {
     pub outcome: &'static str,
+    pub reason: &'static str,
+}
+
+/// Reason label of a rejected body larger than the kube-apiserver's request limit (413).
+pub const REASON_TOO_LARGE: &str = "too_large";
+
+/// Labels of the TLS handshake failure counter.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct HandshakeLabels {
     pub reason: &'static str,
 }
 
@@ -45,7 +58,12 @@ pub struct Metrics {
     pub admission_duration: Histogram,
     /// `multus_eni_webhook_tls_cert_reloads_total{result="success|failure"}`.
     pub cert_reloads: Family<ReloadLabels, Counter>,
-    ready: AtomicBool,
+    /// `multus_eni_webhook_tls_handshake_failures_total{reason}`: a rise in
+    /// `client_rejected_certificate` is the first symptom of a stale caBundle.
+    pub handshake_failures: Family<HandshakeLabels, Counter>,
+    /// `multus_eni_webhook_tls_cert_expiry_timestamp_seconds`: notAfter of the certificate
+    /// being served, as a Unix time, to alert on before it lapses.
+    pub cert_expiry: Gauge,
 }
 
 impl Default for Metrics {
@@ -76,8 +94,31 @@ impl Metrics {
             "Serving certificate (re)loads from disk",
             cert_reloads.clone(),
         );
+        let handshake_failures = Family::<HandshakeLabels, Counter>::default();
+        registry.register(
+            "tls_handshake_failures",
+            "TLS handshakes that failed, by reason",
+            handshake_failures.clone(),
+        );
+        let cert_expiry = Gauge::default();
+        registry.register(
+            "tls_cert_expiry_timestamp_seconds",
+            "notAfter of the serving certificate in use, Unix seconds",
+            cert_expiry.clone(),
+        );
+        for reason in HANDSHAKE_FAILURE_REASONS {
+            let _ = handshake_failures.get_or_create(&HandshakeLabels { reason });
+        }
         let _ = admissions.get_or_create(&AdmissionLabels {
             outcome: OUTCOME_INJECTED,
+            reason: "",
+        });
+        let _ = admissions.get_or_create(&AdmissionLabels {
+            outcome: OUTCOME_REJECTED,
+            reason: REASON_TOO_LARGE,
+        });
+        let _ = admissions.get_or_create(&AdmissionLabels {
+            outcome: OUTCOME_MOVED_FIRST,
             reason: "",
         });
         let _ = admissions.get_or_create(&AdmissionLabels {
@@ -95,7 +136,8 @@ impl Metrics {
             admissions,
             admission_duration,
             cert_reloads,
-            ready: AtomicBool::new(false),
+            handshake_failures,
+            cert_expiry,
         }
     }
 
@@ -115,14 +157,16 @@ impl Metrics {
             .inc();
     }
 
-    /// Marks the TLS listener as serving (or not); drives `/readyz`.
-    pub fn set_ready(&self, ready: bool) {
-        self.ready.store(ready, Ordering::Relaxed);
+    /// Counts one failed TLS handshake.
+    pub fn observe_handshake_failure(&self, reason: &'static str) {
+        self.handshake_failures
+            .get_or_create(&HandshakeLabels { reason })
+            .inc();
     }
 
-    /// Whether `/readyz` answers 200.
-    pub fn is_ready(&self) -> bool {
-        self.ready.load(Ordering::Relaxed)
+    /// Records the notAfter (Unix seconds) of the certificate now served.
+    pub fn set_cert_expiry(&self, not_after_unix: i64) {
+        self.cert_expiry.set(not_after_unix);
     }
 
     /// The OpenMetrics text exposition.
@@ -133,17 +177,23 @@ impl Metrics {
     }
 }
 
-/// `/healthz` (process up), `/readyz` (TLS listener serving), `/metrics`.
-pub fn metrics_router(metrics: Arc<Metrics>) -> Router {
+/// `/healthz` (process up), `/readyz` (TLS listener serving, not shutting down), `/metrics`.
+pub fn metrics_router(metrics: Arc<Metrics>, readiness: Readiness) -> Router {
     Router::new()
         .route("/healthz", get(|| async { "ok" }))
-        .route("/readyz", get(readyz))
+        .route(
+            "/readyz",
+            get(move || {
+                let readiness = readiness.clone();
+                async move { readyz(&readiness) }
+            }),
+        )
         .route("/metrics", get(render))
         .with_state(metrics)
 }
 
-async fn readyz(State(metrics): State<Arc<Metrics>>) -> Response {
-    if metrics.is_ready() {
+fn readyz(readiness: &Readiness) -> Response {
+    if readiness.is_ready() {
         (StatusCode::OK, "ready").into_response()
     } else {
         (StatusCode::SERVICE_UNAVAILABLE, "not ready").into_response()
@@ -185,5 +235,26 @@ mod tests {
             r#"multus_eni_webhook_admissions_total{outcome="skipped",reason="opted_out"} 0"#
         ));
         assert!(text.contains("multus_eni_webhook_admission_duration_seconds_count 2"));
+    }
+
+    #[test]
+    fn certificate_health_is_exposed() {
+        let metrics = Metrics::new();
+        metrics.set_cert_expiry(1_800_000_000);
+        metrics.observe_handshake_failure("client_rejected_certificate");
+        let text = metrics.encode().unwrap_or_default();
+        assert!(
+            text.contains("multus_eni_webhook_tls_cert_expiry_timestamp_seconds 1800000000"),
+            "{text}"
+        );
+        assert!(text.contains(
+            r#"multus_eni_webhook_tls_handshake_failures_total{reason="client_rejected_certificate"} 1"#
+        ));
+        assert!(
+            text.contains(r#"multus_eni_webhook_tls_handshake_failures_total{reason="timeout"} 0"#)
+        );
+        assert!(text.contains(
+            r#"multus_eni_webhook_admissions_total{outcome="rejected",reason="too_large"} 0"#
+        ));
     }
 }

@@ -1,12 +1,14 @@
 //! The Multus `k8s.v1.cni.cncf.io/networks` annotation: which secondary networks a pod asks
 //! for, and the interface name each one gets inside the pod.
 //!
-//! Follows Multus (`pkg/k8sclient` `parsePodNetworkAnnotation`): the annotation is JSON when it
-//! contains `[`, `{` or `"`, otherwise a comma list of `[namespace/]name[@ifname]`. An entry
+//! Follows Multus (`pkg/k8sclient` `parsePodNetworkAnnotation`, and `getIfname` for naming):
+//! the annotation is JSON when it contains `[`, `{` or `"`, read as Go's `encoding/json` reads
+//! it; otherwise a comma list of `[namespace/]name[@ifname]` with Multus's checks. An entry
 //! without an interface name gets `net<k>`, where k is its 1-based position in the whole list
 //! (named entries use up their position too) plus the count of Multus default networks.
 
 use serde::Deserialize;
+use serde::de::{IgnoredAny, MapAccess, Visitor};
 use std::collections::BTreeSet;
 
 /// The Multus annotation that lists a pod's secondary networks.
@@ -21,9 +23,10 @@ pub struct NetworkSelection {
     pub name: String,
     /// The interface name inside the pod (`net1`, or what the entry asked for).
     pub interface: String,
-    /// Static IPs requested in the JSON form (`"ips"`), kept for the status annotation.
+    /// Static IPs requested in the JSON form (`"ips"`). Not checked and not used by the
+    /// injection (Multus checks them when it attaches the network); kept for library users.
     pub ips: Vec<String>,
-    /// MAC requested in the JSON form (`"mac"`).
+    /// MAC requested in the JSON form (`"mac"`); like `ips`, read but not used.
     pub mac: Option<String>,
 }
 
@@ -43,7 +46,10 @@ pub enum NetworksError {
         entry: String,
         separator: char,
     },
-    /// A namespace or network name is not a DNS-1123 label, as Multus requires.
+    /// A JSON-form entry without a `name` (Multus would look up a network called "").
+    #[error("entry {position} has no name")]
+    MissingName { position: usize },
+    /// A comma-form namespace or network name is not a DNS-1123 label, as Multus requires.
     #[error(
         "entry {position}: {value:?} is not a valid name (lower case alphanumerics and '-', starting and ending alphanumeric)"
     )]
@@ -118,20 +124,78 @@ struct Entry {
     mac: Option<String>,
 }
 
-/// The JSON form's object; unknown keys (`default-route`, `cni-args`, ...) are accepted.
-#[derive(Deserialize)]
+/// One element of the JSON form, read the way Go's `encoding/json` fills Multus's
+/// `NetworkSelectionElement`, so the webhook names interfaces exactly as Multus will: keys
+/// match case-insensitively, `null` leaves a field unset, the later of two keys for one field
+/// wins, and unknown keys (`default-route`, `cni-args`, ...) are ignored.
+#[derive(Default)]
 struct JsonEntry {
-    name: String,
-    #[serde(default)]
+    name: Option<String>,
     namespace: Option<String>,
-    #[serde(default)]
     interface: Option<String>,
-    #[serde(default)]
+    /// `interfaceRequest`, the pre-3.2 spelling Multus still reads when `interface` is empty.
+    deprecated_interface: Option<String>,
     ips: Option<Vec<String>>,
-    #[serde(default)]
     mac: Option<String>,
 }
 
+impl<'de> Deserialize<'de> for JsonEntry {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer.deserialize_map(JsonEntryVisitor)
+    }
+}
+
+struct JsonEntryVisitor;
+
+impl<'de> Visitor<'de> for JsonEntryVisitor {
+    type Value = JsonEntry;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a network selection object")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<JsonEntry, A::Error> {
+        let mut entry = JsonEntry::default();
+        while let Some(key) = map.next_key::<String>()? {
+            let slot = match fold_key(&key).as_str() {
+                "name" => &mut entry.name,
+                "namespace" => &mut entry.namespace,
+                "interface" => &mut entry.interface,
+                "interfacerequest" => &mut entry.deprecated_interface,
+                "mac" => &mut entry.mac,
+                // Go sets a slice to nil on `null`.
+                "ips" => {
+                    entry.ips = map.next_value()?;
+                    continue;
+                }
+                _ => {
+                    map.next_value::<IgnoredAny>()?;
+                    continue;
+                }
+            };
+            // Go leaves a string field as it was on `null`.
+            if let Some(value) = map.next_value::<Option<String>>()? {
+                *slot = Some(value);
+            }
+        }
+        Ok(entry)
+    }
+}
+
+/// Go's `encoding/json` key folding, enough for ASCII field names: ASCII case is ignored, and
+/// the Kelvin sign and the long s fold to `k` and `s` (Unicode simple folding).
+fn fold_key(key: &str) -> String {
+    key.chars()
+        .map(|c| match c {
+            '\u{212A}' => 'k',
+            '\u{017F}' => 's',
+            c => c.to_ascii_lowercase(),
+        })
+        .collect()
+}
+
+/// The JSON form. Multus does not check names here (a NetworkAttachmentDefinition name is a
+/// DNS subdomain, dots included), so neither does the webhook; an entry needs a name only.
 fn parse_json_form(annotation: &str) -> Result<Vec<Entry>, NetworksError> {
     let parsed: Vec<JsonEntry> =
         serde_json::from_str(annotation).map_err(|e| NetworksError::Json(e.to_string()))?;
@@ -140,27 +204,17 @@ fn parse_json_form(annotation: &str) -> Result<Vec<Entry>, NetworksError> {
         .enumerate()
         .map(|(index, e)| {
             let position = index + 1;
-            if !is_dns1123_label(&e.name) {
-                return Err(NetworksError::InvalidName {
-                    position,
-                    value: e.name,
-                });
-            }
-            let namespace = e.namespace.filter(|ns| !ns.is_empty());
-            if let Some(ns) = &namespace
-                && !is_dns1123_label(ns)
-            {
-                return Err(NetworksError::InvalidName {
-                    position,
-                    value: ns.clone(),
-                });
-            }
+            let name = e
+                .name
+                .filter(|n| !n.is_empty())
+                .ok_or(NetworksError::MissingName { position })?;
+            let non_empty = |v: Option<String>| v.filter(|v| !v.is_empty());
             Ok(Entry {
-                namespace,
-                name: e.name,
-                interface: e.interface.filter(|i| !i.is_empty()),
+                namespace: non_empty(e.namespace),
+                name,
+                interface: non_empty(e.interface).or(non_empty(e.deprecated_interface)),
                 ips: e.ips.unwrap_or_default(),
-                mac: e.mac.filter(|m| !m.is_empty()),
+                mac: non_empty(e.mac),
             })
         })
         .collect()
@@ -329,10 +383,96 @@ mod tests {
 
     #[test]
     fn json_entry_without_name_is_an_error() {
+        for annotation in [r#"[{"interface":"n3"}]"#, r#"[{"name":""}]"#] {
+            assert_eq!(
+                parse_networks(annotation, 0),
+                Err(NetworksError::MissingName { position: 1 }),
+                "{annotation}"
+            );
+        }
+    }
+
+    #[test]
+    fn json_form_reads_the_deprecated_interface_request_like_multus() {
+        assert_eq!(
+            names(r#"[{"name":"a","interfaceRequest":"n3"}]"#, 0),
+            ["n3"]
+        );
+        assert_eq!(
+            names(
+                r#"[{"name":"a","interface":"","interfaceRequest":"n3"}]"#,
+                0
+            ),
+            ["n3"]
+        );
+        // `interface` wins when both are set.
+        assert_eq!(
+            names(
+                r#"[{"name":"a","interface":"n4","interfaceRequest":"n3"}]"#,
+                0
+            ),
+            ["n4"]
+        );
+    }
+
+    #[test]
+    fn json_form_accepts_any_name_multus_accepts() {
+        // NetworkAttachmentDefinition names are DNS subdomains; Multus checks no JSON name.
+        let parsed = parse_networks(
+            r#"[{"name":"n3.upf.example","namespace":"Other.NS","interface":"n3"},{"name":"UPPER"}]"#,
+            0,
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(parsed[0].name, "n3.upf.example");
+        assert_eq!(parsed[0].namespace.as_deref(), Some("Other.NS"));
+        assert_eq!(interface_names(&parsed), ["n3", "net2"]);
+        // The comma form keeps Multus's DNS-1123 label check.
         assert!(matches!(
-            parse_networks(r#"[{"interface":"n3"}]"#, 0),
-            Err(NetworksError::Json(_))
+            parse_networks("n3.upf", 0),
+            Err(NetworksError::InvalidName { .. })
         ));
+    }
+
+    #[test]
+    fn json_keys_match_case_insensitively_as_in_go() {
+        assert_eq!(
+            names(
+                r#"[{"Name":"a","INTERFACE":"n3"},{"nAmE":"b","InterfaceRequest":"n4"}]"#,
+                0
+            ),
+            ["n3", "n4"]
+        );
+        // Go's simple folding: the Kelvin sign is a `k`, the long s an `s`.
+        let parsed =
+            parse_networks("[{\"name\":\"a\",\"name\u{17F}pace\":\"x\"}]", 0).unwrap_or_default();
+        assert_eq!(parsed[0].namespace.as_deref(), Some("x"));
+        assert_eq!(fold_key("\u{212A}"), "k");
+        // The later key wins, whatever its case; `null` leaves the field as it was.
+        assert_eq!(
+            names(r#"[{"name":"a","interface":"n3","Interface":"n5"}]"#, 0),
+            ["n5"]
+        );
+        assert_eq!(
+            names(r#"[{"name":"a","interface":"n3","interface":null}]"#, 0),
+            ["n3"]
+        );
+    }
+
+    #[test]
+    fn json_values_of_the_wrong_type_are_errors_as_in_go() {
+        for annotation in [
+            r#"[{"name":5}]"#,
+            r#"[{"name":"a","interface":["n3"]}]"#,
+            r#"[{"name":"a","ips":"10.0.0.1"}]"#,
+            r#"[{"name":"a","ips":[1]}]"#,
+            r#"[null]"#,
+            r#"["a"]"#,
+        ] {
+            assert!(
+                matches!(parse_networks(annotation, 0), Err(NetworksError::Json(_))),
+                "{annotation}"
+            );
+        }
     }
 
     #[test]
@@ -393,10 +533,6 @@ mod tests {
         assert!(matches!(
             parse_networks("[not json", 0),
             Err(NetworksError::Json(_))
-        ));
-        assert!(matches!(
-            parse_networks(r#"[{"name":"UPPER"}]"#, 0),
-            Err(NetworksError::InvalidName { .. })
         ));
     }
 

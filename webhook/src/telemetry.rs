@@ -26,5 +26,5 @@ pub fn init(format: LogFormat) -> Result<()> {
             .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
             .try_init(),
     };
-    installed.map_err(|e| Error::Logging(e.to_string()))
+    installed.map_err(Error::Logging)
 }

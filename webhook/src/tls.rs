@@ -18,11 +18,127 @@ use rustls::sign::CertifiedKey;
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 /// How often a reload that read a mismatched certificate/key pair is retried.
 const RELOAD_RETRIES: u32 = 10;
 const RELOAD_RETRY_DELAY: Duration = Duration::from_millis(100);
+/// How often the pair is re-read regardless of file events, in case the watcher missed one
+/// (inotify queue overflow, a volume type without events).
+pub const REREAD_INTERVAL: Duration = Duration::from_secs(60);
+
+/// `reason` label of a handshake that did not finish within the handshake timeout.
+pub const HANDSHAKE_TIMEOUT_REASON: &str = "timeout";
+/// Every `reason` of `multus_eni_webhook_tls_handshake_failures_total`.
+pub const HANDSHAKE_FAILURE_REASONS: [&str; 6] = [
+    "client_rejected_certificate",
+    "no_common_protocol",
+    "not_tls",
+    "client_closed",
+    HANDSHAKE_TIMEOUT_REASON,
+    "other",
+];
+
+/// Why a TLS handshake failed, in a few operator-facing classes. `client_rejected_certificate`
+/// (the client's alert says it does not trust our certificate) is what a stale caBundle or an
+/// expired certificate looks like from the server.
+pub fn handshake_failure_reason(err: &std::io::Error) -> &'static str {
+    use rustls::AlertDescription as Alert;
+    let tls = err
+        .get_ref()
+        .and_then(|inner| inner.downcast_ref::<rustls::Error>());
+    match tls {
+        Some(rustls::Error::AlertReceived(
+            Alert::BadCertificate
+            | Alert::UnknownCA
+            | Alert::CertificateUnknown
+            | Alert::CertificateExpired
+            | Alert::UnsupportedCertificate
+            | Alert::CertificateRevoked
+            // A CA with the same name but another key (a regenerated CA): the signature check
+            // fails.
+            | Alert::DecryptError,
+        )) => "client_rejected_certificate",
+        Some(
+            rustls::Error::PeerIncompatible(_)
+            | rustls::Error::NoApplicationProtocol
+            | rustls::Error::AlertReceived(Alert::HandshakeFailure | Alert::ProtocolVersion),
+        ) => "no_common_protocol",
+        Some(
+            rustls::Error::InvalidMessage(_)
+            | rustls::Error::InappropriateMessage { .. }
+            | rustls::Error::InappropriateHandshakeMessage { .. },
+        ) => "not_tls",
+        Some(_) => "other",
+        None => match err.kind() {
+            std::io::ErrorKind::UnexpectedEof
+            | std::io::ErrorKind::ConnectionReset
+            | std::io::ErrorKind::BrokenPipe => "client_closed",
+            _ => "other",
+        },
+    }
+}
+
+/// When a certificate may be used.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Validity {
+    pub not_before: SystemTime,
+    pub not_after: SystemTime,
+}
+
+impl Validity {
+    /// Reads the validity of a DER certificate.
+    pub fn of(der: &[u8]) -> Result<Validity> {
+        let (_, cert) =
+            x509_parser::parse_x509_certificate(der).map_err(Error::CertificateParse)?;
+        let at = |t: x509_parser::time::ASN1Time| {
+            let secs = t.timestamp();
+            match u64::try_from(secs) {
+                Ok(secs) => UNIX_EPOCH + Duration::from_secs(secs),
+                Err(_) => UNIX_EPOCH,
+            }
+        };
+        Ok(Validity {
+            not_before: at(cert.validity().not_before),
+            not_after: at(cert.validity().not_after),
+        })
+    }
+
+    /// Whether `now` is inside the validity period.
+    pub fn contains(&self, now: SystemTime) -> bool {
+        self.not_before <= now && now <= self.not_after
+    }
+
+    fn not_after_unix(&self) -> i64 {
+        self.not_after
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+    }
+}
+
+/// The leaf's validity, if the chain has one that parses.
+fn leaf_validity(key: &CertifiedKey) -> Option<Validity> {
+    key.cert.first().and_then(|der| Validity::of(der).ok())
+}
+
+/// Logs loudly when a certificate is not valid now: clients will refuse it.
+fn warn_if_not_valid(path: &Path, validity: Option<Validity>, now: SystemTime) {
+    if let Some(v) = validity
+        && !v.contains(now)
+    {
+        let state = if now < v.not_before {
+            "not yet valid"
+        } else {
+            "expired"
+        };
+        tracing::error!(
+            cert = %path.display(),
+            not_before = %humantime::format_rfc3339_seconds(v.not_before),
+            not_after = %humantime::format_rfc3339_seconds(v.not_after),
+            "serving certificate is {state}: the kube-apiserver will refuse it and pods will fail to create"
+        );
+    }
+}
 
 static PROVIDER: OnceLock<Arc<CryptoProvider>> = OnceLock::new();
 
@@ -49,22 +165,23 @@ pub fn load_certified_key(
     let key_pem = std::fs::read(key_path).map_err(|e| Error::file(key_path, e))?;
     let chain = rustls_pemfile::certs(&mut cert_pem.as_slice())
         .collect::<std::result::Result<Vec<_>, _>>()
-        .map_err(|e| Error::Tls(format!("{}: {e}", cert_path.display())))?;
+        .map_err(|e| Error::file(cert_path, e))?;
     if chain.is_empty() {
-        return Err(Error::Tls(format!(
-            "{}: no PEM certificate",
-            cert_path.display()
-        )));
+        return Err(Error::NoPem {
+            path: cert_path.to_path_buf(),
+            what: "certificate",
+        });
     }
     let key = rustls_pemfile::private_key(&mut key_pem.as_slice())
-        .map_err(|e| Error::Tls(format!("{}: {e}", key_path.display())))?
-        .ok_or_else(|| Error::Tls(format!("{}: no PEM private key", key_path.display())))?;
-    CertifiedKey::from_der(chain, key, provider).map_err(|e| {
-        Error::Tls(format!(
-            "{} / {}: {e}",
-            cert_path.display(),
-            key_path.display()
-        ))
+        .map_err(|e| Error::file(key_path, e))?
+        .ok_or_else(|| Error::NoPem {
+            path: key_path.to_path_buf(),
+            what: "private key",
+        })?;
+    CertifiedKey::from_der(chain, key, provider).map_err(|source| Error::KeyPair {
+        cert: cert_path.to_path_buf(),
+        key: key_path.to_path_buf(),
+        source,
     })
 }
 
@@ -98,8 +215,14 @@ impl CertStore {
         let key_path = key_path.into();
         let provider = crypto_provider();
         let key = load_certified_key(&cert_path, &key_path, &provider)?;
+        let validity = leaf_validity(&key);
+        // Served anyway: it is all there is, and the error log says what to fix.
+        warn_if_not_valid(&cert_path, validity, SystemTime::now());
         if let Some(m) = &metrics {
             m.observe_cert_reload(true);
+            if let Some(v) = validity {
+                m.set_cert_expiry(v.not_after_unix());
+            }
         }
         Ok(Arc::new(CertStore {
             current: ArcSwap::from_pointee(key),
@@ -117,17 +240,56 @@ impl CertStore {
 
     /// Re-reads the files; swaps in the new pair when it is valid and different.
     /// Returns whether the served certificate changed.
+    ///
+    /// A pair that is expired or not yet valid is refused while the current one is still
+    /// valid (a restored backup or a clock-skewed issuer must not break a working webhook).
     pub fn reload(&self) -> Result<bool> {
-        let key = load_certified_key(&self.cert_path, &self.key_path, &self.provider);
+        self.reload_at(SystemTime::now())
+    }
+
+    fn reload_at(&self, now: SystemTime) -> Result<bool> {
+        let key =
+            load_certified_key(&self.cert_path, &self.key_path, &self.provider).and_then(|key| {
+                if key.cert == self.current.load().cert {
+                    return Ok(None);
+                }
+                let validity = leaf_validity(&key);
+                let usable = |v: Option<Validity>| v.is_none_or(|v| v.contains(now));
+                if !usable(validity) && usable(leaf_validity(&self.current.load())) {
+                    return Err(Error::CertificateNotValid {
+                        path: self.cert_path.clone(),
+                    });
+                }
+                Ok(Some((key, validity)))
+            });
         if let Some(m) = &self.metrics {
             m.observe_cert_reload(key.is_ok());
         }
-        let key = key?;
-        if key.cert == self.current.load().cert {
+        let Some((key, validity)) = key? else {
             return Ok(false);
+        };
+        warn_if_not_valid(&self.cert_path, validity, now);
+        if let (Some(m), Some(v)) = (&self.metrics, validity) {
+            m.set_cert_expiry(v.not_after_unix());
         }
         self.current.store(Arc::new(key));
         Ok(true)
+    }
+
+    /// Re-reads the pair every `every` (the server uses [`REREAD_INTERVAL`]) as a safety net
+    /// for a missed file event; stops when the returned guard is dropped. Needs a Tokio runtime.
+    pub fn reread_every(self: &Arc<Self>, every: Duration) -> RereadGuard {
+        let store = Arc::clone(self);
+        RereadGuard(tokio::spawn(async move {
+            let mut ticks = tokio::time::interval(every);
+            ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            ticks.tick().await;
+            loop {
+                ticks.tick().await;
+                let store = store.clone();
+                let _ = tokio::task::spawn_blocking(move || store.reload_settled()).await;
+            }
+        }))
     }
 
     /// Reload with a few retries, for a pair caught in the middle of an update.
@@ -186,6 +348,16 @@ impl CertStore {
     }
 }
 
+/// Stops the periodic re-read of [`CertStore::reread_periodically`] when dropped.
+#[derive(Debug)]
+pub struct RereadGuard(tokio::task::JoinHandle<()>);
+
+impl Drop for RereadGuard {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 impl ResolvesServerCert for CertStore {
     fn resolve(&self, _client_hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
         Some(self.current.load_full())
@@ -196,7 +368,7 @@ impl ResolvesServerCert for CertStore {
 pub fn server_config(store: Arc<CertStore>) -> Result<Arc<ServerConfig>> {
     let mut config = ServerConfig::builder_with_provider(crypto_provider())
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
-        .map_err(|e| Error::Tls(e.to_string()))?
+        .map_err(Error::TlsConfig)?
         .with_no_client_auth()
         .with_cert_resolver(store);
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
@@ -246,6 +418,126 @@ mod tests {
         assert!(store.concerns_pair(&[]));
         assert!(!store.concerns_pair(&at("server.log")));
         assert!(!store.concerns_pair(&at("ca.crt")));
+    }
+
+    /// A self-signed pair for `localhost` valid from `not_before` to `not_after`.
+    fn write_pair_valid(
+        dir: &Path,
+        not_before: time::OffsetDateTime,
+        not_after: time::OffsetDateTime,
+    ) -> (PathBuf, PathBuf) {
+        let key = rcgen::KeyPair::generate().unwrap_or_else(|e| panic!("{e}"));
+        let mut params = rcgen::CertificateParams::new(vec!["localhost".to_string()])
+            .unwrap_or_else(|e| panic!("{e}"));
+        params.not_before = not_before;
+        params.not_after = not_after;
+        let cert = params.self_signed(&key).unwrap_or_else(|e| panic!("{e}"));
+        let cert_path = dir.join("tls.crt");
+        let key_path = dir.join("tls.key");
+        std::fs::write(&cert_path, cert.pem()).unwrap_or_else(|e| panic!("{e}"));
+        std::fs::write(&key_path, key.serialize_pem()).unwrap_or_else(|e| panic!("{e}"));
+        (cert_path, key_path)
+    }
+
+    #[test]
+    fn the_served_certificate_expiry_is_exposed() {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let now = time::OffsetDateTime::now_utc();
+        let not_after = now + time::Duration::days(30);
+        let (cert, key) = write_pair_valid(dir.path(), now - time::Duration::hours(1), not_after);
+        let metrics = Arc::new(Metrics::new());
+        let _store =
+            CertStore::load(&cert, &key, Some(metrics.clone())).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(metrics.cert_expiry.get(), not_after.unix_timestamp());
+    }
+
+    #[test]
+    fn a_reload_to_an_expired_or_future_certificate_is_refused_while_the_current_is_valid() {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let now = time::OffsetDateTime::now_utc();
+        let day = time::Duration::days(1);
+        let (cert, key) = write_pair_valid(dir.path(), now - day, now + time::Duration::days(30));
+        let metrics = Arc::new(Metrics::new());
+        let store =
+            CertStore::load(&cert, &key, Some(metrics.clone())).unwrap_or_else(|e| panic!("{e}"));
+        let good = store.current().cert.clone();
+        for (from, to) in [
+            (now - time::Duration::days(30), now - day),
+            (now + day, now + time::Duration::days(30)),
+        ] {
+            write_pair_valid(dir.path(), from, to);
+            assert!(matches!(
+                store.reload(),
+                Err(Error::CertificateNotValid { .. })
+            ));
+            assert_eq!(store.current().cert, good);
+        }
+        assert_eq!(
+            metrics.cert_expiry.get(),
+            (now + time::Duration::days(30)).unix_timestamp()
+        );
+        // When the current one has lapsed too, a new (even lapsed) one is taken: it may be
+        // the fix for a clock problem, and the error log says so either way.
+        let later = SystemTime::from(now + time::Duration::days(40));
+        write_pair_valid(
+            dir.path(),
+            now - time::Duration::days(30),
+            now + time::Duration::days(35),
+        );
+        assert_eq!(store.reload_at(later).ok(), Some(true));
+    }
+
+    #[tokio::test]
+    async fn a_missed_file_event_is_caught_by_the_periodic_reread() {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let (cert, key) = write_pair(dir.path(), "tls");
+        // No watcher: only the periodic re-read can pick the new pair up.
+        let store = CertStore::load(&cert, &key, None).unwrap_or_else(|e| panic!("{e}"));
+        let before = store.current().cert.clone();
+        let _rereads = store.reread_every(Duration::from_millis(20));
+        write_pair(dir.path(), "tls");
+        // Bounded poll; only a hang exceeds it.
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while store.current().cert == before {
+            assert!(std::time::Instant::now() < deadline, "never re-read");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    #[test]
+    fn handshake_failures_are_classified_for_operators() {
+        use rustls::AlertDescription as Alert;
+        let tls = |e: rustls::Error| std::io::Error::new(std::io::ErrorKind::InvalidData, e);
+        assert_eq!(
+            handshake_failure_reason(&tls(rustls::Error::AlertReceived(Alert::UnknownCA))),
+            "client_rejected_certificate"
+        );
+        assert_eq!(
+            handshake_failure_reason(&tls(rustls::Error::AlertReceived(Alert::BadCertificate))),
+            "client_rejected_certificate"
+        );
+        assert_eq!(
+            handshake_failure_reason(&tls(rustls::Error::NoApplicationProtocol)),
+            "no_common_protocol"
+        );
+        assert_eq!(
+            handshake_failure_reason(&tls(rustls::Error::InvalidMessage(
+                rustls::InvalidMessage::InvalidContentType
+            ))),
+            "not_tls"
+        );
+        assert_eq!(
+            handshake_failure_reason(&std::io::ErrorKind::UnexpectedEof.into()),
+            "client_closed"
+        );
+        for reason in [
+            "client_rejected_certificate",
+            "no_common_protocol",
+            "not_tls",
+            "client_closed",
+        ] {
+            assert!(HANDSHAKE_FAILURE_REASONS.contains(&reason));
+        }
     }
 
     #[test]

@@ -23,6 +23,7 @@ fn golden_value(config: &Config, object: &Value) -> TestResult<Value> {
         .ok_or("fixture has no pod template")?;
     Ok(match mutate_pod(config, template) {
         Decision::Inject(injection) => serde_json::to_value(&injection.patch)?,
+        Decision::MoveSidecarFirst(patch) => serde_json::to_value(&patch)?,
         Decision::Skip(reason) => json!({ "skip": reason.label() }),
     })
 }
@@ -62,6 +63,13 @@ fn every_fixture_matches_its_golden_patch() -> TestResult {
     let actual = golden_value(&legacy, &upf)?;
     stale.extend(check(
         &common::data_dir().join("free5gc-upf.legacy-irsa.patch.json"),
+        &actual,
+    )?);
+    // A CronJob's pods run to completion: legacy mode leaves them alone.
+    let cronjob = load_yaml(&common::data_dir().join("cronjob-probe.yaml"))?;
+    let actual = golden_value(&legacy, &cronjob)?;
+    stale.extend(check(
+        &common::data_dir().join("cronjob-probe.legacy.patch.json"),
         &actual,
     )?);
     assert!(

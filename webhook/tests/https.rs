@@ -186,6 +186,16 @@ async fn bad_bodies_get_4xx_and_the_server_keeps_serving() -> TestResult {
         .await?;
     assert_eq!(reply.status, 200);
     assert_eq!(reply.json()?["response"]["uid"], "uid-after");
+    let metrics = server.metrics.encode()?;
+    assert!(
+        metrics.contains(
+            r#"multus_eni_webhook_admissions_total{outcome="rejected",reason="too_large"} 1"#
+        ),
+        "{metrics}"
+    );
+    assert!(metrics.contains(
+        r#"multus_eni_webhook_admissions_total{outcome="rejected",reason="bad_request"} 3"#
+    ));
     server.stop().await
 }
 
@@ -221,5 +231,28 @@ async fn a_client_trusting_another_ca_is_refused() -> TestResult {
     let other = TestCa::new()?;
     let client = other.client(server.addr)?;
     assert!(client.post("/mutate", b"{}".to_vec()).await.is_err());
+    // What a stale caBundle looks like from the server: the client's alert, counted.
+    let counted = r#"multus_eni_webhook_tls_handshake_failures_total{reason="client_rejected_certificate"} 1"#;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while !server.metrics.encode()?.contains(counted) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{}",
+            server.metrics.encode()?
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    // Plain HTTP on the TLS port.
+    let mut tcp = tokio::net::TcpStream::connect(server.addr).await?;
+    tokio::io::AsyncWriteExt::write_all(&mut tcp, b"GET / HTTP/1.1\r\nhost: x\r\n\r\n").await?;
+    let not_tls = r#"multus_eni_webhook_tls_handshake_failures_total{reason="not_tls"} 1"#;
+    while !server.metrics.encode()?.contains(not_tls) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{}",
+            server.metrics.encode()?
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
     server.stop().await
 }

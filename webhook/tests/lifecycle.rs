@@ -12,7 +12,8 @@ use common::{
 };
 use http_body_util::{BodyExt, Empty};
 use hyper_util::rt::TokioIo;
-use multus_eni_webhook::serve::serve_tls;
+use multus_eni_webhook::metrics::Metrics;
+use multus_eni_webhook::serve::{ConnectionLimits, HttpsServer, serve_tls};
 use multus_eni_webhook::tls::{CertStore, server_config};
 use serde_json::Value;
 use std::net::SocketAddr;
@@ -74,6 +75,7 @@ async fn certs_then_serve_then_sigterm() -> TestResult {
             "ghcr.io/multus-eni/multus-eni-sidecar:0.1.0",
         ])
         .env_remove("RUST_LOG")
+        .env("MULTUS_ENI_SHUTDOWN_DELAY", "0s")
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .kill_on_drop(true)
@@ -116,6 +118,11 @@ async fn certs_then_serve_then_sigterm() -> TestResult {
     );
     assert!(text.contains("multus_eni_webhook_admission_duration_seconds_bucket"));
 
+    // A metrics client that never finishes its request must not keep the process alive.
+    let mut stuck = tokio::net::TcpStream::connect(metrics).await?;
+    tokio::io::AsyncWriteExt::write_all(&mut stuck, b"GET /metrics HTTP/1.1\r\nhost: x\r\n")
+        .await?;
+
     let pid = child.id().ok_or("no pid")?;
     // The shell's builtin kill: no procps needed.
     let kill = tokio::process::Command::new("sh")
@@ -123,7 +130,10 @@ async fn certs_then_serve_then_sigterm() -> TestResult {
         .status()
         .await?;
     assert!(kill.success());
-    let status = tokio::time::timeout(DEADLINE, child.wait()).await??;
+    let status = tokio::time::timeout(Duration::from_secs(10), child.wait())
+        .await
+        .map_err(|_| "process still running 10 s after SIGTERM with no shutdown delay")??;
+    drop(stuck);
     assert!(status.success(), "exit status {status}");
 
     let mut stderr = String::new();
@@ -176,7 +186,13 @@ async fn shutdown_finishes_in_flight_requests_and_stops_accepting() -> TestResul
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
     let (stop_tx, stop_rx) = oneshot::channel::<()>();
-    let server = tokio::spawn(serve_tls(listener, tls, router, async move {
+    let server = HttpsServer {
+        tls,
+        router,
+        limits: ConnectionLimits::default(),
+        metrics: std::sync::Arc::new(Metrics::new()),
+    };
+    let server = tokio::spawn(serve_tls(listener, server, async move {
         let _ = stop_rx.await;
     }));
 
@@ -204,5 +220,95 @@ async fn shutdown_finishes_in_flight_requests_and_stops_accepting() -> TestResul
     assert_eq!(reply.status, 200);
     assert_eq!(&reply.body[..], b"done");
     tokio::time::timeout(DEADLINE, server).await???;
+    Ok(())
+}
+
+/// Issue 11 item 1: admissions sent continuously across a SIGTERM are all answered while the
+/// shutdown delay runs, `/readyz` says 503 meanwhile, and the process then exits 0.
+#[tokio::test]
+async fn admissions_across_sigterm_are_answered_during_the_shutdown_delay() -> TestResult {
+    const DELAY: Duration = Duration::from_secs(2);
+    let bin = env!("CARGO_BIN_EXE_multus-eni-webhook");
+    let dir = tempfile::tempdir()?;
+    let certs = tokio::process::Command::new(bin)
+        .args(["certs", "--out-dir"])
+        .arg(dir.path())
+        .output()
+        .await?;
+    assert!(certs.status.success());
+    let (https_port, metrics_port) = (free_port()?, free_port()?);
+    let https: SocketAddr = format!("127.0.0.1:{https_port}").parse()?;
+    let metrics: SocketAddr = format!("127.0.0.1:{metrics_port}").parse()?;
+    let mut child = tokio::process::Command::new(bin)
+        .arg("serve")
+        .args(["--addr", &https.to_string()])
+        .args(["--metrics-addr", &metrics.to_string()])
+        .arg("--tls-cert")
+        .arg(dir.path().join("tls.crt"))
+        .arg("--tls-key")
+        .arg(dir.path().join("tls.key"))
+        .args(["--sidecar-image", "img:1", "--shutdown-delay", "2s"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()?;
+    let deadline = Instant::now() + DEADLINE;
+    while !matches!(http_get(metrics, "/readyz").await, Ok((200, _))) {
+        assert!(Instant::now() < deadline, "webhook never became ready");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let ca_pem = std::fs::read(dir.path().join("ca.crt"))?;
+    let ca = rustls_pemfile::certs(&mut ca_pem.as_slice())
+        .next()
+        .ok_or("no CA")??;
+    let client = TestCa::client_for(ca, https)?;
+    let pod = load_yaml(&data_dir().join("free5gc-upf.yaml"))?;
+    let body = admission_review(&pod, "CREATE", "uid-drain")
+        .to_string()
+        .into_bytes();
+
+    // Some admissions before the signal.
+    for _ in 0..5 {
+        assert_eq!(client.post("/mutate", body.clone()).await?.status, 200);
+    }
+    let pid = child.id().ok_or("no pid")?;
+    let kill = tokio::process::Command::new("sh")
+        .args(["-c", &format!("kill -TERM {pid}")])
+        .status()
+        .await?;
+    assert!(kill.success());
+    // The server sleeps DELAY after it receives the signal, which is after this instant: any
+    // refusal or failure before `sent + DELAY` is the listener closing too early.
+    let sent = Instant::now();
+    let (mut answered_while_unready, mut first_failure) = (0u32, None);
+    loop {
+        assert!(Instant::now() < sent + DEADLINE, "process never exited");
+        if child.try_wait()?.is_some() {
+            break;
+        }
+        match client.post("/mutate", body.clone()).await {
+            Ok(reply) if reply.status == 200 => {
+                if matches!(http_get(metrics, "/readyz").await, Ok((503, _))) {
+                    answered_while_unready += 1;
+                }
+            }
+            Ok(reply) => panic!("admission answered {} during shutdown", reply.status),
+            Err(err) => {
+                let at = sent.elapsed();
+                assert!(
+                    at >= DELAY,
+                    "admission refused {at:?} after SIGTERM, within the {DELAY:?} delay: {err}"
+                );
+                first_failure.get_or_insert(at);
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    }
+    let status = tokio::time::timeout(DEADLINE, child.wait()).await??;
+    assert!(status.success(), "exit status {status}");
+    assert!(
+        answered_while_unready > 0,
+        "no admission answered while /readyz said 503 (first failure {first_failure:?})"
+    );
     Ok(())
 }

@@ -34,7 +34,30 @@ enum Form {
     /// `[ns/]name[@ifname]`, with the given padding around entries and parts.
     Comma { pad_entry: String, pad_part: String },
     /// The JSON list, compact or pretty, optionally with keys Multus knows but we ignore.
-    Json { pretty: bool, extra_keys: bool },
+    /// Go's `encoding/json` matches keys case-insensitively (`key_case`: which letters are
+    /// upper case), Multus reads `interfaceRequest` when `interface` is empty, and JSON names
+    /// may be DNS subdomains (`dotted`).
+    Json {
+        pretty: bool,
+        extra_keys: bool,
+        key_case: u64,
+        deprecated_interface: bool,
+        dotted: bool,
+    },
+}
+
+/// `key` with the letters whose bit is set in `mask` upper-cased.
+fn spell(key: &str, mask: u64) -> String {
+    key.chars()
+        .enumerate()
+        .map(|(i, c)| {
+            if mask & (1 << (i % 64)) != 0 {
+                c.to_ascii_uppercase()
+            } else {
+                c
+            }
+        })
+        .collect()
 }
 
 fn dns_label() -> impl Strategy<Value = String> {
@@ -76,8 +99,22 @@ fn form() -> impl Strategy<Value = Form> {
                 pad_entry: e.into(),
                 pad_part: p.into(),
             }),
-        (any::<bool>(), any::<bool>())
-            .prop_map(|(pretty, extra_keys)| Form::Json { pretty, extra_keys }),
+        (
+            any::<bool>(),
+            any::<bool>(),
+            prop_oneof![Just(0u64), any::<u64>()],
+            any::<bool>(),
+            any::<bool>()
+        )
+            .prop_map(
+                |(pretty, extra_keys, key_case, deprecated_interface, dotted)| Form::Json {
+                    pretty,
+                    extra_keys,
+                    key_case,
+                    deprecated_interface,
+                    dotted,
+                }
+            ),
     ]
 }
 
@@ -102,23 +139,40 @@ fn render(attachments: &[Attachment], form: &Form) -> String {
             })
             .collect::<Vec<_>>()
             .join(","),
-        Form::Json { pretty, extra_keys } => {
+        Form::Json {
+            pretty,
+            extra_keys,
+            key_case,
+            deprecated_interface,
+            dotted,
+        } => {
+            let key = |k: &str| spell(k, *key_case);
             let list: Vec<Value> = attachments
                 .iter()
                 .map(|a| {
                     let mut o = Map::new();
-                    o.insert("name".into(), json!(a.name));
+                    let name = if *dotted {
+                        format!("{}.nets.example", a.name)
+                    } else {
+                        a.name.clone()
+                    };
+                    o.insert(key("name"), json!(name));
                     if let Some(ns) = &a.namespace {
-                        o.insert("namespace".into(), json!(ns));
+                        o.insert(key("namespace"), json!(ns));
                     }
                     if let Some(i) = &a.interface {
-                        o.insert("interface".into(), json!(i));
+                        if *deprecated_interface {
+                            o.insert(key("interface"), json!(""));
+                            o.insert(key("interfaceRequest"), json!(i));
+                        } else {
+                            o.insert(key("interface"), json!(i));
+                        }
                     }
                     if !a.ips.is_empty() {
-                        o.insert("ips".into(), json!(a.ips));
+                        o.insert(key("ips"), json!(a.ips));
                     }
                     if let Some(m) = &a.mac {
-                        o.insert("mac".into(), json!(m));
+                        o.insert(key("mac"), json!(m));
                     }
                     if *extra_keys {
                         o.insert("default-route".into(), json!(["10.0.0.1"]));
@@ -443,7 +497,13 @@ proptest! {
                 let names: Vec<String> = parsed.iter().map(|s| s.interface.clone()).collect();
                 prop_assert_eq!(names, expected);
                 for (got, want) in parsed.iter().zip(&attachments) {
-                    prop_assert_eq!(&got.name, &want.name);
+                    let dotted = matches!(form, Form::Json { dotted: true, .. });
+                    let want_name = if dotted {
+                        format!("{}.nets.example", want.name)
+                    } else {
+                        want.name.clone()
+                    };
+                    prop_assert_eq!(&got.name, &want_name);
                     prop_assert_eq!(&got.namespace, &want.namespace);
                     if matches!(form, Form::Json { .. }) {
                         prop_assert_eq!(&got.ips, &want.ips);
@@ -511,6 +571,23 @@ proptest! {
         prop_assert_eq!(via_review.as_ref(), Some(&injection.patch));
         let again = patch_via_review(&config, &out).map_err(TestCaseError::fail)?;
         prop_assert!(again.is_none(), "reinvocation patched: {again:?}");
+
+        // Reinvocation after another webhook put an init container first: the sidecar goes
+        // back to index 0 and nothing else moves.
+        if config.mode == SidecarMode::Native {
+            let mut pushed = out.clone();
+            if let Some(inits) = pushed["spec"]["initContainers"].as_array_mut() {
+                inits.insert(0, json!({"name": "mesh-init", "image": "proxy"}));
+            }
+            let moved = patch_via_review(&config, &pushed).map_err(TestCaseError::fail)?;
+            let moved = moved.ok_or_else(|| TestCaseError::fail("sidecar left behind"))?;
+            let mut fixed = pushed.clone();
+            json_patch::patch(&mut fixed, &moved)
+                .map_err(|e| TestCaseError::fail(format!("move does not apply: {e}")))?;
+            prop_assert_eq!(&fixed["spec"]["initContainers"][0], &out["spec"]["initContainers"][0]);
+            prop_assert_eq!(&fixed["spec"]["initContainers"][1]["name"], "mesh-init");
+            prop_assert_eq!(app_containers(&fixed, "initContainers"), app_containers(&pushed, "initContainers"));
+        }
     }
 
     /// A pod without an annotations map (or without the networks key) is left alone.

@@ -7,7 +7,7 @@ use crate::server::SIDECAR_IMAGE;
 use crate::{Error, Result};
 use hyper::body::Bytes;
 use multus_eni_webhook::admission::MAX_BODY_BYTES;
-use multus_eni_webhook::{Config, Decision, review};
+use multus_eni_webhook::{Config, review};
 use serde::Deserialize;
 use serde_json::{Value, json};
 use std::path::Path;
@@ -488,7 +488,7 @@ pub fn expected_answer(config: &Config, body: &[u8]) -> Expected {
         Ok(outcome) => Expected {
             status: 200,
             uid: Some(outcome.uid),
-            patched: matches!(outcome.decision, Decision::Inject(_)),
+            patched: outcome.decision.patch().is_some(),
         },
         Err(_) => Expected {
             status: 400,

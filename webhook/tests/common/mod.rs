@@ -5,10 +5,10 @@
 use axum::body::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper_util::rt::TokioIo;
-use multus_eni_webhook::admission::{AppState, build_router};
+use multus_eni_webhook::handler::{AppState, build_router};
 use multus_eni_webhook::inject::Config;
 use multus_eni_webhook::metrics::Metrics;
-use multus_eni_webhook::serve::serve_tls;
+use multus_eni_webhook::serve::{ConnectionLimits, HttpsServer, serve_tls};
 use multus_eni_webhook::tls::{CertStore, crypto_provider, server_config};
 use rcgen::{
     BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
@@ -205,6 +205,17 @@ impl Client {
         })
     }
 
+    /// A TLS connection to the server that has done nothing else yet.
+    pub async fn connect_tls(
+        &self,
+    ) -> TestResult<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
+        let tcp = tokio::net::TcpStream::connect(self.addr).await?;
+        Ok(self
+            .connector
+            .connect(ServerName::try_from(SERVICE_DNS)?, tcp)
+            .await?)
+    }
+
     /// POSTs `body` to `path` on a fresh TLS connection.
     pub async fn post(&self, path: &str, body: Vec<u8>) -> TestResult<Reply> {
         let tcp = tokio::net::TcpStream::connect(self.addr).await?;
@@ -271,6 +282,16 @@ pub struct TestServer {
 
 impl TestServer {
     pub async fn start(config: Config, cert: &Path, key: &Path) -> TestResult<Self> {
+        Self::start_with_limits(config, cert, key, ConnectionLimits::default()).await
+    }
+
+    /// Like [`TestServer::start`], with the given per-connection limits.
+    pub async fn start_with_limits(
+        config: Config,
+        cert: &Path,
+        key: &Path,
+        limits: ConnectionLimits,
+    ) -> TestResult<Self> {
         let metrics = Arc::new(Metrics::new());
         let store = CertStore::load(cert, key, Some(metrics.clone()))?;
         let watcher = store.watch()?;
@@ -282,7 +303,13 @@ impl TestServer {
             metrics: metrics.clone(),
         });
         let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(serve_tls(listener, tls, router, async move {
+        let server = HttpsServer {
+            tls,
+            router,
+            limits,
+            metrics: metrics.clone(),
+        };
+        let task = tokio::spawn(serve_tls(listener, server, async move {
             let _ = stopped.await;
         }));
         Ok(TestServer {
