@@ -4,7 +4,7 @@
 //! [`crate::inject`]). Bad bodies get a 4xx with a message, bodies over the kube-apiserver's
 //! 3 MiB request limit a 413; everything else is allowed, with a patch when injecting.
 
-use crate::inject::{Config, Decision, SkipReason, mutate_pod};
+use crate::inject::{Config, Decision, Ec2Access, SkipReason, mutate_pod};
 use crate::metrics::{Metrics, OUTCOME_INJECTED, OUTCOME_REJECTED, OUTCOME_SKIPPED};
 use axum::Router;
 use axum::body::Bytes;
@@ -145,13 +145,22 @@ pub struct AppState {
     pub metrics: Arc<Metrics>,
 }
 
-/// The HTTPS router: `POST /mutate` with the 3 MiB body limit.
+/// The HTTPS router: `POST /mutate` (the configured `--ec2-access`) and `POST /mutate/direct`
+/// (always direct: for namespaces whose Pod Security level forbids the agent's hostPath volume),
+/// with the 3 MiB body limit.
 pub fn build_router(state: AppState) -> Router {
+    let direct = AppState {
+        config: Arc::new(state.config.with_ec2_access(Ec2Access::Direct)),
+        metrics: state.metrics.clone(),
+    };
     Router::new()
-        .route("/mutate", post(mutate))
+        .route("/mutate", post(mutate).with_state(state))
+        .route(DIRECT_PATH, post(mutate).with_state(direct))
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
-        .with_state(state)
 }
+
+/// The path of the second webhook entry, which always injects a sidecar that calls EC2 itself.
+pub const DIRECT_PATH: &str = "/mutate/direct";
 
 async fn mutate(State(state): State<AppState>, body: Bytes) -> Response {
     let started = Instant::now();
@@ -252,8 +261,9 @@ mod tests {
         let patch = out["response"]["patch"].as_str().unwrap_or_default();
         let decoded = STANDARD.decode(patch).unwrap_or_default();
         let ops: Vec<Value> = serde_json::from_slice(&decoded).unwrap_or_default();
-        assert_eq!(ops.len(), 2, "{patch}");
-        assert_eq!(ops[1]["path"], "/spec/initContainers");
+        // Status and skip-containers annotations, the sidecar, the agent socket volume.
+        assert_eq!(ops.len(), 4, "{patch}");
+        assert_eq!(ops[2]["path"], "/spec/initContainers");
     }
 
     #[test]
@@ -272,6 +282,55 @@ mod tests {
         let bytes = b.to_string().into_bytes();
         let outcome = review(&Config::new("img"), &bytes).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(outcome.decision, Decision::Skip(SkipReason::NotAPod));
+    }
+
+    #[tokio::test]
+    async fn the_direct_path_injects_a_sidecar_that_calls_ec2_itself() {
+        use axum::body::Body;
+        use axum::http::Request;
+        use tower::ServiceExt;
+        let mut config = Config::new("img");
+        config.aws_region = Some("eu-west-1".into());
+        let router = build_router(AppState {
+            config: Arc::new(config),
+            metrics: Arc::new(Metrics::new()),
+        });
+        let mut seen = Vec::new();
+        for path in ["/mutate", DIRECT_PATH] {
+            let request = Request::post(path)
+                .header("content-type", "application/json")
+                .body(Body::from(body("CREATE", pod())))
+                .unwrap_or_else(|e| panic!("{e}"));
+            let response = router
+                .clone()
+                .oneshot(request)
+                .await
+                .unwrap_or_else(|e| panic!("{e}"));
+            assert_eq!(response.status(), StatusCode::OK, "{path}");
+            let bytes = axum::body::to_bytes(response.into_body(), MAX_BODY_BYTES)
+                .await
+                .unwrap_or_default();
+            let review: Value = serde_json::from_slice(&bytes).unwrap_or_default();
+            let patch = STANDARD
+                .decode(review["response"]["patch"].as_str().unwrap_or_default())
+                .unwrap_or_default();
+            let ops: Vec<Value> = serde_json::from_slice(&patch).unwrap_or_default();
+            let sidecar = ops
+                .iter()
+                .find(|op| op["path"] == "/spec/initContainers")
+                .map(|op| op["value"][0].clone())
+                .unwrap_or_default();
+            seen.push(sidecar);
+        }
+        let [agent, direct] = [&seen[0], &seen[1]];
+        assert_eq!(
+            agent["args"][3],
+            "--agent-socket=/run/multus-eni/agent.sock"
+        );
+        assert!(agent["env"].to_string().find("AWS_REGION").is_none());
+        assert_eq!(direct["args"].as_array().map(Vec::len), Some(3));
+        assert!(direct["env"].to_string().contains("AWS_REGION"));
+        assert!(direct.get("volumeMounts").is_none());
     }
 
     #[test]
