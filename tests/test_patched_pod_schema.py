@@ -28,12 +28,31 @@ MIN_VERSION = (1, 29)
 REQUIRED_VERSIONS = ["1.29", "1.30", "1.31", "1.32", "1.33"]
 
 MODES = {
+    # The default: agent mode (hostPath socket volume, no AWS settings).
     "native": ["--sidecar-mode", "native", "--aws-region", "us-west-2"],
     "legacy-irsa": [
         "--sidecar-mode",
         "legacy",
+        "--ec2-access",
+        "direct",
+        "--aws-region",
+        "us-west-2",
         "--sidecar-role-arn",
         "arn:aws:iam::123456789012:role/multus-eni-sidecar",
+    ],
+    "direct-settings": [
+        "--ec2-access",
+        "direct",
+        "--sidecar-https-proxy",
+        "http://proxy.internal:3128",
+        "--sidecar-no-proxy",
+        "169.254.169.254",
+        "--sidecar-ec2-endpoint",
+        "https://vpce-0abc.ec2.us-west-2.vpce.amazonaws.com",
+        "--sidecar-resync-interval",
+        "10m",
+        "--sidecar-startup-timeout",
+        "10m",
     ],
 }
 
