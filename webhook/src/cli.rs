@@ -164,6 +164,14 @@ impl SidecarArgs {
                     .into(),
             ));
         }
+        if !config.agent_socket_dir.starts_with('/') {
+            // A relative hostPath makes every injected pod fail validation at the API server.
+            return Err(Error::Config(format!(
+                "--agent-socket-dir must be an absolute path on the node, like the agent's \
+                 --socket directory (/run/multus-eni), not {:?}",
+                config.agent_socket_dir
+            )));
+        }
         Ok(config)
     }
 }
@@ -415,6 +423,18 @@ mod tests {
                 ec2_endpoint: Some("https://ec2.example".into()),
             }
         );
+    }
+
+    #[test]
+    fn a_relative_agent_socket_dir_fails_at_start_up() {
+        let args =
+            inject_args(&["--agent-socket-dir=run/multus-eni"]).unwrap_or_else(|e| panic!("{e}"));
+        let err = args
+            .config()
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(err.contains("--agent-socket-dir"), "{err}");
     }
 
     #[test]
