@@ -124,7 +124,7 @@ def test_injected_objects_pass_strict_schemas(fixture: Path, mode: str) -> None:
             sidecar = sidecar_of(template)
             assert (sidecar is not None) == expect_sidecar, fixture.name
             if sidecar is not None:
-                first = template["spec"]["initContainers"][0] if mode == "native" else template["spec"]["containers"][-1]
+                first = template["spec"]["initContainers"][0] if not mode.startswith("legacy") else template["spec"]["containers"][-1]
                 assert first["name"] == SIDECAR
                 assert template["spec"]["containers"][: len(pod_template(before)["spec"]["containers"])] == pod_template(before)["spec"]["containers"]
         else:
