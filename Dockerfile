@@ -1,7 +1,8 @@
 # syntax=docker/dockerfile:1.7
-# Images for both binaries, one target each:
+# Images for the three binaries, one target each:
 #   docker buildx build --target webhook -t REGISTRY/multus-eni-webhook:TAG .
 #   docker buildx build --target sidecar -t REGISTRY/multus-eni-sidecar:TAG .
+#   docker buildx build --target agent   -t REGISTRY/multus-eni-agent:TAG .
 # Multi-arch (amd64 + arm64/Graviton): add --platform linux/amd64,linux/arm64 --push
 # (docs/install.md "Build the images"). Each platform compiles natively in its own build stage
 # (QEMU or a native builder node); no cross toolchain is involved.
@@ -32,6 +33,13 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry,sharing=locked \
     cargo build --release --locked -p multus-eni-sidecar \
  && install -D -m 0755 target/release/multus-eni-sidecar /out/multus-eni-sidecar
 
+FROM source AS build-agent
+ARG TARGETPLATFORM
+RUN --mount=type=cache,target=/usr/local/cargo/registry,sharing=locked \
+    --mount=type=cache,id=multus-eni-target-$TARGETPLATFORM,target=/src/target,sharing=locked \
+    cargo build --release --locked -p multus-eni-agent \
+ && install -D -m 0755 target/release/multus-eni-agent /out/multus-eni-agent
+
 FROM gcr.io/distroless/cc-debian12:nonroot AS webhook
 COPY --from=build-webhook /out/multus-eni-webhook /usr/local/bin/multus-eni-webhook
 # Numeric, so kubelet can verify runAsNonRoot.
@@ -45,4 +53,14 @@ COPY --from=build-sidecar /out/multus-eni-sidecar /usr/local/bin/multus-eni-side
 USER 65532:65532
 EXPOSE 9811
 ENTRYPOINT ["/usr/local/bin/multus-eni-sidecar"]
+CMD ["--help"]
+
+# The node agent runs as root (uid 0) with SYS_ADMIN and SYS_PTRACE only (manifests/agent):
+# it enters other pods' network namespaces. The image's user is root so the kubelet's
+# runAsUser: 0 and the image agree.
+FROM gcr.io/distroless/cc-debian12:latest AS agent
+COPY --from=build-agent /out/multus-eni-agent /usr/local/bin/multus-eni-agent
+USER 0:0
+EXPOSE 9812
+ENTRYPOINT ["/usr/local/bin/multus-eni-agent"]
 CMD ["--help"]

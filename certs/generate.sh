@@ -4,9 +4,11 @@
 # MutatingWebhookConfiguration; with --apply, also installs the no-cert-manager overlay and
 # applies both, in the order that works on a fresh cluster.
 #
-#   certs/generate.sh [--out-dir DIR] [--apply] [-- EXTRA CERTS FLAGS]
+#   certs/generate.sh [--out-dir DIR] [--overlay KUSTOMIZATION] [--apply] [-- EXTRA CERTS FLAGS]
 #
-# DIR defaults to ./multus-eni-certs. EXTRA CERTS FLAGS go to `multus-eni-webhook certs` as they
+# DIR defaults to ./multus-eni-certs. KUSTOMIZATION is what --apply installs: your own overlay
+# (your images, flags) built on manifests/overlays/no-cert-manager; default that overlay itself.
+# EXTRA CERTS FLAGS go to `multus-eni-webhook certs` as they
 # are (--namespace, --service, --secret-name, --validity-days; see `multus-eni-webhook certs --help`).
 # The binary: $MULTUS_ENI_WEBHOOK, else multus-eni-webhook on PATH, else this checkout's
 # target/release or target/debug build.
@@ -14,15 +16,18 @@ set -euo pipefail
 
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 out_dir="./multus-eni-certs"
+overlay="$repo/manifests/overlays/no-cert-manager"
 apply=false
 extra=()
 while [ $# -gt 0 ]; do
   case "$1" in
     --out-dir) out_dir="${2:?--out-dir needs a directory}"; shift 2 ;;
     --out-dir=*) out_dir="${1#--out-dir=}"; shift ;;
+    --overlay) overlay="${2:?--overlay needs a kustomization directory}"; shift 2 ;;
+    --overlay=*) overlay="${1#--overlay=}"; shift ;;
     --apply) apply=true; shift ;;
     --) shift; extra=("$@"); break ;;
-    -h|--help) sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "generate.sh: unknown argument $1 (extra certs flags go after --)" >&2; exit 2 ;;
   esac
 done
@@ -38,6 +43,11 @@ if [ -z "$webhook" ]; then
   echo "generate.sh: multus-eni-webhook not found: set MULTUS_ENI_WEBHOOK, put it on PATH or" >&2
   echo "generate.sh: run 'cargo build -p multus-eni-webhook' (or use the image, certs/README.md)" >&2
   exit 1
+fi
+
+if [ ! -f "$overlay/kustomization.yaml" ] && [ ! -f "$overlay/kustomization.yml" ] && [ ! -f "$overlay/Kustomization" ]; then
+  echo "generate.sh: --overlay $overlay is not a kustomization directory" >&2
+  exit 2
 fi
 
 mkdir -p "$out_dir"
@@ -57,7 +67,7 @@ if [ "$(tr -d ' \t\r\n' < "$out_dir/cabundle-patch.json" | cut -c1)" = "[" ]; th
 fi
 
 if [ "$apply" = true ]; then
-  kubectl apply -k "$repo/manifests/overlays/no-cert-manager"
+  kubectl apply -k "$overlay"
   kubectl apply -f "$out_dir/secret.yaml"
   kubectl patch mutatingwebhookconfiguration multus-eni-webhook \
     --type="$patch_type" --patch-file "$out_dir/cabundle-patch.json"
@@ -65,7 +75,7 @@ if [ "$apply" = true ]; then
 else
   cat <<NEXT
 Next (or run again with --apply):
-  kubectl apply -k $repo/manifests/overlays/no-cert-manager
+  kubectl apply -k $overlay
   kubectl apply -f $out_dir/secret.yaml
   kubectl patch mutatingwebhookconfiguration multus-eni-webhook --type=$patch_type --patch-file $out_dir/cabundle-patch.json
 Keep $out_dir/ca.key secret (or delete it): whoever holds it can impersonate the webhook.

@@ -47,7 +47,7 @@ def run(chain: Chain) -> None:
     say(f"   Secret {certs.secret['metadata']['namespace']}/{certs.secret['metadata']['name']} "
         "mounted like the kubelet does (..data symlinks)")
 
-    step(2, "webhook: the Deployment's flags, only addresses and the Secret path substituted")
+    step(2, "webhook: the Deployment's flags; addresses, the Secret path and --ec2-access=direct substituted")
     hook = chain.start_webhook()
     say(indent(" ".join(["multus-eni-webhook", *hook.argv[1:]])))
     say(f"   /readyz 200 on 127.0.0.1:{hook.metrics_port}")

@@ -53,7 +53,12 @@ def chain(request: pytest.FixtureRequest) -> Iterator[Chain]:
 
 
 def deployment_flag(chain: Chain, flag: str) -> str:
-    value = flag_value(chain.manifests.webhook_container["args"], flag)
+    """A webhook setting of the Deployment: its flag, or its `MULTUS_ENI_<FLAG>` env value."""
+    container = chain.manifests.webhook_container
+    value = flag_value(container["args"], flag)
+    if value is None:
+        env_name = "MULTUS_ENI_" + flag.removeprefix("--").upper().replace("-", "_")
+        value = next((e.get("value") for e in container.get("env", []) if e["name"] == env_name), None)
     assert value is not None, f"the Deployment passes no {flag}"
     return value
 
@@ -136,6 +141,8 @@ def test_sample_pod_gets_the_native_sidecar_and_nothing_else_changes(chain: Chai
     assert admitted["spec"]["volumes"] == pod["spec"]["volumes"]
     status = json.loads(admitted["metadata"]["annotations"]["multus-eni.io/status"])
     assert status["interfaces"] == ["net1"] and status["mode"] == "native"
+    assert status["ec2Access"] == "direct"
+    assert admitted["metadata"]["annotations"]["eks.amazonaws.com/skip-containers"] == SIDECAR_CONTAINER
 
     # With reinvocationPolicy IfNeeded the apiserver may send the patched pod again: no-op.
     again = chain.client().review(apiserver.create_review(admitted))

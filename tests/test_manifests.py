@@ -44,6 +44,7 @@ KUSTOMIZATIONS = {
     "default": MANIFESTS,
     "no-cert-manager": MANIFESTS / "overlays" / "no-cert-manager",
     "samples": MANIFESTS / "samples",
+    "monitoring": MANIFESTS / "overlays" / "monitoring",
 }
 # Kubernetes versions whose schemas every built-in object must pass (1.29 is the oldest release
 # with native sidecars on by default). Newer schemas shipped by kubernetes-validate are added.
@@ -57,10 +58,19 @@ CRD_KINDS = {
 
 NAMESPACE = "multus-eni"
 SERVICE = "multus-eni-webhook"
+AGENT = "multus-eni-agent"
+AGENT_NAMESPACE = "multus-eni-agent"
+CRD_KINDS |= {
+    ("monitoring.coreos.com/v1", "PodMonitor"),
+    ("monitoring.coreos.com/v1", "PrometheusRule"),
+}
 OPT_IN_LABEL = ("multus-eni.io/injection", "enabled")
 NETWORKS_ANNOTATION = "k8s.v1.cni.cncf.io/networks"
 OPT_OUT_ANNOTATION = "multus-eni.io/inject"
 WEBHOOK_PATH = "/mutate"
+DIRECT_PATH = "/mutate/direct"
+# Pod Security levels that forbid hostPath volumes (the agent's socket).
+NO_HOSTPATH_LEVELS = {"baseline", "restricted"}
 SIDECAR_BINARY_PATH = "/usr/local/bin/multus-eni-sidecar"
 
 
@@ -112,6 +122,17 @@ def webhook_container(docs: list[dict]) -> dict:
     containers = deployment["spec"]["template"]["spec"]["containers"]
     assert len(containers) == 1, "the webhook Deployment runs exactly one container"
     return containers[0]
+
+
+def settings(container: dict) -> dict[str, str]:
+    """The webhook's settings as flag names: its flags, plus `MULTUS_ENI_<FLAG>` env values."""
+    out = {
+        e["name"].removeprefix("MULTUS_ENI_").lower().replace("_", "-"): e["value"]
+        for e in container.get("env", [])
+        if e["name"].startswith("MULTUS_ENI_") and "value" in e
+    }
+    out.update(flags(container))
+    return out
 
 
 def flags(container: dict) -> dict[str, str]:
@@ -247,6 +268,20 @@ def check_crd_object(doc: dict) -> None:
         assert set(spec) == {"config"}, spec
         config = json.loads(spec["config"])
         assert config.get("cniVersion") and config.get("type"), config
+    elif kind == "PodMonitor":
+        assert set(spec) <= {"selector", "podMetricsEndpoints", "namespaceSelector", "jobLabel"}, spec
+        assert spec["selector"]["matchLabels"]
+        for endpoint in spec["podMetricsEndpoints"]:
+            assert set(endpoint) <= {"port", "path", "interval", "scheme"}, endpoint
+            assert endpoint["port"] and DURATION.match(endpoint.get("interval", "30s"))
+    elif kind == "PrometheusRule":
+        assert set(spec) == {"groups"}, spec
+        for group in spec["groups"]:
+            assert group["name"] and group["rules"]
+            for rule in group["rules"]:
+                assert set(rule) <= {"alert", "expr", "for", "labels", "annotations"}, rule
+                assert rule["alert"] and rule["expr"] and rule["labels"]["severity"]
+                assert DURATION.match(rule.get("for", "0s")), rule
     else:  # pragma: no cover - CRD_KINDS and this function must move together
         pytest.fail(f"no structural check for {kind}")
 
@@ -268,6 +303,10 @@ def test_expected_objects_are_rendered(rendered):
             ("Service", SERVICE),
             ("PodDisruptionBudget", SERVICE),
             ("MutatingWebhookConfiguration", SERVICE),
+            ("Namespace", AGENT_NAMESPACE),
+            ("ServiceAccount", AGENT),
+            ("DaemonSet", AGENT),
+            ("Service", AGENT),
             ("Issuer", "multus-eni-selfsigned"),
             ("Issuer", "multus-eni-ca"),
             ("Certificate", "multus-eni-ca"),
@@ -276,7 +315,8 @@ def test_expected_objects_are_rendered(rendered):
     )
     for doc in rendered["default"]:
         if doc["kind"] not in ("Namespace", "MutatingWebhookConfiguration"):
-            assert doc["metadata"].get("namespace") == NAMESPACE, doc["metadata"]
+            expected = AGENT_NAMESPACE if doc["metadata"]["name"] == AGENT else NAMESPACE
+            assert doc["metadata"].get("namespace") == expected, doc["metadata"]
 
 
 def test_no_cert_manager_overlay_is_core_without_cert_manager(rendered):
@@ -301,9 +341,12 @@ def test_service_reaches_the_webhook_tls_port(rendered):
     service = only(docs, "Service", SERVICE)
     container = webhook_container(docs)
     addr_port = port_of(flags(container)["addr"])
-    [port] = service["spec"]["ports"]
-    assert port["port"] == 443
-    assert container_port(container, port["targetPort"]) == addr_port
+    ports = {p["name"]: p for p in service["spec"]["ports"]}
+    assert set(ports) == {"https", "metrics"}, "named ports: https for the apiserver, metrics"
+    assert ports["https"]["port"] == 443
+    assert container_port(container, ports["https"]["targetPort"]) == addr_port
+    metrics_port = port_of(flags(container).get("metrics-addr", "0.0.0.0:8080"))
+    assert container_port(container, ports["metrics"]["targetPort"]) == metrics_port
     pod_labels = only(docs, "Deployment", SERVICE)["spec"]["template"]["metadata"]["labels"]
     assert selector_matches({"matchLabels": service["spec"]["selector"]}, pod_labels)
 
@@ -311,13 +354,15 @@ def test_service_reaches_the_webhook_tls_port(rendered):
 def test_webhook_client_config_points_at_the_service(rendered):
     docs = rendered["default"]
     service = only(docs, "Service", SERVICE)
-    [hook] = only(docs, "MutatingWebhookConfiguration")["webhooks"]
-    svc_ref = hook["clientConfig"]["service"]
-    assert svc_ref["name"] == service["metadata"]["name"]
-    assert svc_ref["namespace"] == service["metadata"]["namespace"]
-    assert svc_ref["path"] == WEBHOOK_PATH
-    assert svc_ref.get("port", 443) == service["spec"]["ports"][0]["port"]
-    assert "url" not in hook["clientConfig"]
+    hooks = only(docs, "MutatingWebhookConfiguration")["webhooks"]
+    assert [h["clientConfig"]["service"]["path"] for h in hooks] == [WEBHOOK_PATH, DIRECT_PATH]
+    https = next(p for p in service["spec"]["ports"] if p["name"] == "https")
+    for hook in hooks:
+        svc_ref = hook["clientConfig"]["service"]
+        assert svc_ref["name"] == service["metadata"]["name"]
+        assert svc_ref["namespace"] == service["metadata"]["namespace"]
+        assert svc_ref.get("port", 443) == https["port"]
+        assert "url" not in hook["clientConfig"]
 
 
 def test_deployment_is_highly_available_and_hardened(rendered):
@@ -326,6 +371,7 @@ def test_deployment_is_highly_available_and_hardened(rendered):
     pod = deployment["spec"]["template"]
     spec = pod["spec"]
     assert deployment["spec"]["replicas"] == 2
+    assert spec["priorityClassName"] == "system-cluster-critical"
     assert deployment["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
     spread = {c["topologyKey"]: c for c in spec["topologySpreadConstraints"]}
     assert spread["kubernetes.io/hostname"]["whenUnsatisfiable"] == "DoNotSchedule"
@@ -394,11 +440,104 @@ def test_tls_secret_is_mounted_as_a_directory_the_flags_point_into(rendered):
     assert "items" not in volumes[mount["name"]]["secret"]
 
 
+# === the node agent DaemonSet ===
+
+
+def test_agent_daemonset_runs_everywhere_with_only_the_privileges_it_needs(rendered):
+    docs = rendered["default"]
+    daemonset = only(docs, "DaemonSet", AGENT)
+    spec = daemonset["spec"]["template"]["spec"]
+    assert spec["priorityClassName"] == "system-node-critical"
+    assert {"operator": "Exists"} in spec["tolerations"], "tolerates every taint"
+    assert spec["hostNetwork"] is True and spec["hostPID"] is True
+    assert spec["dnsPolicy"] == "ClusterFirstWithHostNet"
+    assert spec["automountServiceAccountToken"] is False
+    assert only(docs, "ServiceAccount", spec["serviceAccountName"])["automountServiceAccountToken"] is False
+    container = agent_container(docs)
+    assert container["command"] == ["/usr/local/bin/multus-eni-agent"] and container["args"][0] == "run"
+    sc = container["securityContext"]
+    assert sc["runAsUser"] == 0
+    assert sc.get("privileged", False) is False and sc["allowPrivilegeEscalation"] is False
+    assert sc["readOnlyRootFilesystem"] is True
+    assert sc["capabilities"] == {"drop": ["ALL"], "add": ["SYS_ADMIN", "SYS_PTRACE"]}
+    assert sc["seccompProfile"]["type"] == "RuntimeDefault"
+    # Each privilege is justified where it is granted.
+    text = (MANIFESTS / "agent" / "daemonset.yaml").read_text()
+    for granted in (r"hostNetwork: true", r"hostPID: true", r"- SYS_ADMIN", r"- SYS_PTRACE", r"runAsUser: 0"):
+        assert re.search(rf"#[^\n]*\n(\s*#[^\n]*\n)*\s*{granted}", text), f"{granted} has no comment saying why"
+    volumes = {v["name"]: v["hostPath"] for v in spec["volumes"]}
+    mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
+    args = flags(container)
+    socket_dir = str(Path(args["socket"]).parent)
+    assert volumes[mounts[socket_dir]["name"]] == {"path": socket_dir, "type": "DirectoryOrCreate"}
+    netns = mounts[args["netns-dir"]]
+    assert netns["readOnly"] is True and netns["mountPropagation"] == "HostToContainer"
+    assert volumes[netns["name"]]["path"] == "/var/run/netns"
+    state = mounts[args["state-dir"]]
+    assert volumes[state["name"]] == {"path": "/var/lib/multus-eni", "type": "DirectoryOrCreate"}
+    assert not state.get("readOnly")
+
+    ns = only(docs, "Namespace", AGENT_NAMESPACE)
+    assert ns["metadata"]["labels"]["pod-security.kubernetes.io/enforce"] == "privileged"
+    # The webhook's own namespace keeps `restricted`: the agent does not live there.
+    assert only(docs, "Namespace", NAMESPACE)["metadata"]["labels"]["pod-security.kubernetes.io/enforce"] == "restricted"
+
+
+def test_agent_flags_follow_the_contract(rendered):
+    """docs/contract.md fixes the agent's flags and defaults; the DaemonSet passes only those,
+    and the socket is where the webhook's --agent-socket-dir mounts it into sidecars."""
+    container = agent_container(rendered["default"])
+    args = flags(container)
+    section = contract_text().split("## Node agent command line", 1)
+    assert len(section) == 2, "docs/contract.md has no node agent section"
+    documented = dict(re.findall(r"^\|\s*`--([a-z-]+)[^`]*`\s*\|[^|]*\|\s*`([^`]*)`", section[1].split("\n## ", 1)[0], re.M))
+    assert set(args) <= set(documented), set(args) - set(documented)
+    for flag, value in args.items():
+        if flag != "log-format":
+            assert value == documented[flag], (flag, value, documented[flag])
+    webhook = settings(webhook_container(rendered["default"]))
+    assert str(Path(args["socket"]).parent) == webhook["agent-socket-dir"]
+    assert {"name": "NODE_NAME", "valueFrom": {"fieldRef": {"apiVersion": "v1", "fieldPath": "spec.nodeName"}}} in container["env"]
+    service = only(rendered["default"], "Service", AGENT)
+    [port] = service["spec"]["ports"]
+    assert port["name"] == "metrics" and container_port(container, port["targetPort"]) == port_of(args["metrics-addr"])
+
+
+def test_monitoring_component_scrapes_named_metrics_ports(rendered):
+    docs = rendered["monitoring"]
+    monitors = all_of(docs, "PodMonitor")
+    assert {m["metadata"]["name"] for m in monitors} == {SERVICE, AGENT}
+    workloads = {SERVICE: only(docs, "Deployment", SERVICE), AGENT: only(docs, "DaemonSet", AGENT)}
+    for monitor in monitors:
+        workload = workloads[monitor["metadata"]["name"]]
+        assert monitor["metadata"]["namespace"] == workload["metadata"]["namespace"]
+        pod = workload["spec"]["template"]
+        assert selector_matches(monitor["spec"]["selector"], pod["metadata"]["labels"])
+        ports = {p["name"] for c in pod["spec"]["containers"] for p in c.get("ports", [])}
+        for endpoint in monitor["spec"]["podMetricsEndpoints"]:
+            assert endpoint["port"] in ports
+    alerts = {r["alert"] for g in only(docs, "PrometheusRule")["spec"]["groups"] for r in g["rules"]}
+    for needed in ("CertificateExpiring", "AdmissionsFailing", "SidecarNotRoutable", "AgentUnavailable"):
+        assert any(needed in a for a in alerts), needed
+    # The default install does not need the Prometheus Operator.
+    assert not all_of(rendered["default"], "PodMonitor")
+
+
 # === MutatingWebhookConfiguration ===
 
 
 def test_webhook_configuration_settings(rendered):
-    [hook] = only(rendered["default"], "MutatingWebhookConfiguration")["webhooks"]
+    hooks = only(rendered["default"], "MutatingWebhookConfiguration")["webhooks"]
+    assert len(hooks) == 2, "docs/contract.md: /mutate and /mutate/direct"
+    first, second = hooks
+    # Identical but for name, path and the Pod Security split of the namespaces.
+    strip = lambda h: {k: v for k, v in h.items() if k not in ("name", "clientConfig", "namespaceSelector")}
+    assert strip(first) == strip(second)
+    for hook in hooks:
+        check_webhook_settings(hook)
+
+
+def check_webhook_settings(hook: dict) -> None:
     assert hook["admissionReviewVersions"] == ["v1"]
     assert hook["sideEffects"] == "None"
     assert 1 <= hook["timeoutSeconds"] <= 5
@@ -417,21 +556,41 @@ def test_webhook_configuration_settings(rendered):
 
 
 def test_only_opted_in_namespaces_are_selected(rendered):
-    [hook] = only(rendered["default"], "MutatingWebhookConfiguration")["webhooks"]
-    selector = hook["namespaceSelector"]
+    hooks = only(rendered["default"], "MutatingWebhookConfiguration")["webhooks"]
     key, value = OPT_IN_LABEL
     sample_ns = only(rendered["samples"], "Namespace")
     assert sample_ns["metadata"]["labels"][key] == value
-    assert selector_matches(selector, namespace_labels(sample_ns))
+    assert any(selector_matches(h["namespaceSelector"], namespace_labels(sample_ns)) for h in hooks)
 
-    plain = {"metadata": {"name": "default", "labels": {}}}
-    assert not selector_matches(selector, namespace_labels(plain))
-    wrong_value = {"metadata": {"name": "apps", "labels": {key: "disabled"}}}
-    assert not selector_matches(selector, namespace_labels(wrong_value))
-    # Labelled by mistake, the webhook's own namespace and kube-system are still never selected.
-    for name in (NAMESPACE, "kube-system"):
-        labelled = {"metadata": {"name": name, "labels": {key: value}}}
-        assert not selector_matches(selector, namespace_labels(labelled)), name
+    for hook in hooks:
+        selector = hook["namespaceSelector"]
+        plain = {"metadata": {"name": "default", "labels": {}}}
+        assert not selector_matches(selector, namespace_labels(plain))
+        wrong_value = {"metadata": {"name": "apps", "labels": {key: "disabled"}}}
+        assert not selector_matches(selector, namespace_labels(wrong_value))
+        # Labelled by mistake, our own namespaces and kube-system are still never selected.
+        for name in (NAMESPACE, AGENT_NAMESPACE, "kube-system"):
+            for level in (None, "privileged", "restricted"):
+                labels = {key: value} | ({"pod-security.kubernetes.io/enforce": level} if level else {})
+                labelled = {"metadata": {"name": name, "labels": labels}}
+                assert not selector_matches(selector, namespace_labels(labelled)), (name, level)
+
+
+def test_pod_security_decides_between_agent_and_direct_mode(rendered):
+    """Exactly one entry takes an opted-in namespace: /mutate/direct where Pod Security forbids
+    the agent socket's hostPath volume, /mutate everywhere else (the label absent included)."""
+    hooks = only(rendered["default"], "MutatingWebhookConfiguration")["webhooks"]
+    key, value = OPT_IN_LABEL
+    for level in (None, "privileged", "baseline", "restricted"):
+        labels = {key: value} | ({"pod-security.kubernetes.io/enforce": level} if level else {})
+        ns = {"metadata": {"name": "cnf", "labels": labels}}
+        paths = [
+            h["clientConfig"]["service"]["path"]
+            for h in hooks
+            if selector_matches(h["namespaceSelector"], namespace_labels(ns))
+        ]
+        expected = DIRECT_PATH if level in NO_HOSTPATH_LEVELS else WEBHOOK_PATH
+        assert paths == [expected], (level, paths)
 
 
 def test_cert_manager_chain_and_ca_injection(rendered):
@@ -526,8 +685,9 @@ def sent_to_webhook(conditions: list[dict], obj: dict) -> bool:
 
 
 def test_match_conditions_send_only_multus_pods(rendered):
-    [hook] = only(rendered["default"], "MutatingWebhookConfiguration")["webhooks"]
-    conditions = hook["matchConditions"]
+    hooks = only(rendered["default"], "MutatingWebhookConfiguration")["webhooks"]
+    conditions = hooks[0]["matchConditions"]
+    assert all(h["matchConditions"] == conditions for h in hooks), "both entries filter alike"
     multus = sample_pod(rendered)
     assert NETWORKS_ANNOTATION in multus["metadata"]["annotations"]
     cases = {
@@ -653,10 +813,10 @@ def test_webhook_flags_exist(rendered):
     known, source = webhook_serve_flags()
     container = webhook_container(rendered["default"])
     assert container["args"][0] == "serve"
-    unknown = set(flags(container)) - known
-    assert not unknown, f"the Deployment passes flags {sorted(unknown)} unknown to {source}"
+    unknown = set(settings(container)) - known
+    assert not unknown, f"the Deployment passes flags (or env) {sorted(unknown)} unknown to {source}"
     for required in ("addr", "tls-cert", "tls-key", "sidecar-image"):
-        assert required in flags(container), required
+        assert required in settings(container), required
 
 
 def test_sidecar_probe_port_matches_the_sidecar(rendered):
@@ -679,17 +839,81 @@ def image_parts(image: str) -> tuple[str, str]:
     return name, tag
 
 
+def agent_container(docs: list[dict]) -> dict:
+    daemonset = only(docs, "DaemonSet", AGENT)
+    [container] = daemonset["spec"]["template"]["spec"]["containers"]
+    return container
+
+
 def test_images_are_the_same_release(rendered):
-    container = webhook_container(rendered["default"])
-    webhook_repo, webhook_tag = image_parts(container["image"])
-    sidecar_repo, sidecar_tag = image_parts(flags(container)["sidecar-image"])
-    assert webhook_repo.endswith("/multus-eni-webhook")
-    assert sidecar_repo.endswith("/multus-eni-sidecar")
-    assert webhook_repo.rsplit("/", 1)[0] == sidecar_repo.rsplit("/", 1)[0], "same registry"
+    docs = rendered["default"]
+    container = webhook_container(docs)
+    images = {
+        "webhook": container["image"],
+        "sidecar": settings(container)["sidecar-image"],
+        "agent": agent_container(docs)["image"],
+    }
     version = tomllib.loads((REPO / "Cargo.toml").read_text())["workspace"]["package"]["version"]
-    assert webhook_tag == sidecar_tag == version, (
-        f"webhook {webhook_tag}, sidecar {sidecar_tag}, workspace version {version}"
+    registries = set()
+    for part, image in images.items():
+        repo, tag = image_parts(image)
+        assert repo.endswith(f"/multus-eni-{part}"), image
+        assert tag == version, f"{part} {tag}, workspace version {version}"
+        registries.add(repo.rsplit("/", 1)[0])
+    assert len(registries) == 1, f"same registry: {registries}"
+
+
+def test_images_entries_reach_all_three_images(tmp_path):
+    """An operator's overlay with only `images:` entries (what `kustomize edit set image`
+    writes) changes the webhook's, the injected sidecar's and the agent's image."""
+    registry = "123456789012.dkr.ecr.eu-west-1.amazonaws.com"
+    digest = "sha256:" + "a" * 64
+    overlay = {
+        "apiVersion": "kustomize.config.k8s.io/v1beta1",
+        "kind": "Kustomization",
+        "resources": [os.path.relpath(MANIFESTS, tmp_path)],
+        "images": [
+            {"name": f"ghcr.io/multus-eni/multus-eni-{part}", "newName": f"{registry}/multus-eni-{part}", "digest": digest}
+            for part in ("webhook", "sidecar", "agent")
+        ],
+    }
+    (tmp_path / "kustomization.yaml").write_text(yaml.safe_dump(overlay))
+    docs = render(tmp_path)
+    container = webhook_container(docs)
+    assert container["image"] == f"{registry}/multus-eni-webhook@{digest}"
+    assert settings(container)["sidecar-image"] == f"{registry}/multus-eni-sidecar@{digest}"
+    assert agent_container(docs)["image"] == f"{registry}/multus-eni-agent@{digest}"
+    # Other env values of the webhook are not images and stay as they are.
+    before = {e["name"]: e.get("value") for e in webhook_container(render(MANIFESTS)).get("env", [])}
+    after = {e["name"]: e.get("value") for e in container.get("env", [])}
+    assert {k: v for k, v in after.items() if k != "MULTUS_ENI_SIDECAR_IMAGE"} == {
+        k: v for k, v in before.items() if k != "MULTUS_ENI_SIDECAR_IMAGE"
+    }
+
+
+def test_images_entries_reach_the_injected_sidecar(tmp_path):
+    """The image kustomize wrote is the one `multus-eni-webhook inject` injects with the
+    Deployment's own settings (flags and env, as the container gets them)."""
+    webhook = binary("multus-eni-webhook")
+    assert webhook is not None, f"{BIN_DIR}/multus-eni-webhook is missing: cargo build -p multus-eni-webhook"
+    overlay = {
+        "resources": [os.path.relpath(MANIFESTS, tmp_path)],
+        "images": [{"name": "ghcr.io/multus-eni/multus-eni-sidecar", "newName": "registry.example/me/sidecar", "newTag": "v9"}],
+    }
+    (tmp_path / "kustomization.yaml").write_text(yaml.safe_dump(overlay))
+    container = webhook_container(render(tmp_path))
+    inject_flags = set(re.findall(r"--([a-z][a-z0-9-]*)", help_text("multus-eni-webhook", "inject") or ""))
+    env = {**os.environ, **{e["name"]: e["value"] for e in container.get("env", []) if "value" in e}}
+    args = [f"--{k}={v}" for k, v in flags(container).items() if k in inject_flags]
+    proc = subprocess.run(
+        [str(webhook), "inject", "-f", "-", *args],
+        input=yaml.safe_dump_all(render(MANIFESTS / "samples")), env=env,
+        capture_output=True, text=True, check=False,
     )
+    assert proc.returncode == 0, proc.stderr
+    injected = only([d for d in yaml.safe_load_all(proc.stdout) if d], "Deployment")
+    [sidecar] = [c for c in injected["spec"]["template"]["spec"]["initContainers"] if c["name"] == "multus-eni-sidecar"]
+    assert sidecar["image"] == "registry.example/me/sidecar:v9"
 
 
 # === IAM policy ===
@@ -783,7 +1007,9 @@ def test_iam_policy_is_scoped():
             # Describe* calls support no resource-level permissions: "*" is the only valid value.
             assert statement["Resource"] == "*"
             continue
-        assert statement["Resource"] == "arn:aws:ec2:*:*:network-interface/*", statement
+        # "*" rather than arn:aws:ec2:...: the same policy works in aws-cn and aws-us-gov; the tag
+        # condition alone limits it to Multus ENIs (only ENIs carry that tag here).
+        assert statement["Resource"] == "*", statement
         assert statement["Condition"] == {
             "StringEquals": {"aws:ResourceTag/node.k8s.amazonaws.com/no_manage": "true"}
         }
@@ -833,13 +1059,15 @@ def stage_chain(stages: dict[str, dict], name: str) -> list[dict]:
     return chain
 
 
-@pytest.mark.parametrize("target", ["webhook", "sidecar"])
+@pytest.mark.parametrize("target", ["webhook", "sidecar", "agent"])
 def test_dockerfile_target(target):
     package = f"multus-eni-{target}"
     stages = dockerfile_stages()
     assert target in stages, f"Dockerfile has no stage named {target}"
     final = stages[target]
-    assert final["from"].startswith("gcr.io/distroless/cc-debian") and final["from"].endswith(":nonroot")
+    # The agent runs as root (manifests/agent/daemonset.yaml): distroless's root variant.
+    variant = ":latest" if target == "agent" else ":nonroot"
+    assert final["from"].startswith("gcr.io/distroless/cc-debian") and final["from"].endswith(variant), final["from"]
 
     copies = [rest for op, rest in final["lines"] if op == "COPY"]
     assert len(copies) == 1, "the runtime image holds the binary only"
@@ -851,7 +1079,10 @@ def test_dockerfile_target(target):
     assert f"target/release/{package}" in runs
 
     users = [rest for op, rest in final["lines"] if op == "USER"]
-    assert users and re.fullmatch(r"[1-9]\d*(:[1-9]\d*)?", users[-1]), "numeric non-root USER"
+    if target == "agent":
+        assert users == ["0:0"], "the agent's image user matches the DaemonSet's runAsUser: 0"
+    else:
+        assert users and re.fullmatch(r"[1-9]\d*(:[1-9]\d*)?", users[-1]), "numeric non-root USER"
     entrypoint = [json.loads(rest) for op, rest in final["lines"] if op == "ENTRYPOINT"]
     assert entrypoint == [[f"/usr/local/bin/{package}"]]
     if target == "sidecar":
@@ -967,15 +1198,17 @@ def test_certs_script_writes_a_matching_secret_and_ca_bundle(rendered, tmp_path)
         patched = (
             json_patch(mwc, patch) if isinstance(patch, list) else strategic_merge_webhooks(mwc, patch)
         )
-        [hook] = patched["webhooks"]
-        ca_bundle = base64.b64decode(hook["clientConfig"]["caBundle"])
+        hook_bundles = {h["clientConfig"]["caBundle"] for h in patched["webhooks"]}
+        assert len(hook_bundles) == 1, "every webhook entry gets the same caBundle"
+        ca_bundle = base64.b64decode(hook_bundles.pop())
         cas = x509.load_pem_x509_certificates(ca_bundle)
         assert any(ca.subject == leaf.issuer for ca in cas), "caBundle holds no issuer of tls.crt"
         issuer = next(ca for ca in cas if ca.subject == leaf.issuer)
         leaf.verify_directly_issued_by(issuer)  # raises when the signature does not verify
         bundles.append(ca_bundle)
         untouched = copy.deepcopy(patched)
-        del untouched["webhooks"][0]["clientConfig"]["caBundle"]
+        for hook in untouched["webhooks"]:
+            del hook["clientConfig"]["caBundle"]
         assert untouched == mwc, "the patch must set caBundle and nothing else"
     assert bundles[0] == bundles[1], "re-running certs must not change the caBundle"
 
@@ -992,32 +1225,51 @@ def test_image_override_overlay_in_docs_renders(tmp_path):
     container = webhook_container(docs)
     registry = "123456789012.dkr.ecr.eu-west-1.amazonaws.com"
     assert container["image"] == f"{registry}/multus-eni-webhook:0.1.0"
-    assert flags(container)["sidecar-image"] == f"{registry}/multus-eni-sidecar:0.1.0"
-    assert flags(container)["aws-region"] == "eu-west-1"
+    assert settings(container)["sidecar-image"] == f"{registry}/multus-eni-sidecar:0.1.0"
+    assert agent_container(docs)["image"] == f"{registry}/multus-eni-agent:0.1.0"
+
+
+def test_direct_mode_overlay_in_docs_renders(tmp_path):
+    """docs/install.md's direct-mode patches apply to the manifests as they are: the flag is
+    where the `test` operation expects it, and the agent DaemonSet is gone."""
+    text = (REPO / "docs" / "install.md").read_text()
+    blocks = re.findall(r"```yaml\n# my-multus-eni/kustomization.yaml, direct mode[^\n]*\n(.*?)```", text, re.S)
+    assert len(blocks) == 1, "docs/install.md lost its direct-mode example"
+    overlay = yaml.safe_load(blocks[0])
+    overlay["resources"] = [os.path.relpath(MANIFESTS, tmp_path)]
+    (tmp_path / "kustomization.yaml").write_text(yaml.safe_dump(overlay))
+    docs = render(tmp_path)
+    args = flags(webhook_container(docs))
+    assert args["ec2-access"] == "direct" and args["aws-region"]
+    assert [a for a in webhook_container(docs)["args"] if a.startswith("--ec2-access")] == ["--ec2-access=direct"]
+    assert not all_of(docs, "DaemonSet")
 
 
 def test_images_expose_the_ports_the_manifests_use(rendered):
     stages = dockerfile_stages()
     exposed = {
         target: {int(p.split("/")[0]) for op, rest in stages[target]["lines"] if op == "EXPOSE" for p in rest.split()}
-        for target in ("webhook", "sidecar")
+        for target in ("webhook", "sidecar", "agent")
     }
     args = flags(webhook_container(rendered["default"]))
     assert exposed["webhook"] == {port_of(args["addr"]), port_of(args["metrics-addr"])}
     assert exposed["sidecar"] == {int(args["sidecar-probe-port"])}
+    assert exposed["agent"] == {port_of(flags(agent_container(rendered["default"]))["metrics-addr"])}
 
 
-def test_sample_injected_with_the_deployment_flags_fits_the_sidecar_image(rendered):
+@pytest.mark.parametrize("ec2_access", ["agent", "direct"])
+def test_sample_injected_with_the_deployment_flags_fits_the_sidecar_image(rendered, ec2_access):
     """`multus-eni-webhook inject` with the Deployment's own flags on the sample: the sidecar it
     adds must run the image's binary, probe the port the sidecar listens on, run as the image's
-    user, use only flags the sidecar knows, and still pass the schemas."""
+    user, use only flags the sidecar knows, and still pass the schemas. Both EC2 access modes:
+    the Deployment's (agent) and the one /mutate/direct injects."""
     webhook = binary("multus-eni-webhook")
     sidecar_help = help_text("multus-eni-sidecar", "run")
     assert webhook is not None and sidecar_help is not None, (
         f"needs the built binaries in {BIN_DIR}: cargo build --workspace --bins"
     )
     inject_flags = set(re.findall(r"--([a-z][a-z0-9-]*)", help_text("multus-eni-webhook", "inject")))
-    serve_args = flags(webhook_container(rendered["default"]))
+    serve_args = settings(webhook_container(rendered["default"])) | {"ec2-access": ec2_access}
     args = [f"--{k}={v}" for k, v in serve_args.items() if k in inject_flags]
     assert any(a.startswith("--sidecar-image=") for a in args)
     sample = yaml.safe_dump_all(rendered["samples"])
@@ -1041,6 +1293,10 @@ def test_sample_injected_with_the_deployment_flags_fits_the_sidecar_image(render
 
     sidecar_flags = flags({"args": sidecar["args"][1:]})
     known = set(re.findall(r"--([a-z][a-z0-9-]*)", sidecar_help))
+    if ec2_access == "agent" and "agent-socket" not in known:
+        # The sidecar's agent mode (issue 10) is built on another branch; the lead removes this
+        # once both are merged, and the assertion below then holds for agent mode too.
+        pytest.xfail("this multus-eni-sidecar build predates --agent-socket (sidecar agent mode)")
     assert sidecar["args"][0] == "run" and set(sidecar_flags) <= known, sidecar["args"]
     probe_port = port_of(sidecar_flags.get("probe-addr", f"0.0.0.0:{sidecar_default_probe_port()[0]}"))
     assert probe_port == sidecar_default_probe_port()[0]
@@ -1072,3 +1328,22 @@ def test_certs_script_applies_in_a_working_order(tmp_path):
         f"apply -f {out}/secret.yaml",
         f"patch mutatingwebhookconfiguration {SERVICE} --type=json --patch-file {out}/cabundle-patch.json",
     ]
+
+    # The operator's own overlay is what gets applied, with the same order.
+    overlay = tmp_path / "my-multus-eni"
+    overlay.mkdir()
+    (overlay / "kustomization.yaml").write_text(
+        yaml.safe_dump({"resources": [os.path.relpath(MANIFESTS / "overlays" / "no-cert-manager", overlay)]})
+    )
+    log.unlink()
+    proc = subprocess.run(
+        [str(REPO / "certs" / "generate.sh"), "--out-dir", str(out), "--overlay", str(overlay), "--apply"],
+        env=env, capture_output=True, text=True, check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert log.read_text().splitlines()[0] == f"apply -k {overlay}"
+    proc = subprocess.run(
+        [str(REPO / "certs" / "generate.sh"), "--out-dir", str(out), "--overlay", str(tmp_path / "nowhere")],
+        env=env, capture_output=True, text=True, check=False,
+    )
+    assert proc.returncode == 2 and "not a kustomization directory" in proc.stderr

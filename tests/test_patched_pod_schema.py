@@ -28,12 +28,31 @@ MIN_VERSION = (1, 29)
 REQUIRED_VERSIONS = ["1.29", "1.30", "1.31", "1.32", "1.33"]
 
 MODES = {
+    # The default: agent mode (hostPath socket volume, no AWS settings).
     "native": ["--sidecar-mode", "native", "--aws-region", "us-west-2"],
     "legacy-irsa": [
         "--sidecar-mode",
         "legacy",
+        "--ec2-access",
+        "direct",
+        "--aws-region",
+        "us-west-2",
         "--sidecar-role-arn",
         "arn:aws:iam::123456789012:role/multus-eni-sidecar",
+    ],
+    "direct-settings": [
+        "--ec2-access",
+        "direct",
+        "--sidecar-https-proxy",
+        "http://proxy.internal:3128",
+        "--sidecar-no-proxy",
+        "169.254.169.254",
+        "--sidecar-ec2-endpoint",
+        "https://vpce-0abc.ec2.us-west-2.vpce.amazonaws.com",
+        "--sidecar-resync-interval",
+        "10m",
+        "--sidecar-startup-timeout",
+        "10m",
     ],
 }
 
@@ -109,7 +128,7 @@ def test_injected_objects_pass_strict_schemas(fixture: Path, mode: str) -> None:
             assert (sidecar is not None) == expect_sidecar, fixture.name
             if sidecar is not None:
                 # A sidecar already injected as an init container (reinvocation) stays one.
-                native = mode == "native" or sidecar is template["spec"].get("initContainers", [None])[0]
+                native = not mode.startswith("legacy") or sidecar is template["spec"].get("initContainers", [None])[0]
                 first = template["spec"]["initContainers"][0] if native else template["spec"]["containers"][-1]
                 assert first["name"] == SIDECAR
                 assert template["spec"]["containers"][: len(pod_template(before)["spec"]["containers"])] == pod_template(before)["spec"]["containers"]

@@ -3,7 +3,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use multus_eni_webhook::inject::SIDECAR_NAME;
+use multus_eni_webhook::inject::{Ec2Access, SIDECAR_NAME};
 use multus_eni_webhook::{Config, Decision, SidecarMode, SkipReason, mutate_pod};
 use serde_json::Value;
 
@@ -29,6 +29,9 @@ fuzz_target!(|data: &[u8]| {
     }
     if first & 2 == 2 {
         config.sidecar_role_arn = Some("arn:aws:iam::123456789012:role/eni".into());
+    }
+    if first & 4 == 4 {
+        config.ec2_access = Ec2Access::Direct;
     }
     config.default_networks = u32::from(first >> 6);
     if let Decision::Inject(injection) = mutate_pod(&config, &pod) {

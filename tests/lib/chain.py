@@ -160,6 +160,10 @@ class Manifests:
         return found[0]
 
 
+# What the chain's webhook is told to inject: the sidecar calling EC2 itself.
+WEBHOOK_EC2_ACCESS = "direct"
+
+
 def flag_value(args: list[str], flag: str) -> str | None:
     """Value of `--flag=V` or `--flag V` in a container's args."""
     for i, a in enumerate(args):
@@ -638,6 +642,9 @@ class Chain:
             )
             return str(self.certs_result.mount_dir / value[len(self._container_mount_path) + 1 :])
 
+        # The chain runs the sidecar against the EC2 emulator itself (direct mode) until the node
+        # agent is part of it; the Deployment's own value (agent) must be there to be replaced.
+        args = replace_flag(args, "--ec2-access", WEBHOOK_EC2_ACCESS)
         args = replace_flag(args, "--tls-cert", host_path("--tls-cert"))
         args = replace_flag(args, "--tls-key", host_path("--tls-key"))
         env = {"PATH": CONTAINER_PATH, **container_env(container, {"metadata": {}, "spec": {}})}

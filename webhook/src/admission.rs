@@ -177,8 +177,9 @@ mod tests {
         let patch = out["response"]["patch"].as_str().unwrap_or_default();
         let decoded = STANDARD.decode(patch).unwrap_or_default();
         let ops: Vec<Value> = serde_json::from_slice(&decoded).unwrap_or_default();
-        assert_eq!(ops.len(), 2, "{patch}");
-        assert_eq!(ops[1]["path"], "/spec/initContainers");
+        // Status and skip-containers annotations, the sidecar, the agent socket volume.
+        assert_eq!(ops.len(), 4, "{patch}");
+        assert_eq!(ops[2]["path"], "/spec/initContainers");
     }
 
     #[test]
@@ -197,6 +198,58 @@ mod tests {
         let bytes = b.to_string().into_bytes();
         let outcome = review(&Config::new("img"), &bytes).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(outcome.decision, Decision::Skip(SkipReason::NotAPod));
+    }
+
+    #[tokio::test]
+    async fn the_direct_path_injects_a_sidecar_that_calls_ec2_itself() {
+        use crate::handler::{AppState, DIRECT_PATH, build_router};
+        use crate::metrics::Metrics;
+        use axum::body::Body;
+        use axum::http::{Request, StatusCode};
+        use std::sync::Arc;
+        use tower::ServiceExt;
+        let mut config = Config::new("img");
+        config.aws_region = Some("eu-west-1".into());
+        let router = build_router(AppState {
+            config: Arc::new(config),
+            metrics: Arc::new(Metrics::new()),
+        });
+        let mut seen = Vec::new();
+        for path in ["/mutate", DIRECT_PATH] {
+            let request = Request::post(path)
+                .header("content-type", "application/json")
+                .body(Body::from(body("CREATE", pod())))
+                .unwrap_or_else(|e| panic!("{e}"));
+            let response = router
+                .clone()
+                .oneshot(request)
+                .await
+                .unwrap_or_else(|e| panic!("{e}"));
+            assert_eq!(response.status(), StatusCode::OK, "{path}");
+            let bytes = axum::body::to_bytes(response.into_body(), MAX_BODY_BYTES)
+                .await
+                .unwrap_or_default();
+            let review: Value = serde_json::from_slice(&bytes).unwrap_or_default();
+            let patch = STANDARD
+                .decode(review["response"]["patch"].as_str().unwrap_or_default())
+                .unwrap_or_default();
+            let ops: Vec<Value> = serde_json::from_slice(&patch).unwrap_or_default();
+            let sidecar = ops
+                .iter()
+                .find(|op| op["path"] == "/spec/initContainers")
+                .map(|op| op["value"][0].clone())
+                .unwrap_or_default();
+            seen.push(sidecar);
+        }
+        let [agent, direct] = [&seen[0], &seen[1]];
+        assert_eq!(
+            agent["args"][3],
+            "--agent-socket=/run/multus-eni/agent.sock"
+        );
+        assert!(agent["env"].to_string().find("AWS_REGION").is_none());
+        assert_eq!(direct["args"].as_array().map(Vec::len), Some(3));
+        assert!(direct["env"].to_string().contains("AWS_REGION"));
+        assert!(direct.get("volumeMounts").is_none());
     }
 
     #[test]

@@ -20,6 +20,9 @@ use time::{Duration, OffsetDateTime};
 
 /// Name of the MutatingWebhookConfiguration the caBundle patch is for.
 pub const WEBHOOK_CONFIGURATION: &str = "multus-eni-webhook";
+/// Webhook entries in that configuration (`/mutate` and `/mutate/direct`, docs/contract.md):
+/// the patch sets the caBundle of each.
+pub const WEBHOOK_ENTRIES: usize = 2;
 
 /// What to generate.
 #[derive(Debug, Clone)]
@@ -149,11 +152,16 @@ pub fn write_certs(request: &CertsRequest) -> Result<CertsReport> {
         serde_yaml_ng::to_string(&secret).map_err(|source| Error::Yaml { index: 0, source })?;
     write(&dir.join("secret.yaml"), secret_yaml.as_bytes(), true)?;
 
-    let patch = json!([{
-        "op": "add",
-        "path": "/webhooks/0/clientConfig/caBundle",
-        "value": STANDARD.encode(&ca_pem),
-    }]);
+    let ca_bundle = STANDARD.encode(&ca_pem);
+    let patch: Vec<_> = (0..WEBHOOK_ENTRIES)
+        .map(|i| {
+            json!({
+                "op": "add",
+                "path": format!("/webhooks/{i}/clientConfig/caBundle"),
+                "value": ca_bundle,
+            })
+        })
+        .collect();
     let patch_text = serde_json::to_string_pretty(&patch).unwrap_or_default() + "\n";
     write(
         &dir.join("cabundle-patch.json"),
@@ -270,6 +278,27 @@ mod tests {
         assert_ne!(
             std::fs::read(dir.path().join("tls.crt")).unwrap_or_default(),
             leaf
+        );
+    }
+
+    #[test]
+    fn the_ca_bundle_patch_covers_every_webhook_entry() {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        write_certs(&request(dir.path())).unwrap_or_else(|e| panic!("{e}"));
+        let text = std::fs::read(dir.path().join("cabundle-patch.json")).unwrap_or_default();
+        let patch: serde_json::Value = serde_json::from_slice(&text).unwrap_or_default();
+        let paths: Vec<&str> = patch
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|op| op["path"].as_str())
+            .collect();
+        assert_eq!(
+            paths,
+            [
+                "/webhooks/0/clientConfig/caBundle",
+                "/webhooks/1/clientConfig/caBundle"
+            ]
         );
     }
 

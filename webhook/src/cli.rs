@@ -1,7 +1,7 @@
 //! Command line: `serve`, `inject`, `certs`. Every flag can also come from `MULTUS_ENI_<FLAG>`.
 
 use crate::certs::{CertsRequest, write_certs};
-use crate::inject::{Config, SidecarMode, SidecarResources};
+use crate::inject::{Config, DirectSettings, Ec2Access, SidecarMode, SidecarResources};
 use crate::manifest::inject_stream;
 use crate::serve::{ConnectionLimits, ServeConfig};
 use crate::telemetry::{self, LogFormat};
@@ -76,12 +76,58 @@ pub struct SidecarArgs {
     /// Sidecar memory limit.
     #[arg(long, env = "MULTUS_ENI_SIDECAR_MEMORY_LIMIT", default_value = "64Mi")]
     pub sidecar_memory_limit: String,
+    /// `agent`: the sidecar asks the node agent (multus-eni-agent DaemonSet) over its Unix
+    /// socket and gets no AWS settings; `direct`: the sidecar calls EC2 itself.
+    #[arg(
+        long,
+        env = "MULTUS_ENI_EC2_ACCESS",
+        value_enum,
+        default_value = "agent"
+    )]
+    pub ec2_access: Ec2Access,
+    /// Host directory of the node agent's socket, mounted read-only into the sidecar.
+    #[arg(
+        long,
+        env = "MULTUS_ENI_AGENT_SOCKET_DIR",
+        default_value = "/run/multus-eni"
+    )]
+    pub agent_socket_dir: String,
+    /// How long the native sidecar's startup probe waits for the pod's addresses to become
+    /// routable before the kubelet restarts the sidecar (its failureThreshold, at 1 s a probe).
+    #[arg(long, env = "MULTUS_ENI_SIDECAR_STARTUP_TIMEOUT", default_value = "300s", value_parser = humantime::parse_duration)]
+    pub sidecar_startup_timeout: std::time::Duration,
+    /// Direct mode: the sidecar's --resync-interval (unset: the sidecar's default, 60s).
+    #[arg(long, env = "MULTUS_ENI_SIDECAR_RESYNC_INTERVAL", value_parser = duration_text)]
+    pub sidecar_resync_interval: Option<String>,
+    /// Direct mode: the sidecar's --shutdown-timeout (unset: the sidecar's default, 10s).
+    #[arg(long, env = "MULTUS_ENI_SIDECAR_SHUTDOWN_TIMEOUT", value_parser = duration_text)]
+    pub sidecar_shutdown_timeout: Option<String>,
+    /// Direct mode: the sidecar's --release-on-exit (unset: the sidecar's default, true).
+    #[arg(long, env = "MULTUS_ENI_SIDECAR_RELEASE_ON_EXIT")]
+    pub sidecar_release_on_exit: Option<bool>,
+    /// Direct mode: HTTPS_PROXY for the sidecar's calls to EC2 and STS.
+    #[arg(long, env = "MULTUS_ENI_SIDECAR_HTTPS_PROXY")]
+    pub sidecar_https_proxy: Option<String>,
+    /// Direct mode: NO_PROXY for the sidecar (e.g. 169.254.169.254 so IMDS is never proxied).
+    #[arg(long, env = "MULTUS_ENI_SIDECAR_NO_PROXY")]
+    pub sidecar_no_proxy: Option<String>,
+    /// Direct mode: AWS_ENDPOINT_URL_EC2 for the sidecar (an EC2 interface VPC endpoint).
+    #[arg(long, env = "MULTUS_ENI_SIDECAR_EC2_ENDPOINT")]
+    pub sidecar_ec2_endpoint: Option<String>,
+}
+
+/// Accepts a humantime duration (`60s`, `5m`) and keeps the operator's spelling, so the sidecar
+/// is given exactly what was configured and a typo fails at start-up, not in every pod.
+fn duration_text(text: &str) -> std::result::Result<String, humantime::DurationError> {
+    humantime::parse_duration(text).map(|_| text.to_owned())
 }
 
 impl SidecarArgs {
-    /// The injection configuration these flags describe.
-    pub fn config(&self) -> Config {
-        Config {
+    /// The injection configuration these flags describe; an error names the flag to add when
+    /// a combination cannot work.
+    pub fn config(&self) -> Result<Config> {
+        let non_empty = |value: &Option<String>| value.clone().filter(|v| !v.is_empty());
+        let config = Config {
             sidecar_image: self.sidecar_image.clone(),
             mode: self.sidecar_mode,
             default_networks: self.default_networks,
@@ -94,7 +140,37 @@ impl SidecarArgs {
                 cpu_limit: self.sidecar_cpu_limit.clone(),
                 memory_limit: self.sidecar_memory_limit.clone(),
             },
+            ec2_access: self.ec2_access,
+            agent_socket_dir: self.agent_socket_dir.clone(),
+            startup_timeout: self.sidecar_startup_timeout,
+            direct: DirectSettings {
+                resync_interval: non_empty(&self.sidecar_resync_interval),
+                shutdown_timeout: non_empty(&self.sidecar_shutdown_timeout),
+                release_on_exit: self.sidecar_release_on_exit,
+                https_proxy: non_empty(&self.sidecar_https_proxy),
+                no_proxy: non_empty(&self.sidecar_no_proxy),
+                ec2_endpoint: non_empty(&self.sidecar_ec2_endpoint),
+            },
+        };
+        if config.sidecar_role_arn.is_some() && config.aws_region.is_none() {
+            // With IRSA the sidecar has no other source for the region: IMDS is out of reach
+            // from the pod's network namespace at hop limit 1.
+            return Err(Error::Config(
+                "--sidecar-role-arn needs --aws-region (env MULTUS_ENI_AWS_REGION): with IRSA \
+                 the sidecar cannot ask IMDS for the region at hop limit 1; add \
+                 --aws-region=<the cluster's region>"
+                    .into(),
+            ));
         }
+        if !config.agent_socket_dir.starts_with('/') {
+            // A relative hostPath makes every injected pod fail validation at the API server.
+            return Err(Error::Config(format!(
+                "--agent-socket-dir must be an absolute path on the node, like the agent's \
+                 --socket directory (/run/multus-eni), not {:?}",
+                config.agent_socket_dir
+            )));
+        }
+        Ok(config)
     }
 }
 
@@ -134,17 +210,18 @@ pub struct ServeArgs {
 }
 
 impl ServeArgs {
-    /// The server configuration these flags describe.
-    pub fn config(&self) -> ServeConfig {
-        ServeConfig {
+    /// The server configuration these flags describe; flags that cannot work together are an
+    /// error naming the fix.
+    pub fn config(&self) -> Result<ServeConfig> {
+        Ok(ServeConfig {
             addr: self.addr,
             metrics_addr: self.metrics_addr,
             tls_cert: self.tls_cert.clone(),
             tls_key: self.tls_key.clone(),
             shutdown_delay: self.shutdown_delay,
             limits: ConnectionLimits::default(),
-            injection: self.sidecar.config(),
-        }
+            injection: self.sidecar.config()?,
+        })
     }
 }
 
@@ -192,7 +269,8 @@ impl Cli {
                     .enable_all()
                     .build()
                     .map_err(|e| Error::io("starting the async runtime", e))?;
-                runtime.block_on(crate::serve::run(args.config()))
+                let config = args.config()?;
+                runtime.block_on(crate::serve::run(config))
             }
             Command::Inject(args) => inject(&args),
             Command::Certs(args) => {
@@ -220,7 +298,7 @@ fn inject(args: &InjectArgs) -> Result<()> {
     } else {
         std::fs::read_to_string(&args.file).map_err(|e| Error::file(&args.file, e))?
     };
-    let report = inject_stream(&args.sidecar.config(), &input)?;
+    let report = inject_stream(&args.sidecar.config()?, &input)?;
     for warning in &report.warnings {
         eprintln!("warning: {warning}");
     }
@@ -254,8 +332,95 @@ mod tests {
         assert_eq!(args.metrics_addr.to_string(), "0.0.0.0:8080");
         assert_eq!(args.log_format, LogFormat::Json);
         assert_eq!(args.shutdown_delay, Duration::from_secs(10));
-        let config = args.sidecar.config();
+        let config = args.sidecar.config().unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(config, Config::new("img:1"));
+    }
+
+    fn inject_args(extra: &[&str]) -> std::result::Result<SidecarArgs, clap::Error> {
+        let mut argv = vec![
+            "multus-eni-webhook",
+            "inject",
+            "-f",
+            "-",
+            "--sidecar-image",
+            "img:1",
+        ];
+        argv.extend_from_slice(extra);
+        let cli = Cli::try_parse_from(argv)?;
+        match cli.command {
+            Command::Inject(args) => Ok(args.sidecar),
+            other => panic!("expected inject, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn role_arn_without_region_is_a_start_up_error_naming_the_fix() {
+        let args = inject_args(&["--sidecar-role-arn", "arn:aws:iam::1:role/r"])
+            .unwrap_or_else(|e| panic!("{e}"));
+        let err = args
+            .config()
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(err.contains("--aws-region"), "{err}");
+        assert!(err.contains("MULTUS_ENI_AWS_REGION"), "{err}");
+        let args = inject_args(&[
+            "--sidecar-role-arn",
+            "arn:aws:iam::1:role/r",
+            "--aws-region",
+            "eu-west-1",
+        ])
+        .unwrap_or_else(|e| panic!("{e}"));
+        assert!(args.config().is_ok());
+    }
+
+    #[test]
+    fn injection_flags_reach_the_config() {
+        let args = inject_args(&[
+            "--ec2-access=direct",
+            "--agent-socket-dir=/var/run/me",
+            "--sidecar-startup-timeout=15m",
+            "--sidecar-resync-interval=10m",
+            "--sidecar-shutdown-timeout=20s",
+            "--sidecar-release-on-exit=false",
+            "--sidecar-https-proxy=http://proxy:3128",
+            "--sidecar-no-proxy=169.254.169.254",
+            "--sidecar-ec2-endpoint=https://ec2.example",
+        ])
+        .unwrap_or_else(|e| panic!("{e}"));
+        let config = args.config().unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(config.ec2_access, Ec2Access::Direct);
+        assert_eq!(config.agent_socket_dir, "/var/run/me");
+        assert_eq!(config.startup_timeout, std::time::Duration::from_secs(900));
+        assert_eq!(
+            config.direct,
+            DirectSettings {
+                resync_interval: Some("10m".into()),
+                shutdown_timeout: Some("20s".into()),
+                release_on_exit: Some(false),
+                https_proxy: Some("http://proxy:3128".into()),
+                no_proxy: Some("169.254.169.254".into()),
+                ec2_endpoint: Some("https://ec2.example".into()),
+            }
+        );
+    }
+
+    #[test]
+    fn a_relative_agent_socket_dir_fails_at_start_up() {
+        let args =
+            inject_args(&["--agent-socket-dir=run/multus-eni"]).unwrap_or_else(|e| panic!("{e}"));
+        let err = args
+            .config()
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(err.contains("--agent-socket-dir"), "{err}");
+    }
+
+    #[test]
+    fn a_duration_typo_fails_at_start_up() {
+        assert!(inject_args(&["--sidecar-resync-interval=10 minutes please"]).is_err());
+        assert!(inject_args(&["--sidecar-startup-timeout=soon"]).is_err());
     }
 
     #[test]

@@ -3,7 +3,7 @@
 //! kube-apiserver's 3 MiB request limit a 413.
 
 use crate::admission::{MAX_BODY_BYTES, review};
-use crate::inject::{Config, Decision, SkipReason};
+use crate::inject::{Config, Decision, Ec2Access, SkipReason};
 use crate::metrics::{
     Metrics, OUTCOME_INJECTED, OUTCOME_MOVED_FIRST, OUTCOME_REJECTED, OUTCOME_SKIPPED,
     REASON_TOO_LARGE,
@@ -25,12 +25,21 @@ pub struct AppState {
     pub metrics: Arc<Metrics>,
 }
 
-/// The HTTPS router: `POST /mutate` with the 3 MiB body limit.
+/// The path of the second webhook entry, which always injects a sidecar that calls EC2 itself.
+pub const DIRECT_PATH: &str = "/mutate/direct";
+
+/// The HTTPS router: `POST /mutate` (the configured `--ec2-access`) and `POST /mutate/direct`
+/// (always direct: for namespaces whose Pod Security level forbids the agent's hostPath volume),
+/// with the 3 MiB body limit.
 pub fn build_router(state: AppState) -> Router {
+    let direct = AppState {
+        config: Arc::new(state.config.with_ec2_access(Ec2Access::Direct)),
+        metrics: state.metrics.clone(),
+    };
     Router::new()
-        .route("/mutate", post(mutate))
+        .route("/mutate", post(mutate).with_state(state))
+        .route(DIRECT_PATH, post(mutate).with_state(direct))
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
-        .with_state(state)
 }
 
 async fn mutate(State(state): State<AppState>, body: Result<Bytes, BytesRejection>) -> Response {

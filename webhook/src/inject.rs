@@ -5,6 +5,7 @@
 //! crate version does not know (e.g. a container's `restartPolicy`).
 
 use crate::networks::{NETWORKS_ANNOTATION, NetworksError, parse_networks};
+use crate::qos::{QosClass, pod_qos_class};
 use json_patch::jsonptr::PointerBuf;
 use json_patch::{AddOperation, MoveOperation, Patch, PatchOperation};
 use serde_json::{Map, Value, json};
@@ -23,6 +24,36 @@ pub const AWS_TOKEN_VOLUME: &str = "multus-eni-aws-token";
 pub const AWS_TOKEN_DIR: &str = "/var/run/secrets/multus-eni/aws";
 /// UID/GID the sidecar runs as (the distroless `nonroot` user).
 pub const SIDECAR_UID: i64 = 65532;
+/// Containers EKS's pod identity webhook (IRSA, Pod Identity) must leave alone: it runs after
+/// ours and would otherwise give the sidecar the application's role.
+pub const SKIP_CONTAINERS_ANNOTATION: &str = "eks.amazonaws.com/skip-containers";
+/// Name of the hostPath volume holding the node agent's socket (agent mode).
+pub const AGENT_SOCKET_VOLUME: &str = "multus-eni-agent-socket";
+/// File name of the agent's socket inside `--agent-socket-dir`.
+pub const AGENT_SOCKET_FILE: &str = "agent.sock";
+/// Period of the native sidecar's startup probe; `--sidecar-startup-timeout` is counted in it.
+pub const STARTUP_PROBE_PERIOD_SECONDS: u64 = 1;
+
+/// Who calls EC2 for the pod's addresses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Ec2Access {
+    /// The node agent (`multus-eni-agent` DaemonSet) over its Unix socket: the sidecar needs no
+    /// AWS credentials and the agent batches the node's calls.
+    Agent,
+    /// The sidecar calls EC2 itself with credentials from the SDK chain.
+    Direct,
+}
+
+impl Ec2Access {
+    /// The value used in flags, logs and the status annotation.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Ec2Access::Agent => "agent",
+            Ec2Access::Direct => "direct",
+        }
+    }
+}
 
 /// Where the sidecar goes in the pod.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
@@ -80,8 +111,35 @@ pub struct Config {
     pub aws_region: Option<String>,
     /// IAM role the sidecar alone assumes via a projected web-identity token (IRSA).
     pub sidecar_role_arn: Option<String>,
-    /// Requests and limits of the sidecar container.
+    /// Requests and limits of the sidecar container (for pods that are not Guaranteed).
     pub resources: SidecarResources,
+    /// Node agent or the sidecar itself calls EC2.
+    pub ec2_access: Ec2Access,
+    /// Host directory of the node agent's socket, mounted read-only into the sidecar (agent mode).
+    pub agent_socket_dir: String,
+    /// How long the native sidecar's startup probe waits for the addresses to be routable
+    /// before the kubelet restarts it (sets the probe's `failureThreshold`).
+    pub startup_timeout: std::time::Duration,
+    /// Settings passed on to a sidecar that calls EC2 itself; unset keeps the sidecar's default.
+    pub direct: DirectSettings,
+}
+
+/// What a direct-mode sidecar is told beyond its interfaces. In agent mode these belong to the
+/// agent, so none of them is injected.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DirectSettings {
+    /// `--resync-interval` (humantime).
+    pub resync_interval: Option<String>,
+    /// `--shutdown-timeout` (humantime).
+    pub shutdown_timeout: Option<String>,
+    /// `--release-on-exit`.
+    pub release_on_exit: Option<bool>,
+    /// `HTTPS_PROXY` for the SDK's calls to EC2 and STS.
+    pub https_proxy: Option<String>,
+    /// `NO_PROXY`, e.g. `169.254.169.254` so IMDS is never proxied.
+    pub no_proxy: Option<String>,
+    /// `AWS_ENDPOINT_URL_EC2`, e.g. an interface VPC endpoint in a private cluster.
+    pub ec2_endpoint: Option<String>,
 }
 
 impl Config {
@@ -95,6 +153,18 @@ impl Config {
             aws_region: None,
             sidecar_role_arn: None,
             resources: SidecarResources::default(),
+            ec2_access: Ec2Access::Agent,
+            agent_socket_dir: "/run/multus-eni".into(),
+            startup_timeout: std::time::Duration::from_secs(300),
+            direct: DirectSettings::default(),
+        }
+    }
+
+    /// The same configuration with another EC2 access (the `/mutate/direct` path).
+    pub fn with_ec2_access(&self, ec2_access: Ec2Access) -> Self {
+        Config {
+            ec2_access,
+            ..self.clone()
         }
     }
 }
@@ -257,7 +327,7 @@ pub fn mutate_pod(config: &Config, pod: &Value) -> Decision {
         });
     }
     let interfaces: Vec<String> = selections.into_iter().map(|s| s.interface).collect();
-    let patch = build_patch(config, pod, spec, annotations.is_some(), &interfaces);
+    let patch = build_patch(config, pod, spec, annotations, &interfaces);
     Decision::Inject(Injection { patch, interfaces })
 }
 
@@ -293,34 +363,44 @@ fn build_patch(
     config: &Config,
     pod: &Map<String, Value>,
     spec: Option<&Value>,
-    has_annotations: bool,
+    annotations: Option<&Map<String, Value>>,
     interfaces: &[String],
 ) -> Patch {
-    let mut ops = Vec::with_capacity(4);
-    let status = status_annotation(config, interfaces);
+    let mut ops = Vec::with_capacity(5);
+    let qos = pod_qos_class(spec);
+    let mut new_annotations = vec![(
+        STATUS_ANNOTATION,
+        Value::String(status_annotation(config, interfaces, qos)),
+    )];
+    let existing_skip = annotations
+        .and_then(|a| a.get(SKIP_CONTAINERS_ANNOTATION))
+        .and_then(Value::as_str);
+    if let Some(skip) = skip_containers(existing_skip) {
+        new_annotations.push((SKIP_CONTAINERS_ANNOTATION, Value::String(skip)));
+    }
 
-    // Annotation: add the key, or the map, or the whole metadata; never replace what is there.
-    if has_annotations {
-        ops.push(add(
-            &["metadata", "annotations", STATUS_ANNOTATION],
-            Value::String(status),
-        ));
-    } else if pod.get("metadata").is_some_and(Value::is_object) {
-        ops.push(add(
-            &["metadata", "annotations"],
-            json!({ STATUS_ANNOTATION: status }),
-        ));
+    // Annotations: add (or, for a key already there, replace) each key, else add the map, or
+    // the whole metadata; never replace the annotations other keys live in.
+    if annotations.is_some() {
+        for (key, value) in new_annotations {
+            ops.push(add(&["metadata", "annotations", key], value));
+        }
     } else {
-        ops.push(add(
-            &["metadata"],
-            json!({ "annotations": { STATUS_ANNOTATION: status } }),
-        ));
+        let map: Map<String, Value> = new_annotations
+            .into_iter()
+            .map(|(k, v)| (k.to_owned(), v))
+            .collect();
+        if pod.get("metadata").is_some_and(Value::is_object) {
+            ops.push(add(&["metadata", "annotations"], Value::Object(map)));
+        } else {
+            ops.push(add(&["metadata"], json!({ "annotations": map })));
+        }
     }
 
     let spec_exists = spec.is_some_and(Value::is_object);
     let list_exists = |name: &str| spec.and_then(|s| s.get(name)).is_some_and(Value::is_array);
     let mut spec_additions = Map::new();
-    let container = sidecar_container(config, interfaces);
+    let container = sidecar_container(config, interfaces, qos);
     let (list, first) = match config.mode {
         SidecarMode::Native => ("initContainers", "0"),
         SidecarMode::Legacy => ("containers", "-"),
@@ -330,8 +410,11 @@ fn build_patch(
     } else {
         spec_additions.insert(list.into(), Value::Array(vec![container]));
     }
-    if config.sidecar_role_arn.is_some() {
-        let volume = aws_token_volume();
+    let volume = match config.ec2_access {
+        Ec2Access::Agent => Some(agent_socket_volume(config)),
+        Ec2Access::Direct => config.sidecar_role_arn.as_ref().map(|_| aws_token_volume()),
+    };
+    if let Some(volume) = volume {
         if list_exists("volumes") {
             ops.push(add(&["spec", "volumes", "-"], volume));
         } else {
@@ -350,6 +433,27 @@ fn build_patch(
     Patch(ops)
 }
 
+/// The `eks.amazonaws.com/skip-containers` value with the sidecar added to what is there;
+/// `None` when the sidecar is already listed.
+fn skip_containers(existing: Option<&str>) -> Option<String> {
+    let names: Vec<&str> = existing
+        .unwrap_or_default()
+        .split(',')
+        .map(str::trim)
+        .filter(|n| !n.is_empty())
+        .collect();
+    if names.contains(&SIDECAR_NAME) {
+        return None;
+    }
+    Some(
+        names
+            .into_iter()
+            .chain([SIDECAR_NAME])
+            .collect::<Vec<_>>()
+            .join(","),
+    )
+}
+
 /// A JSON pointer from unescaped tokens (`/` → `~1`, `~` → `~0`).
 pub fn pointer(tokens: &[&str]) -> PointerBuf {
     PointerBuf::from_tokens(tokens.iter().copied())
@@ -363,80 +467,117 @@ fn add(tokens: &[&str], value: Value) -> PatchOperation {
 }
 
 /// The value of `multus-eni.io/status`: compact JSON an operator can read with `jq`.
-fn status_annotation(config: &Config, interfaces: &[String]) -> String {
+fn status_annotation(config: &Config, interfaces: &[String], qos: QosClass) -> String {
     json!({
         "container": SIDECAR_NAME,
         "image": config.sidecar_image,
         "mode": config.mode.as_str(),
+        "ec2Access": config.ec2_access.as_str(),
         "interfaces": interfaces,
+        "qosClass": qos.as_str(),
     })
     .to_string()
 }
 
-/// The injected container, exactly as docs/contract.md describes it.
-pub fn sidecar_container(config: &Config, interfaces: &[String]) -> Value {
+/// The injected container, exactly as docs/contract.md describes it, for a pod of the given
+/// QoS class.
+pub fn sidecar_container(config: &Config, interfaces: &[String], qos: QosClass) -> Value {
     let port = config.probe_port;
     let mut env = vec![
         field_env("POD_NAME", "metadata.name"),
         field_env("POD_NAMESPACE", "metadata.namespace"),
         field_env("NODE_NAME", "spec.nodeName"),
     ];
-    if let Some(region) = &config.aws_region {
-        env.push(json!({ "name": "AWS_REGION", "value": region }));
+    let mut args = vec![
+        "run".to_owned(),
+        format!("--interfaces={}", interfaces.join(",")),
+        format!("--probe-addr=0.0.0.0:{port}"),
+    ];
+    let mut mounts = Vec::new();
+    match config.ec2_access {
+        Ec2Access::Agent => {
+            // No AWS settings at all: the agent holds the credentials.
+            args.push(format!("--agent-socket={}", agent_socket_path(config)));
+            mounts.push(json!({
+                "name": AGENT_SOCKET_VOLUME,
+                "mountPath": config.agent_socket_dir,
+                "readOnly": true,
+            }));
+        }
+        Ec2Access::Direct => {
+            let direct = &config.direct;
+            if let Some(interval) = &direct.resync_interval {
+                args.push(format!("--resync-interval={interval}"));
+            }
+            if let Some(timeout) = &direct.shutdown_timeout {
+                args.push(format!("--shutdown-timeout={timeout}"));
+            }
+            if let Some(release) = direct.release_on_exit {
+                args.push(format!("--release-on-exit={release}"));
+            }
+            let plain = [
+                ("AWS_REGION", &config.aws_region),
+                ("AWS_ENDPOINT_URL_EC2", &direct.ec2_endpoint),
+                ("HTTPS_PROXY", &direct.https_proxy),
+                ("NO_PROXY", &direct.no_proxy),
+            ];
+            for (name, value) in plain {
+                if let Some(value) = value {
+                    env.push(json!({ "name": name, "value": value }));
+                }
+            }
+            if let Some(role_arn) = &config.sidecar_role_arn {
+                env.push(json!({ "name": "AWS_ROLE_ARN", "value": role_arn }));
+                env.push(json!({
+                    "name": "AWS_WEB_IDENTITY_TOKEN_FILE",
+                    "value": format!("{AWS_TOKEN_DIR}/token"),
+                }));
+                mounts.push(json!({
+                    "name": AWS_TOKEN_VOLUME,
+                    "mountPath": AWS_TOKEN_DIR,
+                    "readOnly": true,
+                }));
+            }
+        }
     }
     let mut container = json!({
         "name": SIDECAR_NAME,
         "image": config.sidecar_image,
         "command": [SIDECAR_COMMAND],
-        "args": [
-            "run",
-            format!("--interfaces={}", interfaces.join(",")),
-            format!("--probe-addr=0.0.0.0:{port}"),
-        ],
-        "resources": {
-            "requests": { "cpu": config.resources.cpu_request, "memory": config.resources.memory_request },
-            "limits": { "cpu": config.resources.cpu_limit, "memory": config.resources.memory_limit },
-        },
-        "securityContext": {
-            "runAsNonRoot": true,
-            "runAsUser": SIDECAR_UID,
-            "runAsGroup": SIDECAR_UID,
-            "allowPrivilegeEscalation": false,
-            "readOnlyRootFilesystem": true,
-            "capabilities": { "drop": ["ALL"] },
-            "seccompProfile": { "type": "RuntimeDefault" },
-        },
-        "livenessProbe": {
-            "httpGet": { "path": "/healthz", "port": port },
-            "periodSeconds": 10,
-            "failureThreshold": 3,
-        },
-        "terminationMessagePolicy": "FallbackToLogsOnError",
+        "args": args,
+        "env": env,
     });
-    if let Some(role_arn) = &config.sidecar_role_arn {
-        env.push(json!({ "name": "AWS_ROLE_ARN", "value": role_arn }));
-        env.push(json!({
-            "name": "AWS_WEB_IDENTITY_TOKEN_FILE",
-            "value": format!("{AWS_TOKEN_DIR}/token"),
-        }));
-        env.push(json!({ "name": "AWS_STS_REGIONAL_ENDPOINTS", "value": "regional" }));
-        container["volumeMounts"] = json!([{
-            "name": AWS_TOKEN_VOLUME,
-            "mountPath": AWS_TOKEN_DIR,
-            "readOnly": true,
-        }]);
+    if let Some(resources) = sidecar_resources(&config.resources, qos) {
+        container["resources"] = resources;
     }
-    container["env"] = Value::Array(env);
-    let readyz = json!({
-        "httpGet": { "path": "/readyz", "port": port },
-        "periodSeconds": 1,
-        "failureThreshold": 120,
+    container["securityContext"] = json!({
+        "runAsNonRoot": true,
+        "runAsUser": SIDECAR_UID,
+        "runAsGroup": SIDECAR_UID,
+        "allowPrivilegeEscalation": false,
+        "readOnlyRootFilesystem": true,
+        "capabilities": { "drop": ["ALL"] },
+        "seccompProfile": { "type": "RuntimeDefault" },
     });
+    container["livenessProbe"] = json!({
+        "httpGet": { "path": "/healthz", "port": port },
+        "periodSeconds": 10,
+        "failureThreshold": 3,
+    });
+    container["terminationMessagePolicy"] = json!("FallbackToLogsOnError");
+    if !mounts.is_empty() {
+        container["volumeMounts"] = Value::Array(mounts);
+    }
     match config.mode {
         SidecarMode::Native => {
-            // Holds back the other containers until the pod's IPs are on the ENI (≤ 2 min).
+            // Holds back the other containers until the pod's IPs are routable; the kubelet
+            // restarts the sidecar when the budget runs out.
             container["restartPolicy"] = json!("Always");
-            container["startupProbe"] = readyz;
+            container["startupProbe"] = json!({
+                "httpGet": { "path": "/readyz", "port": port },
+                "periodSeconds": STARTUP_PROBE_PERIOD_SECONDS,
+                "failureThreshold": startup_failure_threshold(config.startup_timeout),
+            });
         }
         SidecarMode::Legacy => {
             container["readinessProbe"] = json!({
@@ -446,6 +587,50 @@ pub fn sidecar_container(config: &Config, interfaces: &[String]) -> Value {
         }
     }
     container
+}
+
+/// The sidecar's resources for a pod of this QoS class, chosen so the class stays the same:
+/// requests equal to limits in a Guaranteed pod, none in a BestEffort pod, the configured
+/// requests and limits otherwise.
+fn sidecar_resources(resources: &SidecarResources, qos: QosClass) -> Option<Value> {
+    match qos {
+        QosClass::Guaranteed => Some(json!({
+            "requests": { "cpu": resources.cpu_limit, "memory": resources.memory_limit },
+            "limits": { "cpu": resources.cpu_limit, "memory": resources.memory_limit },
+        })),
+        QosClass::Burstable => Some(json!({
+            "requests": { "cpu": resources.cpu_request, "memory": resources.memory_request },
+            "limits": { "cpu": resources.cpu_limit, "memory": resources.memory_limit },
+        })),
+        QosClass::BestEffort => None,
+    }
+}
+
+/// Startup probe failures allowed within `timeout`, at one probe per period (at least one).
+pub fn startup_failure_threshold(timeout: std::time::Duration) -> u64 {
+    timeout
+        .as_secs()
+        .saturating_add(u64::from(timeout.subsec_nanos() > 0))
+        .div_ceil(STARTUP_PROBE_PERIOD_SECONDS)
+        .max(1)
+}
+
+/// Where the sidecar connects to the node agent.
+fn agent_socket_path(config: &Config) -> String {
+    format!(
+        "{}/{AGENT_SOCKET_FILE}",
+        config.agent_socket_dir.trim_end_matches('/')
+    )
+}
+
+/// The agent's socket directory on the node. `Directory`, not `DirectoryOrCreate`: until the
+/// agent has created it the kubelet keeps the pod in ContainerCreating with an event that names
+/// the path, instead of starting a sidecar that has nobody to talk to.
+fn agent_socket_volume(config: &Config) -> Value {
+    json!({
+        "name": AGENT_SOCKET_VOLUME,
+        "hostPath": { "path": config.agent_socket_dir, "type": "Directory" },
+    })
 }
 
 fn field_env(name: &str, field_path: &str) -> Value {
@@ -570,7 +755,9 @@ mod tests {
             paths,
             [
                 "/metadata/annotations/multus-eni.io~1status",
-                "/spec/initContainers"
+                "/metadata/annotations/eks.amazonaws.com~1skip-containers",
+                "/spec/initContainers",
+                "/spec/volumes"
             ]
         );
         let out = apply(&p, &Decision::Inject(injection));
@@ -589,7 +776,9 @@ mod tests {
         let mut c = config();
         c.sidecar_role_arn = Some("arn:aws:iam::123456789012:role/multus-eni".into());
         // Nothing to select without metadata, so build the patch directly.
-        let patch = build_patch(&c, &Map::new(), None, false, &["net1".into()]);
+        c.aws_region = Some("eu-west-1".into());
+        c.ec2_access = Ec2Access::Direct;
+        let patch = build_patch(&c, &Map::new(), None, None, &["net1".into()]);
         let mut out = json!({});
         json_patch::patch(&mut out, &patch).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(out["spec"]["initContainers"][0]["name"], SIDECAR_NAME);
@@ -600,6 +789,7 @@ mod tests {
     #[test]
     fn role_arn_gives_only_the_sidecar_a_token() {
         let mut c = config();
+        c.ec2_access = Ec2Access::Direct;
         c.sidecar_role_arn = Some("arn:aws:iam::123456789012:role/multus-eni".into());
         let mut spec = app_spec();
         spec["volumes"] = json!([{ "name": "data", "emptyDir": {} }]);
@@ -624,16 +814,251 @@ mod tests {
     }
 
     #[test]
-    fn region_is_passed_on() {
+    fn region_is_passed_on_in_direct_mode() {
         let mut c = config();
+        c.ec2_access = Ec2Access::Direct;
         c.aws_region = Some("eu-west-1".into());
-        let container = sidecar_container(&c, &["net1".into()]);
+        let container = sidecar_container(&c, &["net1".into()], QosClass::Burstable);
         assert!(
             container["env"]
                 .as_array()
                 .into_iter()
                 .flatten()
                 .any(|e| e["name"] == "AWS_REGION" && e["value"] == "eu-west-1")
+        );
+    }
+
+    fn env_names(container: &Value) -> Vec<String> {
+        container["env"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|e| e["name"].as_str().map(str::to_owned))
+            .collect()
+    }
+
+    #[test]
+    fn agent_mode_mounts_the_socket_read_only_and_injects_no_aws_settings() {
+        let mut c = config();
+        c.aws_region = Some("eu-west-1".into());
+        c.sidecar_role_arn = Some("arn:aws:iam::123456789012:role/multus-eni".into());
+        c.direct.https_proxy = Some("http://proxy:3128".into());
+        c.direct.resync_interval = Some("10m".into());
+        let mut spec = app_spec();
+        spec["volumes"] = json!([{ "name": "data", "emptyDir": {} }]);
+        let p = pod(json!({ NETWORKS_ANNOTATION: "a" }), spec);
+        let out = apply(&p, &mutate_pod(&c, &p));
+        let sidecar = &out["spec"]["initContainers"][0];
+        assert_eq!(
+            sidecar["args"],
+            json!([
+                "run",
+                "--interfaces=net1",
+                "--probe-addr=0.0.0.0:9811",
+                "--agent-socket=/run/multus-eni/agent.sock"
+            ])
+        );
+        assert_eq!(
+            sidecar["volumeMounts"],
+            json!([{ "name": AGENT_SOCKET_VOLUME, "mountPath": "/run/multus-eni", "readOnly": true }])
+        );
+        assert_eq!(
+            env_names(sidecar),
+            ["POD_NAME", "POD_NAMESPACE", "NODE_NAME"]
+        );
+        assert_eq!(
+            out["spec"]["volumes"],
+            json!([
+                { "name": "data", "emptyDir": {} },
+                { "name": AGENT_SOCKET_VOLUME, "hostPath": { "path": "/run/multus-eni", "type": "Directory" } }
+            ])
+        );
+        // The application containers get neither the volume nor anything else.
+        assert_eq!(out["spec"]["containers"], p["spec"]["containers"]);
+        let status: Value = serde_json::from_str(
+            out["metadata"]["annotations"][STATUS_ANNOTATION]
+                .as_str()
+                .unwrap_or_default(),
+        )
+        .unwrap_or_default();
+        assert_eq!(status["ec2Access"], "agent");
+    }
+
+    #[test]
+    fn agent_socket_dir_is_configurable() {
+        let mut c = config();
+        c.agent_socket_dir = "/var/run/multus-eni/".into();
+        let container = sidecar_container(&c, &["net1".into()], QosClass::Burstable);
+        assert_eq!(
+            container["args"][3],
+            "--agent-socket=/var/run/multus-eni/agent.sock"
+        );
+    }
+
+    #[test]
+    fn direct_mode_passes_the_sidecar_knobs_on() {
+        let mut c = config();
+        c.ec2_access = Ec2Access::Direct;
+        c.direct = DirectSettings {
+            resync_interval: Some("10m".into()),
+            shutdown_timeout: Some("20s".into()),
+            release_on_exit: Some(false),
+            https_proxy: Some("http://proxy.internal:3128".into()),
+            no_proxy: Some("169.254.169.254".into()),
+            ec2_endpoint: Some("https://vpce-1.ec2.eu-west-1.vpce.amazonaws.com".into()),
+        };
+        let container = sidecar_container(&c, &["net1".into()], QosClass::Burstable);
+        assert_eq!(
+            container["args"],
+            json!([
+                "run",
+                "--interfaces=net1",
+                "--probe-addr=0.0.0.0:9811",
+                "--resync-interval=10m",
+                "--shutdown-timeout=20s",
+                "--release-on-exit=false"
+            ])
+        );
+        let env = &container["env"];
+        assert_eq!(
+            env[3],
+            json!({ "name": "AWS_ENDPOINT_URL_EC2", "value": "https://vpce-1.ec2.eu-west-1.vpce.amazonaws.com" })
+        );
+        assert_eq!(
+            env[4],
+            json!({ "name": "HTTPS_PROXY", "value": "http://proxy.internal:3128" })
+        );
+        assert_eq!(
+            env[5],
+            json!({ "name": "NO_PROXY", "value": "169.254.169.254" })
+        );
+        assert!(container.get("volumeMounts").is_none());
+        // Unset knobs keep the sidecar's own defaults: nothing is passed.
+        c.direct = DirectSettings::default();
+        let container = sidecar_container(&c, &["net1".into()], QosClass::Burstable);
+        assert_eq!(container["args"].as_array().map(Vec::len), Some(3));
+        assert_eq!(env_names(&container).len(), 3);
+    }
+
+    #[test]
+    fn with_ec2_access_changes_only_the_access() {
+        let c = config();
+        let direct = c.with_ec2_access(Ec2Access::Direct);
+        assert_eq!(direct.ec2_access, Ec2Access::Direct);
+        assert_eq!(direct.with_ec2_access(Ec2Access::Agent), c);
+    }
+
+    fn resources_of(container: &Value) -> Value {
+        container["resources"].clone()
+    }
+
+    #[test]
+    fn sidecar_keeps_the_qos_class_of_the_pod() {
+        let limits_only = json!({ "limits": { "cpu": "2", "memory": "1Gi" } });
+        for (app_resources, expected) in [
+            (limits_only.clone(), QosClass::Guaranteed),
+            (
+                json!({ "requests": { "cpu": "2", "memory": "1Gi" }, "limits": { "cpu": "2", "memory": "1Gi" } }),
+                QosClass::Guaranteed,
+            ),
+            (json!({ "requests": { "cpu": "1" } }), QosClass::Burstable),
+            (json!({}), QosClass::BestEffort),
+        ] {
+            let spec = json!({ "containers": [{ "name": "app", "image": "i", "resources": app_resources }] });
+            assert_eq!(crate::qos::pod_qos_class(Some(&spec)), expected);
+            let p = pod(json!({ NETWORKS_ANNOTATION: "a" }), spec);
+            let out = apply(&p, &mutate_pod(&config(), &p));
+            assert_eq!(
+                crate::qos::pod_qos_class(Some(&out["spec"])),
+                expected,
+                "{app_resources}"
+            );
+            let status: Value = serde_json::from_str(
+                out["metadata"]["annotations"][STATUS_ANNOTATION]
+                    .as_str()
+                    .unwrap_or_default(),
+            )
+            .unwrap_or_default();
+            assert_eq!(status["qosClass"], expected.as_str());
+        }
+        let sidecar = |qos| resources_of(&sidecar_container(&config(), &["net1".into()], qos));
+        assert_eq!(
+            sidecar(QosClass::Guaranteed),
+            json!({ "requests": { "cpu": "100m", "memory": "64Mi" }, "limits": { "cpu": "100m", "memory": "64Mi" } })
+        );
+        assert_eq!(
+            sidecar(QosClass::Burstable),
+            json!({ "requests": { "cpu": "10m", "memory": "16Mi" }, "limits": { "cpu": "100m", "memory": "64Mi" } })
+        );
+        assert_eq!(sidecar(QosClass::BestEffort), Value::Null);
+    }
+
+    #[test]
+    fn a_guaranteed_pod_with_a_burstable_init_container_stays_burstable_with_todays_sidecar() {
+        let spec = json!({
+            "initContainers": [{ "name": "setup", "image": "i", "resources": { "requests": { "cpu": "10m" } } }],
+            "containers": [{ "name": "app", "image": "i", "resources": { "limits": { "cpu": "1", "memory": "1Gi" } } }],
+        });
+        let p = pod(json!({ NETWORKS_ANNOTATION: "a" }), spec);
+        let out = apply(&p, &mutate_pod(&config(), &p));
+        assert_eq!(
+            out["spec"]["initContainers"][0]["resources"]["requests"]["cpu"],
+            "10m"
+        );
+    }
+
+    #[test]
+    fn skip_containers_annotation_gets_the_sidecar_merged_in() {
+        assert_eq!(skip_containers(None).as_deref(), Some(SIDECAR_NAME));
+        assert_eq!(
+            skip_containers(Some("istio-proxy, init")).as_deref(),
+            Some("istio-proxy,init,multus-eni-sidecar")
+        );
+        assert_eq!(skip_containers(Some("init,multus-eni-sidecar")), None);
+        assert_eq!(skip_containers(Some(" ")).as_deref(), Some(SIDECAR_NAME));
+
+        for access in [Ec2Access::Agent, Ec2Access::Direct] {
+            let c = config().with_ec2_access(access);
+            let p = pod(
+                json!({ NETWORKS_ANNOTATION: "a", SKIP_CONTAINERS_ANNOTATION: "log-shipper" }),
+                app_spec(),
+            );
+            let out = apply(&p, &mutate_pod(&c, &p));
+            assert_eq!(
+                out["metadata"]["annotations"][SKIP_CONTAINERS_ANNOTATION],
+                "log-shipper,multus-eni-sidecar"
+            );
+            let p = pod(json!({ NETWORKS_ANNOTATION: "a" }), app_spec());
+            let out = apply(&p, &mutate_pod(&c, &p));
+            assert_eq!(
+                out["metadata"]["annotations"][SKIP_CONTAINERS_ANNOTATION],
+                SIDECAR_NAME
+            );
+        }
+        // A pod template without annotations gets both keys in the new map.
+        let patch = build_patch(&config(), &Map::new(), None, None, &["net1".into()]);
+        let mut out = json!({});
+        json_patch::patch(&mut out, &patch).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            out["metadata"]["annotations"][SKIP_CONTAINERS_ANNOTATION],
+            SIDECAR_NAME
+        );
+    }
+
+    #[test]
+    fn startup_timeout_sets_the_failure_threshold() {
+        use std::time::Duration;
+        assert_eq!(startup_failure_threshold(Duration::from_secs(300)), 300);
+        assert_eq!(startup_failure_threshold(Duration::from_millis(1500)), 2);
+        assert_eq!(startup_failure_threshold(Duration::ZERO), 1);
+        let mut c = config();
+        c.startup_timeout = Duration::from_secs(900);
+        let container = sidecar_container(&c, &["net1".into()], QosClass::Burstable);
+        assert_eq!(container["startupProbe"]["failureThreshold"], 900);
+        assert_eq!(container["startupProbe"]["periodSeconds"], 1);
+        assert_eq!(
+            sidecar_container(&config(), &["net1".into()], QosClass::Burstable)["startupProbe"]["failureThreshold"],
+            300
         );
     }
 

@@ -14,6 +14,7 @@ pub mod inject;
 pub mod manifest;
 pub mod metrics;
 pub mod networks;
+pub mod qos;
 pub mod serve;
 pub mod telemetry;
 pub mod tls;
@@ -101,6 +102,9 @@ pub enum Error {
     /// Logging could not be set up.
     #[error("logging: {0}")]
     Logging(#[source] Box<dyn std::error::Error + Send + Sync>),
+    /// Flags that cannot work together; the message names the fix.
+    #[error("configuration: {0}")]
+    Config(String),
 }
 
 /// Result with this crate's [`Error`].

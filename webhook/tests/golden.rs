@@ -6,7 +6,9 @@
 mod common;
 
 use common::{TestResult, fixtures, golden_config, load_yaml};
-use multus_eni_webhook::inject::{Config, Decision, SidecarMode, mutate_pod};
+use multus_eni_webhook::inject::{
+    Config, Decision, DirectSettings, Ec2Access, SidecarMode, mutate_pod,
+};
 use multus_eni_webhook::manifest::template_pointer;
 use serde_json::{Value, json};
 use std::path::Path;
@@ -57,7 +59,7 @@ fn every_fixture_matches_its_golden_patch() -> TestResult {
     }
     // One variant in legacy mode with the sidecar-only IRSA role.
     let upf = load_yaml(&common::data_dir().join("free5gc-upf.yaml"))?;
-    let mut legacy = golden_config();
+    let mut legacy = golden_config().with_ec2_access(Ec2Access::Direct);
     legacy.mode = SidecarMode::Legacy;
     legacy.sidecar_role_arn = Some("arn:aws:iam::123456789012:role/multus-eni-sidecar".into());
     let actual = golden_value(&legacy, &upf)?;
@@ -70,6 +72,22 @@ fn every_fixture_matches_its_golden_patch() -> TestResult {
     let actual = golden_value(&legacy, &cronjob)?;
     stale.extend(check(
         &common::data_dir().join("cronjob-probe.legacy.patch.json"),
+        &actual,
+    )?);
+    // Direct mode with every setting passed on to the sidecar (proxy, VPC endpoint, knobs).
+    let mut direct = golden_config().with_ec2_access(Ec2Access::Direct);
+    direct.direct = DirectSettings {
+        resync_interval: Some("10m".into()),
+        shutdown_timeout: Some("20s".into()),
+        release_on_exit: Some(false),
+        https_proxy: Some("http://proxy.internal:3128".into()),
+        no_proxy: Some("169.254.169.254,.internal".into()),
+        ec2_endpoint: Some("https://vpce-0abc.ec2.us-west-2.vpce.amazonaws.com".into()),
+    };
+    direct.startup_timeout = std::time::Duration::from_secs(600);
+    let actual = golden_value(&direct, &upf)?;
+    stale.extend(check(
+        &common::data_dir().join("free5gc-upf.direct-settings.patch.json"),
         &actual,
     )?);
     assert!(

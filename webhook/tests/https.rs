@@ -52,7 +52,12 @@ async fn create_is_patched_reinvocation_and_update_are_not() -> TestResult {
     assert_eq!(inits[0]["restartPolicy"], "Always");
     assert_eq!(
         inits[0]["args"],
-        json!(["run", "--interfaces=n2,n3", "--probe-addr=0.0.0.0:9811"])
+        json!([
+            "run",
+            "--interfaces=n2,n3",
+            "--probe-addr=0.0.0.0:9811",
+            "--agent-socket=/run/multus-eni/agent.sock"
+        ])
     );
     assert_eq!(inits[1], pod["spec"]["initContainers"][0]);
     // The application's containers come out byte-identical.

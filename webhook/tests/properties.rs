@@ -365,9 +365,18 @@ fn build_pod(shape: &PodShape, annotation: &str) -> Value {
 }
 
 fn config() -> impl Strategy<Value = Config> {
-    (any::<bool>(), 0u32..3, any::<bool>(), any::<bool>()).prop_map(
-        |(legacy, default_networks, region, role)| {
+    (
+        any::<bool>(),
+        0u32..3,
+        any::<bool>(),
+        any::<bool>(),
+        any::<bool>(),
+    )
+        .prop_map(|(legacy, default_networks, region, role, direct)| {
             let mut c = Config::new("registry.example/multus-eni-sidecar:v0.1.0");
+            if direct {
+                c.ec2_access = multus_eni_webhook::inject::Ec2Access::Direct;
+            }
             c.mode = if legacy {
                 SidecarMode::Legacy
             } else {
@@ -377,8 +386,7 @@ fn config() -> impl Strategy<Value = Config> {
             c.aws_region = region.then(|| "eu-west-1".to_owned());
             c.sidecar_role_arn = role.then(|| "arn:aws:iam::123456789012:role/eni".to_owned());
             c
-        },
-    )
+        })
 }
 
 // === checks ===
@@ -416,6 +424,8 @@ fn without_injection(pod: &Value) -> Value {
         .and_then(Value::as_object_mut)
     {
         annotations.remove(STATUS_ANNOTATION);
+        // Generated pods carry no skip-containers of their own: the injection adds the key.
+        annotations.remove(multus_eni_webhook::inject::SKIP_CONTAINERS_ANNOTATION);
     }
     if let Some(spec) = pod.get_mut("spec").and_then(Value::as_object_mut) {
         for list in ["initContainers", "containers", "volumes"] {
@@ -423,6 +433,7 @@ fn without_injection(pod: &Value) -> Value {
                 items.retain(|c| {
                     c["name"] != SIDECAR_NAME
                         && c["name"] != multus_eni_webhook::inject::AWS_TOKEN_VOLUME
+                        && c["name"] != multus_eni_webhook::inject::AGENT_SOCKET_VOLUME
                 });
             }
             let empty = spec
