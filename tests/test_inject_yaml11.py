@@ -93,6 +93,10 @@ def without_injection(deployment: dict) -> dict:
     d = copy.deepcopy(deployment)
     template = d["spec"]["template"]
     template["metadata"]["annotations"].pop(STATUS)
+    # The sidecar's own additions besides the container: IRSA skips it; agent mode mounts the
+    # agent's socket directory.
+    template["metadata"]["annotations"].pop("eks.amazonaws.com/skip-containers")
+    template["spec"]["volumes"] = [v for v in template["spec"]["volumes"] if v["name"] != "multus-eni-agent-socket"]
     inits = [c for c in template["spec"].get("initContainers", []) if c["name"] != SIDECAR]
     if inits:
         template["spec"]["initContainers"] = inits

@@ -122,7 +122,7 @@ def test_injected_objects_pass_strict_schemas(fixture: Path, mode: str) -> None:
         expect_sidecar = '"skip"' not in golden
         if template is not None:
             # Legacy mode leaves pods that run to completion alone (a Job would never finish).
-            if mode != "native" and template["spec"].get("restartPolicy") in {"Never", "OnFailure"}:
+            if mode.startswith("legacy") and template["spec"].get("restartPolicy") in {"Never", "OnFailure"}:
                 expect_sidecar = False
             sidecar = sidecar_of(template)
             assert (sidecar is not None) == expect_sidecar, fixture.name
