@@ -47,7 +47,7 @@ def run(chain: Chain) -> None:
     say(f"   Secret {certs.secret['metadata']['namespace']}/{certs.secret['metadata']['name']} "
         "mounted like the kubelet does (..data symlinks)")
 
-    step(2, "webhook: the Deployment's flags; addresses, the Secret path and --ec2-access=direct substituted")
+    step(2, "webhook: the Deployment's flags, only addresses and the Secret path substituted")
     hook = chain.start_webhook()
     say(indent(" ".join(["multus-eni-webhook", *hook.argv[1:]])))
     say(f"   /readyz 200 on 127.0.0.1:{hook.metrics_port}")
@@ -81,14 +81,21 @@ def run(chain: Chain) -> None:
         f"{net.nad_range}, same offset in the emulated subnet)")
     before = addresses(chain, "before")
 
-    step(5, "sidecar: the injected command, args and env, exactly")
+    step(5, "node agent: the DaemonSet's flags, in the node's network namespace (hostNetwork)")
+    chain.start_agent()
+    chain.link_pod_namespace()
+    say(indent(" ".join(["multus-eni-agent", *chain.agent_argv[1:]])))
+    say(f"   /readyz 200 on 127.0.0.1:{chain.agent_metrics_port}; it alone holds AWS settings "
+        f"(AWS_REGION, dummy credentials, AWS_ENDPOINT_URL_EC2={chain.endpoint}: the node role's, on a node)")
+
+    step(6, "sidecar: the injected command, args and env, exactly (the socket's node path mapped)")
     spec = chain.sidecar_spec(chain.endpoint)
     say(indent(" ".join(["multus-eni-sidecar", *spec.argv[1:]])))
     say(f"   env from the pod: {', '.join(f'{k}={v}' for k, v in spec.injected_env.items())}")
-    say(f"   + AWS_REGION, dummy credentials, AWS_ENDPOINT_URL_EC2={chain.endpoint} (what IRSA would add)")
+    say("   no AWS setting at all: it claims its addresses over the agent's socket")
     say(f"   as uid {spec.run_as.uid}, gid {spec.run_as.gid}, no capabilities (the injected securityContext)")
     chain.start_sidecar(spec, hold_assign=True)
-    say(f"   EC2 {ASSIGN4} held at the emulator for a moment …")
+    say(f"   the agent's EC2 {ASSIGN4} held at the emulator for a moment …")
     readiness = chain.await_readiness(spec)
     say(f"   {spec.probe_path} on :{spec.probe_port} (the startupProbe's port): "
         + " → ".join(str(s) for s in readiness.statuses))
@@ -97,10 +104,11 @@ def run(chain: Chain) -> None:
     check(not problems, "; ".join(problems))
     say(f"   {net.net1_address.ip} is on net1's ENI only")
 
-    step(6, "pod deletion: SIGTERM to the sidecar")
+    step(7, "pod deletion: SIGTERM to the sidecar; the agent unassigns")
     code = chain.terminate_sidecar()
     check(code == 0, f"the sidecar exited with {code}")
     say(f"   exit code {code}")
+    chain.await_release()
     released = addresses(chain, "after release")
     check(not released["net1"].holds(str(net.net1_address.ip)), f"{net.net1_address.ip} is still on net1's ENI")
     check(released == before, "the ENIs did not return to their state before the pod")
@@ -130,7 +138,7 @@ def main() -> int:
     if not ok:
         return 1
     say("\n== cleanup: processes stopped, network namespaces deleted, temp files removed")
-    say("The chain works: admission → sidecar → IP on the right ENI → released on exit.")
+    say("The chain works: admission → sidecar → node agent → IP on the right ENI → released on exit.")
     return 0
 
 

@@ -30,14 +30,17 @@ from lib.chain import (
     SIDECAR_IMAGE_BINARY,
     Chain,
     flag_value,
+    host_path_of,
+    replace_flag,
     replicaset_pod,
 )
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="module", params=["agent", "direct"])
 def chain(request: pytest.FixtureRequest) -> Iterator[Chain]:
-    """Steps 1–2 for the whole module: certs written, the webhook serving."""
-    c = Chain()
+    """Steps 1–2 for the whole module, once per EC2 access mode: certs written, the webhook
+    serving (`agent` is the Deployment's default; `direct` is what /mutate/direct injects)."""
+    c = Chain(ec2_access=request.param)
     try:
         c.generate_certs()
         c.start_webhook()
@@ -127,21 +130,36 @@ def test_sample_pod_gets_the_native_sidecar_and_nothing_else_changes(chain: Chai
     assert sidecar["image"] == deployment_flag(chain, "--sidecar-image")
     assert sidecar["command"] == [SIDECAR_IMAGE_BINARY]
     port = int(deployment_flag(chain, "--sidecar-probe-port"))
-    assert sidecar["args"] == ["run", "--interfaces=net1", f"--probe-addr=0.0.0.0:{port}"]
+    expected_args = ["run", "--interfaces=net1", f"--probe-addr=0.0.0.0:{port}"]
+    if chain.ec2_access == "agent":
+        socket_dir = deployment_flag(chain, "--agent-socket-dir")
+        expected_args.append(f"--agent-socket={socket_dir}/agent.sock")
+        (mount,) = sidecar["volumeMounts"]
+        assert mount["mountPath"] == socket_dir and mount["readOnly"] is True
+    assert sidecar["args"] == expected_args
     assert sidecar["startupProbe"]["httpGet"] == {"path": "/readyz", "port": port}
     env = {e["name"]: e for e in sidecar["env"]}
     downward = {"POD_NAME": "metadata.name", "POD_NAMESPACE": "metadata.namespace", "NODE_NAME": "spec.nodeName"}
     for name, path in downward.items():
         assert env[name]["valueFrom"]["fieldRef"]["fieldPath"] == path
-    region = flag_value(chain.manifests.webhook_container["args"], "--aws-region")
-    assert env.get("AWS_REGION", {}).get("value") == region, "AWS_REGION exactly when the Deployment sets --aws-region"
+    if chain.ec2_access == "agent":
+        assert not [name for name in env if name.startswith("AWS_")], "agent mode injects no AWS settings"
+    else:
+        region = flag_value(chain.manifests.webhook_container["args"], "--aws-region")
+        assert env.get("AWS_REGION", {}).get("value") == region, "AWS_REGION exactly when the Deployment sets --aws-region"
 
     admitted = adm.admitted
     assert admitted["spec"]["containers"] == pod["spec"]["containers"], "the application container is untouched"
-    assert admitted["spec"]["volumes"] == pod["spec"]["volumes"]
+    added_volumes = [v for v in admitted["spec"]["volumes"] if v not in pod["spec"]["volumes"]]
+    assert admitted["spec"]["volumes"][: len(pod["spec"]["volumes"])] == pod["spec"]["volumes"]
+    if chain.ec2_access == "agent":
+        (socket_volume,) = added_volumes
+        assert socket_volume["hostPath"]["path"] == deployment_flag(chain, "--agent-socket-dir")
+    else:
+        assert added_volumes == []
     status = json.loads(admitted["metadata"]["annotations"]["multus-eni.io/status"])
     assert status["interfaces"] == ["net1"] and status["mode"] == "native"
-    assert status["ec2Access"] == "direct"
+    assert status["ec2Access"] == chain.ec2_access
     assert admitted["metadata"]["annotations"]["eks.amazonaws.com/skip-containers"] == SIDECAR_CONTAINER
 
     # With reinvocationPolicy IfNeeded the apiserver may send the patched pod again: no-op.
@@ -159,10 +177,21 @@ def test_injected_sidecar_puts_the_address_on_the_right_eni_and_releases_it(chai
     chain.build_pod_namespace()
     pod = chain.schedule_pod()
     spec = chain.sidecar_spec(chain.endpoint)
+    if chain.ec2_access == "agent":
+        chain.start_agent()
+        chain.link_pod_namespace()
 
-    # Exactly the injected container: the image's binary swapped, the rest verbatim.
+    # Exactly the injected container: the image's binary swapped, the agent's socket path
+    # mapped from the node to this test's node directory, the rest verbatim.
     sidecar = chain.admission.sidecar
-    assert spec.argv[1:] == sidecar["command"][1:] + sidecar["args"]
+    injected = sidecar["command"][1:] + sidecar["args"]
+    if chain.ec2_access == "agent":
+        socket_path = flag_value(sidecar["args"], "--agent-socket")
+        assert socket_path is not None
+        node_path = host_path_of(pod["spec"], sidecar, socket_path)
+        injected = replace_flag(injected, "--agent-socket", str(chain.on_node(node_path)))
+        assert not [k for k in spec.env if k.startswith("AWS_")], "the sidecar runs without any AWS setting"
+    assert spec.argv[1:] == injected
     assert spec.injected_env == {
         "POD_NAME": pod["metadata"]["name"],
         "POD_NAMESPACE": "multus",
@@ -189,8 +218,11 @@ def test_injected_sidecar_puts_the_address_on_the_right_eni_and_releases_it(chai
     assert assign.values("PrivateIpAddress") == [address]
     assert chain.probe("/healthz") == 200
 
-    # The release happens before the process exits: no waiting.
     assert chain.terminate_sidecar() == 0
+    if chain.ec2_access == "direct":
+        # The release happens before the process exits: no waiting.
+        assert not chain.eni(net.enis["net1"]).holds(address)
+    chain.await_release()
     released = chain.eni_addresses()
     assert net.world.enis[0].primary_ip in released["net1"].ipv4, "the ENI's primary IP stays"
     assert released["eth0"] == before["eth0"] and released["other"] == before["other"]

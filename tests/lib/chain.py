@@ -141,6 +141,15 @@ class Manifests:
         return find(self.install, "MutatingWebhookConfiguration")
 
     @property
+    def agent_daemonset(self) -> dict[str, Any]:
+        return find(self.install, "DaemonSet", "multus-eni-agent")
+
+    @property
+    def agent_container(self) -> dict[str, Any]:
+        (c,) = self.agent_daemonset["spec"]["template"]["spec"]["containers"]
+        return c
+
+    @property
     def sample_deployment(self) -> dict[str, Any]:
         return find(self.samples, "Deployment")
 
@@ -158,10 +167,6 @@ class Manifests:
         ]
         check(len(found) == 1, f"NetworkAttachmentDefinition {namespace}/{name} not in the samples")
         return found[0]
-
-
-# What the chain's webhook is told to inject: the sidecar calling EC2 itself.
-WEBHOOK_EC2_ACCESS = "direct"
 
 
 def flag_value(args: list[str], flag: str) -> str | None:
@@ -413,6 +418,18 @@ def container_env(container: dict[str, Any], pod: dict[str, Any]) -> dict[str, s
     return env
 
 
+def host_path_of(pod_spec: dict[str, Any], container: dict[str, Any], path: str) -> str:
+    """The node path behind `path` as the container sees it, through the container's
+    hostPath volume mounts (the kubelet bind-mounts `hostPath.path` at `mountPath`)."""
+    volumes = {v["name"]: v for v in pod_spec.get("volumes") or []}
+    for mount in container.get("volumeMounts") or []:
+        root = mount["mountPath"].rstrip("/")
+        host = (volumes.get(mount["name"]) or {}).get("hostPath")
+        if host and (path == root or path.startswith(root + "/")):
+            return host["path"].rstrip("/") + path[len(root) :]
+    raise ChainError(f"{path} is on no hostPath volume of container {container.get('name')}")
+
+
 def probe_target(container: dict[str, Any], probe: str = "startupProbe") -> tuple[str, int]:
     """(path, port) of an httpGet probe; a named port is looked up in the container."""
     spec = container.get(probe)
@@ -548,8 +565,11 @@ class Chain:
     (or leaving a `with Chain() as c:` block) runs them all. The work directory (binaries,
     certs, logs) stays for the caller to print or delete."""
 
-    def __init__(self, workdir: Path | None = None, repo: Path = REPO):
+    def __init__(self, workdir: Path | None = None, repo: Path = REPO, ec2_access: str = "agent"):
         self.repo = repo
+        # `agent` (the Deployment's default: the node agent calls EC2 for the sidecar) or
+        # `direct` (the sidecar calls EC2 itself, as /mutate/direct injects it).
+        self.ec2_access = ec2_access
         self.workdir = Path(workdir or tempfile.mkdtemp(prefix="mne-chain-"))
         os.chmod(self.workdir, 0o755)  # the sidecar's uid must reach its binary
         self.logs = self.workdir / "logs"
@@ -562,10 +582,16 @@ class Chain:
             self.manifests = Manifests.render(repo)
             self.webhook_binary = private_copy(bin_dir() / "multus-eni-webhook", self.bin)
             self.sidecar_binary = private_copy(bin_dir() / "multus-eni-sidecar", self.bin)
+            self.agent_binary = private_copy(bin_dir() / "multus-eni-agent", self.bin)
         except BaseException:
             shutil.rmtree(self.workdir, ignore_errors=True)
             raise
         self.webhook: Process | None = None
+        self.agent: Process | None = None
+        self.agent_metrics_port: int | None = None
+        # The node's file system as far as hostPath volumes reach it: /run/multus-eni on the
+        # node is <workdir>/node/run/multus-eni here.
+        self.node_root = self.workdir / "node"
         self.sidecar: Sidecar | None = None
         self.certs_result: CertsResult | None = None
         self.webhook_result: WebhookResult | None = None
@@ -644,7 +670,7 @@ class Chain:
 
         # The chain runs the sidecar against the EC2 emulator itself (direct mode) until the node
         # agent is part of it; the Deployment's own value (agent) must be there to be replaced.
-        args = replace_flag(args, "--ec2-access", WEBHOOK_EC2_ACCESS)
+        args = replace_flag(args, "--ec2-access", self.ec2_access)
         args = replace_flag(args, "--tls-cert", host_path("--tls-cert"))
         args = replace_flag(args, "--tls-key", host_path("--tls-key"))
         env = {"PATH": CONTAINER_PATH, **container_env(container, {"metadata": {}, "spec": {}})}
@@ -731,9 +757,21 @@ class Chain:
             command[0] == SIDECAR_IMAGE_BINARY,
             f"the sidecar command runs {command[0]}, the image has {SIDECAR_IMAGE_BINARY}",
         )
-        argv = [str(self.sidecar_binary), *command[1:], *(container.get("args") or [])]
+        args = list(container.get("args") or [])
+        socket_path = flag_value(args, "--agent-socket")
+        check(
+            (socket_path is not None) == (self.ec2_access == "agent"),
+            f"--ec2-access={self.ec2_access} injected a sidecar with --agent-socket={socket_path}",
+        )
+        if socket_path is not None:
+            # The socket as the sidecar container sees it → the node path → this chain's node.
+            node_path = host_path_of(pod["spec"], container, socket_path)
+            args = replace_flag(args, "--agent-socket", str(self.on_node(node_path)))
+        argv = [str(self.sidecar_binary), *command[1:], *args]
         injected = container_env(container, pod)
-        extra = aws_env(endpoint)
+        # Direct mode: what IRSA or Pod Identity would add for the emulated account. Agent
+        # mode: nothing; the sidecar must work without any AWS setting.
+        extra = aws_env(endpoint) if self.ec2_access == "direct" else {}
         clash = {k for k in injected if k in extra and injected[k] != extra[k]}
         check(not clash, f"the injected env sets {sorted(clash)}, which the emulated AWS account needs otherwise")
         path, port = probe_target(container)
@@ -819,6 +857,63 @@ class Chain:
         node.ip("link", "set", "eth1", "up")
         pod_ns.add_address("net1", str(net.net1_address))
         return pod_ns
+
+    def on_node(self, node_path: str) -> Path:
+        """Where a path of the node's file system lives in this chain (directories created,
+        traversable by the sidecar's non-root user)."""
+        path = self.node_root / node_path.lstrip("/")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        for parent in [path.parent, *path.parent.parents]:
+            if parent == self.workdir or self.workdir not in parent.parents:
+                break
+            os.chmod(parent, 0o755)
+        return path
+
+    # --- 5b. the node agent, as its DaemonSet runs it (agent mode) ---
+
+    def start_agent(self) -> Process:
+        """The agent with the DaemonSet's args, its hostPath flags mapped into this chain's
+        node, in the node namespace (hostNetwork) with the emulated account's settings (the
+        node role's, on a real node). Pods' namespaces are linked into its `--netns-dir`."""
+        assert self.network is not None and self.node is not None
+        container = self.manifests.agent_container
+        pod_spec = self.manifests.agent_daemonset["spec"]["template"]["spec"]
+        check(pod_spec.get("hostNetwork") and pod_spec.get("hostPID"), "the agent DaemonSet lacks hostNetwork/hostPID")
+        args = list(container.get("args") or [])
+        check(args and args[0] == "run", f"the agent DaemonSet does not run `run`: {args}")
+        for flag in ("--socket", "--netns-dir", "--state-dir"):
+            value = flag_value(args, flag)
+            check(value, f"the agent DaemonSet passes no {flag}")
+            args = replace_flag(args, flag, str(self.on_node(host_path_of(pod_spec, container, value))))
+        for flag in ("--netns-dir", "--state-dir"):
+            Path(flag_value(args, flag) or "").mkdir(parents=True, exist_ok=True)
+        port = self.agent_metrics_port = free_port()
+        args = replace_flag(args, "--metrics-addr", f"127.0.0.1:{port}")
+        agent_pod = {"metadata": {"name": "multus-eni-agent-x1y2z", "namespace": "multus-eni-agent"},
+                     "spec": {"nodeName": self.network.node_name}}
+        env = {"PATH": CONTAINER_PATH, **container_env(container, agent_pod), **aws_env(self.endpoint)}
+        argv = [str(self.agent_binary), *args]
+        log = self.logs / "agent.log"
+        agent = self.agent = Process("agent", self.node.exec_argv(argv), log, env=env).start()
+        self._stack.callback(agent.stop)
+        node = self.node
+
+        def ready() -> bool:
+            check(agent.running(), f"the agent exited with {agent.proc.poll()} before /readyz (log: {log})")
+            return node.call(http_status, f"http://127.0.0.1:{port}/readyz") == 200
+
+        wait_for(ready, "the agent's /readyz 200", timeout=120)
+        self.agent_argv = argv
+        return agent
+
+    def link_pod_namespace(self) -> None:
+        """The pod's namespace in the agent's `--netns-dir`, where the container runtime puts
+        it on a node (`/var/run/netns/cni-…`)."""
+        assert self.pod_ns is not None and self.agent is not None
+        netns_dir = Path(flag_value(self.agent_argv, "--netns-dir") or "")
+        link = netns_dir / self.pod_ns.name
+        link.symlink_to(self.pod_ns.path)
+        self._stack.callback(lambda: link.unlink(missing_ok=True))
 
     @property
     def endpoint(self) -> str:
@@ -923,4 +1018,11 @@ class Chain:
         """SIGTERM (as the kubelet does on pod deletion) and the exit code."""
         assert self.sidecar is not None
         return self.sidecar.terminate(timeout=120)
+
+    def await_release(self) -> None:
+        """net1's address off its ENI. Direct mode releases before the sidecar exits; in agent
+        mode the agent answers the release at once and unassigns right after, batched."""
+        assert self.network is not None
+        address = str(self.network.net1_address.ip)
+        wait_for(lambda: not self.eni(self.network.enis["net1"]).holds(address), f"{address} released", timeout=60)
 
