@@ -437,7 +437,7 @@ fn holders(
     found
 }
 
-fn eni_addresses(n: &NetworkInterface) -> EniAddresses {
+pub(crate) fn eni_addresses(n: &NetworkInterface) -> EniAddresses {
     let primary_ipv4 = n
         .private_ip_addresses()
         .iter()

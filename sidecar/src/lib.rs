@@ -5,6 +5,7 @@
 //! functions in [`reconcile`]; [`run`] is the one event loop that ties them together.
 
 pub mod addresses;
+pub mod agent_mode;
 /// EC2 calls and their classification, shared with the node agent.
 pub use multus_eni_ec2::eni;
 pub mod cli;
