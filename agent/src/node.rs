@@ -574,12 +574,12 @@ impl Node {
                         tracing::warn!(action = "claim", outcome = "refused", pod = %claim.pod, interface = %a.interface, address = %a.address, eni = ?a.eni, reason = ?a.reason, "refused a claimed address");
                     }
                 }
-                if a.state == AddressState::Routable {
-                    if let Some(since) = c.claimed_at.remove(&a.address) {
-                        self.metrics
-                            .claim_to_routable
-                            .observe(now.duration_since(since).as_secs_f64());
-                    }
+                if a.state == AddressState::Routable
+                    && let Some(since) = c.claimed_at.remove(&a.address)
+                {
+                    self.metrics
+                        .claim_to_routable
+                        .observe(now.duration_since(since).as_secs_f64());
                 }
             }
             let answer = Answer::Status {
@@ -602,7 +602,8 @@ impl Node {
 
 /// The calls of one ENI's batch, in order. After a throttled or failed call the rest is
 /// not attempted (`None`): the node backs off first. A rejected call naming several
-/// addresses is split so that one bad address does not block the others.
+/// addresses is split by the shared [`Ec2::apply_splitting`], so that one bad address does
+/// not block the others.
 async fn call_batch(
     ec2: &Ec2,
     changes: Vec<Change>,
@@ -614,54 +615,14 @@ async fn call_batch(
             out.push((change, None));
             continue;
         }
-        let result = ec2.apply(&change).await;
-        match result {
-            Err(e) if e.kind == ErrorKind::Rejected && change.addresses().len() > 1 => {
-                for single in split(&change) {
-                    let r = ec2.apply(&single).await;
-                    out.push((single, Some(r)));
-                }
-            }
-            Err(e) => {
+        for outcome in ec2.apply_splitting(&change).await {
+            if let Err(e) = &outcome.result
+                && e.kind != ErrorKind::Rejected
+            {
                 stopped = true;
-                out.push((change, Some(Err(e))));
             }
-            Ok(()) => out.push((change, Some(Ok(())))),
+            out.push((outcome.change, Some(outcome.result)));
         }
     }
     out
-}
-
-/// One change per address.
-fn split(change: &Change) -> Vec<Change> {
-    match change {
-        Change::AssignIpv4 { eni, addresses } => addresses
-            .iter()
-            .map(|a| Change::AssignIpv4 {
-                eni: eni.clone(),
-                addresses: vec![*a],
-            })
-            .collect(),
-        Change::AssignIpv6 { eni, addresses } => addresses
-            .iter()
-            .map(|a| Change::AssignIpv6 {
-                eni: eni.clone(),
-                addresses: vec![*a],
-            })
-            .collect(),
-        Change::UnassignIpv4 { eni, addresses } => addresses
-            .iter()
-            .map(|a| Change::UnassignIpv4 {
-                eni: eni.clone(),
-                addresses: vec![*a],
-            })
-            .collect(),
-        Change::UnassignIpv6 { eni, addresses } => addresses
-            .iter()
-            .map(|a| Change::UnassignIpv6 {
-                eni: eni.clone(),
-                addresses: vec![*a],
-            })
-            .collect(),
-    }
 }

@@ -21,6 +21,7 @@ impl Ec2 {
         macs: &[MacAddress],
     ) -> Result<BTreeMap<MacAddress, EniAddresses>> {
         let mut found = BTreeMap::new();
+        let client = self.client().await;
         for chunk in macs.chunks(MAX_FILTER_VALUES) {
             let filter = Filter::builder()
                 .name("mac-address")
@@ -28,8 +29,7 @@ impl Ec2 {
                 .build();
             let mut token: Option<String> = None;
             loop {
-                let out = self
-                    .client
+                let out = client
                     .describe_network_interfaces()
                     .filters(filter.clone())
                     .set_next_token(token.take())
