@@ -277,3 +277,44 @@ def test_two_nodes_in_one_subnet_each_assign_on_their_own_eni(node):
     assert node.on_eni(w.enis[1].id, a2) and node.off_eni(w.enis[1].id, a1)
     assert one.checkpoint()["enis"] == {w.enis[0].mac: w.enis[0].id}
     assert two.checkpoint()["enis"] == {w.enis[1].mac: w.enis[1].id}
+
+
+def test_throttling_and_server_errors_are_retried_once_per_node(node):
+    from lib.fault_proxy import SERVER_ERROR, THROTTLE
+
+    w = node.world
+    eni = w.enis[0]
+    agent = node.agent()
+    proxy = node.emulator.proxy
+    proxy.inject(THROTTLE, 2, ASSIGN4)
+    proxy.inject(SERVER_ERROR, 1, ASSIGN4)
+    pods, addresses = [], []
+    for i in range(4):
+        p = node.pod(agent)
+        a = w.v4(130 + i)
+        p.link("net1", eni.mac, a)
+        p.start_sidecar(["net1"])
+        pods.append(p)
+        addresses.append(a)
+    wait_for(lambda: all(p.sidecar.probe() == 200 for p in pods), "every pod ready despite the faults")
+    assert node.on_eni(eni.id, *addresses)
+    assert agent.metric("multus_eni_agent_throttles_total") == 2
+    # The SDK retries the 5xx itself; throttled calls are retried by the agent only.
+    assert agent.metric("multus_eni_agent_ec2_calls_total", 'action="AssignPrivateIpAddresses",outcome="throttled"') == 2
+    # Never more Assign calls than pods, faults included.
+    assert len(node.calls_on(eni.id, ASSIGN4)) <= len(pods) + 3
+
+
+def test_an_address_change_is_claimed_again_and_the_old_address_released(node):
+    w = node.world
+    eni = w.enis[0]
+    agent = node.agent()
+    p = node.pod(agent)
+    old, new = w.v4(140), w.v4(141)
+    p.link("net1", eni.mac, old)
+    s = p.start_sidecar(["net1"])
+    wait_for(lambda: s.probe() == 200 and node.on_eni(eni.id, old), "first address routable")
+    p.add("net1", new)
+    p.remove("net1", old)
+    wait_for(lambda: node.on_eni(eni.id, new) and node.off_eni(eni.id, old), "new address on, old one off")
+    wait_for(lambda: s.probe() == 200, "ready again")
