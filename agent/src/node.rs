@@ -311,14 +311,16 @@ impl Node {
         let resync = scan.is_some();
         match enis {
             Ok(mut found) => {
-                let action = "DescribeNetworkInterfaces";
-                self.metrics
-                    .calls
-                    .get_or_create(&CallLabels {
-                        action,
-                        outcome: "success",
-                    })
-                    .inc();
+                if !macs.is_empty() {
+                    let action = "DescribeNetworkInterfaces";
+                    self.metrics
+                        .calls
+                        .get_or_create(&CallLabels {
+                            action,
+                            outcome: "success",
+                        })
+                        .inc();
+                }
                 let mut changed = false;
                 for mac in macs {
                     let view = match found.remove(&mac) {
