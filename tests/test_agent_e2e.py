@@ -318,3 +318,21 @@ def test_an_address_change_is_claimed_again_and_the_old_address_released(node):
     p.remove("net1", old)
     wait_for(lambda: node.on_eni(eni.id, new) and node.off_eni(eni.id, old), "new address on, old one off")
     wait_for(lambda: s.probe() == 200, "ready again")
+
+
+def test_readiness_waits_for_the_assign(node):
+    w = node.world
+    eni = w.enis[0]
+    agent = node.agent()
+    proxy = node.emulator.proxy
+    proxy.hold(ASSIGN4)
+    p = node.pod(agent)
+    a = w.v4(150)
+    p.link("net1", eni.mac, a)
+    s = p.start_sidecar(["net1"])
+    wait_for(lambda: proxy.calls(ASSIGN4) == 1, "the Assign sent (and held)")
+    assert s.probe() == 503
+    proxy.release()
+    wait_for(lambda: s.probe() == 200, "ready once the Assign went through")
+    assert node.on_eni(eni.id, a)
+    assert agent.metric("multus_eni_agent_claim_to_routable_seconds_count") == 1
