@@ -314,8 +314,9 @@ def test_an_address_change_is_claimed_again_and_the_old_address_released(node):
     p.link("net1", eni.mac, old)
     s = p.start_sidecar(["net1"])
     wait_for(lambda: s.probe() == 200 and node.on_eni(eni.id, old), "first address routable")
-    p.add("net1", new)
+    # Old one first: deleting a subnet's primary address flushes its secondaries.
     p.remove("net1", old)
+    p.add("net1", new)
     wait_for(lambda: node.on_eni(eni.id, new) and node.off_eni(eni.id, old), "new address on, old one off")
     wait_for(lambda: s.probe() == 200, "ready again")
 

@@ -99,6 +99,8 @@ struct NodeBackoff {
 #[derive(Default)]
 struct Reads {
     running: bool,
+    /// The MACs the running Describe asks for.
+    asked: BTreeSet<MacAddress>,
     again: bool,
     resync_waiting: bool,
 }
@@ -238,7 +240,8 @@ impl Node {
             .claims
             .macs()
             .iter()
-            .any(|m| !self.enis.contains_key(m))
+            // A MAC that the running Describe already asks for needs no second one.
+            .any(|m| !self.enis.contains_key(m) && !self.reads.asked.contains(m))
         {
             self.read();
         }
@@ -282,6 +285,7 @@ impl Node {
                 .keys()
                 .filter_map(|m| multus_eni_ec2::node::parse_mac(m)),
         );
+        self.reads.asked = macs.clone();
         let macs: Vec<MacAddress> = macs.into_iter().collect();
         let ec2 = self.ec2.clone();
         let events = self.events.clone();
@@ -308,6 +312,7 @@ impl Node {
         scan: Option<std::io::Result<Scan>>,
     ) {
         self.reads.running = false;
+        self.reads.asked.clear();
         let resync = scan.is_some();
         match enis {
             Ok(mut found) => {
