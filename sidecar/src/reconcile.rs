@@ -641,10 +641,10 @@ mod tests {
             (MAC_NONE, EniLookup::NoEni),
         ]);
         let wanted = vec!["net1".to_string(), "net2".to_string()];
-        assert!(plan_changes(&desired, &enis, &Managed::default(), &BTreeMap::new()).is_empty());
-        assert_eq!(readiness(&wanted, &desired, &enis), Ok(()));
         let mut managed = Managed::default();
         managed.record(&desired, &enis);
+        assert!(plan_changes(&desired, &enis, &managed, &BTreeMap::new()).is_empty());
+        assert_eq!(readiness(&wanted, &desired, &enis), Ok(()));
         assert!(!managed.0.contains_key(&MAC_NONE));
         assert_eq!(
             plan_release(&managed, &enis),
