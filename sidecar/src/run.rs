@@ -407,10 +407,10 @@ impl Sidecar {
             .chain(self.managed.0.keys().copied())
             .collect();
         for mac in macs {
-            if !self.enis.contains_key(&mac) || self.stale.contains(&mac) {
-                if let Err(e) = self.look_up(mac, desired).await {
-                    failures.push(e);
-                }
+            if (!self.enis.contains_key(&mac) || self.stale.contains(&mac))
+                && let Err(e) = self.look_up(mac, desired).await
+            {
+                failures.push(e);
             }
         }
         // Addresses that left the interfaces and are no longer on the ENI need no call.
