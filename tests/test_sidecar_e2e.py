@@ -440,3 +440,25 @@ def test_a_throttled_ipv6_assign_does_not_look_up_the_holders_again(pod):
     # One lookup (the filter, retried by the SDK on moto's 500, then the subnet), not one per retry.
     subnet_reads = [r for r in holder_lookups if r.param("Filter.1.Name") == "subnet-id"]
     assert len(subnet_reads) <= 1, [(r.param("Filter.1.Name"), r.status) for r in holder_lookups]
+
+
+def test_a_region_imds_did_not_give_at_start_is_looked_for_again(pod):
+    w = world(pod)
+    eni = w.enis[0]
+    proxy = pod.emulator.proxy
+    proxy.imds_down = True
+    try:
+        pod.link("net1", eni.mac, w.v4(240))
+        env = {
+            "AWS_REGION": None,
+            "AWS_EC2_METADATA_DISABLED": None,
+            "AWS_EC2_METADATA_SERVICE_ENDPOINT": proxy.endpoint + "/",
+        }
+        s = pod.start_sidecar(["net1"], env=env)
+        wait_for(lambda: any(l.get("outcome") == "no_region" for l in s.logs()), "no region at start")
+        wait_for(lambda: any(l.get("outcome") == "retry" for l in s.logs()), "a failed pass")
+        proxy.imds_down = False  # IMDS answers now (network up, hop limit fixed)
+        wait_for(lambda: on_eni(pod, eni.id, w.v4(240)), "assigned once the region is found")
+        assert any(l.get("outcome") == "region_found" for l in s.logs()), s.log_text()
+    finally:
+        proxy.imds_down = False

@@ -9,6 +9,9 @@ the sidecar's reaction time. Faults are injected per action: throttling
 `InternalError`), optionally only for requests a predicate picks (one filter of
 DescribeNetworkInterfaces); holding requests until released; or forwarding a request and
 holding its answer for a while (EC2 carried the call out, the caller does not know yet).
+It also answers as IMDSv2 for the region (`/latest/api/token`,
+`/latest/meta-data/placement/region`) when the sidecar's `AWS_EC2_METADATA_SERVICE_ENDPOINT`
+points at it, with HTTP 500 while `imds_down` is set.
 Addresses can be marked as refused: an Assign that names one fails as a whole with
 `InvalidParameterValue`, as EC2 answers for an address outside the subnet.
 
@@ -86,6 +89,9 @@ class FaultProxy:
         self._held: set[str] = set()
         self._answer_delays: dict[str, list[float]] = {}
         self._refused: set[str] = set()
+        self.imds_down = False
+        self.imds_region = "us-east-1"
+        self.imds_requests = 0
         self._loop: asyncio.AbstractEventLoop | None = None
         self._release: asyncio.Event | None = None
         self._server: asyncio.base_events.Server | None = None
@@ -220,6 +226,10 @@ class FaultProxy:
                 query = urllib.parse.urlsplit(target).query
                 for k, v in urllib.parse.parse_qs(query, keep_blank_values=True).items():
                     params.setdefault(k, v)
+                if urllib.parse.urlsplit(target).path.startswith("/latest/"):
+                    writer.write(self._imds_answer(method, target))
+                    await writer.drain()
+                    continue
                 action = (params.get("Action") or [""])[0]
                 request = Request(action, params, arrived, arrived_wall)
                 with self._lock:
@@ -261,6 +271,25 @@ class FaultProxy:
             return
         finally:
             writer.close()
+
+    def _imds_answer(self, method: str, target: str) -> bytes:
+        """IMDSv2 as far as the SDK's region provider reads it."""
+        path = urllib.parse.urlsplit(target).path
+        with self._lock:
+            self.imds_requests += 1
+            down, region = self.imds_down, self.imds_region
+        headers: list[str] = []
+        if down:
+            status, body = "500 Internal Server Error", b""
+        elif method == "PUT" and path == "/latest/api/token":
+            status, body = "200 OK", b"imds-token"
+            headers.append("X-aws-ec2-metadata-token-ttl-seconds: 21600")
+        elif method == "GET" and path == "/latest/meta-data/placement/region":
+            status, body = "200 OK", region.encode()
+        else:
+            status, body = "404 Not Found", b""
+        lines = [f"HTTP/1.1 {status}", *headers, f"Content-Length: {len(body)}", "Connection: keep-alive", "", ""]
+        return "\r\n".join(lines).encode("latin-1") + body
 
     async def _as_ec2_would_reject(
         self, request: Request, headers: list[Any]
