@@ -26,6 +26,11 @@ pub enum Error {
     #[error("netlink event stream ended")]
     NetlinkStreamEnded,
 
+    /// The kernel dropped link or address events (the socket's buffer was full); the
+    /// sidecar subscribes again and re-reads its interfaces.
+    #[error("netlink events were dropped (socket overrun)")]
+    NetlinkOverrun,
+
     /// An EC2 call failed; its `kind` says whether and why it is retried.
     #[error(transparent)]
     Ec2(#[from] multus_eni_ec2::Error),
