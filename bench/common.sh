@@ -42,9 +42,9 @@ bench_run() {
 # with cargo (a no-op when up to date).
 if [ -z "${MULTUS_ENI_SIDECAR_BIN:-}" ]; then
   case "${BENCH_PROFILE:-debug}" in
-    release) cargo build --release -p multus-eni-sidecar >&2
+    release) cargo build --release -p multus-eni-sidecar -p multus-eni-agent >&2
              export MULTUS_ENI_SIDECAR_BIN="$PWD/target/release/multus-eni-sidecar" ;;
-    debug)   cargo build -p multus-eni-sidecar >&2
+    debug)   cargo build -p multus-eni-sidecar -p multus-eni-agent >&2
              export MULTUS_ENI_SIDECAR_BIN="$PWD/target/debug/multus-eni-sidecar" ;;
     *) echo "bench: BENCH_PROFILE must be release or debug" >&2; exit 2 ;;
   esac

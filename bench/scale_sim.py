@@ -152,22 +152,51 @@ def change_plan(pods: list[Pod], fraction: float, fresh: list[str]) -> list[tupl
     return [(p, p.addresses[-1], fresh[i]) for i, p in enumerate(chosen)]
 
 
+def start_agents(emu: Emulator, endpoint: str, pods: list[Pod], log_dir: Path) -> dict[str, Any]:
+    """One node agent per node in the emulator's namespace (it reaches the proxy there), its
+    `--netns-dir` holding links to the namespaces of that node's pods."""
+    from tests.lib.agent import Agent
+
+    binary = Path(cluster.sidecar_binary()).parent / "multus-eni-agent"
+    agents: dict[str, Any] = {}
+    for node in sorted({p.eni.node for p in pods}):
+        a = Agent(emu.ns, endpoint, log_dir / f"agent-{node}", binary)
+        for p in pods:
+            if p.eni.node == node:
+                os.symlink(f"/run/netns/{p.ns_name}", a.netns_dir / p.ns_name)
+        agents[node] = a.start()
+    deadline = time.monotonic() + 60
+    while not all(a.http("/readyz")[0] == 200 for a in agents.values()):
+        if time.monotonic() > deadline:
+            raise RuntimeError("agents not ready within 60 s")
+        time.sleep(0.2)
+    return agents
+
+
 def run_sidecars(
-    emu: Emulator, world: cluster.World, pods: list[Pod], args: argparse.Namespace, log_dir: Path
+    emu: Emulator, world: cluster.World, pods: list[Pod], args: argparse.Namespace, log_dir: Path,
+    agent_mode: bool = False,
 ) -> RunResult:
     model = BucketModel(scope=args.scope)
     proxy = ThrottlingProxy(emu.ns, cluster.MOTO_PORT, cluster.BRIDGE_IP, model).start()
     binary = cluster.sidecar_binary()
     phases: list[Phase] = []
     extra: dict[str, Any] = {"binary": binary}
+    agents: dict[str, Any] = {}
     try:
+        if agent_mode:
+            agents = start_agents(emu, proxy.endpoint, pods, log_dir)
+            # The agents' start-up Describe (nothing to read yet) is not part of the rollout.
         wanted = {p.index: set(p.addresses) for p in pods}
         # --- start
         start = Phase("start", time.monotonic())
         start.needed = {DESCRIBE: len(pods), ASSIGN: len(pods)}
         start.optimum = model.optimum_seconds(start.needed)
         for p in pods:
-            cluster.start_sidecar(binary, proxy.endpoint, p, log_dir, args.sidecar_arg)
+            extra_args = list(args.sidecar_arg)
+            if agent_mode:
+                extra_args.append(f"--agent-socket={agents[p.eni.node].socket}")
+            cluster.start_sidecar(binary, proxy.endpoint, p, log_dir, extra_args)
             if args.start_window > 0:
                 time.sleep(args.start_window / len(pods))
         extra["spawn_seconds"] = time.monotonic() - start.started
@@ -207,6 +236,10 @@ def run_sidecars(
         # --- release
         stats = {p.index: cluster.proc_stats(p.proc.pid) for p in pods if p.proc is not None}
         extra["stats"] = {k: dataclasses.asdict(v) for k, v in stats.items() if v is not None}
+        if agents:
+            a_stats = [cluster.proc_stats(a.proc.pid) for a in agents.values() if a.proc is not None]
+            extra["agent_stats"] = [dataclasses.asdict(v) for v in a_stats if v is not None]
+            extra["pods_per_agent"] = max(sum(1 for p in pods if p.eni.node == n) for n in agents)
         release = Phase("release", time.monotonic())
         idle.ended = release.started
         release.needed = {UNASSIGN: len(pods)}  # the ENI is known from the start
@@ -227,9 +260,12 @@ def run_sidecars(
         extra["exit_p50"] = cluster.percentile(list(exit_after.values()), 0.5)
         extra["exit_max"] = max(exit_after.values(), default=float("nan"))
         time.sleep(0.5)
+        final = set().union(*wanted.values())
+        if agent_mode:
+            # The agent answers "release" at once and unassigns afterwards, batched.
+            wait_until(emu, world.subnet_id, lambda st: not (final & set().union(*st.values())), args.shutdown_wait)
         release.ended = time.monotonic()
         state = cluster.eni_addresses(emu, world.subnet_id)
-        final = set().union(*wanted.values())
         held = set().union(*state.values())
         extra["leaked"] = len(final & held)
         released = final - held
@@ -245,8 +281,10 @@ def run_sidecars(
     finally:
         for p in pods:
             cluster.stop_sidecar(p)
+        for a in agents.values():
+            a.kill()
         proxy.stop()
-    return RunResult("sidecar", phases, extra)
+    return RunResult("agent" if agent_mode else "sidecar", phases, extra)
 
 
 def run_baseline(
@@ -409,33 +447,18 @@ def report(args: argparse.Namespace, res: list[RunResult], moto: dict[str, float
         if "routable" in r.extra:
             p50, p90 = r.extra["routable"]
             lines.append(f"- {r.mode}: an address is routable p50 {p50:.1f} s, p90 {p90:.1f} s after the rollout starts")
+    for sc in [r for r in res if r.mode in ("sidecar", "agent")]:
+        _sidecar_lines(args, sc, lines)
     sc = next((r for r in res if r.mode == "sidecar"), None)
-    if sc:
-        st = [ProcStats(**v) for v in sc.extra.get("stats", {}).values()]
-        if st:
-            rss = [s.rss_kib / 1024 for s in st]
-            hwm = [s.hwm_kib / 1024 for s in st]
-            cpu = [s.cpu_seconds * 1000 for s in st]
-            lines.append(
-                f"- per sidecar ({build_label(sc.extra['binary'])}): RSS p50 {cluster.percentile(rss, .5):.1f} MiB, "
-                f"max {max(rss):.1f} MiB (own memory RssAnon p50 "
-                f"{cluster.percentile([s.anon_kib / 1024 for s in st], .5):.1f} MiB, binary pages RssFile p50 "
-                f"{cluster.percentile([s.file_kib / 1024 for s in st], .5):.1f} MiB, shared); "
-                f"VmHWM max {max(hwm):.1f} MiB; CPU for the whole run p50 "
-                f"{cluster.percentile(cpu, .5):.0f} ms, max {max(cpu):.0f} ms"
-            )
+    ag = next((r for r in res if r.mode == "agent"), None)
+    if sc and ag:
+        s_start, a_start = sc.phases[0].converged, ag.phases[0].converged
         lines.append(
-            f"- sidecars: spawned in {sc.extra['spawn_seconds']:.1f} s, /readyz 200 after start: "
-            f"{sc.extra['ready_after_start']}/{args.pods}, exited early: {len(sc.extra['exited_early'])}; "
-            f"SIGTERM → exit p50 {sc.extra['exit_p50']:.1f} s, max {sc.extra['exit_max']:.1f} s, "
-            f"exit codes {sc.extra['exit_codes']}, not exited {sc.extra['not_exited']}; released {sc.extra['released']} addresses "
-            f"({sc.phases[-1].calls.get(UNASSIGN, {}).get('ok', 0)} successful Unassign calls)"
+            f"- agent / direct: mutating calls over the rollout "
+            f"{sum(ph.calls.get(ASSIGN, {}).get('calls', 0) + ph.calls.get(UNASSIGN, {}).get('calls', 0) for ph in ag.phases)}"
+            f" / {sum(ph.calls.get(ASSIGN, {}).get('calls', 0) + ph.calls.get(UNASSIGN, {}).get('calls', 0) for ph in sc.phases)}; "
+            f"time to all routable at start {fmt_s(a_start)} / {fmt_s(s_start)}"
         )
-        n, span = sc.extra.get("resync_wave", (0, 0.0))
-        if n:
-            lines.append(f"- sidecar resync while idle: {n} DescribeNetworkInterfaces within {span:.1f} s (jittered: each sidecar's first resync falls ½–1½ × 60 s after its start)")
-        if sc.extra.get("moto_cpu_seconds") is not None:
-            lines.append(f"- moto CPU from its start to the end of the sidecar run: {sc.extra['moto_cpu_seconds']:.1f} s")
     bl = next((r for r in res if r.mode == "baseline"), None)
     if sc and bl:
         s_made = sum(ph.total() for ph in sc.phases)
@@ -454,6 +477,40 @@ def report(args: argparse.Namespace, res: list[RunResult], moto: dict[str, float
     lines.append("")
     lines.append(projection(res))
     return "\n".join(lines)
+
+
+def _sidecar_lines(args: argparse.Namespace, sc: RunResult, lines: list[str]) -> None:
+    st = [ProcStats(**v) for v in sc.extra.get("stats", {}).values()]
+    if st:
+        rss = [s.rss_kib / 1024 for s in st]
+        hwm = [s.hwm_kib / 1024 for s in st]
+        cpu = [s.cpu_seconds * 1000 for s in st]
+        lines.append(
+            f"- {sc.mode}: per sidecar ({build_label(sc.extra['binary'])}): RSS p50 {cluster.percentile(rss, .5):.1f} MiB, "
+            f"max {max(rss):.1f} MiB (own memory RssAnon p50 "
+            f"{cluster.percentile([s.anon_kib / 1024 for s in st], .5):.1f} MiB, binary pages RssFile p50 "
+            f"{cluster.percentile([s.file_kib / 1024 for s in st], .5):.1f} MiB, shared); "
+            f"VmHWM max {max(hwm):.1f} MiB; CPU for the whole run p50 "
+            f"{cluster.percentile(cpu, .5):.0f} ms, max {max(cpu):.0f} ms"
+        )
+    lines.append(
+        f"- {sc.mode}: sidecars spawned in {sc.extra['spawn_seconds']:.1f} s, /readyz 200 after start: "
+        f"{sc.extra['ready_after_start']}/{args.pods}, exited early: {len(sc.extra['exited_early'])}; "
+        f"SIGTERM → exit p50 {sc.extra['exit_p50']:.1f} s, max {sc.extra['exit_max']:.1f} s, "
+        f"exit codes {sc.extra['exit_codes']}, not exited {sc.extra['not_exited']}; released {sc.extra['released']} addresses "
+        f"({sc.phases[-1].calls.get(UNASSIGN, {}).get('ok', 0)} successful Unassign calls)"
+    )
+    n, span = sc.extra.get("resync_wave", (0, 0.0))
+    if n:
+        lines.append(f"- sidecar resync while idle: {n} DescribeNetworkInterfaces within {span:.1f} s (jittered: each sidecar's first resync falls ½–1½ × 60 s after its start)")
+    if sc.extra.get("moto_cpu_seconds") is not None:
+        lines.append(f"- moto CPU from its start to the end of the sidecar run: {sc.extra['moto_cpu_seconds']:.1f} s")
+    if sc.extra.get("agent_stats"):
+        ast = [ProcStats(**v) for v in sc.extra["agent_stats"]]
+        lines.append(
+            f"- agents ({len(ast)}, up to {sc.extra['pods_per_agent']} pods each): RSS max {max(s.rss_kib for s in ast) / 1024:.1f} MiB, "
+            f"CPU for the whole run max {max(s.cpu_seconds for s in ast) * 1000:.0f} ms"
+        )
 
 
 def build_label(binary: str) -> str:
@@ -511,6 +568,7 @@ def main() -> int:
     ap.add_argument("--poll-period", type=float, default=1.0)
     ap.add_argument("--baseline-attempts", type=int, default=3)
     ap.add_argument("--no-baseline", action="store_true")
+    ap.add_argument("--no-agent", action="store_true", help="skip the rollout in agent mode")
     ap.add_argument("--sidecar-arg", action="append", default=[], help="extra sidecar flag (repeatable)")
     ap.add_argument("--write-doc", action="store_true", help="replace the figures in docs/scale.md")
     ap.add_argument("--json", help="write raw results here")
@@ -541,6 +599,13 @@ def main() -> int:
         setup_s = time.monotonic() - t_all
         print(f"scale_sim: setup done in {setup_s:.0f} s ({len(pods)} pods, {len(world.enis)} ENIs); sidecar run", flush=True)
         results = [run_sidecars(emu, world, pods, args, log_dir)]
+        all_addr = {a for p in pods for a in p.addresses} | set(cluster.fresh_addresses(pods, 4 * len(pods)))
+        if not args.no_agent:
+            cluster.unassign_all(emu, cluster.eni_addresses(emu, world.subnet_id), all_addr)
+            for p in pods:  # the change phase moved some addresses: back to the plan
+                cluster.batch(p.ns_name, ["addr flush dev net1", *[f"addr add {a}/20 dev net1" for a in p.addresses]])
+            print("scale_sim: agent-mode run", flush=True)
+            results.append(run_sidecars(emu, world, pods, args, log_dir, agent_mode=True))
         if not args.no_baseline:
             # Back to a clean world (sidecars that could not release within their timeout).
             all_addr = {a for p in pods for a in p.addresses} | set(cluster.fresh_addresses(pods, 4 * len(pods)))

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # EC2 throttling scale simulation: PODS real sidecars (default 200) on ENIS node ENIs
-# (default 30, 3 per node) through a rollout against EC2's token buckets, then the polling
+# (default 30, 3 per node) through a rollout against EC2's token buckets in direct mode, then in
+# agent mode (one multus-eni-agent per node; --no-agent skips it), then the polling
 # baseline through the same rollout. Root; bounded to 20 minutes; cleans up on any exit.
 #   scripts/bench-scale.sh [PODS] [ENIS] [scale_sim.py flags, e.g. --write-doc --idle 65]
 #   BENCH_PROFILE=release scripts/bench-scale.sh 200 30 --write-doc

@@ -34,6 +34,22 @@ def sidecar_binary(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def agent_binary(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A private hard link to (or copy of) the built node agent, as for the sidecar."""
+    from lib import agent
+
+    path = agent.binary_path()
+    if not path.exists():
+        pytest.fail(f"{path} missing: run `cargo build -p multus-eni-agent` first (pytest does not build)")
+    private = tmp_path_factory.mktemp("agent-bin") / path.name
+    try:
+        os.link(path, private)
+    except OSError:
+        shutil.copy2(path, private)
+    return private
+
+
+@pytest.fixture(scope="session")
 def require_root() -> None:
     if os.geteuid() != 0:
         pytest.skip("needs root: creates network namespaces")

@@ -7,6 +7,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::sync::RwLock;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
@@ -15,6 +16,7 @@ use aws_sdk_ec2::config::interceptors::InterceptorContext;
 use aws_sdk_ec2::config::retry::{ClassifyRetry, RetryAction, RetryConfig};
 use aws_sdk_ec2::config::timeout::TimeoutConfig;
 use aws_sdk_ec2::error::{ProvideErrorMetadata, SdkError};
+use aws_sdk_ec2::operation::RequestId;
 use aws_sdk_ec2::operation::{
     assign_ipv6_addresses::AssignIpv6AddressesError,
     assign_private_ip_addresses::AssignPrivateIpAddressesError,
@@ -25,7 +27,7 @@ use aws_sdk_ec2::operation::{
 use aws_sdk_ec2::types::{Filter, NetworkInterface};
 
 use crate::mac::MacAddress;
-use crate::model::{Change, EniAddresses, EniId};
+use crate::model::{Change, EniAddresses, EniId, Ipv6Holders};
 use crate::{Error, Result};
 
 /// Tag that tells the VPC CNI to leave an ENI alone (else it may hand our IPs to pods).
@@ -191,33 +193,129 @@ impl ClassifyRetry for ThrottlingIsLeftToTheLoop {
 
 pub(crate) fn sdk_error<E>(action: &'static str, err: SdkError<E>) -> Error
 where
-    E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
+    E: ProvideErrorMetadata + RequestId + std::error::Error + Send + Sync + 'static,
+{
+    sdk_failure(action, err).error
+}
+
+/// An EC2 failure with the parts of the answer that some decisions need besides its kind.
+pub(crate) struct Failure {
+    pub(crate) error: Error,
+    pub(crate) code: Option<String>,
+    pub(crate) status: Option<u16>,
+}
+
+pub(crate) fn sdk_failure<E>(action: &'static str, err: SdkError<E>) -> Failure
+where
+    E: ProvideErrorMetadata + RequestId + std::error::Error + Send + Sync + 'static,
 {
     let chain = error_chain(&err);
     let stage = match &err {
         SdkError::ConstructionFailure(_) => FailureStage::Construction,
-        // The credentials chain and region resolution fail inside dispatch.
-        SdkError::DispatchFailure(_) if mentions_setup(&chain) => FailureStage::DispatchUser,
         SdkError::TimeoutError(_) => FailureStage::Timeout,
-        SdkError::DispatchFailure(d) if d.is_timeout() => FailureStage::DispatchTimeout,
-        SdkError::DispatchFailure(d) if d.is_io() => FailureStage::DispatchIo,
-        SdkError::DispatchFailure(d) if d.is_user() => FailureStage::DispatchUser,
-        SdkError::DispatchFailure(_) => FailureStage::DispatchOther,
+        SdkError::DispatchFailure(d) => {
+            dispatch_stage(d.is_timeout(), d.is_io(), d.is_user(), &chain)
+        }
         _ => FailureStage::Response,
     };
     let status = err.raw_response().map(|r| r.status().as_u16());
     let kind = classify(stage, err.code(), status);
-    let message = match (err.code(), err.message(), status) {
+    // The SDK keeps the id of the `x-amzn-requestid` header; EC2's error body carries it as
+    // `<RequestID>`, which the SDK does not read.
+    let body_id = err
+        .raw_response()
+        .and_then(|r| r.body().bytes())
+        .and_then(|b| std::str::from_utf8(b).ok())
+        .and_then(request_id_in_body)
+        .map(str::to_string);
+    let request_id = err
+        .as_service_error()
+        .and_then(|e| e.request_id())
+        .or_else(|| err.request_id())
+        .map(str::to_string)
+        .or(body_id);
+    let request_id = request_id.as_deref();
+    Failure {
+        error: Error {
+            action,
+            kind,
+            message: error_message(err.code(), err.message(), status, request_id, &chain),
+        },
+        code: err.code().map(str::to_string),
+        status,
+    }
+}
+
+/// The stage of a dispatch failure. A timeout is a timeout even when its text names the
+/// region endpoint or the credentials provider that timed out: only then is the text read.
+fn dispatch_stage(is_timeout: bool, is_io: bool, is_user: bool, chain: &str) -> FailureStage {
+    if is_timeout {
+        FailureStage::DispatchTimeout
+    } else if mentions_setup(chain) || is_user {
+        // The credentials chain and region resolution fail inside dispatch.
+        FailureStage::DispatchUser
+    } else if is_io {
+        FailureStage::DispatchIo
+    } else {
+        FailureStage::DispatchOther
+    }
+}
+
+/// The `<RequestID>` of an EC2 error body.
+fn request_id_in_body(body: &str) -> Option<&str> {
+    let start = body.find("<RequestID>")? + "<RequestID>".len();
+    let len = body[start..].find("</RequestID>")?;
+    Some(body[start..start + len].trim()).filter(|id| !id.is_empty())
+}
+
+/// One line for the log: EC2's code and message, and its request id, which AWS support asks
+/// for.
+fn error_message(
+    code: Option<&str>,
+    message: Option<&str>,
+    status: Option<u16>,
+    request_id: Option<&str>,
+    chain: &str,
+) -> String {
+    let text = match (code, message, status) {
         (Some(code), Some(msg), _) => format!("{code}: {msg}"),
         (Some(code), None, _) => code.to_string(),
         (None, _, Some(status)) => format!("HTTP {status} without an EC2 error code"),
-        _ => chain,
+        _ => chain.to_string(),
     };
-    Error {
-        action,
-        kind,
-        message,
+    match request_id {
+        Some(id) => format!("{text} (request id {id})"),
+        None => text,
     }
+}
+
+/// Whether EC2's answer to a `DescribeNetworkInterfaces` with filter
+/// `ipv6-addresses.ipv6-address` says the endpoint does not know the filter: a rejection of
+/// the request (4xx), or an HTTP 500 without an EC2 error code (what an emulator that lacks
+/// the filter answers). A 5xx with EC2's code (`InternalError`, `Unavailable`), throttling
+/// and timeouts are passing troubles: the filter is tried again next time.
+pub fn filter_unsupported(kind: ErrorKind, code: Option<&str>, status: Option<u16>) -> bool {
+    match kind {
+        ErrorKind::Rejected => true,
+        ErrorKind::ServerError => code.is_none() && status == Some(500),
+        _ => false,
+    }
+}
+
+/// Whether a failed change is worth halving: EC2 looked at the addresses and refused
+/// (an address outside the subnet, the ENI's address limit), so a part may still pass.
+/// Throttling, server and setup errors say nothing about the addresses: halving them would
+/// only multiply the calls.
+pub fn worth_splitting(error: &Error, change: &Change) -> bool {
+    error.kind == ErrorKind::Rejected && change.addresses().len() > 1
+}
+
+/// What became of one part of a change made by [`Ec2::apply_splitting`].
+#[derive(Debug, Clone)]
+pub struct ChangeOutcome {
+    /// The addresses this outcome is about (the whole change, or a part of it).
+    pub change: Change,
+    pub result: Result<()>,
 }
 
 /// The messages of an error and its sources, without repeats: short enough for one log line.
@@ -242,52 +340,91 @@ fn mentions_setup(chain: &str) -> bool {
 
 /// The EC2 client and what it learned about the endpoint.
 pub struct Ec2 {
-    pub(crate) client: Client,
+    /// Replaced once a region is found, when there was none at start (see [`Ec2::client`]).
+    client: RwLock<Client>,
+    /// Whether the client has a region; while it has none, every call resolves it again.
+    has_region: AtomicBool,
     /// Cleared when the endpoint rejects the `ipv6-addresses.ipv6-address` filter (some EC2
     /// emulators): IPv6 holders are then found by reading the ENIs of the subnet.
     ipv6_filter: AtomicBool,
+}
+
+/// A client from the standard SDK chain only (region, credentials, `AWS_ENDPOINT_URL_EC2`),
+/// with bounded SDK retries (none for throttling) and timeouts; `None` in the second place
+/// when no region was found.
+async fn client_from_env() -> (Client, bool) {
+    let shared = aws_config::load_defaults(aws_config::BehaviorVersion::latest()).await;
+    let has_region = shared.region().is_some();
+    let config = aws_sdk_ec2::config::Builder::from(&shared)
+        .retry_config(
+            RetryConfig::standard()
+                .with_max_attempts(SDK_MAX_ATTEMPTS)
+                .with_initial_backoff(Duration::from_millis(200))
+                .with_max_backoff(Duration::from_secs(5)),
+        )
+        .retry_classifier(ThrottlingIsLeftToTheLoop)
+        .timeout_config(
+            TimeoutConfig::builder()
+                .connect_timeout(Duration::from_secs(3))
+                .operation_attempt_timeout(Duration::from_secs(10))
+                .operation_timeout(Duration::from_secs(30))
+                .build(),
+        )
+        .build();
+    (Client::from_conf(config), has_region)
 }
 
 impl Ec2 {
     /// A client from the standard SDK chain only (region, credentials, `AWS_ENDPOINT_URL_EC2`),
     /// with bounded SDK retries (none for throttling) and timeouts.
     pub async fn from_env() -> Self {
-        let shared = aws_config::load_defaults(aws_config::BehaviorVersion::latest()).await;
-        if shared.region().is_none() {
+        let (client, has_region) = client_from_env().await;
+        if !has_region {
             tracing::error!(
                 action = "configure",
                 outcome = "no_region",
                 "no AWS region: set AWS_REGION (the webhook injects it when configured) or let the pod \
-                 reach IMDSv2 (instance metadata hop limit 2); EC2 calls fail until then"
+                 reach IMDSv2 (instance metadata hop limit 2); EC2 calls fail until then, and each \
+                 retry looks for the region again"
             );
         }
-        let config = aws_sdk_ec2::config::Builder::from(&shared)
-            .retry_config(
-                RetryConfig::standard()
-                    .with_max_attempts(SDK_MAX_ATTEMPTS)
-                    .with_initial_backoff(Duration::from_millis(200))
-                    .with_max_backoff(Duration::from_secs(5)),
-            )
-            .retry_classifier(ThrottlingIsLeftToTheLoop)
-            .timeout_config(
-                TimeoutConfig::builder()
-                    .connect_timeout(Duration::from_secs(3))
-                    .operation_attempt_timeout(Duration::from_secs(10))
-                    .operation_timeout(Duration::from_secs(30))
-                    .build(),
-            )
-            .build();
         Self {
-            client: Client::from_conf(config),
+            client: RwLock::new(client),
+            has_region: AtomicBool::new(has_region),
             ipv6_filter: AtomicBool::new(true),
         }
+    }
+
+    /// The client for the next call. Without a region the SDK chain is read again first: an
+    /// IMDS that did not answer at start (the pod's network not up yet, a hop limit fixed
+    /// since) must not leave the process without a region for its whole life.
+    pub(crate) async fn client(&self) -> Client {
+        if !self.has_region.load(Ordering::Relaxed) {
+            let (client, has_region) = client_from_env().await;
+            if has_region {
+                tracing::info!(
+                    action = "configure",
+                    outcome = "region_found",
+                    "found the AWS region"
+                );
+                let mut slot = self.client.write().unwrap_or_else(|p| p.into_inner());
+                *slot = client.clone();
+                self.has_region.store(true, Ordering::Relaxed);
+                return client;
+            }
+        }
+        self.client
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// The ENI with this MAC (`DescribeNetworkInterfaces`, filter `mac-address`). `None` is a
     /// successful empty answer: no ENI has the MAC.
     pub async fn find_by_mac(&self, mac: MacAddress) -> Result<Option<EniAddresses>> {
         let out = self
-            .client
+            .client()
+            .await
             .describe_network_interfaces()
             .filters(
                 Filter::builder()
@@ -311,8 +448,9 @@ impl Ec2 {
 
     /// The *other* ENIs that hold some of `addresses` (IPv6 cannot be reassigned: they must
     /// be unassigned there first). One `DescribeNetworkInterfaces` with filter
-    /// `ipv6-addresses.ipv6-address`; if the endpoint rejects that filter, the ENIs of our
-    /// subnet (the only ones that can hold an address of its /64) are read instead.
+    /// `ipv6-addresses.ipv6-address`; if the endpoint does not know that filter
+    /// ([`filter_unsupported`]), the ENIs of our subnet (the only ones that can hold an
+    /// address of its /64) are read instead, from then on.
     pub async fn ipv6_holders(
         &self,
         ours: &EniAddresses,
@@ -321,7 +459,7 @@ impl Ec2 {
         if self.ipv6_filter.load(Ordering::Relaxed) {
             let values: Vec<String> = addresses.iter().map(ToString::to_string).collect();
             let result = self
-                .describe_all(
+                .describe_all_raw(
                     Filter::builder()
                         .name("ipv6-addresses.ipv6-address")
                         .set_values(Some(values))
@@ -330,44 +468,60 @@ impl Ec2 {
                 .await;
             match result {
                 Ok(enis) => return Ok(holders(&enis, &ours.id, addresses)),
-                Err(Error {
-                    kind: ErrorKind::ServerError | ErrorKind::Rejected,
-                    message,
-                    ..
-                }) => {
+                Err(f) if filter_unsupported(f.error.kind, f.code.as_deref(), f.status) => {
                     tracing::warn!(
                         action = "DescribeNetworkInterfaces",
                         outcome = "filter_unsupported",
-                        error = %message,
+                        error = %f.error.message,
                         "the EC2 endpoint rejected filter ipv6-addresses.ipv6-address; finding IPv6 holders \
                          by reading the ENIs of the subnet from now on"
                     );
                     self.ipv6_filter.store(false, Ordering::Relaxed);
                 }
-                Err(e) => return Err(e),
+                Err(f) => return Err(f.error),
             }
         }
         let Some(subnet) = ours.subnet_id.clone() else {
             return Ok(BTreeMap::new());
         };
         let enis = self
-            .describe_all(Filter::builder().name("subnet-id").values(subnet).build())
-            .await?;
+            .describe_all_raw(Filter::builder().name("subnet-id").values(subnet).build())
+            .await
+            .map_err(|f| f.error)?;
         Ok(holders(&enis, &ours.id, addresses))
     }
 
-    async fn describe_all(&self, filter: Filter) -> Result<Vec<EniAddresses>> {
+    /// [`Ec2::ipv6_holders`] for the addresses whose holder `known` does not have yet; what
+    /// it reads is added to `known`.
+    pub async fn ipv6_holders_cached(
+        &self,
+        known: &mut Ipv6Holders,
+        ours: &EniAddresses,
+        addresses: &BTreeSet<Ipv6Addr>,
+    ) -> Result<BTreeMap<Ipv6Addr, EniId>> {
+        let unknown = known.unknown(addresses);
+        if !unknown.is_empty() {
+            let found = self.ipv6_holders(ours, &unknown).await?;
+            known.learn(&unknown, &found);
+        }
+        Ok(known.holders(addresses))
+    }
+
+    async fn describe_all_raw(
+        &self,
+        filter: Filter,
+    ) -> std::result::Result<Vec<EniAddresses>, Failure> {
+        let client = self.client().await;
         let mut enis = Vec::new();
         let mut token: Option<String> = None;
         loop {
-            let out = self
-                .client
+            let out = client
                 .describe_network_interfaces()
                 .filters(filter.clone())
                 .set_next_token(token.take())
                 .send()
                 .await
-                .map_err(|e| sdk_error("DescribeNetworkInterfaces", e))?;
+                .map_err(|e| sdk_failure("DescribeNetworkInterfaces", e))?;
             enis.extend(out.network_interfaces().iter().map(eni_addresses));
             match out.next_token() {
                 Some(t) if !t.is_empty() => token = Some(t.to_string()),
@@ -376,14 +530,45 @@ impl Ec2 {
         }
     }
 
+    /// Makes the change; when EC2 rejects a batch of several addresses, halves it and tries
+    /// each half, down to single addresses, so that one address EC2 refuses (outside the
+    /// subnet's prefix, over the ENI's limit) holds back only itself. One outcome per part
+    /// that was settled, in address order. A bad address among `n` costs about
+    /// `2·log2(n)` extra calls; a batch without one costs nothing extra.
+    pub async fn apply_splitting(&self, change: &Change) -> Vec<ChangeOutcome> {
+        let mut outcomes = Vec::new();
+        let mut pending = vec![change.clone()];
+        while let Some(part) = pending.pop() {
+            let result = self.apply(&part).await;
+            match (&result, part.halves()) {
+                (Err(e), Some((left, right))) if worth_splitting(e, &part) => {
+                    tracing::info!(
+                        action = part.action(),
+                        eni = part.eni(),
+                        outcome = "split",
+                        error = %e,
+                        "EC2 refused {part}; trying its halves"
+                    );
+                    pending.push(right);
+                    pending.push(left);
+                }
+                _ => outcomes.push(ChangeOutcome {
+                    change: part,
+                    result,
+                }),
+            }
+        }
+        outcomes
+    }
+
     /// Makes one mutating call.
     pub async fn apply(&self, change: &Change) -> Result<()> {
         let action = change.action();
         let strings = |a: &[IpAddr]| a.iter().map(ToString::to_string).collect::<Vec<_>>();
         let addresses = strings(&change.addresses());
+        let client = self.client().await;
         match change {
-            Change::AssignIpv4 { eni, .. } => self
-                .client
+            Change::AssignIpv4 { eni, .. } => client
                 .assign_private_ip_addresses()
                 .network_interface_id(eni)
                 .set_private_ip_addresses(Some(addresses))
@@ -392,8 +577,7 @@ impl Ec2 {
                 .await
                 .map(drop)
                 .map_err(|e| sdk_error(action, e)),
-            Change::AssignIpv6 { eni, .. } => self
-                .client
+            Change::AssignIpv6 { eni, .. } => client
                 .assign_ipv6_addresses()
                 .network_interface_id(eni)
                 .set_ipv6_addresses(Some(addresses))
@@ -401,8 +585,7 @@ impl Ec2 {
                 .await
                 .map(drop)
                 .map_err(|e| sdk_error(action, e)),
-            Change::UnassignIpv4 { eni, .. } => self
-                .client
+            Change::UnassignIpv4 { eni, .. } => client
                 .unassign_private_ip_addresses()
                 .network_interface_id(eni)
                 .set_private_ip_addresses(Some(addresses))
@@ -410,8 +593,7 @@ impl Ec2 {
                 .await
                 .map(drop)
                 .map_err(|e| sdk_error(action, e)),
-            Change::UnassignIpv6 { eni, .. } => self
-                .client
+            Change::UnassignIpv6 { eni, .. } => client
                 .unassign_ipv6_addresses()
                 .network_interface_id(eni)
                 .set_ipv6_addresses(Some(addresses))
@@ -437,7 +619,7 @@ fn holders(
     found
 }
 
-fn eni_addresses(n: &NetworkInterface) -> EniAddresses {
+pub(crate) fn eni_addresses(n: &NetworkInterface) -> EniAddresses {
     let primary_ipv4 = n
         .private_ip_addresses()
         .iter()
@@ -545,6 +727,113 @@ mod tests {
             "failed to construct request: a region must be set"
         ));
         assert!(!mentions_setup("dispatch failure: io: connection refused"));
+    }
+
+    #[test]
+    fn a_timeout_is_a_timeout_even_when_its_text_names_the_region_or_credentials() {
+        let text =
+            "dispatch failure: timeout: connecting to the regional endpoint: credentials provider";
+        assert_eq!(
+            dispatch_stage(true, false, false, text),
+            FailureStage::DispatchTimeout
+        );
+        assert_eq!(
+            dispatch_stage(false, true, false, text),
+            FailureStage::DispatchUser
+        );
+        assert_eq!(
+            dispatch_stage(false, true, false, "io: connection refused"),
+            FailureStage::DispatchIo
+        );
+        assert_eq!(
+            dispatch_stage(false, false, false, "other"),
+            FailureStage::DispatchOther
+        );
+    }
+
+    #[test]
+    fn error_messages_keep_ec2s_request_id() {
+        let m = error_message(
+            Some("InvalidParameterValue"),
+            Some("Address is not in the subnet"),
+            Some(400),
+            Some("5f6b1c2e-0000"),
+            "",
+        );
+        assert_eq!(
+            m,
+            "InvalidParameterValue: Address is not in the subnet (request id 5f6b1c2e-0000)"
+        );
+        assert_eq!(
+            error_message(None, None, Some(502), None, "x"),
+            "HTTP 502 without an EC2 error code"
+        );
+        assert_eq!(
+            error_message(None, None, None, None, "io: refused"),
+            "io: refused"
+        );
+        let body = "<Response><Errors><Error><Code>X</Code></Error></Errors>\
+                    <RequestID>ea966190-f9aa-478e-9ede-example</RequestID></Response>";
+        assert_eq!(
+            request_id_in_body(body),
+            Some("ea966190-f9aa-478e-9ede-example")
+        );
+        assert_eq!(request_id_in_body("<Response></Response>"), None);
+        assert_eq!(request_id_in_body("<RequestID></RequestID>"), None);
+    }
+
+    #[test]
+    fn only_a_rejected_filter_switches_to_the_subnet_scan() {
+        use ErrorKind::*;
+        assert!(filter_unsupported(
+            Rejected,
+            Some("InvalidParameterValue"),
+            Some(400)
+        ));
+        // An emulator without the filter: HTTP 500 and no EC2 error code.
+        assert!(filter_unsupported(ServerError, None, Some(500)));
+        // EC2's own passing troubles.
+        assert!(!filter_unsupported(
+            ServerError,
+            Some("InternalError"),
+            Some(500)
+        ));
+        assert!(!filter_unsupported(
+            ServerError,
+            Some("Unavailable"),
+            Some(503)
+        ));
+        assert!(!filter_unsupported(ServerError, None, Some(503)));
+        assert!(!filter_unsupported(
+            Throttled,
+            Some("RequestLimitExceeded"),
+            Some(503)
+        ));
+        assert!(!filter_unsupported(Timeout, None, None));
+    }
+
+    #[test]
+    fn only_a_rejected_batch_of_several_addresses_is_split() {
+        let change = |n: u8| Change::AssignIpv4 {
+            eni: "eni-a".into(),
+            addresses: (1..=n).map(|i| Ipv4Addr::new(10, 0, 0, i)).collect(),
+        };
+        let error = |kind| Error {
+            action: "AssignPrivateIpAddresses",
+            kind,
+            message: String::new(),
+        };
+        assert!(worth_splitting(&error(ErrorKind::Rejected), &change(2)));
+        assert!(!worth_splitting(&error(ErrorKind::Rejected), &change(1)));
+        for kind in [
+            ErrorKind::Throttled,
+            ErrorKind::ServerError,
+            ErrorKind::Timeout,
+            ErrorKind::Connection,
+            ErrorKind::AuthOrConfig,
+        ] {
+            assert!(!worth_splitting(&error(kind), &change(4)), "{kind}");
+        }
     }
 
     #[test]

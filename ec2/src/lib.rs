@@ -8,6 +8,7 @@
 pub mod eni;
 pub mod mac;
 pub mod model;
+pub mod node;
 
 pub use mac::MacAddress;
 

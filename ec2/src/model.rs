@@ -1,7 +1,7 @@
 //! What EC2 knows of an ENI and the calls that change it: plain data shared by the sidecar's
 //! direct mode and the node agent.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
@@ -127,11 +127,189 @@ impl Change {
             }
         }
     }
+
+    /// The same call split into two halves of its addresses (`None` for a single address):
+    /// how a batch that EC2 rejects because of one address is narrowed down to that address.
+    pub fn halves(&self) -> Option<(Change, Change)> {
+        fn split<T: Clone>(a: &[T]) -> Option<(Vec<T>, Vec<T>)> {
+            (a.len() > 1).then(|| {
+                let (l, r) = a.split_at(a.len() / 2);
+                (l.to_vec(), r.to_vec())
+            })
+        }
+        let eni = self.eni().to_string();
+        Some(match self {
+            Change::AssignIpv4 { addresses, .. } => {
+                let (l, r) = split(addresses)?;
+                (
+                    Change::AssignIpv4 {
+                        eni: eni.clone(),
+                        addresses: l,
+                    },
+                    Change::AssignIpv4 { eni, addresses: r },
+                )
+            }
+            Change::AssignIpv6 { addresses, .. } => {
+                let (l, r) = split(addresses)?;
+                (
+                    Change::AssignIpv6 {
+                        eni: eni.clone(),
+                        addresses: l,
+                    },
+                    Change::AssignIpv6 { eni, addresses: r },
+                )
+            }
+            Change::UnassignIpv4 { addresses, .. } => {
+                let (l, r) = split(addresses)?;
+                (
+                    Change::UnassignIpv4 {
+                        eni: eni.clone(),
+                        addresses: l,
+                    },
+                    Change::UnassignIpv4 { eni, addresses: r },
+                )
+            }
+            Change::UnassignIpv6 { addresses, .. } => {
+                let (l, r) = split(addresses)?;
+                (
+                    Change::UnassignIpv6 {
+                        eni: eni.clone(),
+                        addresses: l,
+                    },
+                    Change::UnassignIpv6 { eni, addresses: r },
+                )
+            }
+        })
+    }
 }
 
 impl fmt::Display for Change {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let list: Vec<String> = self.addresses().iter().map(ToString::to_string).collect();
         write!(f, "{} {} [{}]", self.action(), self.eni(), list.join(","))
+    }
+}
+
+/// Which *other* ENI holds an IPv6 address, as last read from EC2, kept across the retries of
+/// a change: a throttled Assign executed nothing, so the holders found before it still hold,
+/// and reading them again would spend the Describe bucket the account lacks right now.
+/// Forget it when the picture may be wrong (resync, a failure other than throttling).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Ipv6Holders {
+    /// `None`: read, and no other ENI holds it.
+    known: BTreeMap<Ipv6Addr, Option<EniId>>,
+}
+
+// === impl Ipv6Holders ===
+
+impl Ipv6Holders {
+    /// The addresses of `wanted` whose holder has not been read yet.
+    pub fn unknown(&self, wanted: &BTreeSet<Ipv6Addr>) -> BTreeSet<Ipv6Addr> {
+        wanted
+            .iter()
+            .filter(|a| !self.known.contains_key(a))
+            .copied()
+            .collect()
+    }
+
+    /// Records a lookup of `asked`: `found` names the holders, every other address has none.
+    pub fn learn(&mut self, asked: &BTreeSet<Ipv6Addr>, found: &BTreeMap<Ipv6Addr, EniId>) {
+        for a in asked {
+            self.known.insert(*a, found.get(a).cloned());
+        }
+    }
+
+    /// The known holders of `wanted`.
+    pub fn holders(&self, wanted: &BTreeSet<Ipv6Addr>) -> BTreeMap<Ipv6Addr, EniId> {
+        wanted
+            .iter()
+            .filter_map(|a| Some((*a, self.known.get(a)?.clone()?)))
+            .collect()
+    }
+
+    /// Records a change that EC2 accepted: an unassigned address has no holder any more, an
+    /// assigned one is ours (the next time it is missing, its holder must be read again).
+    pub fn applied(&mut self, change: &Change) {
+        match change {
+            Change::UnassignIpv6 { addresses, .. } => {
+                for a in addresses {
+                    self.known.insert(*a, None);
+                }
+            }
+            Change::AssignIpv6 { addresses, .. } => {
+                for a in addresses {
+                    self.known.remove(a);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// Forgets everything: the next lookup reads EC2 again.
+    pub fn forget(&mut self) {
+        self.known.clear();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn v4(s: &str) -> Ipv4Addr {
+        s.parse().unwrap_or(Ipv4Addr::UNSPECIFIED)
+    }
+
+    fn v6(s: &str) -> Ipv6Addr {
+        s.parse().unwrap_or(Ipv6Addr::UNSPECIFIED)
+    }
+
+    #[test]
+    fn a_batch_halves_down_to_single_addresses() {
+        let change = Change::AssignIpv4 {
+            eni: "eni-a".into(),
+            addresses: vec![v4("10.0.0.1"), v4("10.0.0.2"), v4("10.0.0.3")],
+        };
+        let Some((l, r)) = change.halves() else {
+            panic!("three addresses split");
+        };
+        assert_eq!(l.addresses(), vec![IpAddr::V4(v4("10.0.0.1"))]);
+        assert_eq!(r.addresses().len(), 2);
+        assert_eq!((l.eni(), l.action()), ("eni-a", "AssignPrivateIpAddresses"));
+        assert_eq!(l.halves(), None);
+        let single6 = Change::UnassignIpv6 {
+            eni: "eni-a".into(),
+            addresses: vec![v6("2001:db8::1")],
+        };
+        assert_eq!(single6.halves(), None);
+    }
+
+    #[test]
+    fn holders_are_kept_until_forgotten_and_follow_accepted_changes() {
+        let (a, b) = (v6("2001:db8::a"), v6("2001:db8::b"));
+        let wanted: BTreeSet<Ipv6Addr> = [a, b].into();
+        let mut cache = Ipv6Holders::default();
+        assert_eq!(cache.unknown(&wanted), wanted);
+        cache.learn(&wanted, &[(a, "eni-other".to_string())].into());
+        assert!(cache.unknown(&wanted).is_empty(), "a retry reads nothing");
+        assert_eq!(
+            cache.holders(&wanted),
+            [(a, "eni-other".to_string())].into()
+        );
+        cache.applied(&Change::UnassignIpv6 {
+            eni: "eni-other".into(),
+            addresses: vec![a],
+        });
+        assert!(
+            cache.holders(&wanted).is_empty(),
+            "unassigned there: no holder left"
+        );
+        assert!(cache.unknown(&wanted).is_empty());
+        cache.applied(&Change::AssignIpv6 {
+            eni: "eni-ours".into(),
+            addresses: vec![a],
+        });
+        assert_eq!(cache.unknown(&wanted), [a].into());
+        cache.forget();
+        assert_eq!(cache.unknown(&wanted), wanted);
     }
 }

@@ -33,6 +33,8 @@ struct Interface {
     mac: Option<MacAddress>,
     usable: BTreeSet<IpAddr>,
     tentative: BTreeSet<Ipv6Addr>,
+    /// Addresses whose duplicate address detection failed: never assigned, but logged.
+    dad_failed: BTreeSet<Ipv6Addr>,
 }
 
 /// The named interfaces that exist, by kernel link index. Every other interface (eth0...)
@@ -116,6 +118,15 @@ impl InterfaceTable {
             .collect()
     }
 
+    /// IPv6 addresses whose duplicate address detection failed, with their interface: the
+    /// kernel does not use them, so they are not assigned; an operator should hear of it.
+    pub fn dad_failed(&self) -> BTreeSet<(String, Ipv6Addr)> {
+        self.by_index
+            .values()
+            .flat_map(|i| i.dad_failed.iter().map(|a| (i.name.clone(), *a)))
+            .collect()
+    }
+
     /// The desired state handed to [`crate::reconcile`].
     pub fn desired(&self) -> Vec<DesiredInterface> {
         self.by_index
@@ -157,6 +168,17 @@ impl InterfaceTable {
                 Applied {
                     changed: true,
                     dump_link: None,
+                }
+            }
+            // Renamed from one wanted name to another: the new name takes effect at once.
+            (Some(iface), Some(n)) if iface.name != n => {
+                iface.name = n.to_string();
+                if mac.is_some() {
+                    iface.mac = mac;
+                }
+                Applied {
+                    changed: true,
+                    dump_link: Some(index),
                 }
             }
             (Some(iface), _) => {
@@ -202,6 +224,10 @@ impl InterfaceTable {
         iface.usable.remove(&ip);
         if let IpAddr::V6(v6) = ip {
             iface.tentative.remove(&v6);
+            iface.dad_failed.remove(&v6);
+            if added && flags.contains(AddressFlags::Dadfailed) {
+                iface.dad_failed.insert(v6);
+            }
         }
         if added && !flags.contains(AddressFlags::Dadfailed) {
             match ip {
@@ -224,6 +250,7 @@ impl InterfaceTable {
         if let Some(iface) = self.by_index.get_mut(&index) {
             iface.usable.clear();
             iface.tentative.clear();
+            iface.dad_failed.clear();
         }
     }
 }
@@ -233,6 +260,8 @@ pub struct AddressWatcher {
     handle: Handle,
     events: UnboundedReceiver<(NetlinkMessage<RouteNetlinkMessage>, SocketAddr)>,
     connection: tokio::task::JoinHandle<()>,
+    /// [`AddressWatcher::try_next_event`] met an overrun: the next `next_event` reports it.
+    overrun_pending: bool,
 }
 
 impl AddressWatcher {
@@ -250,6 +279,7 @@ impl AddressWatcher {
             handle,
             events,
             connection,
+            overrun_pending: false,
         })
     }
 
@@ -287,27 +317,41 @@ impl AddressWatcher {
         Ok(())
     }
 
-    /// The next link or address event; [`Error::NetlinkStreamEnded`] when the socket closed.
+    /// The next link or address event; [`Error::NetlinkStreamEnded`] when the socket closed,
+    /// [`Error::NetlinkOverrun`] when the kernel dropped events (the caller subscribes again
+    /// and dumps the table: what was dropped is unknown).
     pub async fn next_event(&mut self) -> Result<RouteNetlinkMessage> {
+        if std::mem::take(&mut self.overrun_pending) {
+            return Err(Error::NetlinkOverrun);
+        }
         loop {
             let Some((msg, _)) = self.events.next().await else {
                 return Err(Error::NetlinkStreamEnded);
             };
-            if let NetlinkPayload::InnerMessage(inner) = msg.payload {
-                return Ok(inner);
+            match msg.payload {
+                NetlinkPayload::InnerMessage(inner) => return Ok(inner),
+                NetlinkPayload::Overrun(_) => return Err(Error::NetlinkOverrun),
+                _ => {}
             }
         }
     }
 
     /// An event if one is already queued, without waiting: lets a burst be applied at once.
+    /// An overrun in the queue is kept for [`AddressWatcher::next_event`], which reports it.
     pub fn try_next_event(&mut self) -> Option<RouteNetlinkMessage> {
+        if self.overrun_pending {
+            return None;
+        }
         loop {
             match self.events.try_recv() {
-                Ok((msg, _)) => {
-                    if let NetlinkPayload::InnerMessage(inner) = msg.payload {
-                        return Some(inner);
+                Ok((msg, _)) => match msg.payload {
+                    NetlinkPayload::InnerMessage(inner) => return Some(inner),
+                    NetlinkPayload::Overrun(_) => {
+                        self.overrun_pending = true;
+                        return None;
                     }
-                }
+                    _ => {}
+                },
                 _ => return None,
             }
         }
@@ -439,6 +483,35 @@ mod tests {
         assert!(t.desired()[0].tentative.is_empty());
         assert!(t.apply(&RouteNetlinkMessage::DelAddress(a)).changed);
         assert!(t.desired()[0].addresses.is_empty());
+    }
+
+    #[test]
+    fn a_rename_between_two_wanted_names_takes_effect_at_once() {
+        let mut t = InterfaceTable::new(vec!["net1".into(), "net2".into()]);
+        t.apply(&link(3, "net1", [2, 0, 0, 0, 0, 2]));
+        assert_eq!(t.missing(), vec!["net2"]);
+        let applied = t.apply(&link(3, "net2", [2, 0, 0, 0, 0, 2]));
+        assert!(applied.changed);
+        assert_eq!(t.missing(), vec!["net1"]);
+        assert_eq!(t.desired()[0].name, "net2");
+    }
+
+    #[test]
+    fn dad_failed_addresses_are_reported_not_assigned() {
+        let mut t = InterfaceTable::new(vec!["net1".into()]);
+        t.apply(&link(3, "net1", [2, 0, 0, 0, 0, 2]));
+        let failed = addr(
+            3,
+            "2001:db8::2",
+            AddressScope::Universe,
+            AddressFlags::Tentative | AddressFlags::Dadfailed,
+        );
+        t.apply(&RouteNetlinkMessage::NewAddress(failed.clone()));
+        let a: Ipv6Addr = "2001:db8::2".parse().unwrap_or(Ipv6Addr::UNSPECIFIED);
+        assert_eq!(t.dad_failed(), [("net1".to_string(), a)].into());
+        assert!(t.desired()[0].addresses.is_empty());
+        t.apply(&RouteNetlinkMessage::DelAddress(failed));
+        assert!(t.dad_failed().is_empty());
     }
 
     #[test]

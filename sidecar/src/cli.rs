@@ -49,6 +49,11 @@ pub struct RunArgs {
     /// Log output format.
     #[arg(long, env = "MULTUS_ENI_LOG_FORMAT", value_enum, default_value_t = LogFormat::Json)]
     pub log_format: LogFormat,
+
+    /// Agent mode: the node agent on this Unix socket makes the EC2 calls; the sidecar
+    /// needs no AWS credentials.
+    #[arg(long, env = "MULTUS_ENI_AGENT_SOCKET")]
+    pub agent_socket: Option<std::path::PathBuf>,
 }
 
 /// Log output format.
@@ -73,6 +78,14 @@ impl Cli {
         match self.command {
             Command::Run(args) => {
                 init_logging(args.log_format);
+                if let Some(socket) = args.agent_socket.clone() {
+                    // Agent mode: no EC2 client, no TLS provider (small RSS).
+                    let runtime = tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build()
+                        .map_err(Error::Runtime)?;
+                    return runtime.block_on(crate::agent_mode::run(args, socket));
+                }
                 // Installed once: a second install is a harmless no-op error.
                 let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
                 let runtime = tokio::runtime::Builder::new_current_thread()
@@ -122,6 +135,22 @@ mod tests {
         assert_eq!(a.resync_interval, Duration::from_secs(60));
         assert_eq!(a.shutdown_timeout, Duration::from_secs(10));
         assert_eq!(a.log_format, LogFormat::Json);
+        assert_eq!(a.agent_socket, None);
+    }
+
+    #[test]
+    fn agent_socket_selects_agent_mode() {
+        let a = parse(&[
+            "multus-eni-sidecar",
+            "run",
+            "--interfaces=net1",
+            "--agent-socket=/run/multus-eni/agent.sock",
+        ])
+        .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            a.agent_socket,
+            Some(std::path::PathBuf::from("/run/multus-eni/agent.sock"))
+        );
     }
 
     #[test]

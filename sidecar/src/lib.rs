@@ -5,6 +5,7 @@
 //! functions in [`reconcile`]; [`run`] is the one event loop that ties them together.
 
 pub mod addresses;
+pub mod agent_mode;
 /// EC2 calls and their classification, shared with the node agent.
 pub use multus_eni_ec2::eni;
 pub mod cli;
@@ -24,6 +25,11 @@ pub enum Error {
     /// The netlink event subscription ended; the sidecar reconnects.
     #[error("netlink event stream ended")]
     NetlinkStreamEnded,
+
+    /// The kernel dropped link or address events (the socket's buffer was full); the
+    /// sidecar subscribes again and re-reads its interfaces.
+    #[error("netlink events were dropped (socket overrun)")]
+    NetlinkOverrun,
 
     /// An EC2 call failed; its `kind` says whether and why it is retried.
     #[error(transparent)]

@@ -2,8 +2,8 @@
 //! 503) and `GET /healthz` (200 while the process runs), plain HTTP on `--probe-addr`.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 
 use axum::Router;
 use axum::extract::State;
@@ -13,17 +13,35 @@ use tokio::net::TcpListener;
 
 use crate::{Error, Result};
 
-/// Shared readiness flag, written by the event loop and read by the probe handler.
+/// Shared readiness flag, written by the event loop and read by the probe handler, with the
+/// reason for a 503: the kubelet records the body in the pod's events, where an operator
+/// looks first.
 #[derive(Debug, Clone, Default)]
-pub struct Readiness(Arc<AtomicBool>);
+pub struct Readiness {
+    ready: Arc<AtomicBool>,
+    reason: Arc<Mutex<String>>,
+}
 
 impl Readiness {
     pub fn set(&self, ready: bool) {
-        self.0.store(ready, Ordering::Relaxed);
+        self.ready.store(ready, Ordering::Relaxed);
     }
 
     pub fn get(&self) -> bool {
-        self.0.load(Ordering::Relaxed)
+        self.ready.load(Ordering::Relaxed)
+    }
+
+    /// Why the pod is not ready (which address is missing and why), shown by `/readyz`.
+    pub fn set_reason(&self, reason: &str) {
+        let mut slot = self.reason.lock().unwrap_or_else(|p| p.into_inner());
+        reason.clone_into(&mut slot);
+    }
+
+    fn reason(&self) -> String {
+        self.reason
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 }
 
@@ -35,14 +53,17 @@ pub fn router(readiness: Readiness) -> Router {
         .with_state(readiness)
 }
 
-async fn readyz(State(readiness): State<Readiness>) -> (StatusCode, &'static str) {
+async fn readyz(State(readiness): State<Readiness>) -> (StatusCode, String) {
     if readiness.get() {
-        (StatusCode::OK, "ready\n")
+        (StatusCode::OK, "ready\n".to_string())
     } else {
-        (
-            StatusCode::SERVICE_UNAVAILABLE,
-            "addresses not yet assigned on the ENI\n",
-        )
+        let reason = readiness.reason();
+        let reason = if reason.is_empty() {
+            "addresses not yet assigned on the ENI".to_string()
+        } else {
+            reason
+        };
+        (StatusCode::SERVICE_UNAVAILABLE, format!("{reason}\n"))
     }
 }
 

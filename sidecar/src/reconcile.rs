@@ -168,9 +168,16 @@ pub fn plan_changes(
             continue;
         };
         let want = wanted.get(mac).unwrap_or(&empty);
+        let ours = managed.0.get(mac).unwrap_or(&empty);
         for address in want {
             match *address {
-                IpAddr::V4(v4) if !eni.ipv4.contains(&v4) => {
+                // Also when our picture says the ENI has it, until it is recorded as ours: the
+                // picture may be stale (another pod just unassigned it, a VIP handed over),
+                // and with `AllowReassignment` the Assign is harmless when it is there.
+                IpAddr::V4(v4)
+                    if eni.primary_ipv4 != Some(v4)
+                        && (!eni.ipv4.contains(&v4) || !ours.contains(address)) =>
+                {
                     per_eni
                         .entry(eni.id.clone())
                         .or_default()
@@ -248,6 +255,21 @@ pub fn plan_changes(
     }
     unassigns.extend(assigns);
     unassigns
+}
+
+/// `change` without the IPv6 addresses in `held_back` (their holder could not be read or
+/// could not be unassigned: EC2 would refuse the Assign); `None` when nothing is left.
+pub fn without_held_back(change: Change, held_back: &BTreeSet<Ipv6Addr>) -> Option<Change> {
+    match change {
+        Change::AssignIpv6 { eni, addresses } => {
+            let addresses: Vec<Ipv6Addr> = addresses
+                .into_iter()
+                .filter(|a| !held_back.contains(a))
+                .collect();
+            (!addresses.is_empty()).then_some(Change::AssignIpv6 { eni, addresses })
+        }
+        other => Some(other),
+    }
 }
 
 /// The calls made on exit: unassign managed addresses that are still on *our* ENI (freshly
@@ -410,8 +432,53 @@ mod tests {
             MAC1,
             EniLookup::Found(eni("eni-a", "10.0.1.5", &["10.0.1.10", "2001:db8::10"])),
         )]);
-        assert!(plan_changes(&desired, &enis, &Managed::default(), &BTreeMap::new()).is_empty());
+        let mut managed = Managed::default();
+        managed.record(&desired, &enis);
+        assert!(plan_changes(&desired, &enis, &managed, &BTreeMap::new()).is_empty());
         assert_eq!(readiness(&["net1".into()], &desired, &enis), Ok(()));
+    }
+
+    #[test]
+    fn an_ipv4_the_picture_shows_on_the_eni_is_assigned_until_it_is_ours() {
+        // A VIP another pod on the node just gave up: our picture still shows it on the ENI.
+        let desired = [iface("net1", MAC1, &["10.0.1.10"])];
+        let enis = lookups(&[(
+            MAC1,
+            EniLookup::Found(eni("eni-a", "10.0.1.5", &["10.0.1.10"])),
+        )]);
+        assert_eq!(
+            plan_changes(&desired, &enis, &Managed::default(), &BTreeMap::new()),
+            vec![Change::AssignIpv4 {
+                eni: "eni-a".into(),
+                addresses: vec![v4("10.0.1.10")]
+            }]
+        );
+        let mut managed = Managed::default();
+        managed.record(&desired, &enis);
+        assert!(plan_changes(&desired, &enis, &managed, &BTreeMap::new()).is_empty());
+    }
+
+    #[test]
+    fn held_back_ipv6_addresses_leave_the_assign() {
+        let change = Change::AssignIpv6 {
+            eni: "eni-a".into(),
+            addresses: vec![v6("2001:db8::1"), v6("2001:db8::2")],
+        };
+        let held: BTreeSet<Ipv6Addr> = [v6("2001:db8::1")].into();
+        assert_eq!(
+            without_held_back(change.clone(), &held),
+            Some(Change::AssignIpv6 {
+                eni: "eni-a".into(),
+                addresses: vec![v6("2001:db8::2")]
+            })
+        );
+        let all: BTreeSet<Ipv6Addr> = [v6("2001:db8::1"), v6("2001:db8::2")].into();
+        assert_eq!(without_held_back(change, &all), None);
+        let v4 = Change::AssignIpv4 {
+            eni: "eni-a".into(),
+            addresses: vec![v4("10.0.1.10")],
+        };
+        assert_eq!(without_held_back(v4.clone(), &all), Some(v4));
     }
 
     #[test]
@@ -425,7 +492,9 @@ mod tests {
                 e.apply(change);
             }
         }
-        assert!(plan_changes(&desired, &enis, &Managed::default(), &BTreeMap::new()).is_empty());
+        let mut managed = Managed::default();
+        managed.record(&desired, &enis);
+        assert!(plan_changes(&desired, &enis, &managed, &BTreeMap::new()).is_empty());
     }
 
     #[test]
@@ -572,10 +641,10 @@ mod tests {
             (MAC_NONE, EniLookup::NoEni),
         ]);
         let wanted = vec!["net1".to_string(), "net2".to_string()];
-        assert!(plan_changes(&desired, &enis, &Managed::default(), &BTreeMap::new()).is_empty());
-        assert_eq!(readiness(&wanted, &desired, &enis), Ok(()));
         let mut managed = Managed::default();
         managed.record(&desired, &enis);
+        assert!(plan_changes(&desired, &enis, &managed, &BTreeMap::new()).is_empty());
+        assert_eq!(readiness(&wanted, &desired, &enis), Ok(()));
         assert!(!managed.0.contains_key(&MAC_NONE));
         assert_eq!(
             plan_release(&managed, &enis),

@@ -2,6 +2,9 @@
 //! `select!`. Nothing polls; an idle sidecar sleeps until one of those fires.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::net::{IpAddr, Ipv6Addr};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use backon::{BackoffBuilder, ExponentialBackoff, ExponentialBuilder};
@@ -13,14 +16,19 @@ use crate::addresses::{AddressWatcher, InterfaceTable, MacAddress};
 use crate::cli::RunArgs;
 use crate::eni::{Ec2, ErrorKind, NO_MANAGE_TAG};
 use crate::probe::{self, Readiness};
-use crate::reconcile::{self, DesiredInterface, EniId, EniLookup, Managed};
+use crate::reconcile::{self, Change, DesiredInterface, EniId, EniLookup, Managed};
 use crate::{Error, Result};
+use multus_eni_ec2::model::Ipv6Holders;
 
-/// First wait after a failed pass; doubles (with up to 100 % jitter) to [`RETRY_MAX`], or to
-/// [`THROTTLED_RETRY_MAX`] after a throttled one.
-/// Throttled calls are retried only here (not by the SDK): 2 s rather than 1 s spreads the
-/// pods a token bucket turned away at a rollout over its refill (docs/scale.md).
+/// First wait after a failed pass; doubles (with up to 100 % jitter) to [`RETRY_MAX`].
 pub const RETRY_MIN: Duration = Duration::from_secs(2);
+/// First wait after a throttled pass; doubles (with up to 100 % jitter) to
+/// [`THROTTLED_RETRY_MAX`]. Throttled calls are retried only here (not by the SDK). 1 s: a
+/// lone pod whose first three calls are throttled waits 7–14 s (1–2, 2–4, 4–8 s), where 2 s
+/// made it 14–28 s although the account's bucket refills every second; at a 200-pod rollout
+/// the model puts the cost at 1.61 calls per needed call instead of 1.47, the time to all
+/// routable unchanged (docs/scale.md).
+pub const THROTTLED_RETRY_MIN: Duration = Duration::from_secs(1);
 /// Longest wait between two attempts of a failing change (before jitter): permission,
 /// credential and server errors, which a quick retry does not mend.
 pub const RETRY_MAX: Duration = Duration::from_secs(30);
@@ -36,6 +44,13 @@ pub const THROTTLED_RETRY_MAX: Duration = Duration::from_secs(8);
 pub const RELEASE_RETRY_MIN: Duration = Duration::from_secs(2);
 /// Longest wait between two release attempts (before jitter).
 pub const RELEASE_RETRY_MAX: Duration = Duration::from_secs(8);
+
+/// First wait before subscribing to netlink again after a failed attempt; doubles (with up
+/// to 100 % jitter) to [`NETLINK_RETRY_MAX`]. The first attempt after a lost or overrun
+/// socket is immediate.
+pub const NETLINK_RETRY_MIN: Duration = Duration::from_secs(1);
+/// Longest wait between two netlink subscription attempts (before jitter).
+pub const NETLINK_RETRY_MAX: Duration = Duration::from_secs(30);
 
 /// Spread of the first resync around `--resync-interval` (±50 %): pods of one rollout start
 /// within seconds of each other and would otherwise resync in the same second, every period.
@@ -83,9 +98,11 @@ pub async fn run(args: RunArgs) -> Result<()> {
         let ec2 = Ec2::from_env().await;
         let watcher = AddressWatcher::subscribe()?;
         let mut sidecar = Sidecar::new(args, ec2, watcher, readiness);
-        sidecar.table_dump().await?;
-        sidecar.event_loop(&mut sigterm, &mut sigint).await?;
-        sidecar.shutdown().await;
+        if let Err(e) = sidecar.table_dump().await {
+            sidecar.netlink_failed(e);
+        }
+        let deadline = sidecar.event_loop(&mut sigterm, &mut sigint).await;
+        sidecar.shutdown(deadline).await;
         Ok(())
     }
     .instrument(span)
@@ -95,14 +112,25 @@ pub async fn run(args: RunArgs) -> Result<()> {
 struct Sidecar {
     args: RunArgs,
     ec2: Ec2,
-    watcher: AddressWatcher,
+    /// `None` while netlink is lost and [`Sidecar::netlink_retry`] waits to subscribe again.
+    watcher: Option<AddressWatcher>,
+    netlink_retry: NetlinkRetry,
     table: InterfaceTable,
     enis: BTreeMap<MacAddress, EniLookup>,
     /// MACs whose ENI must be read again before planning (resync, or a failed call).
     stale: BTreeSet<MacAddress>,
     managed: Managed,
+    /// Addresses of Assign calls under way: if SIGTERM's deadline ends a pass during one,
+    /// EC2 may have carried it out, so the release treats them as ours.
+    in_flight: BTreeMap<MacAddress, BTreeSet<IpAddr>>,
+    /// Set on SIGTERM: a running pass finishes its call in flight and makes no new one.
+    stopping: Arc<AtomicBool>,
+    holders: Ipv6Holders,
+    /// Why EC2 did not take an address in the last pass (for `/readyz` and the log).
+    refused: BTreeMap<IpAddr, String>,
     readiness: Readiness,
     warned_no_eni: BTreeSet<MacAddress>,
+    warned_dad_failed: BTreeSet<(String, Ipv6Addr)>,
     warned_no_manage: BTreeSet<EniId>,
     announced_missing: BTreeSet<String>,
     last_not_ready: Option<String>,
@@ -121,57 +149,89 @@ impl Sidecar {
         Self {
             args,
             ec2,
-            watcher,
+            watcher: Some(watcher),
+            netlink_retry: NetlinkRetry::default(),
             table,
             enis: BTreeMap::new(),
             stale: BTreeSet::new(),
             managed: Managed::default(),
+            in_flight: BTreeMap::new(),
+            stopping: Arc::new(AtomicBool::new(false)),
+            holders: Ipv6Holders::default(),
+            refused: BTreeMap::new(),
             readiness,
             warned_no_eni: BTreeSet::new(),
+            warned_dad_failed: BTreeSet::new(),
             warned_no_manage: BTreeSet::new(),
             announced_missing: BTreeSet::new(),
             last_not_ready: None,
             last_error: None,
             backoff: backoff(RETRY_MIN, RETRY_MAX),
-            throttled_backoff: backoff(RETRY_MIN, THROTTLED_RETRY_MAX),
+            throttled_backoff: backoff(THROTTLED_RETRY_MIN, THROTTLED_RETRY_MAX),
             retry_at: None,
             dirty: true,
         }
     }
 
+    /// Runs until SIGTERM or SIGINT; returns the deadline for the release.
     async fn event_loop(
         &mut self,
         sigterm: &mut tokio::signal::unix::Signal,
         sigint: &mut tokio::signal::unix::Signal,
-    ) -> Result<()> {
+    ) -> Instant {
         let period = self.args.resync_interval;
         let mut next_resync =
             Instant::now() + jittered(period, FIRST_RESYNC_SPREAD, fastrand::f64());
         loop {
             if self.dirty && self.retry_at.is_none() {
                 self.dirty = false;
-                let outcome = tokio::select! {
+                let stopping = self.stopping.clone();
+                let shutdown_timeout = self.args.shutdown_timeout;
+                let mut pass = Box::pin(self.reconcile());
+                let signalled = tokio::select! {
                     biased;
-                    _ = sigterm.recv() => return Ok(()),
-                    _ = sigint.recv() => return Ok(()),
-                    outcome = self.reconcile() => outcome,
+                    outcome = &mut pass => Ok(outcome),
+                    _ = sigterm.recv() => Err(()),
+                    _ = sigint.recv() => Err(()),
                 };
-                self.after_pass(outcome);
-                continue;
+                match signalled {
+                    Ok(outcome) => {
+                        drop(pass);
+                        self.after_pass(outcome);
+                        continue;
+                    }
+                    Err(()) => {
+                        // An EC2 call may be under way: let it finish and be recorded (the
+                        // release plans from the picture it updates); start no new one.
+                        stopping.store(true, Ordering::Relaxed);
+                        let deadline = Instant::now() + shutdown_timeout;
+                        let finished = tokio::time::timeout_at(deadline, &mut pass).await;
+                        drop(pass);
+                        if finished.is_err() {
+                            self.pass_abandoned();
+                        }
+                        return deadline;
+                    }
+                }
             }
             let retry_at = self.retry_at;
+            let netlink_at = self.netlink_retry.at;
             tokio::select! {
                 biased;
-                _ = sigterm.recv() => return Ok(()),
-                _ = sigint.recv() => return Ok(()),
-                event = self.watcher.next_event() => match event {
-                    Ok(msg) => self.on_event(msg).await?,
-                    Err(e) => {
-                        tracing::warn!(action = "netlink", outcome = "reconnect", error = %e, "netlink events stopped; resubscribing");
-                        self.watcher = AddressWatcher::subscribe()?;
-                        self.table_dump().await?;
+                _ = sigterm.recv() => break,
+                _ = sigint.recv() => break,
+                event = next_event(self.watcher.as_mut()) => match event {
+                    Ok(msg) => {
+                        if let Err(e) = self.on_event(msg).await {
+                            self.netlink_failed(e);
+                        }
                     }
+                    Err(e) => self.netlink_failed(e),
                 },
+                _ = sleep_until(netlink_at), if netlink_at.is_some() => {
+                    self.netlink_retry.at = None;
+                    self.resubscribe().await;
+                }
                 _ = tokio::time::sleep_until(next_resync) => {
                     next_resync = Instant::now() + jittered(period, RESYNC_SPREAD, fastrand::f64());
                     tracing::debug!(action = "resync", "re-reading interfaces and ENIs");
@@ -180,8 +240,13 @@ impl Sidecar {
                     // account lacks right now. The next resync reads it.
                     if self.last_error != Some(ErrorKind::Throttled) {
                         self.stale.extend(self.enis.keys().copied());
+                        self.holders.forget();
                     }
-                    self.table_dump().await?;
+                    if self.watcher.is_some()
+                        && let Err(e) = self.table_dump().await
+                    {
+                        self.netlink_failed(e);
+                    }
                     self.dirty = true;
                 }
                 _ = sleep_until(retry_at), if retry_at.is_some() => {
@@ -189,6 +254,51 @@ impl Sidecar {
                     self.dirty = true;
                 }
             }
+        }
+        Instant::now() + self.args.shutdown_timeout
+    }
+
+    /// SIGTERM's deadline ended a pass: an Assign under way may have been carried out, and
+    /// what EC2 did since the last picture is unknown. The release reads the ENIs again and
+    /// counts the addresses of that Assign as ours.
+    fn pass_abandoned(&mut self) {
+        for (mac, addresses) in std::mem::take(&mut self.in_flight) {
+            self.managed.0.entry(mac).or_default().extend(addresses);
+        }
+        self.stale.extend(self.enis.keys().copied());
+    }
+
+    /// Netlink failed or dropped events: drop the socket and subscribe again, at once the
+    /// first time, then with backoff. The loop (and the release on exit) goes on meanwhile.
+    fn netlink_failed(&mut self, error: Error) {
+        self.watcher = None;
+        let delay = self.netlink_retry.failed();
+        let outcome = if matches!(error, Error::NetlinkOverrun) {
+            "overrun"
+        } else {
+            "reconnect"
+        };
+        tracing::warn!(
+            action = "netlink",
+            outcome,
+            error = %error,
+            retry_in = %humantime::format_duration(Duration::from_millis(delay.as_millis() as u64)),
+            "netlink events lost; subscribing again and re-reading the interfaces"
+        );
+    }
+
+    async fn resubscribe(&mut self) {
+        let watcher = match AddressWatcher::subscribe() {
+            Ok(w) => w,
+            Err(e) => return self.netlink_failed(e),
+        };
+        self.watcher = Some(watcher);
+        match self.table_dump().await {
+            Ok(()) => {
+                self.netlink_retry.succeeded();
+                self.dirty = true;
+            }
+            Err(e) => self.netlink_failed(e),
         }
     }
 
@@ -203,10 +313,13 @@ impl Sidecar {
         while let Some(msg) = next {
             let applied = self.table.apply(&msg);
             changed |= applied.changed;
+            let Some(watcher) = self.watcher.as_mut() else {
+                break;
+            };
             if let Some(index) = applied.dump_link {
-                self.watcher.dump_link(&mut self.table, index).await?;
+                watcher.dump_link(&mut self.table, index).await?;
             }
-            next = self.watcher.try_next_event();
+            next = watcher.try_next_event();
         }
         if changed {
             self.dirty = true;
@@ -217,8 +330,12 @@ impl Sidecar {
     }
 
     async fn table_dump(&mut self) -> Result<()> {
-        if self.watcher.dump(&mut self.table).await? {
+        let Some(watcher) = self.watcher.as_ref() else {
+            return Err(Error::NetlinkStreamEnded);
+        };
+        if watcher.dump(&mut self.table).await? {
             self.dirty = true;
+            self.update_readiness(&self.table.desired());
         }
         self.announce_interfaces();
         Ok(())
@@ -238,84 +355,184 @@ impl Sidecar {
             tracing::info!(interface = %name, action = "appeared", "interface appeared");
         }
         self.announced_missing = missing;
+        let dad_failed = self.table.dad_failed();
+        for (interface, address) in dad_failed.difference(&self.warned_dad_failed) {
+            tracing::warn!(
+                interface = %interface,
+                address = %address,
+                action = "dad",
+                outcome = "dad_failed",
+                "duplicate address detection failed for {address} on {interface}: another host uses it; \
+                 the kernel does not use it, and it is not assigned to the ENI"
+            );
+        }
+        self.warned_dad_failed = dad_failed;
     }
 
     /// One reconcile pass: read unknown or stale ENIs, find IPv6 holders if needed, plan,
-    /// and make the calls. Stops at the first failure (the rest stays pending).
+    /// and make the calls. Every call is made even when another failed (one refused address
+    /// or ENI must not hold the others back); the pass fails with the worst error.
     async fn reconcile(&mut self) -> Result<()> {
         let desired = self.table.desired();
-        let result = self.reconcile_inner(&desired).await;
-        self.managed.record(&desired, &self.enis);
+        let failures = self.reconcile_inner(&desired).await;
+        // Take ownership only of what EC2 confirmed: an address whose Assign failed stays
+        // unrecorded, so the next pass sends it again even if our picture shows it.
+        let unconfirmed: BTreeSet<IpAddr> = self.refused.keys().copied().collect();
+        let confirmed: Vec<DesiredInterface> = desired
+            .iter()
+            .map(|d| DesiredInterface {
+                addresses: d.addresses.difference(&unconfirmed).copied().collect(),
+                ..d.clone()
+            })
+            .collect();
+        self.managed.record(&confirmed, &self.enis);
         self.managed.forget_released(&desired, &self.enis);
         self.update_readiness(&desired);
-        result
+        match worst(failures) {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
     }
 
-    async fn reconcile_inner(&mut self, desired: &[DesiredInterface]) -> Result<()> {
+    async fn reconcile_inner(&mut self, desired: &[DesiredInterface]) -> Vec<Error> {
+        let mut failures = Vec::new();
+        let wanted: BTreeSet<IpAddr> = desired
+            .iter()
+            .flat_map(|d| d.addresses.iter().copied())
+            .collect();
+        self.refused.retain(|a, _| wanted.contains(a));
         let macs: BTreeSet<MacAddress> = desired
             .iter()
             .filter_map(|d| d.mac)
             .chain(self.managed.0.keys().copied())
             .collect();
         for mac in macs {
-            if !self.enis.contains_key(&mac) || self.stale.contains(&mac) {
-                self.look_up(mac, desired).await?;
+            if (!self.enis.contains_key(&mac) || self.stale.contains(&mac))
+                && let Err(e) = self.look_up(mac, desired).await
+            {
+                failures.push(e);
             }
         }
         // Addresses that left the interfaces and are no longer on the ENI need no call.
         self.managed.forget_released(desired, &self.enis);
 
         let mut holders = BTreeMap::new();
+        let mut held_back: BTreeSet<Ipv6Addr> = BTreeSet::new();
         for (eni_id, addresses) in reconcile::missing_ipv6(desired, &self.enis) {
             let Some(ours) = self.found(&eni_id).cloned() else {
                 continue;
             };
-            holders.extend(self.ec2.ipv6_holders(&ours, &addresses).await?);
-        }
-
-        for change in reconcile::plan_changes(desired, &self.enis, &self.managed, &holders) {
-            let addresses: Vec<String> =
-                change.addresses().iter().map(ToString::to_string).collect();
-            match self.ec2.apply(&change).await {
-                Ok(()) => {
-                    tracing::info!(
-                        action = change.action(),
-                        eni = change.eni(),
-                        address = %addresses.join(","),
-                        interface = %self.interfaces_of(change.eni(), desired),
-                        outcome = "ok",
-                        "{change}"
-                    );
-                    for lookup in self.enis.values_mut() {
-                        if let EniLookup::Found(eni) = lookup {
-                            eni.apply(&change);
-                        }
-                    }
-                }
+            match self
+                .ec2
+                .ipv6_holders_cached(&mut self.holders, &ours, &addresses)
+                .await
+            {
+                Ok(found) => holders.extend(found),
                 Err(e) => {
-                    // Our picture of that ENI may be wrong now: read it again next time. A
-                    // throttled call was not executed: the picture is still right, and a
-                    // describe per retry would only add to the throttling (docs/scale.md).
-                    for (mac, lookup) in &self.enis {
-                        if !e.is_throttled()
-                            && matches!(lookup, EniLookup::Found(eni) if eni.id == change.eni())
-                        {
-                            self.stale.insert(*mac);
-                        }
+                    for a in &addresses {
+                        self.refused.insert(
+                            IpAddr::V6(*a),
+                            format!("finding which ENI holds it failed: {e}"),
+                        );
                     }
-                    tracing::warn!(
-                        action = change.action(),
-                        eni = change.eni(),
-                        address = %addresses.join(","),
-                        outcome = "failed",
-                        error = %e,
-                        "{change} failed"
-                    );
-                    return Err(e.into());
+                    held_back.extend(addresses);
+                    failures.push(e.into());
                 }
             }
         }
-        Ok(())
+
+        for change in reconcile::plan_changes(desired, &self.enis, &self.managed, &holders) {
+            if self.stopping.load(Ordering::Relaxed) {
+                break;
+            }
+            let Some(change) = reconcile::without_held_back(change, &held_back) else {
+                continue;
+            };
+            let mac = self.mac_of(change.eni());
+            if let (Some(mac), Change::AssignIpv4 { .. } | Change::AssignIpv6 { .. }) =
+                (mac, &change)
+            {
+                self.in_flight
+                    .insert(mac, change.addresses().into_iter().collect());
+            }
+            let outcomes = self.ec2.apply_splitting(&change).await;
+            self.in_flight.clear();
+            for outcome in outcomes {
+                let part = outcome.change;
+                match outcome.result {
+                    Ok(()) => self.accepted(&part, desired),
+                    Err(e) => {
+                        if let Change::UnassignIpv6 { addresses, .. } = &part {
+                            // Still on the other ENI: EC2 would refuse our Assign.
+                            held_back.extend(addresses.iter().copied());
+                        }
+                        self.failed(&part, &e);
+                        failures.push(e.into());
+                    }
+                }
+            }
+        }
+        failures
+    }
+
+    fn accepted(&mut self, change: &Change, desired: &[DesiredInterface]) {
+        let addresses: Vec<String> = change.addresses().iter().map(ToString::to_string).collect();
+        tracing::info!(
+            action = change.action(),
+            eni = change.eni(),
+            address = %addresses.join(","),
+            interface = %self.interfaces_of(change.eni(), desired),
+            outcome = "ok",
+            "{change}"
+        );
+        for lookup in self.enis.values_mut() {
+            if let EniLookup::Found(eni) = lookup {
+                eni.apply(change);
+            }
+        }
+        self.holders.applied(change);
+        for a in change.addresses() {
+            self.refused.remove(&a);
+        }
+    }
+
+    fn failed(&mut self, change: &Change, e: &multus_eni_ec2::Error) {
+        // Our picture of that ENI may be wrong now: read it again next time. A throttled call
+        // was not executed: the picture is still right, and a describe per retry would only
+        // add to the throttling (docs/scale.md).
+        if !e.is_throttled() {
+            for (mac, lookup) in &self.enis {
+                if matches!(lookup, EniLookup::Found(eni) if eni.id == change.eni()) {
+                    self.stale.insert(*mac);
+                }
+            }
+            self.holders.forget();
+        }
+        let addresses: Vec<String> = change.addresses().iter().map(ToString::to_string).collect();
+        tracing::warn!(
+            action = change.action(),
+            eni = change.eni(),
+            address = %addresses.join(","),
+            outcome = "failed",
+            error = %e,
+            "{change} failed"
+        );
+        if matches!(
+            change,
+            Change::AssignIpv4 { .. } | Change::AssignIpv6 { .. }
+        ) {
+            for a in change.addresses() {
+                self.refused.insert(a, e.to_string());
+            }
+        }
+    }
+
+    /// The MAC whose ENI has this id.
+    fn mac_of(&self, eni_id: &str) -> Option<MacAddress> {
+        self.enis.iter().find_map(|(mac, l)| match l {
+            EniLookup::Found(e) if e.id == eni_id => Some(*mac),
+            _ => None,
+        })
     }
 
     async fn look_up(&mut self, mac: MacAddress, desired: &[DesiredInterface]) -> Result<()> {
@@ -392,7 +609,7 @@ impl Sidecar {
                     );
                 }
                 self.backoff = backoff(RETRY_MIN, RETRY_MAX);
-                self.throttled_backoff = backoff(RETRY_MIN, THROTTLED_RETRY_MAX);
+                self.throttled_backoff = backoff(THROTTLED_RETRY_MIN, THROTTLED_RETRY_MAX);
                 self.retry_at = None;
             }
             Err(e) => {
@@ -428,6 +645,7 @@ impl Sidecar {
         match verdict {
             Ok(()) if !was => {
                 self.last_not_ready = None;
+                self.readiness.set_reason("");
                 tracing::info!(
                     action = "readiness",
                     outcome = "ready",
@@ -435,7 +653,18 @@ impl Sidecar {
                 );
             }
             Err(reason) => {
-                let reason = reason.to_string();
+                let mut reason = reason.to_string();
+                // Name every address EC2 refused, and why: one bad address must not hide
+                // behind "not assigned yet".
+                let refused: Vec<String> = self
+                    .refused
+                    .iter()
+                    .map(|(a, why)| format!("{a}: {why}"))
+                    .collect();
+                if !refused.is_empty() {
+                    reason = format!("{reason}; not assigned: {}", refused.join("; "));
+                }
+                self.readiness.set_reason(&reason);
                 if self.last_not_ready.as_ref() != Some(&reason) {
                     tracing::info!(action = "readiness", outcome = "not_ready", reason = %reason, "not ready");
                     self.last_not_ready = Some(reason);
@@ -445,8 +674,9 @@ impl Sidecar {
         }
     }
 
-    /// On SIGTERM: release what we manage that is still on our ENI, within the timeout.
-    async fn shutdown(&mut self) {
+    /// On SIGTERM: release what we manage that is still on our ENI, by the deadline (the
+    /// shutdown timeout from the signal, a pass that was under way included).
+    async fn shutdown(&mut self, deadline: Instant) {
         if !self.args.release_on_exit {
             tracing::info!(
                 action = "release",
@@ -464,7 +694,7 @@ impl Sidecar {
             return;
         }
         let timeout = self.args.shutdown_timeout;
-        match tokio::time::timeout(timeout, self.release_with_retries()).await {
+        match tokio::time::timeout_at(deadline, self.release_with_retries()).await {
             Ok(()) => tracing::info!(action = "release", outcome = "ok", "released; exiting"),
             Err(_) => tracing::error!(
                 action = "release",
@@ -560,6 +790,65 @@ impl Sidecar {
     }
 }
 
+/// The error the pass reports, which decides the backoff: any error other than throttling
+/// (it needs the longer wait), else the throttling.
+fn worst(failures: Vec<Error>) -> Option<Error> {
+    let mut throttled = None;
+    for e in failures {
+        if e.is_throttled() {
+            throttled.get_or_insert(e);
+        } else {
+            return Some(e);
+        }
+    }
+    throttled
+}
+
+/// The next netlink event, or never while netlink is lost.
+async fn next_event(
+    watcher: Option<&mut AddressWatcher>,
+) -> Result<rtnetlink::packet_route::RouteNetlinkMessage> {
+    match watcher {
+        Some(w) => w.next_event().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// When to subscribe to netlink again: at once after the first failure, then with backoff.
+struct NetlinkRetry {
+    at: Option<Instant>,
+    failures: u32,
+    waits: ExponentialBackoff,
+}
+
+impl Default for NetlinkRetry {
+    fn default() -> Self {
+        Self {
+            at: None,
+            failures: 0,
+            waits: backoff(NETLINK_RETRY_MIN, NETLINK_RETRY_MAX),
+        }
+    }
+}
+
+impl NetlinkRetry {
+    /// Schedules the next attempt; returns the wait.
+    fn failed(&mut self) -> Duration {
+        self.failures += 1;
+        let delay = if self.failures == 1 {
+            Duration::ZERO
+        } else {
+            self.waits.next().unwrap_or(NETLINK_RETRY_MAX)
+        };
+        self.at = Some(Instant::now() + delay);
+        delay
+    }
+
+    fn succeeded(&mut self) {
+        *self = Self::default();
+    }
+}
+
 async fn sleep_until(at: Option<Instant>) {
     match at {
         Some(at) => tokio::time::sleep_until(at).await,
@@ -570,6 +859,31 @@ async fn sleep_until(at: Option<Instant>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn three_throttled_passes_wait_at_most_14_seconds() {
+        // backon adds up to 100 % jitter: the longest waits are twice the base ones.
+        let mut waits = backoff(THROTTLED_RETRY_MIN, THROTTLED_RETRY_MAX);
+        let total: Duration = (0..3).filter_map(|_| waits.next()).sum();
+        assert!(total <= Duration::from_secs(14), "{total:?}");
+        assert!(total >= Duration::from_secs(7), "{total:?}");
+    }
+
+    #[test]
+    fn the_pass_backs_off_on_its_worst_error() {
+        let ec2 = |kind| {
+            Error::Ec2(multus_eni_ec2::Error {
+                action: "AssignPrivateIpAddresses",
+                kind,
+                message: String::new(),
+            })
+        };
+        assert!(worst(Vec::new()).is_none());
+        let only_throttled = worst(vec![ec2(ErrorKind::Throttled), ec2(ErrorKind::Throttled)]);
+        assert!(only_throttled.is_some_and(|e| e.is_throttled()));
+        let mixed = worst(vec![ec2(ErrorKind::Throttled), ec2(ErrorKind::Rejected)]);
+        assert!(matches!(mixed, Some(Error::Ec2(e)) if e.kind == ErrorKind::Rejected));
+    }
 
     #[test]
     fn resyncs_are_spread_around_the_period() {

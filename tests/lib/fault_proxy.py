@@ -6,7 +6,14 @@ parameters and its arrival time (`time.monotonic()` when the request head was re
 benchmark can compare those timestamps with the moment it changed an address to measure
 the sidecar's reaction time. Faults are injected per action: throttling
 (`RequestLimitExceeded`, EC2 XML error body, HTTP 503), server errors (HTTP 500
-`InternalError`), or holding requests until released.
+`InternalError`), optionally only for requests a predicate picks (one filter of
+DescribeNetworkInterfaces); holding requests until released; or forwarding a request and
+holding its answer for a while (EC2 carried the call out, the caller does not know yet).
+It also answers as IMDSv2 for the region (`/latest/api/token`,
+`/latest/meta-data/placement/region`) when the sidecar's `AWS_EC2_METADATA_SERVICE_ENDPOINT`
+points at it, with HTTP 500 while `imds_down` is set.
+Addresses can be marked as refused: an Assign that names one fails as a whole with
+`InvalidParameterValue`, as EC2 answers for an address outside the subnet.
 
 Where moto is laxer than EC2 the proxy answers as EC2 does: an UnassignPrivateIpAddresses
 that names an address not on the ENI fails as a whole with `InvalidParameterValue` (moto
@@ -21,7 +28,7 @@ import threading
 import time
 import urllib.parse
 import xml.etree.ElementTree as ET
-from typing import Any
+from typing import Any, Callable
 
 from .netns import NetNS
 
@@ -65,6 +72,7 @@ class _Fault:
     action: str | None
     kind: str
     remaining: int
+    when: Callable[[Request], bool] | None = None
 
 
 class FaultProxy:
@@ -79,6 +87,11 @@ class FaultProxy:
         self._requests: list[Request] = []
         self._faults: list[_Fault] = []
         self._held: set[str] = set()
+        self._answer_delays: dict[str, list[float]] = {}
+        self._refused: set[str] = set()
+        self.imds_down = False
+        self.imds_region = "us-east-1"
+        self.imds_requests = 0
         self._loop: asyncio.AbstractEventLoop | None = None
         self._release: asyncio.Event | None = None
         self._server: asyncio.base_events.Server | None = None
@@ -125,12 +138,25 @@ class FaultProxy:
         if self._thread is not None:
             self._thread.join(5)
 
-    def inject(self, kind: str, times: int, action: str | None = None) -> None:
-        """Answer the next `times` requests of `action` (any when None) with a `kind` error."""
+    def inject(
+        self, kind: str, times: int, action: str | None = None, when: Callable[[Request], bool] | None = None
+    ) -> None:
+        """Answer the next `times` requests of `action` (any when None) that `when` picks (all
+        when None) with a `kind` error."""
         if kind not in _ERRORS:
             raise ValueError(kind)
         with self._lock:
-            self._faults.append(_Fault(action, kind, times))
+            self._faults.append(_Fault(action, kind, times, when))
+
+    def hold_answer(self, action: str, seconds: float) -> None:
+        """Forward the next request of `action` at once but keep its answer for `seconds`."""
+        with self._lock:
+            self._answer_delays.setdefault(action, []).append(seconds)
+
+    def refuse(self, address: str) -> None:
+        """Fail every Assign that names `address` with `InvalidParameterValue`, as a whole."""
+        with self._lock:
+            self._refused.add(address)
 
     def hold(self, action: str) -> None:
         """Keep requests of `action` waiting (not forwarded) until `release()`."""
@@ -144,10 +170,12 @@ class FaultProxy:
             self._loop.call_soon_threadsafe(self._release.set)
 
     def reset(self) -> None:
-        """Forget recorded requests and pending faults."""
+        """Forget recorded requests, pending faults, held answers and refused addresses."""
         with self._lock:
             self._requests.clear()
             self._faults.clear()
+            self._answer_delays.clear()
+            self._refused.clear()
         self.release()
 
     def requests(self, action: str | None = None) -> list[Request]:
@@ -165,10 +193,14 @@ class FaultProxy:
 
     # === the proxy itself, on its own loop ===
 
-    def _take_fault(self, action: str) -> str | None:
+    def _take_fault(self, request: Request) -> str | None:
         with self._lock:
             for f in self._faults:
-                if f.remaining > 0 and (f.action is None or f.action == action):
+                if (
+                    f.remaining > 0
+                    and (f.action is None or f.action == request.action)
+                    and (f.when is None or f.when(request))
+                ):
                     f.remaining -= 1
                     return f.kind
         return None
@@ -194,6 +226,10 @@ class FaultProxy:
                 query = urllib.parse.urlsplit(target).query
                 for k, v in urllib.parse.parse_qs(query, keep_blank_values=True).items():
                     params.setdefault(k, v)
+                if urllib.parse.urlsplit(target).path.startswith("/latest/"):
+                    writer.write(self._imds_answer(method, target))
+                    await writer.drain()
+                    continue
                 action = (params.get("Action") or [""])[0]
                 request = Request(action, params, arrived, arrived_wall)
                 with self._lock:
@@ -205,7 +241,7 @@ class FaultProxy:
                     if self._is_held(action):
                         await self._release.wait()
 
-                fault = self._take_fault(action)
+                fault = self._take_fault(request)
                 error = _ERRORS[fault] if fault else await self._as_ec2_would_reject(request, headers)
                 if error is not None:
                     status, reason, code, message = error
@@ -219,6 +255,11 @@ class FaultProxy:
                 else:
                     status, reason, resp_headers, payload = await self._forward(method, target, headers, body)
                     request.status = status
+                    with self._lock:
+                        delays = self._answer_delays.get(action)
+                        delay = delays.pop(0) if delays else 0.0
+                    if delay:
+                        await asyncio.sleep(delay)
                 out = [f"HTTP/1.1 {status} {reason}"]
                 out += [f"{k}: {v}" for k, v in resp_headers]
                 out += [f"Content-Length: {len(payload)}", "Connection: keep-alive", "", ""]
@@ -231,10 +272,38 @@ class FaultProxy:
         finally:
             writer.close()
 
+    def _imds_answer(self, method: str, target: str) -> bytes:
+        """IMDSv2 as far as the SDK's region provider reads it."""
+        path = urllib.parse.urlsplit(target).path
+        with self._lock:
+            self.imds_requests += 1
+            down, region = self.imds_down, self.imds_region
+        headers: list[str] = []
+        if down:
+            status, body = "500 Internal Server Error", b""
+        elif method == "PUT" and path == "/latest/api/token":
+            status, body = "200 OK", b"imds-token"
+            headers.append("X-aws-ec2-metadata-token-ttl-seconds: 21600")
+        elif method == "GET" and path == "/latest/meta-data/placement/region":
+            status, body = "200 OK", region.encode()
+        else:
+            status, body = "404 Not Found", b""
+        lines = [f"HTTP/1.1 {status}", *headers, f"Content-Length: {len(body)}", "Connection: keep-alive", "", ""]
+        return "\r\n".join(lines).encode("latin-1") + body
+
     async def _as_ec2_would_reject(
         self, request: Request, headers: list[Any]
     ) -> tuple[int, str, str, str] | None:
-        """EC2's answer where moto would accept: an Unassign of an address not on the ENI."""
+        """EC2's answer where moto would accept: an Unassign of an address not on the ENI, an
+        Assign of an address marked refused."""
+        if request.action in ("AssignPrivateIpAddresses", "AssignIpv6Addresses"):
+            named = set(request.values("PrivateIpAddress")) | set(request.values("Ipv6Addresses"))
+            with self._lock:
+                refused = sorted(named & self._refused)
+            if refused:
+                message = f"Address {refused[0]} is not in the subnet's CIDR block"
+                return 400, "Bad Request", NOT_ASSIGNED, message
+            return None
         if request.action != "UnassignPrivateIpAddresses":
             return None
         eni_id = request.param("NetworkInterfaceId") or ""

@@ -105,6 +105,31 @@ class Sidecar:
 
         return self.ns.call(get)
 
+    def probe_text(self, path: str = "/readyz") -> str | None:
+        """Body of a probe answer (the reason of a 503), None while nothing listens."""
+        import urllib.error
+        import urllib.request
+
+        def get() -> str | None:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{self.probe_port}{path}", timeout=2) as r:
+                    return r.read().decode()
+            except urllib.error.HTTPError as e:
+                return e.read().decode()
+            except OSError:
+                return None
+
+        return self.ns.call(get)
+
+    def pause(self) -> None:
+        """SIGSTOP: the process reads nothing (its netlink socket fills) until `resume()`."""
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGCONT)
+
     def logs(self) -> list[dict[str, Any]]:
         out = []
         for line in self.log_path.read_text(errors="replace").splitlines():

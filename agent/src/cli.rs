@@ -1,0 +1,143 @@
+//! Command line (docs/contract.md): every flag also from env `MULTUS_ENI_<FLAG>`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use tracing_subscriber::EnvFilter;
+
+use crate::{Error, Result};
+
+/// Node agent: assigns the node's pods' Multus addresses on its ENIs, batched per ENI.
+#[derive(Debug, Parser)]
+#[command(name = "multus-eni-agent", version, about)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Serve the sidecars of this node until SIGTERM.
+    Run(RunArgs),
+}
+
+/// Flags of `run`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct RunArgs {
+    /// Unix socket the sidecars connect to (created mode 0666).
+    #[arg(
+        long,
+        env = "MULTUS_ENI_SOCKET",
+        default_value = "/run/multus-eni/agent.sock"
+    )]
+    pub socket: PathBuf,
+
+    /// Plain HTTP address for `/metrics`, `/healthz` and `/readyz`.
+    #[arg(long, env = "MULTUS_ENI_METRICS_ADDR", default_value = "0.0.0.0:9812")]
+    pub metrics_addr: SocketAddr,
+
+    /// Directory of the node's network namespaces: an address held in any of them is never
+    /// reclaimed.
+    #[arg(long, env = "MULTUS_ENI_NETNS_DIR", default_value = "/var/run/netns")]
+    pub netns_dir: PathBuf,
+
+    /// Where the agent checkpoints the node's ENIs and what it assigned.
+    #[arg(
+        long,
+        env = "MULTUS_ENI_STATE_DIR",
+        default_value = "/var/lib/multus-eni"
+    )]
+    pub state_dir: PathBuf,
+
+    /// How long an address on the node's Multus ENIs must stay unheld before it is unassigned.
+    #[arg(long, env = "MULTUS_ENI_RECLAIM_AFTER", default_value = "5m", value_parser = parse_duration)]
+    pub reclaim_after: Duration,
+
+    /// Period of the re-read of the node's ENIs (one Describe) and of `--netns-dir`.
+    #[arg(long, env = "MULTUS_ENI_RESYNC_INTERVAL", default_value = "60s", value_parser = parse_duration)]
+    pub resync_interval: Duration,
+
+    /// Log output format.
+    #[arg(long, env = "MULTUS_ENI_LOG_FORMAT", value_enum, default_value_t = LogFormat::Json)]
+    pub log_format: LogFormat,
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Json,
+    Text,
+}
+
+fn parse_duration(s: &str) -> std::result::Result<Duration, String> {
+    let d = humantime::parse_duration(s).map_err(|e| e.to_string())?;
+    if d.is_zero() {
+        return Err("must be greater than zero".into());
+    }
+    Ok(d)
+}
+
+impl Cli {
+    /// Runs the chosen subcommand on a single-threaded runtime (netns reads get threads of
+    /// their own).
+    pub fn run(self) -> Result<()> {
+        match self.command {
+            Command::Run(args) => {
+                init_logging(args.log_format);
+                // Installed once: a second install is a harmless no-op error.
+                let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+                let runtime = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .map_err(Error::Runtime)?;
+                runtime.block_on(crate::server::run(args))
+            }
+        }
+    }
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| EnvFilter::new("info,aws_config=warn,aws_smithy_runtime=warn"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .init(),
+        LogFormat::Text => builder.init(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> std::result::Result<RunArgs, clap::Error> {
+        let Command::Run(a) = Cli::try_parse_from(args)?.command;
+        Ok(a)
+    }
+
+    #[test]
+    fn run_alone_uses_the_contract_defaults() {
+        let a = parse(&["multus-eni-agent", "run"]).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(a.socket, PathBuf::from("/run/multus-eni/agent.sock"));
+        assert_eq!(a.metrics_addr.to_string(), "0.0.0.0:9812");
+        assert_eq!(a.netns_dir, PathBuf::from("/var/run/netns"));
+        assert_eq!(a.state_dir, PathBuf::from("/var/lib/multus-eni"));
+        assert_eq!(a.reclaim_after, Duration::from_secs(300));
+        assert_eq!(a.resync_interval, Duration::from_secs(60));
+        assert_eq!(a.log_format, LogFormat::Json);
+    }
+
+    #[test]
+    fn zero_durations_are_rejected() {
+        assert!(parse(&["multus-eni-agent", "run", "--reclaim-after=0s"]).is_err());
+        assert!(parse(&["multus-eni-agent", "run", "--resync-interval", "500ms"]).is_ok());
+    }
+}

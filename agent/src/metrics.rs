@@ -1,0 +1,171 @@
+//! Prometheus metrics (`multus_eni_agent_*`) and the plain-HTTP `/metrics`, `/healthz`,
+//! `/readyz` on `--metrics-addr`.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+/// Labels of the EC2 calls counter.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CallLabels {
+    pub action: &'static str,
+    /// `success`, or the error kind (`throttled`, `rejected`, ...).
+    pub outcome: &'static str,
+}
+
+/// Labels of the refusals counter.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RefusalLabels {
+    /// `not_held`, `not_no_manage`, `primary`.
+    pub reason: &'static str,
+}
+
+/// Labels of the releases counter.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReleaseLabels {
+    /// `release` (the sidecar said so) or `gone` (its namespace or addresses went away).
+    pub cause: &'static str,
+}
+
+/// The agent's metrics.
+pub struct Metrics {
+    registry: Registry,
+    pub calls: Family<CallLabels, Counter>,
+    pub batch_addresses: Histogram,
+    pub throttles: Counter,
+    pub pending: Gauge<i64, AtomicI64>,
+    pub claim_to_routable: Histogram,
+    pub releases: Family<ReleaseLabels, Counter>,
+    pub reclaims: Counter,
+    pub refusals: Family<RefusalLabels, Counter>,
+    ready: AtomicBool,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("multus_eni_agent");
+        let calls = Family::<CallLabels, Counter>::default();
+        registry.register(
+            "ec2_calls",
+            "EC2 calls by action and outcome",
+            calls.clone(),
+        );
+        let batch_addresses = Histogram::new(exponential_buckets(1.0, 2.0, 10));
+        registry.register(
+            "batch_addresses",
+            "Addresses per Assign/Unassign call",
+            batch_addresses.clone(),
+        );
+        let throttles = Counter::default();
+        registry.register(
+            "throttles",
+            "EC2 calls turned away by the rate limit",
+            throttles.clone(),
+        );
+        let pending = Gauge::<i64, AtomicI64>::default();
+        registry.register(
+            "pending_addresses",
+            "Addresses queued for an Assign or Unassign call",
+            pending.clone(),
+        );
+        let claim_to_routable = Histogram::new(exponential_buckets(0.001, 2.0, 18));
+        registry.register(
+            "claim_to_routable_seconds",
+            "From a verified claim to the address on its ENI",
+            claim_to_routable.clone(),
+        );
+        let releases = Family::<ReleaseLabels, Counter>::default();
+        registry.register(
+            "releases",
+            "Addresses unassigned after their pod let go of them",
+            releases.clone(),
+        );
+        let reclaims = Counter::default();
+        registry.register(
+            "reclaims",
+            "Leaked addresses unassigned after --reclaim-after",
+            reclaims.clone(),
+        );
+        let refusals = Family::<RefusalLabels, Counter>::default();
+        registry.register(
+            "refusals",
+            "Claimed addresses the agent refused",
+            refusals.clone(),
+        );
+        Self {
+            registry,
+            calls,
+            batch_addresses,
+            throttles,
+            pending,
+            claim_to_routable,
+            releases,
+            reclaims,
+            refusals,
+            ready: AtomicBool::new(false),
+        }
+    }
+
+    pub fn set_ready(&self, ready: bool) {
+        self.ready.store(ready, Ordering::Relaxed);
+    }
+
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Relaxed)
+    }
+
+    /// The OpenMetrics text exposition.
+    pub fn encode(&self) -> Result<String, std::fmt::Error> {
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &self.registry)?;
+        Ok(out)
+    }
+}
+
+/// `/healthz` (process up), `/readyz` (socket served and the node's ENIs read), `/metrics`.
+pub fn router(metrics: Arc<Metrics>) -> Router {
+    Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(render))
+        .with_state(metrics)
+}
+
+async fn readyz(State(metrics): State<Arc<Metrics>>) -> Response {
+    if metrics.is_ready() {
+        (StatusCode::OK, "ready\n").into_response()
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "not ready\n").into_response()
+    }
+}
+
+async fn render(State(metrics): State<Arc<Metrics>>) -> Response {
+    match metrics.encode() {
+        Ok(body) => (
+            [(
+                header::CONTENT_TYPE,
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            )],
+            body,
+        )
+            .into_response(),
+        Err(_) => StatusCode::INTERNAL_SERVER_ERROR.into_response(),
+    }
+}

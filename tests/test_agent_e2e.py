@@ -1,0 +1,339 @@
+"""End-to-end: node agents (`multus-eni-agent`) and sidecars in agent mode as real processes.
+Each agent runs in the emulator's namespace and reaches EC2 through the fault proxy; each pod
+is a network namespace of its own, linked into its agent's `--netns-dir`, with veth links
+carrying the ENIs' MACs (what an ipvlan child looks like).
+
+Convergence is awaited by bounded polling; nothing here measures time.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+from lib.agent import Agent, AgentPod, raw_claim
+from lib.moto import World, assign, build_world
+from lib.sidecar import wait_for
+
+ASSIGN4 = "AssignPrivateIpAddresses"
+UNASSIGN4 = "UnassignPrivateIpAddresses"
+ASSIGN6 = "AssignIpv6Addresses"
+UNASSIGN6 = "UnassignIpv6Addresses"
+DESCRIBE = "DescribeNetworkInterfaces"
+MUTATING = {ASSIGN4, UNASSIGN4, ASSIGN6, UNASSIGN6}
+
+
+class Node:
+    """One test's node: a world in the emulator, agents and pods; cleaned up afterwards."""
+
+    def __init__(self, emulator, tmp_path: Path, agent_binary: Path, sidecar_binary: Path):
+        self.emulator = emulator
+        self.tmp_path = tmp_path
+        self.agent_binary = agent_binary
+        self.sidecar_binary = sidecar_binary
+        self.agents: list[Agent] = []
+        self.pods: list[AgentPod] = []
+        self.world: World = build_world(emulator.ns, emulator.direct)
+
+    def agent(self, *args: str, name: str = "a") -> Agent:
+        a = Agent(self.emulator.ns, self.emulator.endpoint, self.tmp_path / f"agent-{name}", self.agent_binary, list(args))
+        self.agents.append(a)
+        a.start()
+        wait_for(lambda: a.http("/readyz")[0] == 200, "agent /readyz 200")
+        return a
+
+    def pod(self, agent: Agent, name: str | None = None) -> AgentPod:
+        p = AgentPod(agent, self.tmp_path, self.sidecar_binary, name or f"pod-{len(self.pods)}")
+        self.pods.append(p)
+        return p
+
+    def eni(self, eni_id: str):
+        return self.emulator.eni(eni_id)
+
+    def on_eni(self, eni_id: str, *addresses: str) -> bool:
+        state = self.eni(eni_id)
+        return all(state.holds(a) for a in addresses)
+
+    def off_eni(self, eni_id: str, *addresses: str) -> bool:
+        state = self.eni(eni_id)
+        return not any(state.holds(a) for a in addresses)
+
+    def calls_on(self, eni_id: str, *actions: str) -> list:
+        wanted = set(actions) or MUTATING
+        return [r for r in self.emulator.proxy.requests() if r.action in wanted and r.param("NetworkInterfaceId") == eni_id]
+
+    def dump(self) -> None:
+        for a in self.agents:
+            sys.stderr.write(f"--- agent {a.workdir}\n{a.log_text()[-8000:]}\n")
+        for p in self.pods:
+            if p.sidecar is not None:
+                sys.stderr.write(f"--- sidecar {p.name}\n{p.sidecar.log_text()[-3000:]}\n")
+        for e in [self.world.eth0, *self.world.enis]:
+            sys.stderr.write(f"--- {e.id} ({e.mac}): {self.eni(e.id)}\n")
+        sys.stderr.write(f"--- proxy: {self.emulator.proxy.counts()}\n")
+
+    def cleanup(self) -> None:
+        for p in self.pods:
+            p.delete()
+        for a in self.agents:
+            a.kill()
+
+
+@pytest.fixture
+def node(emulator, tmp_path: Path, agent_binary: Path, sidecar_binary: Path, request) -> Iterator[Node]:
+    emulator.proxy.reset()
+    n = Node(emulator, tmp_path, agent_binary, sidecar_binary)
+    try:
+        yield n
+    finally:
+        rep = getattr(request.node, "rep_call", None)
+        if rep is not None and rep.failed:
+            n.dump()
+        n.cleanup()
+        emulator.proxy.reset()
+
+
+def test_claim_is_assigned_pod_becomes_ready_and_sigterm_releases(node):
+    w = node.world
+    eni = w.enis[0]
+    agent = node.agent()
+    p = node.pod(agent)
+    v4, v6 = w.v4(50), w.v6(0x50)
+    p.link("net1", eni.mac, v4, v6)
+    s = p.start_sidecar(["net1"])
+
+    wait_for(lambda: node.on_eni(eni.id, v4, v6), "the pod's addresses on its ENI")
+    wait_for(lambda: s.probe() == 200, "sidecar /readyz 200")
+    assert node.calls_on(eni.id, ASSIGN4)[0].values("PrivateIpAddress") == [v4]
+    assert not node.calls_on(w.eth0.id)
+    # The sidecar never called EC2 itself and had no AWS settings: every call is the agent's.
+    assert "AWS_REGION" not in s.env
+    assert node.emulator.proxy.calls(DESCRIBE) >= 1
+    assert agent.checkpoint()["enis"] == {eni.mac: eni.id}
+
+    assert s.terminate() == 0
+    wait_for(lambda: node.off_eni(eni.id, v4, v6), "released addresses off the ENI")
+    assert node.eni(eni.id).holds(eni.primary_ip)
+    assert agent.metric("multus_eni_agent_releases_total", 'cause="release"') == 2
+
+
+def test_pods_started_together_share_a_few_assign_calls_and_release_in_a_few_unassign_calls(node):
+    w = node.world
+    eni = w.enis[0]
+    agent = node.agent()
+    proxy = node.emulator.proxy
+    pods, addresses = [], []
+    proxy.hold(ASSIGN4)
+    for i in range(8):
+        p = node.pod(agent)
+        a = w.v4(60 + i)
+        p.link("net1", eni.mac, a)
+        p.start_sidecar(["net1"])
+        pods.append(p)
+        addresses.append(a)
+    # The first Assign is held at the proxy; everything claimed meanwhile queues behind it.
+    wait_for(lambda: proxy.calls(ASSIGN4) >= 1, "the first Assign sent")
+    wait_for(lambda: agent.metric("multus_eni_agent_pending_addresses") + len(proxy.requests(ASSIGN4)[0].values("PrivateIpAddress")) == 8,
+             "every claim queued behind the first call")
+    proxy.release()
+    wait_for(lambda: node.on_eni(eni.id, *addresses), "every pod's address on the ENI")
+    wait_for(lambda: all(p.sidecar.probe() == 200 for p in pods), "every sidecar ready")
+    assert len(node.calls_on(eni.id, ASSIGN4)) == 2
+
+    proxy.hold(UNASSIGN4)
+    for p in pods:
+        p.sidecar.proc.send_signal(signal.SIGTERM)
+    for p in pods:
+        assert p.sidecar.proc.wait(30) == 0, "the release is answered at once, even with Unassign stuck"
+    wait_for(lambda: proxy.calls(UNASSIGN4) >= 1, "the first Unassign sent")
+    wait_for(lambda: agent.metric("multus_eni_agent_releases_total", 'cause="release"') == 8, "every release recorded")
+    proxy.release()
+    wait_for(lambda: node.off_eni(eni.id, *addresses), "every address off the ENI")
+    assert len(node.calls_on(eni.id, UNASSIGN4)) == 2
+
+
+def test_a_claim_for_an_address_the_caller_does_not_hold_is_refused(node):
+    w = node.world
+    eni = w.enis[0]
+    agent = node.agent()
+    intruder = node.pod(agent, "intruder")
+    intruder.link("net1", eni.mac, w.v4(70))
+    # Another pod's address, not configured in the intruder's namespace.
+    answer = raw_claim(intruder.ns, agent.socket, [{"name": "net1", "mac": eni.mac, "addresses": [w.v4(71)]}])
+    assert answer["type"] == "status" and answer["routable"] is False
+    assert [a["state"] for a in answer["addresses"]] == ["refused"]
+    assert agent.metric("multus_eni_agent_refusals_total", 'reason="not_held"') == 1
+    assert not node.calls_on(eni.id)
+    assert node.off_eni(eni.id, w.v4(71))
+
+
+def test_an_address_on_an_eni_without_no_manage_is_refused(node):
+    w = node.world
+    agent = node.agent()
+    p = node.pod(agent)
+    # eth0's ENI belongs to the VPC CNI (no no_manage tag).
+    p.link("eth0", w.eth0.mac, w.v4(80))
+    s = p.start_sidecar(["eth0"])
+    wait_for(lambda: agent.metric("multus_eni_agent_refusals_total", 'reason="not_no_manage"') == 1, "the refusal counted")
+    assert s.probe() == 503
+    assert not node.calls_on(w.eth0.id)
+    assert node.off_eni(w.eth0.id, w.v4(80))
+
+
+def test_a_killed_sidecar_keeps_its_address_while_its_netns_holds_it(node):
+    w = node.world
+    eni = w.enis[0]
+    agent = node.agent("--resync-interval=1s", "--reclaim-after=1s")
+    p = node.pod(agent)
+    a = w.v4(90)
+    p.link("net1", eni.mac, a)
+    s = p.start_sidecar(["net1"])
+    wait_for(lambda: s.probe() == 200, "sidecar ready")
+    s.kill()
+    # Several resyncs (each one Describe of the node plus a netns scan) pass...
+    seen = node.emulator.proxy.calls(DESCRIBE)
+    wait_for(lambda: node.emulator.proxy.calls(DESCRIBE) >= seen + 3, "three resyncs")
+    # ...and the address stays: the namespace still holds it (a restarting sidecar).
+    assert node.on_eni(eni.id, a)
+    assert not node.calls_on(eni.id, UNASSIGN4)
+    p.delete()
+    wait_for(lambda: node.off_eni(eni.id, a), "the address released once the namespace is gone")
+    assert agent.metric("multus_eni_agent_releases_total", 'cause="gone"') + agent.metric("multus_eni_agent_reclaims_total") >= 1
+
+
+def test_a_restarted_agent_reclaims_leaks_but_never_an_address_a_netns_holds(node):
+    w = node.world
+    eni = w.enis[0]
+    agent = node.agent("--resync-interval=1s", "--reclaim-after=2s")
+    gone, kept = node.pod(agent, "gone"), node.pod(agent, "kept")
+    a_gone, a_kept = w.v4(100), w.v4(101)
+    gone.link("net1", eni.mac, a_gone)
+    s = gone.start_sidecar(["net1"])
+    wait_for(lambda: s.probe() == 200, "sidecar ready")
+    # A pod without a sidecar whose address is on the ENI (put there by someone else).
+    kept.link("net1", eni.mac, a_kept)
+    assign(node.emulator.ns, node.emulator.direct, eni.id, a_kept)
+
+    agent.kill()
+    gone.delete()  # SIGKILL and netns deleted while the agent is down: nobody released it
+    assert node.on_eni(eni.id, a_gone)
+    agent.start()
+    wait_for(lambda: node.off_eni(eni.id, a_gone), "the leaked address reclaimed after the restart")
+    reclaims = [e for e in agent.logs() if e.get("action") == "reclaim"]
+    assert [e["address"] for e in reclaims] == [a_gone]
+    seen = node.emulator.proxy.calls(DESCRIBE)
+    wait_for(lambda: node.emulator.proxy.calls(DESCRIBE) >= seen + 4, "several more resyncs past --reclaim-after")
+    assert node.on_eni(eni.id, a_kept), "an address held in a netns of the node is never reclaimed"
+    assert node.eni(eni.id).holds(eni.primary_ip)
+
+
+def test_an_agent_killed_under_load_comes_back_without_losing_an_address(node):
+    w = node.world
+    eni = w.enis[0]
+    agent = node.agent("--resync-interval=1s", "--reclaim-after=1s")
+    pods, addresses = [], []
+    for i in range(6):
+        p = node.pod(agent)
+        a = w.v4(110 + i)
+        p.link("net1", eni.mac, a)
+        p.start_sidecar(["net1"])
+        pods.append(p)
+        addresses.append(a)
+    wait_for(lambda: sum(1 for p in pods if p.sidecar.probe() == 200) >= 2, "some pods ready")
+    agent.kill()  # mid-rollout
+    wait_for(lambda: all(p.sidecar.probe() == 503 for p in pods), "every sidecar unready while the agent is down")
+    # More pods arrive while it is down.
+    for i in range(6, 9):
+        p = node.pod(agent)
+        a = w.v4(110 + i)
+        p.link("net1", eni.mac, a)
+        p.start_sidecar(["net1"])
+        pods.append(p)
+        addresses.append(a)
+    agent.start()
+    wait_for(lambda: all(p.sidecar.probe() == 200 for p in pods), "every pod ready again")
+    assert node.on_eni(eni.id, *addresses)
+    seen = node.emulator.proxy.calls(DESCRIBE)
+    wait_for(lambda: node.emulator.proxy.calls(DESCRIBE) >= seen + 3, "resyncs past --reclaim-after")
+    assert node.on_eni(eni.id, *addresses)
+    assert not node.calls_on(eni.id, UNASSIGN4), "no live pod's address was ever unassigned"
+    assert all(p.sidecar.running() for p in pods)
+
+
+def test_two_nodes_in_one_subnet_each_assign_on_their_own_eni(node):
+    w = node.world
+    one, two = node.agent(name="one"), node.agent(name="two")
+    p1, p2 = node.pod(one), node.pod(two)
+    a1, a2 = w.v4(120), w.v4(121)
+    p1.link("net1", w.enis[0].mac, a1)
+    p2.link("net1", w.enis[1].mac, a2)
+    s1, s2 = p1.start_sidecar(["net1"]), p2.start_sidecar(["net1"])
+    wait_for(lambda: s1.probe() == 200 and s2.probe() == 200, "both pods ready")
+    assert node.on_eni(w.enis[0].id, a1) and node.off_eni(w.enis[0].id, a2)
+    assert node.on_eni(w.enis[1].id, a2) and node.off_eni(w.enis[1].id, a1)
+    assert one.checkpoint()["enis"] == {w.enis[0].mac: w.enis[0].id}
+    assert two.checkpoint()["enis"] == {w.enis[1].mac: w.enis[1].id}
+
+
+def test_throttling_and_server_errors_are_retried_once_per_node(node):
+    from lib.fault_proxy import SERVER_ERROR, THROTTLE
+
+    w = node.world
+    eni = w.enis[0]
+    agent = node.agent()
+    proxy = node.emulator.proxy
+    proxy.inject(THROTTLE, 2, ASSIGN4)
+    proxy.inject(SERVER_ERROR, 1, ASSIGN4)
+    pods, addresses = [], []
+    for i in range(4):
+        p = node.pod(agent)
+        a = w.v4(130 + i)
+        p.link("net1", eni.mac, a)
+        p.start_sidecar(["net1"])
+        pods.append(p)
+        addresses.append(a)
+    wait_for(lambda: all(p.sidecar.probe() == 200 for p in pods), "every pod ready despite the faults")
+    assert node.on_eni(eni.id, *addresses)
+    assert agent.metric("multus_eni_agent_throttles_total") == 2
+    # The SDK retries the 5xx itself; throttled calls are retried by the agent only.
+    assert agent.metric("multus_eni_agent_ec2_calls_total", 'action="AssignPrivateIpAddresses",outcome="throttled"') == 2
+    # Never more Assign calls than pods, faults included.
+    assert len(node.calls_on(eni.id, ASSIGN4)) <= len(pods) + 3
+
+
+def test_an_address_change_is_claimed_again_and_the_old_address_released(node):
+    w = node.world
+    eni = w.enis[0]
+    agent = node.agent()
+    p = node.pod(agent)
+    old, new = w.v4(140), w.v4(141)
+    p.link("net1", eni.mac, old)
+    s = p.start_sidecar(["net1"])
+    wait_for(lambda: s.probe() == 200 and node.on_eni(eni.id, old), "first address routable")
+    # Old one first: deleting a subnet's primary address flushes its secondaries.
+    p.remove("net1", old)
+    p.add("net1", new)
+    wait_for(lambda: node.on_eni(eni.id, new) and node.off_eni(eni.id, old), "new address on, old one off")
+    wait_for(lambda: s.probe() == 200, "ready again")
+
+
+def test_readiness_waits_for_the_assign(node):
+    w = node.world
+    eni = w.enis[0]
+    agent = node.agent()
+    proxy = node.emulator.proxy
+    proxy.hold(ASSIGN4)
+    p = node.pod(agent)
+    a = w.v4(150)
+    p.link("net1", eni.mac, a)
+    s = p.start_sidecar(["net1"])
+    wait_for(lambda: proxy.calls(ASSIGN4) == 1, "the Assign sent (and held)")
+    assert s.probe() == 503
+    proxy.release()
+    wait_for(lambda: s.probe() == 200, "ready once the Assign went through")
+    assert node.on_eni(eni.id, a)
+    assert agent.metric("multus_eni_agent_claim_to_routable_seconds_count") == 1
