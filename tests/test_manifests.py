@@ -503,6 +503,23 @@ def test_agent_flags_follow_the_contract(rendered):
     assert port["name"] == "metrics" and container_port(container, port["targetPort"]) == port_of(args["metrics-addr"])
 
 
+def test_agent_contract_matches_the_agent_binary():
+    """Every flag of docs/contract.md's agent table is a flag of `multus-eni-agent run` with the
+    same default and env variable, and the binary has no flag the table lacks."""
+    help_output = help_text("multus-eni-agent", "run")
+    if help_output is None:
+        pytest.skip("multus-eni-agent is not built")
+    section = contract_text().split("## Node agent command line", 1)[1].split("\n## ", 1)[0]
+    rows = re.findall(r"^\|\s*`--([a-z-]+)[^`]*`\s*\|\s*`([A-Z_]+)`\s*\|\s*`([^`]*)`", section, re.M)
+    assert rows, "docs/contract.md's agent table has no rows"
+    in_binary = set(re.findall(r"^\s+--([a-z][a-z0-9-]*)", help_output, re.M)) - {"help", "version"}
+    assert {flag for flag, _, _ in rows} == in_binary
+    for flag, env, default in rows:
+        block = option_block(help_output, f"--{flag}") or ""
+        assert f"[env: {env}=" in block, (flag, block)
+        assert f"[default: {default}]" in block, (flag, default, block)
+
+
 def test_monitoring_component_scrapes_named_metrics_ports(rendered):
     docs = rendered["monitoring"]
     monitors = all_of(docs, "PodMonitor")
@@ -1293,10 +1310,6 @@ def test_sample_injected_with_the_deployment_flags_fits_the_sidecar_image(render
 
     sidecar_flags = flags({"args": sidecar["args"][1:]})
     known = set(re.findall(r"--([a-z][a-z0-9-]*)", sidecar_help))
-    if ec2_access == "agent" and "agent-socket" not in known:
-        # The sidecar's agent mode (issue 10) is built on another branch; the lead removes this
-        # once both are merged, and the assertion below then holds for agent mode too.
-        pytest.xfail("this multus-eni-sidecar build predates --agent-socket (sidecar agent mode)")
     assert sidecar["args"][0] == "run" and set(sidecar_flags) <= known, sidecar["args"]
     probe_port = port_of(sidecar_flags.get("probe-addr", f"0.0.0.0:{sidecar_default_probe_port()[0]}"))
     assert probe_port == sidecar_default_probe_port()[0]
