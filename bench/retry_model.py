@@ -178,7 +178,7 @@ def main() -> None:
     now = Policy(
         sdk_attempts=1,
         stale_on_throttle=False,
-        loop_min=2.0,
+        loop_min=1.0,
         loop_max=8.0,
         release_retries=True,
         release_keeps_picture=True,
@@ -195,9 +195,10 @@ def main() -> None:
             sdk_attempts=1, stale_on_throttle=False, loop_min=2.0, release_retries=True, release_keeps_picture=True
         ),
         "f61301a (release from the loop's picture: no Describe; release backoff 2 s to 8 s)": dataclasses.replace(
-            now, loop_max=30.0
+            now, loop_min=2.0, loop_max=30.0
         ),
-        "now (throttled passes back off 2 s doubling to 8 s, not 30 s)": now,
+        "2 s doubling to 8 s for throttled passes (until issue 12)": dataclasses.replace(now, loop_min=2.0),
+        "now (issue 12: throttled passes back off from 1 s: a lone pod throttled 3 times waits 7-14 s, was 14-28 s)": now,
         "same, shutdown timeout 25 s": dataclasses.replace(now, shutdown_timeout=25.0),
     }
     print(f"model: {args.pods} pods starting over {args.spawn:.0f} s, random seed {args.seed}")

@@ -193,14 +193,26 @@ class FaultProxy:
 
     # === the proxy itself, on its own loop ===
 
-    def _take_fault(self, request: Request) -> str | None:
+    def _take_matching_fault(self, request: Request) -> str | None:
+        """A fault injected with a `when` predicate that picks this request."""
         with self._lock:
             for f in self._faults:
                 if (
-                    f.remaining > 0
+                    f.when is not None
+                    and f.remaining > 0
                     and (f.action is None or f.action == request.action)
-                    and (f.when is None or f.when(request))
+                    and f.when(request)
                 ):
+                    f.remaining -= 1
+                    return f.kind
+        return None
+
+    def _take_fault(self, action: str) -> str | None:
+        """A fault injected for every request of `action` (the hook bench/ec2_throttle.py's
+        ThrottlingProxy overrides)."""
+        with self._lock:
+            for f in self._faults:
+                if f.when is None and f.remaining > 0 and (f.action is None or f.action == action):
                     f.remaining -= 1
                     return f.kind
         return None
@@ -241,7 +253,7 @@ class FaultProxy:
                     if self._is_held(action):
                         await self._release.wait()
 
-                fault = self._take_fault(request)
+                fault = self._take_matching_fault(request) or self._take_fault(action)
                 error = _ERRORS[fault] if fault else await self._as_ec2_would_reject(request, headers)
                 if error is not None:
                     status, reason, code, message = error
