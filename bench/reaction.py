@@ -1,5 +1,7 @@
 """Sidecar reaction benchmark: from an address change in the pod's namespace to the EC2
-request arriving at the proxy; EC2 calls per change; idle CPU; RSS; binary size.
+request arriving at the proxy; EC2 calls per change; idle CPU; RSS; binary size. With
+`--agent` the sidecar runs in agent mode beside one multus-eni-agent (which makes the calls);
+the agent's RSS is reported too.
 
 The address is added and deleted with one rtnetlink message sent from this process (a
 socket opened inside the pod's namespace), so the start timestamp is taken right before
@@ -94,8 +96,12 @@ def main() -> int:
     ap.add_argument("--idle", type=float, default=30.0)
     ap.add_argument("--settle", type=float, default=0.3, help="pause after each call is seen")
     ap.add_argument("--keep-logs", action="store_true")
+    ap.add_argument("--agent", action="store_true", help="agent mode: the sidecar beside one multus-eni-agent")
     ap.add_argument("--write-doc", action="store_true", help="replace the figures in docs/scale.md")
     args = ap.parse_args()
+    if args.agent and args.write_doc:
+        print("reaction: --write-doc records direct mode only", file=sys.stderr)
+        return 2
     if os.geteuid() != 0:
         print("reaction: needs root (network namespaces)", file=sys.stderr)
         return 2
@@ -108,6 +114,7 @@ def main() -> int:
     emu: Emulator | None = None
     pod = None
     proxy = None
+    agents: dict = {}
     try:
         emu = Emulator(run_id, log_dir)
         emu.moto.start()
@@ -116,8 +123,14 @@ def main() -> int:
         cluster.create_pod(emu, pod)
         cluster.attach_pods_to_bridge(emu, [pod])
         proxy = ThrottlingProxy(emu.ns, cluster.MOTO_PORT, cluster.BRIDGE_IP, BucketModel()).start()
+        extra_args = []
+        if args.agent:
+            from scale_sim import start_agents
+
+            agents = start_agents(emu, proxy.endpoint, [pod], log_dir)
+            extra_args.append(f"--agent-socket={agents[pod.eni.node].socket}")
         t_start = time.monotonic()
-        cluster.start_sidecar(binary, proxy.endpoint, pod, log_dir, [])
+        cluster.start_sidecar(binary, proxy.endpoint, pod, log_dir, extra_args)
         first = pod.addresses[-1]
         arrived = wait_arrival(proxy, "AssignPrivateIpAddresses", first, t_start, timeout=30)
         if arrived is None:
@@ -167,6 +180,7 @@ def main() -> int:
         idle_calls = sum(idle_actions.values())
         if s0 is None or s1 is None:
             raise RuntimeError("the sidecar exited")
+        a_stats = [cluster.proc_stats(a.proc.pid) for a in agents.values() if a.proc is not None]
         idle_cpu_ms = (s1.cpu_seconds - s0.cpu_seconds) * 1000
         size = os.path.getsize(binary)
         stripped = "not stripped" not in subprocess.run(["file", "-b", binary], capture_output=True, text=True).stdout
@@ -177,7 +191,8 @@ def main() -> int:
 
         profile = Path(binary).parent.name
         lines = [
-            f"sidecar binary: {binary} ({profile}), {size / 1024 / 1024:.1f} MiB, {'stripped' if stripped else 'with symbols'}",
+            f"sidecar binary: {binary} ({profile}), {size / 1024 / 1024:.1f} MiB, {'stripped' if stripped else 'with symbols'}"
+            + (", agent mode" if args.agent else ", direct mode"),
             f"start → first AssignPrivateIpAddresses: {startup * 1000:.0f} ms",
             "",
             "| measure | p50 | p99 | max |",
@@ -191,8 +206,15 @@ def main() -> int:
             f"- idle CPU over {args.idle:.0f} s: {idle_cpu_ms:.0f} ms ({idle_cpu_ms / 10 / args.idle:.3f} % of one core), "
             f"EC2 calls while idle: {idle_calls}"
             + (f" ({', '.join(f'{k} {v}' for k, v in sorted(idle_actions.items()))}: the 60 s resync)" if idle_calls else ""),
-            f"- RSS {s1.rss_kib / 1024:.1f} MiB, peak (VmHWM) {s1.hwm_kib / 1024:.1f} MiB",
+            f"- RSS {s1.rss_kib / 1024:.1f} MiB (RssAnon {s1.anon_kib / 1024:.1f} MiB, RssFile {s1.file_kib / 1024:.1f} MiB), "
+            f"peak (VmHWM) {s1.hwm_kib / 1024:.1f} MiB",
         ]
+        for a in a_stats:
+            if a is not None:
+                lines.append(
+                    f"- agent RSS {a.rss_kib / 1024:.1f} MiB (RssAnon {a.anon_kib / 1024:.1f} MiB, RssFile "
+                    f"{a.file_kib / 1024:.1f} MiB), peak (VmHWM) {a.hwm_kib / 1024:.1f} MiB"
+                )
         print("\n".join(lines))
         if args.write_doc:
             env = "BENCH_PROFILE=release " if profile == "release" else ""
@@ -211,6 +233,8 @@ def main() -> int:
                 pod.ns.close()
             else:
                 cluster.delete_namespace(pod.ns_name)
+        for a in agents.values():
+            a.kill()
         if proxy is not None:
             proxy.stop()
         if emu is not None:
