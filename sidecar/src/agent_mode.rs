@@ -92,13 +92,7 @@ impl AgentConnection {
 
 /// Runs agent mode until SIGTERM (or SIGINT), then says "release" and returns.
 pub async fn run(args: RunArgs, socket: PathBuf) -> Result<()> {
-    let env = |k: &str| std::env::var(k).unwrap_or_default();
-    let span = tracing::info_span!(
-        "sidecar",
-        pod = %env("POD_NAME"),
-        namespace = %env("POD_NAMESPACE"),
-        node = %env("NODE_NAME"),
-    );
+    let span = crate::pod_span();
     async move {
         let readiness = Readiness::default();
         let listener = probe::bind(args.probe_addr).await?;

@@ -59,5 +59,17 @@ impl Error {
     }
 }
 
+/// The span every log line of either mode carries: the pod, its namespace and its node, from
+/// the downward API (empty where unset, e.g. outside Kubernetes).
+pub(crate) fn pod_span() -> tracing::Span {
+    let env = |k: &str| std::env::var(k).unwrap_or_default();
+    tracing::info_span!(
+        "sidecar",
+        pod = %env("POD_NAME"),
+        namespace = %env("POD_NAMESPACE"),
+        node = %env("NODE_NAME"),
+    )
+}
+
 /// Result with the sidecar's [`Error`].
 pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -76,13 +76,7 @@ fn backoff(min: Duration, max: Duration) -> ExponentialBackoff {
 
 /// Runs the sidecar until SIGTERM (or SIGINT), then releases and returns.
 pub async fn run(args: RunArgs) -> Result<()> {
-    let env = |k: &str| std::env::var(k).unwrap_or_default();
-    let span = tracing::info_span!(
-        "sidecar",
-        pod = %env("POD_NAME"),
-        namespace = %env("POD_NAMESPACE"),
-        node = %env("NODE_NAME"),
-    );
+    let span = crate::pod_span();
     async move {
         let readiness = Readiness::default();
         let listener = probe::bind(args.probe_addr).await?;
