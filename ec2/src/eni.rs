@@ -5,7 +5,6 @@
 //! account's refill instead of hitting the empty bucket again within the same second.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::sync::RwLock;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -26,6 +25,7 @@ use aws_sdk_ec2::operation::{
 };
 use aws_sdk_ec2::types::{Filter, NetworkInterface};
 
+pub use crate::error::ErrorKind;
 use crate::mac::MacAddress;
 use crate::model::{Change, EniAddresses, EniId, Ipv6Holders};
 use crate::{Error, Result};
@@ -36,56 +36,6 @@ pub const NO_MANAGE_TAG: &str = "node.k8s.amazonaws.com/no_manage";
 /// Attempts per EC2 call made by the SDK itself (first try included) for transient
 /// failures; throttled calls get one attempt (see [`ThrottlingIsLeftToTheLoop`]).
 pub const SDK_MAX_ATTEMPTS: u32 = 3;
-
-/// How an EC2 failure is treated. Every kind is retried by the event loop with backoff;
-/// the kind decides the log message.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ErrorKind {
-    /// `RequestLimitExceeded` and friends, HTTP 429.
-    Throttled,
-    /// HTTP 5xx, `InternalError`, `Unavailable`.
-    ServerError,
-    Timeout,
-    /// The endpoint could not be reached.
-    Connection,
-    /// No credentials, no region, or access denied: an operator has to fix the setup.
-    AuthOrConfig,
-    /// EC2 refused the request (e.g. address limit reached, address not in the subnet).
-    Rejected,
-}
-
-impl fmt::Display for ErrorKind {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            ErrorKind::Throttled => "throttled",
-            ErrorKind::ServerError => "server error",
-            ErrorKind::Timeout => "timeout",
-            ErrorKind::Connection => "connection error",
-            ErrorKind::AuthOrConfig => "credentials, region or permissions",
-            ErrorKind::Rejected => "rejected",
-        })
-    }
-}
-
-impl ErrorKind {
-    /// The hint logged with the error: what an operator can do about it.
-    pub fn hint(&self) -> &'static str {
-        match self {
-            ErrorKind::AuthOrConfig => {
-                "the sidecar needs AWS_REGION and credentials with ec2:DescribeNetworkInterfaces, \
-                 ec2:AssignPrivateIpAddresses, ec2:UnassignPrivateIpAddresses, ec2:AssignIpv6Addresses, \
-                 ec2:UnassignIpv6Addresses: node role via IMDSv2 (set the instance metadata hop limit to 2 \
-                 so pods can reach it), IRSA (service account annotated with eks.amazonaws.com/role-arn) \
-                 or EKS Pod Identity; retrying"
-            }
-            ErrorKind::Throttled => "EC2 API rate limit; backing off",
-            ErrorKind::ServerError | ErrorKind::Timeout | ErrorKind::Connection => {
-                "transient; retrying with backoff"
-            }
-            ErrorKind::Rejected => "EC2 refused the request; retrying with backoff",
-        }
-    }
-}
 
 /// Which stage an SDK error came from (the part of [`SdkError`] that matters here).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

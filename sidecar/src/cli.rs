@@ -4,7 +4,8 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use clap::{ArgAction, Parser, Subcommand, ValueEnum};
-use tracing_subscriber::EnvFilter;
+use tracing_subscriber::filter::Targets;
+use tracing_subscriber::layer::SubscriberExt;
 
 use crate::{Error, Result};
 
@@ -86,31 +87,70 @@ impl Cli {
                         .map_err(Error::Runtime)?;
                     return runtime.block_on(crate::agent_mode::run(args, socket));
                 }
-                // Installed once: a second install is a harmless no-op error.
-                let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
-                let runtime = tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                    .map_err(Error::Runtime)?;
-                runtime.block_on(crate::run::run(args))
+                run_direct(args)
             }
         }
     }
 }
 
+/// Direct mode: the sidecar's own EC2 client.
+#[cfg(feature = "direct")]
+fn run_direct(args: RunArgs) -> Result<()> {
+    // Installed once: a second install is a harmless no-op error.
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(Error::Runtime)?;
+    runtime.block_on(crate::run::run(args))
+}
+
+#[cfg(not(feature = "direct"))]
+fn run_direct(_: RunArgs) -> Result<()> {
+    Err(Error::DirectModeNotBuilt)
+}
+
+/// The log filter when `RUST_LOG` is unset or unreadable: the SDK's own info lines are noise.
+const DEFAULT_LOG_FILTER: &str = "info,aws_config=warn,aws_smithy_runtime=warn";
+
+/// `RUST_LOG` in `target=level,...` form. `Targets` rather than `EnvFilter`: the sidecar runs
+/// once per pod and needs no span or field filters, so it does without a regex engine.
+fn log_filter(rust_log: Option<&str>) -> (Targets, Option<String>) {
+    let default = || {
+        DEFAULT_LOG_FILTER
+            .parse::<Targets>()
+            .unwrap_or_else(|_| Targets::new().with_default(tracing::Level::INFO))
+    };
+    match rust_log.map(str::parse::<Targets>) {
+        None => (default(), None),
+        Some(Ok(targets)) => (targets, None),
+        Some(Err(e)) => (
+            default(),
+            Some(format!(
+                "RUST_LOG ignored ({e}); using {DEFAULT_LOG_FILTER}"
+            )),
+        ),
+    }
+}
+
 fn init_logging(format: LogFormat) {
-    let filter = EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| EnvFilter::new("info,aws_config=warn,aws_smithy_runtime=warn"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Json => builder
-            .json()
-            .flatten_event(true)
-            .with_current_span(false)
-            .init(),
-        LogFormat::Text => builder.init(),
+    let (filter, problem) = log_filter(std::env::var("RUST_LOG").ok().as_deref());
+    let builder = tracing_subscriber::fmt().with_writer(std::io::stderr);
+    let subscriber: Box<dyn tracing::Subscriber + Send + Sync> = match format {
+        LogFormat::Json => Box::new(
+            builder
+                .json()
+                .flatten_event(true)
+                .with_current_span(false)
+                .finish()
+                .with(filter),
+        ),
+        LogFormat::Text => Box::new(builder.finish().with(filter)),
+    };
+    // Only fails when a subscriber is already set (a second run in one process).
+    let _ = tracing::subscriber::set_global_default(subscriber);
+    if let Some(problem) = problem {
+        tracing::warn!("{problem}");
     }
 }
 
@@ -168,6 +208,23 @@ mod tests {
         .unwrap_or_else(|e| panic!("{e}"));
         assert!(!a.release_on_exit);
         assert_eq!(a.resync_interval, Duration::from_millis(500));
+    }
+
+    #[test]
+    fn rust_log_sets_levels_per_target_and_a_bad_one_falls_back_with_a_reason() {
+        use tracing::Level;
+        let (default, problem) = log_filter(None);
+        assert!(problem.is_none());
+        assert!(default.would_enable("multus_eni_sidecar::run", &Level::INFO));
+        assert!(!default.would_enable("aws_config::imds", &Level::INFO));
+
+        let (debug, _) = log_filter(Some("warn,multus_eni_sidecar=debug"));
+        assert!(debug.would_enable("multus_eni_sidecar::run", &Level::DEBUG));
+        assert!(!debug.would_enable("hyper", &Level::INFO));
+
+        let (fallback, problem) = log_filter(Some("multus_eni_sidecar=loud"));
+        assert!(fallback.would_enable("multus_eni_sidecar", &Level::INFO));
+        assert!(problem.is_some_and(|p| p.contains("RUST_LOG ignored")));
     }
 
     #[test]

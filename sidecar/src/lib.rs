@@ -7,10 +7,12 @@
 pub mod addresses;
 pub mod agent_mode;
 /// EC2 calls and their classification, shared with the node agent.
+#[cfg(feature = "direct")]
 pub use multus_eni_ec2::eni;
 pub mod cli;
 pub mod probe;
 pub mod reconcile;
+#[cfg(feature = "direct")]
 pub mod run;
 
 use std::net::SocketAddr;
@@ -41,6 +43,13 @@ pub enum Error {
         addr: SocketAddr,
         source: std::io::Error,
     },
+
+    /// Direct mode was asked for (no `--agent-socket`) from a build without it.
+    #[error(
+        "this build runs agent mode only (built without the `direct` feature): pass \
+         --agent-socket, or use the multus-eni-sidecar image that has direct mode"
+    )]
+    DirectModeNotBuilt,
 
     /// The async runtime could not start.
     #[error("cannot start the async runtime: {0}")]
