@@ -124,7 +124,8 @@ def test_claim_is_assigned_pod_becomes_ready_and_sigterm_releases(node):
 def test_pods_started_together_share_a_few_assign_calls_and_release_in_a_few_unassign_calls(node):
     w = node.world
     eni = w.enis[0]
-    agent = node.agent()
+    # Group commit alone: the pace has a test of its own (below).
+    agent = node.agent("--batch-interval=0s")
     proxy = node.emulator.proxy
     pods, addresses = [], []
     proxy.hold(ASSIGN4)
@@ -154,6 +155,29 @@ def test_pods_started_together_share_a_few_assign_calls_and_release_in_a_few_una
     proxy.release()
     wait_for(lambda: node.off_eni(eni.id, *addresses), "every address off the ENI")
     assert len(node.calls_on(eni.id, UNASSIGN4)) == 2
+
+
+def test_claims_within_the_batch_interval_wait_for_it_and_share_one_call(node):
+    """The pace (`--batch-interval`, 3 s by default): the first claim after a quiet period goes
+    at once; claims that follow within the interval wait for it and go out together."""
+    w = node.world
+    eni = w.enis[0]
+    agent = node.agent()
+    first = node.pod(agent)
+    first.link("net1", eni.mac, w.v4(90))
+    first.start_sidecar(["net1"])
+    wait_for(lambda: node.on_eni(eni.id, w.v4(90)), "the first pod's address on the ENI")
+    later = [w.v4(91 + i) for i in range(3)]
+    for a in later:
+        p = node.pod(agent)
+        p.link("net1", eni.mac, a)
+        p.start_sidecar(["net1"])
+    wait_for(lambda: node.on_eni(eni.id, *later), "the later pods' addresses on the ENI")
+    calls = node.calls_on(eni.id, ASSIGN4)
+    assert [sorted(c.values("PrivateIpAddress")) for c in calls] == [[w.v4(90)], sorted(later)]
+    # The agent starts the second call 3 s after the first; the proxy sees both within
+    # milliseconds of their start.
+    assert calls[1].arrived - calls[0].arrived >= 2.9
 
 
 def test_a_claim_for_an_address_the_caller_does_not_hold_is_refused(node):

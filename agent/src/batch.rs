@@ -1,8 +1,18 @@
 //! Group commit per ENI: everything queued for one ENI while its previous call was in flight
-//! goes out together (no added wait at low load, big batches under load).
+//! goes out together, paced: a call starts no sooner than the batch interval after the ENI's
+//! previous one. The first change after a quiet period goes at once (no added wait at low
+//! load); under load everything that arrives within the interval shares one call.
+//!
+//! Why a pace and not only group commit: EC2 answers in milliseconds, so a node whose pods
+//! start one every half second would make one call per pod, and the account's Assign bucket
+//! (100 calls, refilled at 5/s, shared by every node and the VPC CNI) empties in a rollout of
+//! a few hundred pods. Once it is empty, each node needs one more call after its last pod and
+//! the account grants five per second, so the tail grows with the node count
+//! (docs/scale.md, "Pacing").
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
+use std::time::{Duration, Instant};
 
 use multus_eni_ec2::model::{Change, EniId};
 
@@ -19,9 +29,22 @@ pub struct Batches {
     pending: BTreeMap<EniId, Pending>,
     /// ENIs with a call in flight, and the addresses it names.
     in_flight: BTreeMap<EniId, BTreeSet<IpAddr>>,
+    /// When each ENI's last call started.
+    last_call: BTreeMap<EniId, Instant>,
+    /// Shortest time between the starts of two calls for one ENI.
+    interval: Duration,
 }
 
 impl Batches {
+    /// Batches whose calls for one ENI start at least `interval` apart (zero: group commit
+    /// alone).
+    pub fn with_interval(interval: Duration) -> Self {
+        Self {
+            interval,
+            ..Self::default()
+        }
+    }
+
     /// Queues an assign; cancels a queued unassign of the same address.
     pub fn assign(&mut self, eni: &str, address: IpAddr) {
         let p = self.pending.entry(eni.to_string()).or_default();
@@ -58,13 +81,15 @@ impl Batches {
             .sum()
     }
 
-    /// Takes the batch of every ENI that has something queued and no call in flight, and
-    /// marks them in flight: at most one call per kind (IPv4/IPv6, assign/unassign) per ENI.
-    pub fn take_ready(&mut self) -> Vec<(EniId, Vec<Change>)> {
+    /// Takes the batch of every ENI that has something queued, no call in flight and its
+    /// interval over, and marks them in flight: at most one call per kind (IPv4/IPv6,
+    /// assign/unassign) per ENI.
+    pub fn take_ready(&mut self, now: Instant) -> Vec<(EniId, Vec<Change>)> {
         let ready: Vec<EniId> = self
             .pending
             .keys()
             .filter(|e| !self.in_flight.contains_key(*e))
+            .filter(|e| self.due_at(e).is_none_or(|due| due <= now))
             .cloned()
             .collect();
         let mut out = Vec::new();
@@ -76,10 +101,31 @@ impl Batches {
             if !changes.is_empty() {
                 let names = changes.iter().flat_map(Change::addresses).collect();
                 self.in_flight.insert(eni.clone(), names);
+                self.last_call.insert(eni.clone(), now);
                 out.push((eni, changes));
             }
         }
+        self.last_call
+            .retain(|_, started| now.saturating_duration_since(*started) < self.interval);
         out
+    }
+
+    /// When the first batch held back only by its interval may go (`None`: none is).
+    pub fn next_due(&self, now: Instant) -> Option<Instant> {
+        self.pending
+            .keys()
+            .filter(|e| !self.in_flight.contains_key(*e))
+            .filter_map(|e| self.due_at(e))
+            .filter(|due| *due > now)
+            .min()
+    }
+
+    /// The earliest start of the ENI's next call; `None` when it may start now (never
+    /// called, or quiet for longer than the interval).
+    fn due_at(&self, eni: &str) -> Option<Instant> {
+        self.last_call
+            .get(eni)
+            .map(|started| *started + self.interval)
     }
 
     /// The ENI's call returned: its next batch may go.
@@ -138,10 +184,43 @@ mod tests {
     }
 
     #[test]
+    fn a_quiet_eni_calls_at_once_and_a_busy_one_waits_out_its_interval() {
+        let interval = Duration::from_secs(3);
+        let mut b = Batches::with_interval(interval);
+        let t0 = Instant::now();
+        b.assign("eni-1", ip("10.0.1.5"));
+        assert_eq!(b.take_ready(t0).len(), 1, "the first change goes at once");
+        b.done("eni-1");
+        b.assign("eni-1", ip("10.0.1.6"));
+        b.assign("eni-2", ip("10.0.2.5"));
+        let t1 = t0 + Duration::from_millis(500);
+        let now = b.take_ready(t1);
+        assert_eq!(
+            now.iter().map(|(e, _)| e.as_str()).collect::<Vec<_>>(),
+            ["eni-2"],
+            "eni-1 called 0.5 s ago; eni-2 is quiet"
+        );
+        assert_eq!(b.next_due(t1), Some(t0 + interval));
+        b.assign("eni-1", ip("10.0.1.7"));
+        assert!(
+            b.take_ready(t0 + interval - Duration::from_millis(1))
+                .is_empty()
+        );
+        let later = b.take_ready(t0 + interval);
+        assert_eq!(later.len(), 1);
+        assert_eq!(
+            later[0].1[0].addresses().len(),
+            2,
+            "both waited and share one call"
+        );
+        assert_eq!(b.next_due(t0 + interval), None, "nothing else is queued");
+    }
+
+    #[test]
     fn what_queues_while_a_call_is_in_flight_goes_out_in_one_call() {
         let mut b = Batches::default();
         b.assign("eni-1", ip("10.0.1.5"));
-        let first = b.take_ready();
+        let first = b.take_ready(Instant::now());
         assert_eq!(first.len(), 1);
         assert!(b.is_flying("eni-1", ip("10.0.1.5")));
         assert_eq!(first[0].1.len(), 1);
@@ -151,13 +230,13 @@ mod tests {
         b.assign("eni-1", ip("2001:db8::6"));
         b.assign("eni-2", ip("10.0.2.5"));
         // eni-1 is busy: only eni-2 goes.
-        let next = b.take_ready();
+        let next = b.take_ready(Instant::now());
         assert_eq!(
             next.iter().map(|(e, _)| e.as_str()).collect::<Vec<_>>(),
             ["eni-2"]
         );
         b.done("eni-1");
-        let batch = b.take_ready();
+        let batch = b.take_ready(Instant::now());
         assert_eq!(batch.len(), 1);
         let (eni, changes) = &batch[0];
         assert_eq!(eni, "eni-1");
@@ -174,7 +253,7 @@ mod tests {
         b.unassign("eni-1", ip("10.0.1.5"));
         b.unassign("eni-1", ip("10.0.1.6"));
         b.assign("eni-1", ip("10.0.1.6"));
-        let batch = b.take_ready();
+        let batch = b.take_ready(Instant::now());
         let changes = &batch[0].1;
         assert_eq!(changes.len(), 2);
         assert_eq!(changes[0].action(), "AssignPrivateIpAddresses");

@@ -59,6 +59,13 @@ pub struct RunArgs {
     #[arg(long, env = "MULTUS_ENI_RESYNC_INTERVAL", default_value = "60s", value_parser = parse_duration)]
     pub resync_interval: Duration,
 
+    /// Shortest time between the starts of two EC2 calls for one ENI: what arrives sooner waits
+    /// and shares the next call. The first change after a quiet period goes at once. The
+    /// account's Assign bucket refills 5 calls/s for all nodes: raise it for rollouts over
+    /// more nodes at once (docs/scale.md, "Pacing"); `0s` leaves group commit alone.
+    #[arg(long, env = "MULTUS_ENI_BATCH_INTERVAL", default_value = "3s", value_parser = humantime::parse_duration)]
+    pub batch_interval: Duration,
+
     /// Log output format.
     #[arg(long, env = "MULTUS_ENI_LOG_FORMAT", value_enum, default_value_t = LogFormat::Json)]
     pub log_format: LogFormat,

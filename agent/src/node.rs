@@ -51,7 +51,8 @@ pub enum Event {
         eni: EniId,
         results: Vec<(Change, Option<multus_eni_ec2::Result<()>>)>,
     },
-    /// The node-wide backoff after a throttled or failed call ended.
+    /// A timer fired: the node-wide backoff after a throttled or failed call, or an ENI's
+    /// batch interval, ended.
     Wake,
 }
 
@@ -62,6 +63,8 @@ pub struct NodeConfig {
     pub checkpoint: PathBuf,
     pub reclaim_after: Duration,
     pub node_name: String,
+    /// Shortest time between the starts of two calls for one ENI (`--batch-interval`).
+    pub batch_interval: Duration,
 }
 
 /// First wait after a throttled or failed call; doubles (with jitter) to [`RETRY_MAX`].
@@ -120,6 +123,8 @@ pub struct Node {
     checkpoint: Checkpoint,
     backoff: NodeBackoff,
     reads: Reads,
+    /// When the timer for the next batch held back by its interval fires.
+    pace_wake: Option<Instant>,
 }
 
 // === impl Node ===
@@ -132,6 +137,7 @@ impl Node {
         checkpoint: Checkpoint,
         events: UnboundedSender<Event>,
     ) -> Self {
+        let batches = Batches::with_interval(config.batch_interval);
         Self {
             ec2,
             metrics,
@@ -140,7 +146,7 @@ impl Node {
             claims: Claims::default(),
             connections: BTreeMap::new(),
             enis: BTreeMap::new(),
-            batches: Batches::default(),
+            batches,
             rejected: BTreeMap::new(),
             unheld: UnheldSince::default(),
             checkpoint,
@@ -149,6 +155,7 @@ impl Node {
                 until: None,
             },
             reads: Reads::default(),
+            pace_wake: None,
         }
     }
 
@@ -199,6 +206,9 @@ impl Node {
             Event::Read { macs, enis, scan } => self.on_read(macs, enis, scan),
             Event::Called { eni, results } => self.on_called(&eni, results),
             Event::Wake => {
+                if self.pace_wake.is_some_and(|w| w <= Instant::now()) {
+                    self.pace_wake = None;
+                }
                 if self.backoff.until.is_some_and(|u| u <= Instant::now()) {
                     self.backoff.until = None;
                     // A failed read is retried once the wait is over.
@@ -417,7 +427,8 @@ impl Node {
         if self.backoff.until.is_some() {
             return;
         }
-        for (eni, changes) in self.batches.take_ready() {
+        let now = Instant::now();
+        for (eni, changes) in self.batches.take_ready(now) {
             for c in &changes {
                 tracing::info!(action = c.action(), eni = %eni, addresses = c.addresses().len(), "sending batch");
             }
@@ -426,6 +437,17 @@ impl Node {
             tokio::spawn(async move {
                 let results = call_batch(&ec2, changes).await;
                 let _ = events.send(Event::Called { eni, results });
+            });
+        }
+        // One timer for the batch that is due first; a later one is re-armed when it fires.
+        if let Some(due) = self.batches.next_due(now)
+            && self.pace_wake.is_none_or(|w| w > due)
+        {
+            self.pace_wake = Some(due);
+            let events = self.events.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep_until(due.into()).await;
+                let _ = events.send(Event::Wake);
             });
         }
     }

@@ -56,6 +56,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
             checkpoint: checkpoint_path,
             reclaim_after: args.reclaim_after,
             node_name,
+            batch_interval: args.batch_interval,
         },
         checkpoint,
         events.clone(),
