@@ -180,6 +180,33 @@ def test_claims_within_the_batch_interval_wait_for_it_and_share_one_call(node):
     assert calls[1].arrived - calls[0].arrived >= 2.9
 
 
+def test_an_ipv6_address_is_taken_from_another_multus_eni_first_and_never_from_the_vpc_cnis(node):
+    """IPv6 has no reassignment: the agent unassigns the address from the Multus ENI holding
+    it, then assigns it; an ENI without `no_manage` keeps its address and the claim says why."""
+    w = node.world
+    ours, other = w.enis[0], w.enis[1]
+    moved, kept = w.v6(0x90), w.v6(0x91)
+    assign(node.emulator.ns, node.emulator.direct, other.id, moved)
+    assign(node.emulator.ns, node.emulator.direct, w.eth0.id, kept)
+    agent = node.agent()
+    p = node.pod(agent)
+    p.link("net1", ours.mac, moved, kept)
+    s = p.start_sidecar(["net1"])
+    wait_for(lambda: node.on_eni(ours.id, moved), "the moved IPv6 on our ENI")
+    assert node.off_eni(other.id, moved)
+    proxy = node.emulator.proxy
+    (unassign_call,) = proxy.requests(UNASSIGN6)
+    assert unassign_call.param("NetworkInterfaceId") == other.id
+    assert unassign_call.values("Ipv6Addresses") == [moved]
+    assign_calls = proxy.requests(ASSIGN6)
+    assert [c.values("Ipv6Addresses") for c in assign_calls] == [[moved]]
+    assert unassign_call.arrived < assign_calls[0].arrived
+    wait_for(lambda: agent.metric("multus_eni_agent_refusals_total", 'reason="held_by_not_no_manage"') == 1, "the refusal counted")
+    assert node.on_eni(w.eth0.id, kept) and node.off_eni(ours.id, kept)
+    assert not node.calls_on(w.eth0.id)
+    assert s.probe() == 503, "the pod waits: one of its addresses is not routable"
+
+
 def test_a_claim_for_an_address_the_caller_does_not_hold_is_refused(node):
     w = node.world
     eni = w.enis[0]

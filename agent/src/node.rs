@@ -4,14 +4,14 @@
 //! [`crate::batch`] and [`crate::reclaim`].
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv6Addr};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use backon::{BackoffBuilder, ExponentialBackoff, ExponentialBuilder};
 use multus_eni_ec2::MacAddress;
-use multus_eni_ec2::eni::{Ec2, ErrorKind};
+use multus_eni_ec2::eni::{Ec2, ErrorKind, NO_MANAGE_TAG};
 use multus_eni_ec2::model::{Change, EniAddresses, EniId};
 use multus_eni_proto::{AddressState, AddressStatus, Answer, VERSION};
 use tokio::sync::mpsc::UnboundedSender;
@@ -46,11 +46,8 @@ pub enum Event {
         enis: multus_eni_ec2::Result<BTreeMap<MacAddress, EniAddresses>>,
         scan: Option<std::io::Result<Scan>>,
     },
-    /// An ENI's batch returned; `None` for a change not attempted.
-    Called {
-        eni: EniId,
-        results: Vec<(Change, Option<multus_eni_ec2::Result<()>>)>,
-    },
+    /// An ENI's batch returned.
+    Called { eni: EniId, outcome: BatchOutcome },
     /// A timer fired: the node-wide backoff after a throttled or failed call, or an ENI's
     /// batch interval, ended.
     Wake,
@@ -204,7 +201,7 @@ impl Node {
                 self.read();
             }
             Event::Read { macs, enis, scan } => self.on_read(macs, enis, scan),
-            Event::Called { eni, results } => self.on_called(&eni, results),
+            Event::Called { eni, outcome } => self.on_called(&eni, outcome),
             Event::Wake => {
                 if self.pace_wake.is_some_and(|w| w <= Instant::now()) {
                     self.pace_wake = None;
@@ -432,11 +429,15 @@ impl Node {
             for c in &changes {
                 tracing::info!(action = c.action(), eni = %eni, addresses = c.addresses().len(), "sending batch");
             }
+            let ours = self.enis.values().find_map(|v| match v {
+                EniView::Found(e) if e.id == eni => Some(e.clone()),
+                _ => None,
+            });
             let ec2 = self.ec2.clone();
             let events = self.events.clone();
             tokio::spawn(async move {
-                let results = call_batch(&ec2, changes).await;
-                let _ = events.send(Event::Called { eni, results });
+                let outcome = call_batch(&ec2, ours.as_ref(), changes).await;
+                let _ = events.send(Event::Called { eni, outcome });
             });
         }
         // One timer for the batch that is due first; a later one is re-armed when it fires.
@@ -452,12 +453,22 @@ impl Node {
         }
     }
 
-    fn on_called(
-        &mut self,
-        eni_id: &str,
-        results: Vec<(Change, Option<multus_eni_ec2::Result<()>>)>,
-    ) {
+    fn on_called(&mut self, eni_id: &str, outcome: BatchOutcome) {
         self.batches.done(eni_id);
+        for (address, holder) in outcome.held_elsewhere {
+            self.metrics
+                .refusals
+                .get_or_create(&RefusalLabels {
+                    reason: "held_by_not_no_manage",
+                })
+                .inc();
+            let reason = format!(
+                "held by {holder}, which lacks {NO_MANAGE_TAG}=true: the agent never takes an address from it"
+            );
+            tracing::warn!(action = "AssignIpv6Addresses", outcome = "refused", eni = %eni_id, address = %address, holder = %holder, "refused to take an IPv6 address from an ENI that is not a Multus one; retried at the next resync");
+            self.rejected.insert(IpAddr::V6(address), reason);
+        }
+        let results = outcome.results;
         let wanted: BTreeSet<IpAddr> = self.claims.wanted().into_iter().map(|(_, a)| a).collect();
         let mut checkpoint_changed = false;
         for (change, result) in results {
@@ -465,6 +476,8 @@ impl Node {
                 change,
                 Change::AssignIpv4 { .. } | Change::AssignIpv6 { .. }
             );
+            // An IPv6 address taken from another ENI before it is assigned to this one.
+            let from_holder = change.eni() != eni_id;
             match result {
                 Some(Ok(())) => {
                     let n = change.addresses().len();
@@ -494,13 +507,13 @@ impl Node {
                         self.checkpoint.record_assigned(eni_id, change.addresses());
                     } else {
                         self.checkpoint
-                            .record_unassigned(eni_id, change.addresses());
+                            .record_unassigned(change.eni(), change.addresses());
                     }
                     checkpoint_changed = true;
                 }
                 Some(Err(e)) if e.kind == ErrorKind::Rejected => {
-                    self.count_call(change.action(), &e);
-                    tracing::warn!(action = change.action(), outcome = "rejected", eni = %eni_id, addresses = ?change.addresses(), error = %e.message, "EC2 refused the call; retried at the next resync");
+                    self.count_call(e.action, &e);
+                    tracing::warn!(action = change.action(), outcome = "rejected", eni = %change.eni(), addresses = ?change.addresses(), error = %e.message, "EC2 refused the call; retried at the next resync");
                     for a in change.addresses() {
                         self.rejected.insert(a, e.message.clone());
                     }
@@ -510,11 +523,15 @@ impl Node {
                     }
                 }
                 Some(Err(e)) => {
-                    self.count_call(change.action(), &e);
-                    tracing::warn!(action = change.action(), outcome = %e.kind, eni = %eni_id, addresses = change.addresses().len(), error = %e.message, hint = e.kind.hint(), "batch failed; requeued");
-                    self.requeue(eni_id, &change, assign);
+                    self.count_call(e.action, &e);
+                    tracing::warn!(action = change.action(), outcome = %e.kind, eni = %change.eni(), addresses = change.addresses().len(), error = %e.message, hint = e.kind.hint(), "batch failed; requeued");
+                    if !from_holder {
+                        self.requeue(eni_id, &change, assign);
+                    }
                     self.retry_later(e.kind);
                 }
+                // The holder is looked up again with the next Assign.
+                None if from_holder => {}
                 None => self.requeue(eni_id, &change, assign),
             }
         }
@@ -629,29 +646,92 @@ impl Node {
     }
 }
 
+/// What one ENI's batch did.
+#[derive(Debug, Default)]
+pub struct BatchOutcome {
+    /// Every change with its result; `None` for a change not attempted. A failed IPv6
+    /// holder lookup is reported on the assign it was for (the error names its action).
+    results: Vec<(Change, Option<multus_eni_ec2::Result<()>>)>,
+    /// IPv6 addresses not assigned because a non-Multus ENI holds them, with that ENI.
+    held_elsewhere: Vec<(Ipv6Addr, EniId)>,
+}
+
 /// The calls of one ENI's batch, in order. After a throttled or failed call the rest is
-/// not attempted (`None`): the node backs off first. A rejected call naming several
-/// addresses is split by the shared [`Ec2::apply_splitting`], so that one bad address does
-/// not block the others.
-async fn call_batch(
-    ec2: &Ec2,
-    changes: Vec<Change>,
-) -> Vec<(Change, Option<multus_eni_ec2::Result<()>>)> {
-    let mut out = Vec::new();
+/// not attempted: the node backs off first. A rejected call naming several addresses is
+/// split by the shared [`Ec2::apply_splitting`], so that one bad address does not block the
+/// others. An IPv6 address is first unassigned from any other ENI that holds it (IPv6 has
+/// no reassignment), if that ENI is a Multus one (`no_manage`).
+async fn call_batch(ec2: &Ec2, ours: Option<&EniAddresses>, changes: Vec<Change>) -> BatchOutcome {
+    let mut out = BatchOutcome::default();
     let mut stopped = false;
     for change in changes {
         if stopped {
-            out.push((change, None));
+            out.results.push((change, None));
             continue;
         }
+        let change = match (&change, ours) {
+            (Change::AssignIpv6 { eni, addresses }, Some(ours)) => {
+                match free_ipv6(ec2, ours, addresses, &mut out).await {
+                    Ok(left) if left.is_empty() => continue,
+                    Ok(left) => Change::AssignIpv6 {
+                        eni: eni.clone(),
+                        addresses: left,
+                    },
+                    Err(e) => {
+                        stopped = true;
+                        out.results.push((change, e.map(Err)));
+                        continue;
+                    }
+                }
+            }
+            _ => change,
+        };
         for outcome in ec2.apply_splitting(&change).await {
             if let Err(e) = &outcome.result
                 && e.kind != ErrorKind::Rejected
             {
                 stopped = true;
             }
-            out.push((outcome.change, Some(outcome.result)));
+            out.results.push((outcome.change, Some(outcome.result)));
         }
     }
     out
+}
+
+/// Unassigns `addresses` from the other Multus ENIs that hold them, recording each call in
+/// `out`, and returns the addresses that may be assigned now. An address held by an ENI
+/// without `no_manage` is left out (`out.held_elsewhere`): never taken from the VPC CNI.
+/// `Err` after a failure other than a rejection (the node backs off): `Some` with the
+/// holder lookup's error, `None` when an unassign failed (recorded in `out`).
+async fn free_ipv6(
+    ec2: &Ec2,
+    ours: &EniAddresses,
+    addresses: &[Ipv6Addr],
+    out: &mut BatchOutcome,
+) -> std::result::Result<Vec<Ipv6Addr>, Option<multus_eni_ec2::Error>> {
+    let wanted: BTreeSet<Ipv6Addr> = addresses.iter().copied().collect();
+    let holders = ec2.ipv6_holder_enis(ours, &wanted).await.map_err(Some)?;
+    let mut left = wanted.clone();
+    for holder in holders {
+        let held: Vec<Ipv6Addr> = holder.ipv6.intersection(&wanted).copied().collect();
+        if !holder.no_manage {
+            for a in held {
+                left.remove(&a);
+                out.held_elsewhere.push((a, holder.id.clone()));
+            }
+            continue;
+        }
+        let unassign = Change::UnassignIpv6 {
+            eni: holder.id.clone(),
+            addresses: held,
+        };
+        for outcome in ec2.apply_splitting(&unassign).await {
+            let failed = matches!(&outcome.result, Err(e) if e.kind != ErrorKind::Rejected);
+            out.results.push((outcome.change, Some(outcome.result)));
+            if failed {
+                return Err(None);
+            }
+        }
+    }
+    Ok(left.into_iter().collect())
 }

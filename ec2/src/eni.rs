@@ -396,16 +396,32 @@ impl Ec2 {
             .map(eni_addresses))
     }
 
-    /// The *other* ENIs that hold some of `addresses` (IPv6 cannot be reassigned: they must
-    /// be unassigned there first). One `DescribeNetworkInterfaces` with filter
-    /// `ipv6-addresses.ipv6-address`; if the endpoint does not know that filter
-    /// ([`filter_unsupported`]), the ENIs of our subnet (the only ones that can hold an
-    /// address of its /64) are read instead, from then on.
+    /// Which *other* ENI holds each of `addresses` (IPv6 cannot be reassigned: they must be
+    /// unassigned there first); see [`Ec2::ipv6_holder_enis`].
     pub async fn ipv6_holders(
         &self,
         ours: &EniAddresses,
         addresses: &BTreeSet<Ipv6Addr>,
     ) -> Result<BTreeMap<Ipv6Addr, EniId>> {
+        let enis = self.ipv6_holder_enis(ours, addresses).await?;
+        Ok(holders(&enis, &ours.id, addresses))
+    }
+
+    /// The *other* ENIs that hold some of `addresses`, as read (the node agent checks their
+    /// `no_manage` tag before it takes an address away). One `DescribeNetworkInterfaces` with
+    /// filter `ipv6-addresses.ipv6-address`; if the endpoint does not know that filter
+    /// ([`filter_unsupported`]), the ENIs of our subnet (the only ones that can hold an
+    /// address of its /64) are read instead, from then on.
+    pub async fn ipv6_holder_enis(
+        &self,
+        ours: &EniAddresses,
+        addresses: &BTreeSet<Ipv6Addr>,
+    ) -> Result<Vec<EniAddresses>> {
+        let others = |enis: Vec<EniAddresses>| -> Vec<EniAddresses> {
+            enis.into_iter()
+                .filter(|e| e.id != ours.id && !e.ipv6.is_disjoint(addresses))
+                .collect()
+        };
         if self.ipv6_filter.load(Ordering::Relaxed) {
             let values: Vec<String> = addresses.iter().map(ToString::to_string).collect();
             let result = self
@@ -417,7 +433,7 @@ impl Ec2 {
                 )
                 .await;
             match result {
-                Ok(enis) => return Ok(holders(&enis, &ours.id, addresses)),
+                Ok(enis) => return Ok(others(enis)),
                 Err(f) if filter_unsupported(f.error.kind, f.code.as_deref(), f.status) => {
                     tracing::warn!(
                         action = "DescribeNetworkInterfaces",
@@ -432,13 +448,13 @@ impl Ec2 {
             }
         }
         let Some(subnet) = ours.subnet_id.clone() else {
-            return Ok(BTreeMap::new());
+            return Ok(Vec::new());
         };
         let enis = self
             .describe_all_raw(Filter::builder().name("subnet-id").values(subnet).build())
             .await
             .map_err(|f| f.error)?;
-        Ok(holders(&enis, &ours.id, addresses))
+        Ok(others(enis))
     }
 
     /// [`Ec2::ipv6_holders`] for the addresses whose holder `known` does not have yet; what
