@@ -207,6 +207,27 @@ def test_an_ipv6_address_is_taken_from_another_multus_eni_first_and_never_from_t
     assert s.probe() == 503, "the pod waits: one of its addresses is not routable"
 
 
+def test_a_connected_claim_is_checked_again_at_resync(node):
+    """A sidecar that stays connected but stops reporting (here: stopped) does not keep an
+    address its namespace dropped: the resync's netns scan shrinks the claim."""
+    w = node.world
+    eni = w.enis[0]
+    agent = node.agent("--resync-interval=1s", "--batch-interval=0s")
+    p = node.pod(agent)
+    kept, dropped = w.v4(100), w.v4(101)
+    p.link("net1", eni.mac, kept, dropped)
+    s = p.start_sidecar(["net1"])
+    wait_for(lambda: node.on_eni(eni.id, kept, dropped), "both addresses on the ENI")
+    s.proc.send_signal(signal.SIGSTOP)
+    try:
+        p.remove("net1", dropped)
+        wait_for(lambda: node.off_eni(eni.id, dropped), "the dropped address released at a resync")
+        assert node.on_eni(eni.id, kept)
+        assert agent.metric("multus_eni_agent_releases_total", 'cause="gone"') == 1
+    finally:
+        s.proc.send_signal(signal.SIGCONT)
+
+
 def test_a_claim_for_an_address_the_caller_does_not_hold_is_refused(node):
     w = node.world
     eni = w.enis[0]

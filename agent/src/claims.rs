@@ -200,6 +200,29 @@ impl Claims {
         });
     }
 
+    /// Shrinks the claims of the connections in `checked` to what their namespaces still
+    /// hold, where the scan (`by_netns`) saw those namespaces: a connected sidecar that stops
+    /// reporting (stuck, or a process that claimed and then dropped the address) does not keep
+    /// an address on the ENI. Returns the connections whose claim shrank.
+    pub fn prune_live(
+        &mut self,
+        checked: &BTreeSet<ConnId>,
+        by_netns: &BTreeMap<NetnsId, BTreeSet<IpAddr>>,
+    ) -> Vec<ConnId> {
+        let mut shrunk = Vec::new();
+        for (conn, claim) in self.live.iter_mut().filter(|(c, _)| checked.contains(c)) {
+            let Some(still) = by_netns.get(&claim.netns) else {
+                continue;
+            };
+            let before = claim.held.len();
+            claim.held.retain(|h| still.contains(&h.address));
+            if claim.held.len() != before {
+                shrunk.push(*conn);
+            }
+        }
+        shrunk
+    }
+
     /// Every address some pod holds, by MAC: what must be (and stay) on the ENIs.
     pub fn wanted(&self) -> BTreeSet<(MacAddress, IpAddr)> {
         self.live
@@ -339,6 +362,25 @@ mod tests {
         assert_eq!(
             released(&before, &claims.wanted()),
             vec![(MAC, ip("10.0.1.5"))]
+        );
+    }
+
+    #[test]
+    fn a_live_claim_shrinks_to_what_its_namespace_holds_if_it_predates_the_scan() {
+        let mut claims = Claims::default();
+        claims.claim(1, claim(10, &["10.0.1.5", "10.0.1.6"]));
+        claims.claim(2, claim(20, &["10.0.1.7"]));
+        claims.claim(3, claim(30, &["10.0.1.8"]));
+        let ns = |ino| NetnsId { dev: 4, ino };
+        // Namespace 10 lost .6; 20 lost .7 but its claim came after the scan began; 30 was
+        // not in the scanned directory.
+        let scan = [(ns(10), [ip("10.0.1.5")].into()), (ns(20), BTreeSet::new())].into();
+        let before = claims.wanted();
+        let shrunk = claims.prune_live(&[1, 3].into(), &scan);
+        assert_eq!(shrunk, vec![1]);
+        assert_eq!(
+            released(&before, &claims.wanted()),
+            vec![(MAC, ip("10.0.1.6"))]
         );
     }
 

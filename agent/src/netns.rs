@@ -11,6 +11,7 @@ use std::io;
 use std::net::IpAddr;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
+use std::time::Instant;
 
 use futures::TryStreamExt;
 use multus_eni_ec2::MacAddress;
@@ -32,8 +33,10 @@ pub struct NetnsId {
 pub type Addresses = BTreeMap<MacAddress, BTreeSet<IpAddr>>;
 
 /// The namespaces of `--netns-dir` and what they hold.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct Scan {
+    /// When the scan began: claims that arrived later may name addresses it did not see.
+    pub started: Instant,
     pub by_netns: BTreeMap<NetnsId, BTreeSet<IpAddr>>,
 }
 
@@ -53,7 +56,10 @@ pub async fn read_pid(pid: i32) -> io::Result<(NetnsId, Addresses)> {
 /// Every namespace in `dir` and its addresses; entries that vanish meanwhile are skipped.
 pub async fn scan_dir(dir: PathBuf) -> io::Result<Scan> {
     on_thread(move || {
-        let mut scan = Scan::default();
+        let mut scan = Scan {
+            started: Instant::now(),
+            by_netns: BTreeMap::new(),
+        };
         let entries = match std::fs::read_dir(&dir) {
             Ok(e) => e,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(scan),

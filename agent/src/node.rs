@@ -87,6 +87,8 @@ struct Connection {
     last: Option<(u64, bool, Vec<AddressStatus>)>,
     /// When each address was first claimed, until it is routable.
     claimed_at: BTreeMap<IpAddr, Instant>,
+    /// When its latest claim arrived: a netns scan that began later re-checks it.
+    last_claim: Instant,
 }
 
 /// The node-wide wait after a throttled or failed call.
@@ -229,12 +231,14 @@ impl Node {
                 "refused a claimed address"
             );
         }
+        let now = Instant::now();
         let entry = self.connections.entry(conn).or_insert_with(|| Connection {
             answers,
             last: None,
             claimed_at: BTreeMap::new(),
+            last_claim: now,
         });
-        let now = Instant::now();
+        entry.last_claim = now;
         let claimed: BTreeSet<IpAddr> = claim.held.iter().map(|h| h.address).collect();
         entry.claimed_at.retain(|a, _| claimed.contains(a));
         for a in claimed {
@@ -378,10 +382,22 @@ impl Node {
         }
     }
 
-    /// Orphans shrink to what their namespaces hold; unheld addresses age towards reclaim.
+    /// Orphans, and live claims older than the scan, shrink to what their namespaces hold;
+    /// unheld addresses age towards reclaim.
     fn after_scan(&mut self, scan: &Scan) {
         let before = self.claims.wanted();
         self.claims.prune_orphans(&scan.by_netns);
+        let checked = self
+            .connections
+            .iter()
+            .filter(|(_, c)| c.last_claim < scan.started)
+            .map(|(id, _)| *id)
+            .collect();
+        for conn in self.claims.prune_live(&checked, &scan.by_netns) {
+            if let Some(claim) = self.claims.get(conn) {
+                tracing::warn!(action = "resync", pod = %claim.pod, "a connected pod's claim names addresses its network namespace no longer holds: releasing them");
+            }
+        }
         self.release(released(&before, &self.claims.wanted()), "gone");
         let mut held = scan.held();
         held.extend(self.claims.wanted().into_iter().map(|(_, a)| a));
