@@ -94,11 +94,18 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--changes", type=int, default=50)
     ap.add_argument("--idle", type=float, default=30.0)
-    ap.add_argument("--settle", type=float, default=0.3, help="pause after each call is seen")
+    ap.add_argument(
+        "--settle", type=float, default=None,
+        help="pause after each call is seen (default 0.3 s; agent mode 3.2 s: the agent paces one ENI's "
+        "calls 3 s apart (--batch-interval), so changes closer together are batched by design, and "
+        "'low load' is one change per interval)",
+    )
     ap.add_argument("--keep-logs", action="store_true")
     ap.add_argument("--agent", action="store_true", help="agent mode: the sidecar beside one multus-eni-agent")
     ap.add_argument("--write-doc", action="store_true", help="replace the figures in docs/scale.md")
     args = ap.parse_args()
+    if args.settle is None:
+        args.settle = 3.2 if args.agent else 0.3
     if args.agent and args.write_doc:
         print("reaction: --write-doc records direct mode only", file=sys.stderr)
         return 2
@@ -136,7 +143,7 @@ def main() -> int:
         if arrived is None:
             raise RuntimeError("the sidecar never assigned its first address; see --keep-logs")
         startup = arrived - t_start
-        time.sleep(1.0)
+        time.sleep(max(1.0, args.settle))
         assert pod.ns is not None
         nl = pod.ns.call(open_socket, "net1")
         add_ms: list[float] = []

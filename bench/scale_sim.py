@@ -152,7 +152,7 @@ def change_plan(pods: list[Pod], fraction: float, fresh: list[str]) -> list[tupl
     return [(p, p.addresses[-1], fresh[i]) for i, p in enumerate(chosen)]
 
 
-def start_agents(emu: Emulator, endpoint: str, pods: list[Pod], log_dir: Path) -> dict[str, Any]:
+def start_agents(emu: Emulator, endpoint: str, pods: list[Pod], log_dir: Path, extra: list[str] | None = None) -> dict[str, Any]:
     """One node agent per node in the emulator's namespace (it reaches the proxy there), its
     `--netns-dir` holding links to the namespaces of that node's pods."""
     from tests.lib.agent import Agent
@@ -160,7 +160,7 @@ def start_agents(emu: Emulator, endpoint: str, pods: list[Pod], log_dir: Path) -
     binary = Path(cluster.sidecar_binary()).parent / "multus-eni-agent"
     agents: dict[str, Any] = {}
     for node in sorted({p.eni.node for p in pods}):
-        a = Agent(emu.ns, endpoint, log_dir / f"agent-{node}", binary)
+        a = Agent(emu.ns, endpoint, log_dir / f"agent-{node}", binary, extra)
         for p in pods:
             if p.eni.node == node:
                 os.symlink(f"/run/netns/{p.ns_name}", a.netns_dir / p.ns_name)
@@ -185,7 +185,7 @@ def run_sidecars(
     agents: dict[str, Any] = {}
     try:
         if agent_mode:
-            agents = start_agents(emu, proxy.endpoint, pods, log_dir)
+            agents = start_agents(emu, proxy.endpoint, pods, log_dir, args.agent_arg)
             # The agents' start-up Describe (nothing to read yet) is not part of the rollout.
         wanted = {p.index: set(p.addresses) for p in pods}
         # --- start
@@ -569,7 +569,9 @@ def main() -> int:
     ap.add_argument("--baseline-attempts", type=int, default=3)
     ap.add_argument("--no-baseline", action="store_true")
     ap.add_argument("--no-agent", action="store_true", help="skip the rollout in agent mode")
+    ap.add_argument("--no-direct", action="store_true", help="skip the rollout in direct mode (bound to (pods - 100) / 5 s)")
     ap.add_argument("--sidecar-arg", action="append", default=[], help="extra sidecar flag (repeatable)")
+    ap.add_argument("--agent-arg", action="append", default=[], help="extra multus-eni-agent flag (repeatable)")
     ap.add_argument("--write-doc", action="store_true", help="replace the figures in docs/scale.md")
     ap.add_argument("--json", help="write raw results here")
     ap.add_argument("--keep-logs", action="store_true")
@@ -598,12 +600,13 @@ def main() -> int:
         cluster.attach_pods_to_bridge(emu, pods)
         setup_s = time.monotonic() - t_all
         print(f"scale_sim: setup done in {setup_s:.0f} s ({len(pods)} pods, {len(world.enis)} ENIs); sidecar run", flush=True)
-        results = [run_sidecars(emu, world, pods, args, log_dir)]
+        results = [] if args.no_direct else [run_sidecars(emu, world, pods, args, log_dir)]
         all_addr = {a for p in pods for a in p.addresses} | set(cluster.fresh_addresses(pods, 4 * len(pods)))
         if not args.no_agent:
-            cluster.unassign_all(emu, cluster.eni_addresses(emu, world.subnet_id), all_addr)
-            for p in pods:  # the change phase moved some addresses: back to the plan
-                cluster.batch(p.ns_name, ["addr flush dev net1", *[f"addr add {a}/20 dev net1" for a in p.addresses]])
+            if results:
+                cluster.unassign_all(emu, cluster.eni_addresses(emu, world.subnet_id), all_addr)
+                for p in pods:  # the change phase moved some addresses: back to the plan
+                    cluster.batch(p.ns_name, ["addr flush dev net1", *[f"addr add {a}/20 dev net1" for a in p.addresses]])
             print("scale_sim: agent-mode run", flush=True)
             results.append(run_sidecars(emu, world, pods, args, log_dir, agent_mode=True))
         if not args.no_baseline:
