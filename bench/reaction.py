@@ -213,7 +213,7 @@ def main() -> int:
             f"- idle CPU over {args.idle:.0f} s: {idle_cpu_ms:.0f} ms ({idle_cpu_ms / 10 / args.idle:.3f} % of one core), "
             f"EC2 calls while idle: {idle_calls}"
             + (f" ({', '.join(f'{k} {v}' for k, v in sorted(idle_actions.items()))}: the 60 s resync)" if idle_calls else ""),
-            f"- RSS {s1.rss_kib / 1024:.1f} MiB (RssAnon {s1.anon_kib / 1024:.1f} MiB, RssFile {s1.file_kib / 1024:.1f} MiB), "
+            f"- RSS {s1.rss_kib / 1024:.1f} MiB = {s1.rss_kib} KiB (RssAnon {s1.anon_kib / 1024:.1f} MiB, RssFile {s1.file_kib / 1024:.1f} MiB), "
             f"peak (VmHWM) {s1.hwm_kib / 1024:.1f} MiB",
         ]
         for a in a_stats:
