@@ -39,12 +39,14 @@ bench_run() {
 }
 
 # MULTUS_ENI_SIDECAR_BIN wins; else BENCH_PROFILE=release|debug (default debug) is built
-# with cargo (a no-op when up to date).
+# with cargo (a no-op when up to date). multus-eni-sidecar-agent-mode is built next to it so
+# that agent-mode benches can run it; in this one cargo invocation its library gets the full
+# sidecar's `direct` feature, which that binary never calls (the Dockerfile builds it alone).
 if [ -z "${MULTUS_ENI_SIDECAR_BIN:-}" ]; then
   case "${BENCH_PROFILE:-debug}" in
-    release) cargo build --release -p multus-eni-sidecar -p multus-eni-agent >&2
+    release) cargo build --release -p multus-eni-sidecar -p multus-eni-sidecar-agent-mode -p multus-eni-agent >&2
              export MULTUS_ENI_SIDECAR_BIN="$PWD/target/release/multus-eni-sidecar" ;;
-    debug)   cargo build -p multus-eni-sidecar -p multus-eni-agent >&2
+    debug)   cargo build -p multus-eni-sidecar -p multus-eni-sidecar-agent-mode -p multus-eni-agent >&2
              export MULTUS_ENI_SIDECAR_BIN="$PWD/target/debug/multus-eni-sidecar" ;;
     *) echo "bench: BENCH_PROFILE must be release or debug" >&2; exit 2 ;;
   esac

@@ -11,7 +11,10 @@ echo "== cargo fmt --check"
 cargo fmt --all -- --check
 echo "== cargo clippy"
 cargo clippy --workspace --all-targets --locked -- -D warnings
-echo "== cargo build (binaries for the end-to-end tests)"
+# The sidecar library without direct mode (what multus-eni-sidecar-agent-mode is built from on
+# its own): the workspace run above always has `direct` unified in.
+cargo clippy -p multus-eni-sidecar --no-default-features --all-targets --locked -- -D warnings
+echo "== cargo build (binaries for the end-to-end tests, both sidecars included)"
 cargo build --workspace --bins --locked
 echo "== cargo test"
 cargo test --workspace --locked

@@ -18,13 +18,11 @@ from lib.fault_proxy import FaultProxy  # noqa: E402
 from lib.netns import NetNS  # noqa: E402
 
 
-@pytest.fixture(scope="session")
-def sidecar_binary(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A private hard link to (or copy of) the built binary: a concurrent `cargo build`
+def private_binary(path: Path, tmp_path_factory: pytest.TempPathFactory, package: str) -> Path:
+    """A private hard link to (or copy of) a built binary: a concurrent `cargo build`
     relinking target/debug must not swap it under a running test."""
-    path = sidecar.binary_path()
     if not path.exists():
-        pytest.fail(f"{path} missing: run `cargo build -p multus-eni-sidecar` first (pytest does not build)")
+        pytest.fail(f"{path} missing: run `cargo build -p {package}` first (pytest does not build)")
     private = tmp_path_factory.mktemp("bin") / path.name
     try:
         os.link(path, private)
@@ -34,19 +32,23 @@ def sidecar_binary(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def sidecar_binary(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The full sidecar, `multus-eni-sidecar` (direct and agent mode)."""
+    return private_binary(sidecar.binary_path(sidecar.FULL), tmp_path_factory, sidecar.FULL)
+
+
+@pytest.fixture(scope="session")
+def sidecar_agent_mode_binary(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """`multus-eni-sidecar-agent-mode`: what the webhook injects in agent mode."""
+    return private_binary(sidecar.binary_path(sidecar.AGENT_MODE), tmp_path_factory, sidecar.AGENT_MODE)
+
+
+@pytest.fixture(scope="session")
 def agent_binary(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A private hard link to (or copy of) the built node agent, as for the sidecar."""
+    """The node agent, as for the sidecar."""
     from lib import agent
 
-    path = agent.binary_path()
-    if not path.exists():
-        pytest.fail(f"{path} missing: run `cargo build -p multus-eni-agent` first (pytest does not build)")
-    private = tmp_path_factory.mktemp("agent-bin") / path.name
-    try:
-        os.link(path, private)
-    except OSError:
-        shutil.copy2(path, private)
-    return private
+    return private_binary(agent.binary_path(), tmp_path_factory, "multus-eni-agent")
 
 
 @pytest.fixture(scope="session")
@@ -119,7 +121,9 @@ class Pod:
     def remove(self, name: str, address: str) -> None:
         self.ns.del_address(name, address + ("/64" if ":" in address else "/24"))
 
-    def start_sidecar(self, interfaces: list[str], *args: str, env: dict[str, str | None] | None = None) -> sidecar.Sidecar:
+    def start_sidecar(
+        self, interfaces: list[str], *args: str, env: dict[str, str | None] | None = None, binary: Path | None = None
+    ) -> sidecar.Sidecar:
         s = sidecar.Sidecar(
             self.ns,
             interfaces,
@@ -127,7 +131,7 @@ class Pod:
             self.tmp_path / f"sidecar-{len(self.sidecars)}.log",
             args=list(args),
             env=env,
-            binary=self.binary,
+            binary=binary or self.binary,
         )
         self.sidecars.append(s)
         return s.start()

@@ -1,7 +1,9 @@
 """End-to-end: node agents (`multus-eni-agent`) and sidecars in agent mode as real processes.
 Each agent runs in the emulator's namespace and reaches EC2 through the fault proxy; each pod
 is a network namespace of its own, linked into its agent's `--netns-dir`, with veth links
-carrying the ENIs' MACs (what an ipvlan child looks like).
+carrying the ENIs' MACs (what an ipvlan child looks like). The sidecar is
+`multus-eni-sidecar-agent-mode`, what the webhook injects in agent mode; one test runs the full
+`multus-eni-sidecar` in agent mode too.
 
 Convergence is awaited by bounded polling; nothing here measures time.
 """
@@ -46,8 +48,9 @@ class Node:
         wait_for(lambda: a.http("/readyz")[0] == 200, "agent /readyz 200")
         return a
 
-    def pod(self, agent: Agent, name: str | None = None) -> AgentPod:
-        p = AgentPod(agent, self.tmp_path, self.sidecar_binary, name or f"pod-{len(self.pods)}")
+    def pod(self, agent: Agent, name: str | None = None, sidecar_binary: Path | None = None) -> AgentPod:
+        binary = sidecar_binary or self.sidecar_binary
+        p = AgentPod(agent, self.tmp_path, binary, name or f"pod-{len(self.pods)}")
         self.pods.append(p)
         return p
 
@@ -84,9 +87,9 @@ class Node:
 
 
 @pytest.fixture
-def node(emulator, tmp_path: Path, agent_binary: Path, sidecar_binary: Path, request) -> Iterator[Node]:
+def node(emulator, tmp_path: Path, agent_binary: Path, sidecar_agent_mode_binary: Path, request) -> Iterator[Node]:
     emulator.proxy.reset()
-    n = Node(emulator, tmp_path, agent_binary, sidecar_binary)
+    n = Node(emulator, tmp_path, agent_binary, sidecar_agent_mode_binary)
     try:
         yield n
     finally:
@@ -105,6 +108,7 @@ def test_claim_is_assigned_pod_becomes_ready_and_sigterm_releases(node):
     v4, v6 = w.v4(50), w.v6(0x50)
     p.link("net1", eni.mac, v4, v6)
     s = p.start_sidecar(["net1"])
+    assert Path(s.argv[0]).name == "multus-eni-sidecar-agent-mode"
 
     wait_for(lambda: node.on_eni(eni.id, v4, v6), "the pod's addresses on its ENI")
     wait_for(lambda: s.probe() == 200, "sidecar /readyz 200")
@@ -119,6 +123,27 @@ def test_claim_is_assigned_pod_becomes_ready_and_sigterm_releases(node):
     wait_for(lambda: node.off_eni(eni.id, v4, v6), "released addresses off the ENI")
     assert node.eni(eni.id).holds(eni.primary_ip)
     assert agent.metric("multus_eni_agent_releases_total", 'cause="release"') == 2
+
+
+def test_the_full_sidecar_binary_runs_agent_mode_too(node, sidecar_binary: Path):
+    """Pods run multus-eni-sidecar-agent-mode in agent mode, but the image's entrypoint (the full
+    binary) must still speak to the agent: pods injected before the agent-mode binary existed
+    run it with --agent-socket."""
+    w = node.world
+    eni = w.enis[0]
+    agent = node.agent()
+    p = node.pod(agent, sidecar_binary=sidecar_binary)
+    v4 = w.v4(51)
+    p.link("net1", eni.mac, v4)
+    s = p.start_sidecar(["net1"])
+    assert Path(s.argv[0]).name == "multus-eni-sidecar"
+
+    wait_for(lambda: node.on_eni(eni.id, v4), "the pod's address on its ENI")
+    wait_for(lambda: s.probe() == 200, "sidecar /readyz 200")
+    assert node.calls_on(eni.id, ASSIGN4)[0].values("PrivateIpAddress") == [v4]
+    assert s.terminate() == 0
+    wait_for(lambda: node.off_eni(eni.id, v4), "released address off the ENI")
+    assert agent.metric("multus_eni_agent_releases_total", 'cause="release"') == 1
 
 
 def test_pods_started_together_share_a_few_assign_calls_and_release_in_a_few_unassign_calls(node):

@@ -1,16 +1,20 @@
 """End-to-end: the real sidecar binary against the moto EC2 emulator, both inside a network
-namespace the test creates; pod interfaces are veth links carrying the ENIs' MACs.
+namespace the test creates; pod interfaces are veth links carrying the ENIs' MACs. Direct mode,
+so `multus-eni-sidecar`; two tests check that `multus-eni-sidecar-agent-mode` has no direct mode.
 
 Convergence is awaited by bounded polling of the emulator; nothing here measures time.
 """
 
 from __future__ import annotations
 
+import shutil
 import subprocess
+
+import pytest
 
 from lib.fault_proxy import SERVER_ERROR, THROTTLE
 from lib.moto import World, assign, build_world, unassign
-from lib.sidecar import wait_for
+from lib.sidecar import DEFAULT_TIMEOUT, wait_for
 
 ASSIGN4 = "AssignPrivateIpAddresses"
 UNASSIGN4 = "UnassignPrivateIpAddresses"
@@ -300,6 +304,54 @@ def test_missing_credentials_log_the_fixes_and_keep_retrying(pod):
     assert s.probe() == 503 and s.probe("/healthz") == 200
     assert pod.emulator.proxy.calls() == 0
     assert s.terminate() == 0
+
+
+def test_the_agent_mode_binary_without_a_socket_refuses_to_start_and_calls_no_ec2(pod, sidecar_agent_mode_binary):
+    """multus-eni-sidecar-agent-mode has no direct mode: given everything direct mode would use
+    (credentials, region, the emulator's endpoint) but no --agent-socket, it must exit at once
+    with the reason, not fall back to calling EC2 itself."""
+    w = world(pod)
+    eni = w.enis[0]
+    v4 = w.v4(170)
+    pod.link("net1", eni.mac, v4)
+    s = pod.start_sidecar(["net1"], binary=sidecar_agent_mode_binary)
+    assert s.proc is not None
+    code = s.proc.wait(timeout=DEFAULT_TIMEOUT)
+    assert code != 0
+    text = s.log_text()
+    for part in ("runs agent mode only", "--agent-socket", "/usr/local/bin/multus-eni-sidecar"):
+        assert part in text, text
+    assert s.probe("/healthz") is None, "it never listened"
+    assert pod.emulator.proxy.calls() == 0
+    assert not pod.emulator.eni(eni.id).holds(v4)
+
+    # The same command line on the full binary is direct mode, which does call EC2.
+    full = pod.start_sidecar(["net1"])
+    wait_for(lambda: on_eni(pod, eni.id, v4), "the full binary's direct mode assigned it")
+    assert full.terminate() == 0
+
+
+def defined_symbols(binary) -> str | None:
+    """`nm --defined-only` of a binary; None when it is stripped (a release build)."""
+    nm = shutil.which("nm")
+    assert nm, "nm (binutils, which cargo's linker needs anyway) is not on PATH"
+    out = subprocess.run([nm, "--defined-only", str(binary)], capture_output=True, text=True, check=False)
+    return out.stdout if out.returncode == 0 and out.stdout else None
+
+
+def test_the_agent_mode_binary_links_no_aws_sdk(sidecar_binary, sidecar_agent_mode_binary):
+    """Even from `cargo build --workspace`, where the sidecar library is built with `direct` for
+    the full binary: the agent-mode binary never reaches direct mode, so the linker leaves the
+    SDK, rustls and direct mode's code out of it."""
+    full = defined_symbols(sidecar_binary)
+    if full is None:
+        pytest.skip("stripped binaries (release build): no symbols to inspect")
+    markers = ("aws_sdk_ec2", "aws_config", "rustls", "run_direct")
+    # The check sees them where they are linked in, so their absence below means something.
+    assert all(m in full for m in markers), [m for m in markers if m not in full]
+    agent_mode = defined_symbols(sidecar_agent_mode_binary)
+    assert agent_mode and "run_agent_mode_only" in agent_mode
+    assert [m for m in markers if m in agent_mode] == []
 
 
 def test_tentative_ipv6_is_assigned_once_dad_completes(pod):

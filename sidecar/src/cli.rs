@@ -52,7 +52,8 @@ pub struct RunArgs {
     pub log_format: LogFormat,
 
     /// Agent mode: the node agent on this Unix socket makes the EC2 calls; the sidecar
-    /// needs no AWS credentials.
+    /// needs no AWS credentials. Unset: direct mode, which only `multus-eni-sidecar` has
+    /// (`multus-eni-sidecar-agent-mode` then refuses to start).
     #[arg(long, env = "MULTUS_ENI_AGENT_SOCKET")]
     pub agent_socket: Option<std::path::PathBuf>,
 }
@@ -74,23 +75,45 @@ fn parse_duration(s: &str) -> std::result::Result<Duration, String> {
 
 impl Cli {
     /// Runs the chosen subcommand to completion on a single-threaded runtime (small RSS,
-    /// near-zero idle CPU).
+    /// near-zero idle CPU): agent mode with `--agent-socket`, direct mode without it (when
+    /// built with the `direct` feature). The `multus-eni-sidecar` binary.
     pub fn run(self) -> Result<()> {
         match self.command {
             Command::Run(args) => {
                 init_logging(args.log_format);
-                if let Some(socket) = args.agent_socket.clone() {
-                    // Agent mode: no EC2 client, no TLS provider (small RSS).
-                    let runtime = tokio::runtime::Builder::new_current_thread()
-                        .enable_all()
-                        .build()
-                        .map_err(Error::Runtime)?;
-                    return runtime.block_on(crate::agent_mode::run(args, socket));
+                match args.agent_socket.clone() {
+                    Some(socket) => run_agent_mode(args, socket),
+                    None => run_direct(args),
                 }
-                run_direct(args)
             }
         }
     }
+
+    /// Runs agent mode only, and refuses to start without `--agent-socket`
+    /// ([`Error::DirectModeNotBuilt`]) whatever the crate's features: the
+    /// `multus-eni-sidecar-agent-mode` binary. In a workspace build this library is compiled
+    /// with `direct` (another member asks for it); since this path never reaches
+    /// [`Cli::run`]'s direct branch, the linker drops the AWS SDK from that binary anyway,
+    /// and it behaves the same in every build.
+    pub fn run_agent_mode_only(self) -> Result<()> {
+        match self.command {
+            Command::Run(args) => {
+                // Checked before logging starts: a usage error, reported once by `main`.
+                let socket = args.agent_socket.clone().ok_or(Error::DirectModeNotBuilt)?;
+                init_logging(args.log_format);
+                run_agent_mode(args, socket)
+            }
+        }
+    }
+}
+
+/// Agent mode: no EC2 client, no TLS provider (small RSS).
+fn run_agent_mode(args: RunArgs, socket: std::path::PathBuf) -> Result<()> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(Error::Runtime)?;
+    runtime.block_on(crate::agent_mode::run(args, socket))
 }
 
 /// Direct mode: the sidecar's own EC2 client.
@@ -225,6 +248,25 @@ mod tests {
         let (fallback, problem) = log_filter(Some("multus_eni_sidecar=loud"));
         assert!(fallback.would_enable("multus_eni_sidecar", &Level::INFO));
         assert!(problem.is_some_and(|p| p.contains("RUST_LOG ignored")));
+    }
+
+    #[test]
+    fn the_agent_mode_only_entry_refuses_to_run_without_a_socket() {
+        // Whatever the features: this test build has `direct`, the refusal must not depend on it.
+        let cli =
+            Cli::try_parse_from(["multus-eni-sidecar-agent-mode", "run", "--interfaces=net1"])
+                .unwrap_or_else(|e| panic!("{e}"));
+        let err = cli.run_agent_mode_only().err();
+        assert!(
+            matches!(err, Some(Error::DirectModeNotBuilt)),
+            "expected DirectModeNotBuilt, got {err:?}"
+        );
+        let message = Error::DirectModeNotBuilt.to_string();
+        assert!(message.contains("--agent-socket"), "{message}");
+        assert!(
+            message.contains("/usr/local/bin/multus-eni-sidecar"),
+            "{message}"
+        );
     }
 
     #[test]

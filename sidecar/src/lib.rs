@@ -44,10 +44,12 @@ pub enum Error {
         source: std::io::Error,
     },
 
-    /// Direct mode was asked for (no `--agent-socket`) from a build without it.
+    /// Direct mode was asked for (no `--agent-socket`) from a binary without it:
+    /// `multus-eni-sidecar-agent-mode`, or `multus-eni-sidecar` built without the `direct`
+    /// feature.
     #[error(
-        "this build runs agent mode only (built without the `direct` feature): pass \
-         --agent-socket, or use the multus-eni-sidecar image that has direct mode"
+        "this binary runs agent mode only (no AWS SDK in it): pass --agent-socket, or run \
+         /usr/local/bin/multus-eni-sidecar (same image), which has direct mode"
     )]
     DirectModeNotBuilt,
 

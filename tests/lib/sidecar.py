@@ -1,4 +1,5 @@
-"""The real `multus-eni-sidecar` binary run inside a test network namespace."""
+"""The real sidecar binaries run inside a test network namespace: `multus-eni-sidecar` (both
+modes) and `multus-eni-sidecar-agent-mode` (agent mode only, what agent-mode pods run)."""
 
 from __future__ import annotations
 
@@ -18,10 +19,14 @@ REPO = Path(__file__).resolve().parents[2]
 _ports = itertools.count(19811)
 
 
-def binary_path() -> Path:
-    """`$MULTUS_ENI_BIN_DIR/multus-eni-sidecar`, default `<repo>/target/debug` (pytest does
-    not build: run `cargo build -p multus-eni-sidecar` first)."""
-    return Path(os.environ.get("MULTUS_ENI_BIN_DIR", REPO / "target" / "debug")) / "multus-eni-sidecar"
+FULL = "multus-eni-sidecar"
+AGENT_MODE = "multus-eni-sidecar-agent-mode"
+
+
+def binary_path(name: str = FULL) -> Path:
+    """`$MULTUS_ENI_BIN_DIR/<name>`, default `<repo>/target/debug` (pytest does not build: run
+    `cargo build --workspace` first)."""
+    return Path(os.environ.get("MULTUS_ENI_BIN_DIR", REPO / "target" / "debug")) / name
 
 
 def aws_env(endpoint: str) -> dict[str, str]:
