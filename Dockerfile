@@ -1,5 +1,5 @@
 # syntax=docker/dockerfile:1.7
-# Images for the three binaries, one target each:
+# Three images, one target each (the sidecar image holds two binaries, see build-sidecar):
 #   docker buildx build --target webhook -t REGISTRY/multus-eni-webhook:TAG .
 #   docker buildx build --target sidecar -t REGISTRY/multus-eni-sidecar:TAG .
 #   docker buildx build --target agent   -t REGISTRY/multus-eni-agent:TAG .
@@ -26,12 +26,18 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry,sharing=locked \
     cargo build --release --locked -p multus-eni-webhook \
  && install -D -m 0755 target/release/multus-eni-webhook /out/multus-eni-webhook
 
+# Two binaries for one image: the full sidecar (direct mode needs the AWS SDK) and the
+# agent-mode one that the webhook injects by default (no SDK: a fraction of the size and RSS).
+# Two cargo invocations on purpose: in one, the library's `direct` feature would be unified
+# into the agent-mode build too.
 FROM source AS build-sidecar
 ARG TARGETPLATFORM
 RUN --mount=type=cache,target=/usr/local/cargo/registry,sharing=locked \
     --mount=type=cache,id=multus-eni-target-$TARGETPLATFORM,target=/src/target,sharing=locked \
     cargo build --release --locked -p multus-eni-sidecar \
- && install -D -m 0755 target/release/multus-eni-sidecar /out/multus-eni-sidecar
+ && cargo build --release --locked -p multus-eni-sidecar-agent-mode \
+ && install -D -m 0755 target/release/multus-eni-sidecar /out/multus-eni-sidecar \
+ && install -D -m 0755 target/release/multus-eni-sidecar-agent-mode /out/multus-eni-sidecar-agent-mode
 
 FROM source AS build-agent
 ARG TARGETPLATFORM
@@ -50,6 +56,7 @@ CMD ["--help"]
 
 FROM gcr.io/distroless/cc-debian12:nonroot AS sidecar
 COPY --from=build-sidecar /out/multus-eni-sidecar /usr/local/bin/multus-eni-sidecar
+COPY --from=build-sidecar /out/multus-eni-sidecar-agent-mode /usr/local/bin/multus-eni-sidecar-agent-mode
 USER 65532:65532
 EXPOSE 9811
 ENTRYPOINT ["/usr/local/bin/multus-eni-sidecar"]

@@ -90,7 +90,7 @@ def run(chain: Chain) -> None:
 
     step(6, "sidecar: the injected command, args and env, exactly (the socket's node path mapped)")
     spec = chain.sidecar_spec(chain.endpoint)
-    say(indent(" ".join(["multus-eni-sidecar", *spec.argv[1:]])))
+    say(indent(" ".join([Path(spec.argv[0]).name, *spec.argv[1:]])))
     say(f"   env from the pod: {', '.join(f'{k}={v}' for k, v in spec.injected_env.items())}")
     say("   no AWS setting at all: it claims its addresses over the agent's socket")
     say(f"   as uid {spec.run_as.uid}, gid {spec.run_as.gid}, no capabilities (the injected securityContext)")

@@ -21,7 +21,7 @@ if ! cargo build --workspace --bins --locked --quiet; then
   echo "demo: cargo build --workspace --bins --locked failed" >&2
   exit 1
 fi
-echo "built: target/debug/multus-eni-webhook, target/debug/multus-eni-sidecar, target/debug/multus-eni-agent"
+echo "built: target/debug/multus-eni-webhook, target/debug/multus-eni-sidecar(-agent-mode), target/debug/multus-eni-agent"
 
 export MULTUS_ENI_BIN_DIR="${MULTUS_ENI_BIN_DIR:-$PWD/target/debug}"
 exec .venv/bin/python scripts/demo.py

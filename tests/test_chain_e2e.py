@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import shutil
 import ssl
 import subprocess
@@ -128,7 +129,8 @@ def test_sample_pod_gets_the_native_sidecar_and_nothing_else_changes(chain: Chai
     assert sidecar["name"] == SIDECAR_CONTAINER
     assert sidecar["restartPolicy"] == "Always"
     assert sidecar["image"] == deployment_flag(chain, "--sidecar-image")
-    assert sidecar["command"] == [SIDECAR_IMAGE_BINARY]
+    # Agent mode runs the image's binary without the AWS SDK; direct mode the full one.
+    assert sidecar["command"] == [SIDECAR_IMAGE_BINARY[chain.ec2_access]]
     port = int(deployment_flag(chain, "--sidecar-probe-port"))
     expected_args = ["run", "--interfaces=net1", f"--probe-addr=0.0.0.0:{port}"]
     if chain.ec2_access == "agent":
@@ -204,9 +206,12 @@ def test_injected_sidecar_puts_the_address_on_the_right_eni_and_releases_it(chai
     before = chain.eni_addresses()
     assert not any(state.holds(address) for state in before.values())
 
-    chain.start_sidecar(spec, hold_assign=True)
+    s = chain.start_sidecar(spec, hold_assign=True)
     readiness = chain.await_readiness(spec)
     assert readiness.statuses == [503, 200], readiness
+    # The process that became ready is the built binary the injected command names.
+    running = Path(os.readlink(f"/proc/{s.proc.pid}/exe")).name
+    assert running == {"agent": "multus-eni-sidecar-agent-mode", "direct": "multus-eni-sidecar"}[chain.ec2_access]
     assert readiness.held_assign_calls == 1
 
     after = chain.eni_addresses()

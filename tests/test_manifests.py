@@ -72,6 +72,15 @@ DIRECT_PATH = "/mutate/direct"
 # Pod Security levels that forbid hostPath volumes (the agent's socket).
 NO_HOSTPATH_LEVELS = {"baseline", "restricted"}
 SIDECAR_BINARY_PATH = "/usr/local/bin/multus-eni-sidecar"
+# The sidecar image's second binary, agent mode only (no AWS SDK): what agent mode injects.
+SIDECAR_AGENT_MODE_BINARY_PATH = "/usr/local/bin/multus-eni-sidecar-agent-mode"
+# The packages whose binaries each image target holds, at /usr/local/bin/<package>; the first
+# is the entrypoint.
+IMAGE_PACKAGES = {
+    "webhook": ["multus-eni-webhook"],
+    "sidecar": ["multus-eni-sidecar", "multus-eni-sidecar-agent-mode"],
+    "agent": ["multus-eni-agent"],
+}
 
 
 # === rendering ===
@@ -1076,9 +1085,17 @@ def stage_chain(stages: dict[str, dict], name: str) -> list[dict]:
     return chain
 
 
+def cargo_builds(runs: str) -> list[tuple[set[str], str]]:
+    """Each `cargo build` invocation of some RUN text: its `-p` packages and its whole text."""
+    return [
+        (set(re.findall(r"-p\s+(\S+)", command)), command.strip())
+        for command in re.findall(r"\bcargo build\b[^&;|]*", runs)
+    ]
+
+
 @pytest.mark.parametrize("target", ["webhook", "sidecar", "agent"])
 def test_dockerfile_target(target):
-    package = f"multus-eni-{target}"
+    packages = IMAGE_PACKAGES[target]
     stages = dockerfile_stages()
     assert target in stages, f"Dockerfile has no stage named {target}"
     final = stages[target]
@@ -1086,14 +1103,23 @@ def test_dockerfile_target(target):
     variant = ":latest" if target == "agent" else ":nonroot"
     assert final["from"].startswith("gcr.io/distroless/cc-debian") and final["from"].endswith(variant), final["from"]
 
-    copies = [rest for op, rest in final["lines"] if op == "COPY"]
-    assert len(copies) == 1, "the runtime image holds the binary only"
-    match = re.match(r"--from=(\S+)\s+(\S+)\s+(\S+)$", copies[0])
-    assert match and match.group(3) == f"/usr/local/bin/{package}"
-    build = match.group(1)
-    runs = " ".join(rest for s in stage_chain(stages, build) for op, rest in s["lines"] if op == "RUN")
-    assert f"cargo build --release --locked -p {package}" in runs
-    assert f"target/release/{package}" in runs
+    copies = [re.match(r"--from=(\S+)\s+(\S+)\s+(\S+)$", rest) for op, rest in final["lines"] if op == "COPY"]
+    assert all(copies), "every COPY takes one file from a build stage"
+    copied = {m.group(3): m.group(1) for m in copies}
+    assert sorted(copied) == sorted(f"/usr/local/bin/{p}" for p in packages), "the runtime image holds its binaries only"
+    for package in packages:
+        build = copied[f"/usr/local/bin/{package}"]
+        runs = " ".join(rest for s in stage_chain(stages, build) for op, rest in s["lines"] if op == "RUN")
+        # One cargo invocation per package: built together, the packages' features would be
+        # unified (the agent-mode sidecar would get the full one's AWS SDK).
+        own = [command for built, command in cargo_builds(runs) if built == {package}]
+        assert own, f"no `cargo build -p {package}` of its own in stage {build}: {cargo_builds(runs)}"
+        assert all("--release" in c and "--locked" in c for c in own), own
+        assert not [built for built, _ in cargo_builds(runs) if package in built and built != {package}], (
+            f"{package} is built together with other packages"
+        )
+        assert f"target/release/{package}" in runs
+    build = copied[f"/usr/local/bin/{packages[0]}"]
 
     users = [rest for op, rest in final["lines"] if op == "USER"]
     if target == "agent":
@@ -1101,9 +1127,11 @@ def test_dockerfile_target(target):
     else:
         assert users and re.fullmatch(r"[1-9]\d*(:[1-9]\d*)?", users[-1]), "numeric non-root USER"
     entrypoint = [json.loads(rest) for op, rest in final["lines"] if op == "ENTRYPOINT"]
-    assert entrypoint == [[f"/usr/local/bin/{package}"]]
+    assert entrypoint == [[f"/usr/local/bin/{packages[0]}"]]
     if target == "sidecar":
-        assert entrypoint[0][0] == SIDECAR_BINARY_PATH, "the webhook injects this command path"
+        # The webhook injects these command paths: direct mode, agent mode.
+        assert entrypoint[0][0] == SIDECAR_BINARY_PATH
+        assert SIDECAR_AGENT_MODE_BINARY_PATH in copied
 
     # glibc of the build must not be newer than the runtime's: same Debian release.
     builder = stage_chain(stages, build)[-1]["from"]
@@ -1277,14 +1305,12 @@ def test_images_expose_the_ports_the_manifests_use(rendered):
 @pytest.mark.parametrize("ec2_access", ["agent", "direct"])
 def test_sample_injected_with_the_deployment_flags_fits_the_sidecar_image(rendered, ec2_access):
     """`multus-eni-webhook inject` with the Deployment's own flags on the sample: the sidecar it
-    adds must run the image's binary, probe the port the sidecar listens on, run as the image's
-    user, use only flags the sidecar knows, and still pass the schemas. Both EC2 access modes:
-    the Deployment's (agent) and the one /mutate/direct injects."""
+    adds must run one of the image's binaries (agent mode the agent-mode one, direct mode the
+    full one), probe the port the sidecar listens on, run as the image's user, use only flags
+    that binary knows, and still pass the schemas. Both EC2 access modes: the Deployment's
+    (agent) and the one /mutate/direct injects."""
     webhook = binary("multus-eni-webhook")
-    sidecar_help = help_text("multus-eni-sidecar", "run")
-    assert webhook is not None and sidecar_help is not None, (
-        f"needs the built binaries in {BIN_DIR}: cargo build --workspace --bins"
-    )
+    assert webhook is not None, f"needs the built binaries in {BIN_DIR}: cargo build --workspace --bins"
     inject_flags = set(re.findall(r"--([a-z][a-z0-9-]*)", help_text("multus-eni-webhook", "inject")))
     serve_args = settings(webhook_container(rendered["default"])) | {"ec2-access": ec2_access}
     args = [f"--{k}={v}" for k, v in serve_args.items() if k in inject_flags]
@@ -1303,8 +1329,11 @@ def test_sample_injected_with_the_deployment_flags_fits_the_sidecar_image(render
     [sidecar] = [c for c in containers if c["name"] == "multus-eni-sidecar"]
     assert sidecar["image"] == serve_args["sidecar-image"]
     stages = dockerfile_stages()
-    [entrypoint] = [json.loads(rest) for op, rest in stages["sidecar"]["lines"] if op == "ENTRYPOINT"]
-    assert sidecar["command"] == entrypoint
+    in_image = [rest.split()[-1] for op, rest in stages["sidecar"]["lines"] if op == "COPY"]
+    expected = {"agent": SIDECAR_AGENT_MODE_BINARY_PATH, "direct": SIDECAR_BINARY_PATH}[ec2_access]
+    assert sidecar["command"] == [expected] and expected in in_image, (sidecar["command"], in_image)
+    sidecar_help = help_text(Path(expected).name, "run")
+    assert sidecar_help is not None, f"needs the built binaries in {BIN_DIR}: cargo build --workspace --bins"
     uid = int([rest for op, rest in stages["sidecar"]["lines"] if op == "USER"][-1].split(":")[0])
     assert sidecar["securityContext"].get("runAsUser", uid) == uid
 

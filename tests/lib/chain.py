@@ -59,7 +59,17 @@ from .sidecar import Sidecar, aws_env, wait_for
 REPO = Path(__file__).resolve().parents[2]
 
 SIDECAR_CONTAINER = "multus-eni-sidecar"
-SIDECAR_IMAGE_BINARY = "/usr/local/bin/multus-eni-sidecar"
+# The sidecar image's binaries (Dockerfile, target `sidecar`): path in the image → built binary.
+SIDECAR_IMAGE_BINARIES = {
+    "/usr/local/bin/multus-eni-sidecar": "multus-eni-sidecar",
+    "/usr/local/bin/multus-eni-sidecar-agent-mode": "multus-eni-sidecar-agent-mode",
+}
+# The image's binary each EC2 access mode must run: agent mode the one without the AWS SDK,
+# direct mode the full one.
+SIDECAR_IMAGE_BINARY = {
+    "agent": "/usr/local/bin/multus-eni-sidecar-agent-mode",
+    "direct": "/usr/local/bin/multus-eni-sidecar",
+}
 WEBHOOK_CONTAINER = "webhook"
 NETWORKS_ANNOTATION = "k8s.v1.cni.cncf.io/networks"
 
@@ -581,7 +591,11 @@ class Chain:
         try:
             self.manifests = Manifests.render(repo)
             self.webhook_binary = private_copy(bin_dir() / "multus-eni-webhook", self.bin)
-            self.sidecar_binary = private_copy(bin_dir() / "multus-eni-sidecar", self.bin)
+            # Both, as in the image: the injected command picks one.
+            self.sidecar_binaries = {
+                path: private_copy(bin_dir() / name, self.bin) for path, name in SIDECAR_IMAGE_BINARIES.items()
+            }
+            self.sidecar_binary = self.sidecar_binaries[SIDECAR_IMAGE_BINARY[ec2_access]]
             self.agent_binary = private_copy(bin_dir() / "multus-eni-agent", self.bin)
         except BaseException:
             shutil.rmtree(self.workdir, ignore_errors=True)
@@ -754,8 +768,13 @@ class Chain:
         command = list(container.get("command") or [])
         check(command, "the injected sidecar has no command (the image's entrypoint is not known here)")
         check(
-            command[0] == SIDECAR_IMAGE_BINARY,
-            f"the sidecar command runs {command[0]}, the image has {SIDECAR_IMAGE_BINARY}",
+            command[0] in self.sidecar_binaries,
+            f"the sidecar command runs {command[0]}, the image has {sorted(self.sidecar_binaries)}",
+        )
+        expected = SIDECAR_IMAGE_BINARY[self.ec2_access]
+        check(
+            command[0] == expected,
+            f"--ec2-access={self.ec2_access} injected a sidecar running {command[0]}, not {expected}",
         )
         args = list(container.get("args") or [])
         socket_path = flag_value(args, "--agent-socket")
@@ -767,7 +786,7 @@ class Chain:
             # The socket as the sidecar container sees it → the node path → this chain's node.
             node_path = host_path_of(pod["spec"], container, socket_path)
             args = replace_flag(args, "--agent-socket", str(self.on_node(node_path)))
-        argv = [str(self.sidecar_binary), *command[1:], *args]
+        argv = [str(self.sidecar_binaries[command[0]]), *command[1:], *args]
         injected = container_env(container, pod)
         # Direct mode: what IRSA or Pod Identity would add for the emulated account. Agent
         # mode: nothing; the sidecar must work without any AWS setting.

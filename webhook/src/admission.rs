@@ -247,6 +247,14 @@ mod tests {
             "--agent-socket=/run/multus-eni/agent.sock"
         );
         assert!(agent["env"].to_string().find("AWS_REGION").is_none());
+        assert_eq!(
+            agent["command"],
+            json!(["/usr/local/bin/multus-eni-sidecar-agent-mode"])
+        );
+        assert_eq!(
+            direct["command"],
+            json!(["/usr/local/bin/multus-eni-sidecar"])
+        );
         assert_eq!(direct["args"].as_array().map(Vec::len), Some(3));
         assert!(direct["env"].to_string().contains("AWS_REGION"));
         assert!(direct.get("volumeMounts").is_none());

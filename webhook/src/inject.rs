@@ -12,8 +12,11 @@ use serde_json::{Map, Value, json};
 
 /// Name of the injected container; also how a pod is recognised as already injected.
 pub const SIDECAR_NAME: &str = "multus-eni-sidecar";
-/// Path of the sidecar binary in its image (docs/contract.md).
+/// Path of the full sidecar binary in its image, which direct mode runs (docs/contract.md).
 pub const SIDECAR_COMMAND: &str = "/usr/local/bin/multus-eni-sidecar";
+/// Path of the agent-mode-only sidecar binary in the same image, which agent mode runs: it has
+/// no AWS SDK, so it is a fraction of the full binary's size and memory, once per pod.
+pub const SIDECAR_AGENT_MODE_COMMAND: &str = "/usr/local/bin/multus-eni-sidecar-agent-mode";
 /// Pod annotation recording what was injected.
 pub const STATUS_ANNOTATION: &str = "multus-eni.io/status";
 /// Pod annotation that opts a pod out when set to `"false"`.
@@ -51,6 +54,14 @@ impl Ec2Access {
         match self {
             Ec2Access::Agent => "agent",
             Ec2Access::Direct => "direct",
+        }
+    }
+
+    /// The binary the injected sidecar runs (both are in the `--sidecar-image`).
+    pub fn sidecar_command(self) -> &'static str {
+        match self {
+            Ec2Access::Agent => SIDECAR_AGENT_MODE_COMMAND,
+            Ec2Access::Direct => SIDECAR_COMMAND,
         }
     }
 }
@@ -543,7 +554,7 @@ pub fn sidecar_container(config: &Config, interfaces: &[String], qos: QosClass) 
     let mut container = json!({
         "name": SIDECAR_NAME,
         "image": config.sidecar_image,
-        "command": [SIDECAR_COMMAND],
+        "command": [config.ec2_access.sidecar_command()],
         "args": args,
         "env": env,
     });
@@ -850,6 +861,10 @@ mod tests {
         let out = apply(&p, &mutate_pod(&c, &p));
         let sidecar = &out["spec"]["initContainers"][0];
         assert_eq!(
+            sidecar["command"],
+            json!(["/usr/local/bin/multus-eni-sidecar-agent-mode"])
+        );
+        assert_eq!(
             sidecar["args"],
             json!([
                 "run",
@@ -908,6 +923,11 @@ mod tests {
             ec2_endpoint: Some("https://vpce-1.ec2.eu-west-1.vpce.amazonaws.com".into()),
         };
         let container = sidecar_container(&c, &["net1".into()], QosClass::Burstable);
+        // The full binary: the agent-mode one refuses to start without --agent-socket.
+        assert_eq!(
+            container["command"],
+            json!(["/usr/local/bin/multus-eni-sidecar"])
+        );
         assert_eq!(
             container["args"],
             json!([
@@ -938,6 +958,33 @@ mod tests {
         let container = sidecar_container(&c, &["net1".into()], QosClass::Burstable);
         assert_eq!(container["args"].as_array().map(Vec::len), Some(3));
         assert_eq!(env_names(&container).len(), 3);
+    }
+
+    #[test]
+    fn each_mode_runs_its_binary_and_only_agent_mode_passes_the_socket() {
+        for (access, command) in [
+            (Ec2Access::Agent, SIDECAR_AGENT_MODE_COMMAND),
+            (Ec2Access::Direct, SIDECAR_COMMAND),
+        ] {
+            for mode in [SidecarMode::Native, SidecarMode::Legacy] {
+                let mut c = config().with_ec2_access(access);
+                c.mode = mode;
+                let container = sidecar_container(&c, &["net1".into()], QosClass::BestEffort);
+                assert_eq!(
+                    container["command"],
+                    json!([command]),
+                    "{access:?} {mode:?}"
+                );
+                // The agent-mode binary without --agent-socket would refuse to start.
+                let has_socket = container["args"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .any(|a| a.as_str().is_some_and(|a| a.starts_with("--agent-socket=")));
+                assert_eq!(has_socket, command == SIDECAR_AGENT_MODE_COMMAND);
+            }
+        }
+        assert_ne!(SIDECAR_COMMAND, SIDECAR_AGENT_MODE_COMMAND);
     }
 
     #[test]

@@ -51,6 +51,10 @@ async fn create_is_patched_reinvocation_and_update_are_not() -> TestResult {
     assert_eq!(inits[0]["name"], "multus-eni-sidecar");
     assert_eq!(inits[0]["restartPolicy"], "Always");
     assert_eq!(
+        inits[0]["command"],
+        json!(["/usr/local/bin/multus-eni-sidecar-agent-mode"])
+    );
+    assert_eq!(
         inits[0]["args"],
         json!([
             "run",
