@@ -29,15 +29,16 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry,sharing=locked \
 # Two binaries for one image: the full sidecar (direct mode needs the AWS SDK) and the
 # agent-mode one that the webhook injects by default (no SDK: a fraction of the size and RSS).
 # Two cargo invocations on purpose: in one, the library's `direct` feature would be unified
-# into the agent-mode build too.
+# into the agent-mode build too. Profile release-sidecar (Cargo.toml): opt-level "z", since a
+# sidecar runs in every pod (docs/benchmarks.md, "Binary size and memory").
 FROM source AS build-sidecar
 ARG TARGETPLATFORM
 RUN --mount=type=cache,target=/usr/local/cargo/registry,sharing=locked \
     --mount=type=cache,id=multus-eni-target-$TARGETPLATFORM,target=/src/target,sharing=locked \
-    cargo build --release --locked -p multus-eni-sidecar \
- && cargo build --release --locked -p multus-eni-sidecar-agent-mode \
- && install -D -m 0755 target/release/multus-eni-sidecar /out/multus-eni-sidecar \
- && install -D -m 0755 target/release/multus-eni-sidecar-agent-mode /out/multus-eni-sidecar-agent-mode
+    cargo build --profile release-sidecar --locked -p multus-eni-sidecar \
+ && cargo build --profile release-sidecar --locked -p multus-eni-sidecar-agent-mode \
+ && install -D -m 0755 target/release-sidecar/multus-eni-sidecar /out/multus-eni-sidecar \
+ && install -D -m 0755 target/release-sidecar/multus-eni-sidecar-agent-mode /out/multus-eni-sidecar-agent-mode
 
 FROM source AS build-agent
 ARG TARGETPLATFORM

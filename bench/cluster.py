@@ -52,17 +52,25 @@ def quiet_proxy_shutdown() -> None:
     sys.unraisablehook = hook
 
 
-def sidecar_binary() -> str:
-    """`MULTUS_ENI_SIDECAR_BIN`, else the release build if present, else the debug build."""
+def sidecar_binary(agent_mode: bool = False) -> str:
+    """`MULTUS_ENI_SIDECAR_BIN`, else the release build if present, else the debug build. In
+    agent mode, the agent-mode binary beside it (what the webhook injects), if built."""
     env = os.environ.get("MULTUS_ENI_SIDECAR_BIN")
     if env:
-        return env
-    root = Path(__file__).resolve().parent.parent
-    for profile in ("release", "debug"):
-        p = root / "target" / profile / "multus-eni-sidecar"
-        if p.exists():
-            return str(p)
-    raise SystemExit("no sidecar binary: run `cargo build -p multus-eni-sidecar` or set MULTUS_ENI_SIDECAR_BIN")
+        full = Path(env)
+    else:
+        root = Path(__file__).resolve().parent.parent
+        found = [root / "target" / p / "multus-eni-sidecar" for p in ("release-sidecar", "debug")]
+        full = next((p for p in found if p.exists()), None)
+        if full is None:
+            raise SystemExit("no sidecar binary: run `cargo build -p multus-eni-sidecar` or set MULTUS_ENI_SIDECAR_BIN")
+    slim = full.parent / "multus-eni-sidecar-agent-mode"
+    return str(slim if agent_mode and slim.exists() else full)
+
+
+def agent_binary() -> str:
+    """`MULTUS_ENI_AGENT_BIN`, else the agent beside the sidecar binary."""
+    return os.environ.get("MULTUS_ENI_AGENT_BIN") or str(Path(sidecar_binary()).parent / "multus-eni-agent")
 
 
 @dataclasses.dataclass

@@ -38,14 +38,20 @@ bench_run() {
   return "$rc"
 }
 
-# MULTUS_ENI_SIDECAR_BIN wins; else BENCH_PROFILE=release|debug (default debug) is built
-# with cargo (a no-op when up to date). multus-eni-sidecar-agent-mode is built next to it so
-# that agent-mode benches can run it; in this one cargo invocation its library gets the full
-# sidecar's `direct` feature, which that binary never calls (the Dockerfile builds it alone).
+# MULTUS_ENI_SIDECAR_BIN (and MULTUS_ENI_AGENT_BIN) win; else BENCH_PROFILE=release|debug
+# (default debug) is built with cargo (a no-op when up to date). Agent-mode runs use
+# multus-eni-sidecar-agent-mode beside the sidecar binary when it is there (as pods do); in the
+# debug build's one cargo invocation its library gets the full sidecar's `direct` feature,
+# which that binary never calls.
 if [ -z "${MULTUS_ENI_SIDECAR_BIN:-}" ]; then
   case "${BENCH_PROFILE:-debug}" in
-    release) cargo build --release -p multus-eni-sidecar -p multus-eni-sidecar-agent-mode -p multus-eni-agent >&2
-             export MULTUS_ENI_SIDECAR_BIN="$PWD/target/release/multus-eni-sidecar" ;;
+    # As the Dockerfile builds them: the sidecar's two binaries with profile release-sidecar,
+    # each on its own (unified, the agent-mode one would get the SDK); the agent --release.
+    release) cargo build --profile release-sidecar -p multus-eni-sidecar >&2
+             cargo build --profile release-sidecar -p multus-eni-sidecar-agent-mode >&2
+             cargo build --release -p multus-eni-agent >&2
+             export MULTUS_ENI_SIDECAR_BIN="$PWD/target/release-sidecar/multus-eni-sidecar"
+             export MULTUS_ENI_AGENT_BIN="$PWD/target/release/multus-eni-agent" ;;
     debug)   cargo build -p multus-eni-sidecar -p multus-eni-sidecar-agent-mode -p multus-eni-agent >&2
              export MULTUS_ENI_SIDECAR_BIN="$PWD/target/debug/multus-eni-sidecar" ;;
     *) echo "bench: BENCH_PROFILE must be release or debug" >&2; exit 2 ;;

@@ -117,7 +117,7 @@ def main() -> int:
     cluster.quiet_proxy_shutdown()
     run_id = os.environ.get("MNE_BENCH_RUN", str(os.getpid()))
     log_dir = Path(tempfile.mkdtemp(prefix=f"mne-bench-{run_id}-"))
-    binary = cluster.sidecar_binary()
+    binary = cluster.sidecar_binary(args.agent)
     emu: Emulator | None = None
     pod = None
     proxy = None

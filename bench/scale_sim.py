@@ -157,7 +157,7 @@ def start_agents(emu: Emulator, endpoint: str, pods: list[Pod], log_dir: Path, e
     `--netns-dir` holding links to the namespaces of that node's pods."""
     from tests.lib.agent import Agent
 
-    binary = Path(cluster.sidecar_binary()).parent / "multus-eni-agent"
+    binary = Path(cluster.agent_binary())
     agents: dict[str, Any] = {}
     for node in sorted({p.eni.node for p in pods}):
         a = Agent(emu.ns, endpoint, log_dir / f"agent-{node}", binary, extra)
@@ -179,7 +179,7 @@ def run_sidecars(
 ) -> RunResult:
     model = BucketModel(scope=args.scope)
     proxy = ThrottlingProxy(emu.ns, cluster.MOTO_PORT, cluster.BRIDGE_IP, model).start()
-    binary = cluster.sidecar_binary()
+    binary = cluster.sidecar_binary(agent_mode)
     phases: list[Phase] = []
     extra: dict[str, Any] = {"binary": binary}
     agents: dict[str, Any] = {}

@@ -1114,11 +1114,17 @@ def test_dockerfile_target(target):
         # unified (the agent-mode sidecar would get the full one's AWS SDK).
         own = [command for built, command in cargo_builds(runs) if built == {package}]
         assert own, f"no `cargo build -p {package}` of its own in stage {build}: {cargo_builds(runs)}"
-        assert all("--release" in c and "--locked" in c for c in own), own
+        # The sidecar's images are built for size (Cargo.toml's profile release-sidecar).
+        profile = "release-sidecar" if target == "sidecar" else "release"
+        flag = "--release" if profile == "release" else f"--profile {profile}"
+        assert all(re.search(rf"{flag}(\s|$)", c) and "--locked" in c for c in own), own
         assert not [built for built, _ in cargo_builds(runs) if package in built and built != {package}], (
             f"{package} is built together with other packages"
         )
-        assert f"target/release/{package}" in runs
+        assert f"target/{profile}/{package}" in runs
+        if profile != "release":
+            declared = tomllib.loads((REPO / "Cargo.toml").read_text())["profile"]
+            assert declared[profile]["inherits"] == "release", f"profile {profile} is not in Cargo.toml"
     build = copied[f"/usr/local/bin/{packages[0]}"]
 
     users = [rest for op, rest in final["lines"] if op == "USER"]
