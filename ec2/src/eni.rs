@@ -477,6 +477,16 @@ impl Ec2 {
         &self,
         filter: Filter,
     ) -> std::result::Result<Vec<EniAddresses>, Failure> {
+        let found = self.describe_pages(filter).await?;
+        Ok(found.iter().map(eni_addresses).collect())
+    }
+
+    /// Every ENI matching `filter`, all pages of `DescribeNetworkInterfaces`, as EC2 describes
+    /// them (the node agent also needs each one's MAC).
+    pub(crate) async fn describe_pages(
+        &self,
+        filter: Filter,
+    ) -> std::result::Result<Vec<NetworkInterface>, Failure> {
         let client = self.client().await;
         let mut enis = Vec::new();
         let mut token: Option<String> = None;
@@ -488,10 +498,13 @@ impl Ec2 {
                 .send()
                 .await
                 .map_err(|e| sdk_failure("DescribeNetworkInterfaces", e))?;
-            enis.extend(out.network_interfaces().iter().map(eni_addresses));
-            match out.next_token() {
-                Some(t) if !t.is_empty() => token = Some(t.to_string()),
-                _ => return Ok(enis),
+            token = out
+                .next_token()
+                .filter(|t| !t.is_empty())
+                .map(str::to_string);
+            enis.extend(out.network_interfaces.unwrap_or_default());
+            if token.is_none() {
+                return Ok(enis);
             }
         }
     }

@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use aws_sdk_ec2::types::Filter;
 
 use crate::Result;
-use crate::eni::{Ec2, eni_addresses, sdk_error};
+use crate::eni::{Ec2, eni_addresses};
 use crate::mac::MacAddress;
 use crate::model::EniAddresses;
 
@@ -21,32 +21,18 @@ impl Ec2 {
         macs: &[MacAddress],
     ) -> Result<BTreeMap<MacAddress, EniAddresses>> {
         let mut found = BTreeMap::new();
-        let client = self.client().await;
         for chunk in macs.chunks(MAX_FILTER_VALUES) {
             let filter = Filter::builder()
                 .name("mac-address")
                 .set_values(Some(chunk.iter().map(ToString::to_string).collect()))
                 .build();
-            let mut token: Option<String> = None;
-            loop {
-                let out = client
-                    .describe_network_interfaces()
-                    .filters(filter.clone())
-                    .set_next_token(token.take())
-                    .send()
-                    .await
-                    .map_err(|e| sdk_error("DescribeNetworkInterfaces", e))?;
-                for n in out.network_interfaces() {
-                    let Some(mac) = n.mac_address().and_then(parse_mac) else {
-                        continue;
-                    };
-                    if chunk.contains(&mac) {
-                        found.insert(mac, eni_addresses(n));
-                    }
-                }
-                match out.next_token() {
-                    Some(t) if !t.is_empty() => token = Some(t.to_string()),
-                    _ => break,
+            let described = self.describe_pages(filter).await.map_err(|f| f.error)?;
+            for n in &described {
+                let Some(mac) = n.mac_address().and_then(parse_mac) else {
+                    continue;
+                };
+                if chunk.contains(&mac) {
+                    found.insert(mac, eni_addresses(n));
                 }
             }
         }

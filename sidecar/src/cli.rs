@@ -107,13 +107,17 @@ impl Cli {
     }
 }
 
-/// Agent mode: no EC2 client, no TLS provider (small RSS).
-fn run_agent_mode(args: RunArgs, socket: std::path::PathBuf) -> Result<()> {
-    let runtime = tokio::runtime::Builder::new_current_thread()
+/// The single-threaded runtime of either mode (small RSS, near-zero idle CPU).
+fn current_thread_runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
-        .map_err(Error::Runtime)?;
-    runtime.block_on(crate::agent_mode::run(args, socket))
+        .map_err(Error::Runtime)
+}
+
+/// Agent mode: no EC2 client, no TLS provider (small RSS).
+fn run_agent_mode(args: RunArgs, socket: std::path::PathBuf) -> Result<()> {
+    current_thread_runtime()?.block_on(crate::agent_mode::run(args, socket))
 }
 
 /// Direct mode: the sidecar's own EC2 client.
@@ -121,11 +125,7 @@ fn run_agent_mode(args: RunArgs, socket: std::path::PathBuf) -> Result<()> {
 fn run_direct(args: RunArgs) -> Result<()> {
     // Installed once: a second install is a harmless no-op error.
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(Error::Runtime)?;
-    runtime.block_on(crate::run::run(args))
+    current_thread_runtime()?.block_on(crate::run::run(args))
 }
 
 #[cfg(not(feature = "direct"))]
