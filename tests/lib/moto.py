@@ -1,9 +1,12 @@
 """The moto EC2 emulator run inside a test network namespace, and a small EC2 world on it.
 
-Known moto 5.2.x gaps, designed around in tests (never in the product): assigning an address
-held by another ENI copies it instead of moving it; addresses are not validated; filter
+Known moto 5.2.x gaps (never designed around in the product): assigning an address held by
+another ENI copies it instead of moving it (or refusing it); addresses are not validated; filter
 `ipv6-addresses.ipv6-address` answers HTTP 500; `addresses.private-ip-address` matches only
-primaries; the first call takes ~1.5 s.
+primaries; DescribeNetworkInterfaces has no pages; the first call takes ~1.5 s. The fault proxy
+(tests/lib/fault_proxy.py) answers as EC2 for each of these but validation and speed, from
+moto's own data; tests/test_fault_proxy.py checks it. `attachment.instance-id` moto answers as
+EC2 (the ENIs attached to that instance, none after a detach).
 """
 
 from __future__ import annotations
