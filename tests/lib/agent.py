@@ -19,7 +19,6 @@ import itertools
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -266,31 +265,6 @@ def claim(ns: NetNS | None, socket_path: Path, interfaces: list[dict[str, Any]],
     return claim_from(ns, socket_path, "claim", claim_line(interfaces, v), **kw)
 
 
-def raw_claim(pod_ns: NetNS, socket_path: Path, interfaces: list[dict[str, Any]]) -> dict[str, Any]:
-    """Connects to the agent from inside `pod_ns` as any process could, sends one claim and
-    returns the first status answer."""
-
-    def talk() -> dict[str, Any]:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-            s.settimeout(60)
-            s.connect(str(socket_path))
-            s.sendall((json.dumps({"type": "claim", "v": 1, "seq": 1, "interfaces": interfaces}) + "\n").encode())
-            buf = b""
-            while True:
-                chunk = s.recv(65536)
-                if not chunk:
-                    raise AssertionError(f"agent closed the connection; got {buf!r}")
-                buf += chunk
-                while b"\n" in buf:
-                    line, buf = buf.split(b"\n", 1)
-                    answer = json.loads(line)
-                    # The first status may say "pending" while the ENI is being read.
-                    if answer.get("type") != "status" or all(a["state"] != "pending" for a in answer["addresses"]):
-                        return answer
-
-    return pod_ns.call(talk)
-
-
 class SimNode:
     """One simulated node: an instance of its own in EC2 (`moto.NodeEnis`) and its agent, bound
     to that instance with `--instance-id`; pods are network namespaces linked into the agent's
@@ -325,4 +299,4 @@ class SimNode:
         self.agent.kill()
 
 
-__all__ = ["Agent", "AgentPod", "SimNode", "claim", "claim_from", "raw_claim", "REGION", "CREDENTIALS"]
+__all__ = ["Agent", "AgentPod", "SimNode", "claim", "claim_from", "REGION", "CREDENTIALS"]
