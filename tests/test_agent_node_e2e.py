@@ -387,10 +387,11 @@ def test_tentative_and_dad_failed_addresses_are_not_assigned(cluster):
     p.add("net1", duplicate, nodad=False)
     p.add("net1", tentative, nodad=False)
     wait_for(lambda: cluster.holds(e.multus, control), "the usable address assigned (positive control)")
-    out = p.ns.ip("-6", "addr", "show", "dev", "net1").stdout
+    out = p.ns.ip("-6", "addr", "show", "to", tentative + "/128", "dev", "net1").stdout
     assert "tentative" in out, out
     cluster.resyncs(a, 2)
-    assert "tentative" in p.ns.ip("-6", "addr", "show", "dev", "net1").stdout, "DAD ended before the check"
+    still = p.ns.ip("-6", "addr", "show", "to", tentative + "/128", "dev", "net1").stdout
+    assert "tentative" in still, f"DAD ended before the check: {still}"
     assert not cluster.calls(ASSIGNS, tentative), "a tentative address was assigned"
     wait_for(lambda: "tentative" not in p.ns.ip("-6", "addr", "show", "to", tentative + "/128", "dev", "net1").stdout,
              "DAD passed")

@@ -9,8 +9,8 @@ the sidecar's reaction time. Faults are injected per action: throttling
 `InternalError`), optionally only for requests a predicate picks (one filter of
 DescribeNetworkInterfaces); holding requests until released; or forwarding a request and
 holding its answer for a while (EC2 carried the call out, the caller does not know yet).
-It also answers as IMDSv2 for the region (`/latest/api/token`,
-`/latest/meta-data/placement/region`) when the sidecar's `AWS_EC2_METADATA_SERVICE_ENDPOINT`
+It also answers as IMDSv2 for the region and, when `imds_instance_id` is set, the instance id
+(`/latest/api/token`, `/latest/meta-data/placement/region`, `/latest/meta-data/instance-id`) when the sidecar's `AWS_EC2_METADATA_SERVICE_ENDPOINT`
 points at it, with HTTP 500 while `imds_down` is set.
 Addresses can be marked as refused: an Assign that names one fails as a whole with
 `InvalidParameterValue`, as EC2 answers for an address outside the subnet.
@@ -113,6 +113,7 @@ class FaultProxy:
         self.page_size: int | None = None
         self.imds_down = False
         self.imds_region = "us-east-1"
+        self.imds_instance_id: str | None = None  # answered at /latest/meta-data/instance-id
         self.imds_requests = 0
         self._loop: asyncio.AbstractEventLoop | None = None
         self._release: asyncio.Event | None = None
@@ -321,7 +322,7 @@ class FaultProxy:
         path = urllib.parse.urlsplit(target).path
         with self._lock:
             self.imds_requests += 1
-            down, region = self.imds_down, self.imds_region
+            down, region, instance_id = self.imds_down, self.imds_region, self.imds_instance_id
         headers: list[str] = []
         if down:
             status, body = "500 Internal Server Error", b""
@@ -330,6 +331,8 @@ class FaultProxy:
             headers.append("X-aws-ec2-metadata-token-ttl-seconds: 21600")
         elif method == "GET" and path == "/latest/meta-data/placement/region":
             status, body = "200 OK", region.encode()
+        elif method == "GET" and path == "/latest/meta-data/instance-id" and instance_id:
+            status, body = "200 OK", instance_id.encode()
         else:
             status, body = "404 Not Found", b""
         lines = [f"HTTP/1.1 {status}", *headers, f"Content-Length: {len(body)}", "Connection: keep-alive", "", ""]
