@@ -311,7 +311,8 @@ def test_a_duplicate_address_on_two_nodes_is_a_bounded_visible_conflict(cluster)
     wait_for(lambda: cluster.calls(ASSIGNS, address), "a first Assign")
     time.sleep(30)  # the subject is a rate: Assign calls per 30 s
     count = len(cluster.calls(ASSIGNS, address))
-    assert count <= 4, f"{count} Assign calls for {address} in 30 s"
+    # Each agent: its first Assign and one take-back, then a retry no sooner than 5 min later.
+    assert count <= 5, f"{count} Assign calls for {address} in 30 s"
     conflicts = [n.agent.metric("multus_eni_agent_address_conflicts") for n in (a, b)]
     assert max(conflicts) >= 1, conflicts
     states = [s["state"] for n in (a, b) for s in n.agent.status_of(address)]
@@ -351,8 +352,9 @@ def test_an_ec2_rejection_leaves_the_other_addresses_assigned_and_is_retried_wit
     wait_for(lambda: a.agent.status_of(bad) and a.agent.status_of(bad)[0]["reason"], "a reason for the rejected one")
     assert a.agent.status_of(bad)[0]["state"] != "routable"
     tried = len(cluster.calls(ASSIGNS, bad))
-    cluster.resyncs(a, 4)
-    assert len(cluster.calls(ASSIGNS, bad)) <= tried + 1, "a rejected address is not retried at every resync"
+    cluster.resyncs(a, 6)
+    retries = len(cluster.calls(ASSIGNS, bad)) - tried
+    assert retries < 4, f"{retries} retries of a rejected address over 6 resyncs: no backoff of its own"
     assert cluster.lacks(e.multus, bad) and cluster.holds(e.multus, good)
 
 
