@@ -193,7 +193,7 @@ def test_another_nodes_eni_mac_is_refused_and_that_nodes_pod_keeps_its_address(c
     intruder.start_sidecar(["net1"])
     # Several resyncs of both agents (they run at the same interval; counted on B's ENIs, which
     # an agent that acts on the intruder's MAC reads too).
-    cluster.resyncs(b, 6)
+    cluster.resyncs(b, 10)
     assert not cluster.calls(UNASSIGNS, b_address), "node B's pod lost its address"
     assert cluster.holds(b.enis.multus, b_address)
     assert not cluster.calls(ASSIGNS, intruder_address), "node A assigned on another instance's ENI"
