@@ -7,11 +7,13 @@
 //! their pod is routable: their claims are hints that make the agent look, never facts.
 //!
 //! Pure decisions: [`plan`], [`batch`], [`reclaim`], [`conflict`], [`retry`], [`checkpoint`].
-//! Edges: [`watch`] (inotify, setns + netlink), [`connection`] (socket), [`node`] (the task
+//! Edges: [`watch`] (inotify, setns + netlink), [`connection`] (socket), [`calls`] (one
+//! ENI's EC2 calls), [`node`] (the task
 //! that owns the state and calls EC2), [`status`] (the node's table over HTTP), [`server`]
 //! (wiring), [`metrics`].
 
 pub mod batch;
+pub mod calls;
 pub mod checkpoint;
 pub mod cli;
 pub mod conflict;

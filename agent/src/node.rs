@@ -5,7 +5,7 @@
 //! [`crate::reclaim`], [`crate::conflict`] and [`crate::retry`].
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::{IpAddr, Ipv6Addr};
+use std::net::IpAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -14,11 +14,12 @@ use backon::{BackoffBuilder, ExponentialBackoff, ExponentialBuilder};
 use multus_eni_ec2::MacAddress;
 use multus_eni_ec2::eni::{Ec2, ErrorKind};
 use multus_eni_ec2::model::{Change, EniAddresses, EniId};
-use multus_eni_proto::{AddressState, AddressStatus, Answer};
+use multus_eni_proto::{AddressState, Answer};
 use multus_eni_sidecar::reconcile::DesiredInterface;
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::batch::Batches;
+use crate::calls::{BatchOutcome, call_batch};
 use crate::checkpoint::Checkpoint;
 use crate::conflict::Conflicts;
 use crate::connection::{ClaimHint, ConnId, Peer};
@@ -28,7 +29,7 @@ use crate::plan::{
 };
 use crate::reclaim::{UnheldSince, unheld};
 use crate::retry::RetryBook;
-use crate::status::{NodeStatus, Row};
+use crate::status::NodeStatus;
 use crate::watch::{Ask, Seen, WatchHandle};
 
 /// What the node task reacts to.
@@ -258,8 +259,8 @@ impl Node {
             Event::Resync => {
                 self.resync_waiting = true;
                 self.watch.ask(Ask::Rescan);
-                self.foreign.clear();
                 self.read();
+                self.look_up_foreign_macs(true);
             }
             Event::Read(result) => self.on_read(result),
             Event::Foreign { macs, found } => self.on_foreign(macs, found),
@@ -383,7 +384,7 @@ impl Node {
                 name: pod.name.clone(),
             });
         }
-        self.look_up_foreign_macs();
+        self.look_up_foreign_macs(false);
     }
 
     fn on_seen(&mut self, seen: Seen) {
@@ -557,25 +558,25 @@ impl Node {
         }
     }
 
-    /// Looks up (once per resync) the MACs claimed by sidecars that are not this instance's:
-    /// another instance's ENI is refused, no ENI at all (macvlan, SR-IOV) is left alone.
-    fn look_up_foreign_macs(&mut self) {
+    /// Looks up the MACs claimed by sidecars that are not this instance's (new ones, or all of
+    /// them again at a resync): another instance's ENI is refused, no ENI at all (macvlan,
+    /// SR-IOV) is left alone. MACs no sidecar claims any more are forgotten.
+    fn look_up_foreign_macs(&mut self, again: bool) {
         let Some(enis) = &self.enis else {
             return;
         };
-        let macs: Vec<MacAddress> = self
+        let claimed: BTreeSet<MacAddress> = self
             .connections
             .values()
             .filter_map(|c| c.claim.as_ref())
             .flat_map(|(h, _)| h.interfaces.iter())
             .filter_map(|i| multus_eni_ec2::node::parse_mac(&i.mac))
-            .filter(|m| {
-                !enis.contains_key(m)
-                    && !self.foreign.contains_key(m)
-                    && !self.foreign_asked.contains(m)
-            })
-            .collect::<BTreeSet<_>>()
+            .filter(|m| !enis.contains_key(m))
+            .collect();
+        self.foreign.retain(|m, _| claimed.contains(m));
+        let macs: Vec<MacAddress> = claimed
             .into_iter()
+            .filter(|m| (again || !self.foreign.contains_key(m)) && !self.foreign_asked.contains(m))
             .collect();
         if macs.is_empty() {
             return;
@@ -603,6 +604,12 @@ impl Node {
                 for mac in macs {
                     let eni = found.remove(&mac).map(|e| e.id);
                     if let Some(id) = &eni {
+                        self.metrics
+                            .refusals
+                            .get_or_create(&RefusalLabels {
+                                reason: "not_this_instance",
+                            })
+                            .inc();
                         tracing::warn!(action = "claim", outcome = "refused", mac = %mac, eni = %id, "a claimed interface carries the MAC of an ENI that is not attached to this instance");
                     }
                     self.foreign.insert(mac, eni);
@@ -918,59 +925,6 @@ impl Node {
         }
     }
 
-    /// Where each claimed address stands, from the node's own view: what the pod's namespace
-    /// holds, not what the sidecar says.
-    fn claim_answer(&self, c: &Connection, enis: &InstanceEnis, now: Instant) -> Option<Answer> {
-        let (hint, at) = c.claim.as_ref()?;
-        let pod = self.view.pod_by_id(c.peer.netns);
-        let k = self.knowledge(enis, now);
-        let mut addresses = Vec::new();
-        for iface in &hint.interfaces {
-            let mac = multus_eni_ec2::node::parse_mac(&iface.mac);
-            let seen = pod.and_then(|p| {
-                p.interfaces
-                    .iter()
-                    .find(|i| i.mac.is_some() && i.mac == mac)
-            });
-            for &address in &iface.addresses {
-                let (state, eni, reason) = match (mac, seen) {
-                    (Some(mac), Some(i)) if i.addresses.contains(&address) => {
-                        plan::address_state(mac, address, &k)
-                    }
-                    (_, Some(i)) if matches!(address, IpAddr::V6(v6) if i.tentative.contains(&v6)) => {
-                        (
-                            AddressState::Pending,
-                            None,
-                            Some("duplicate address detection in progress".into()),
-                        )
-                    }
-                    _ if pod.is_some_and(|p| p.read_at > *at) => {
-                        (AddressState::Refused, None, Some(NOT_HELD.into()))
-                    }
-                    _ => (
-                        AddressState::Pending,
-                        None,
-                        Some("reading the pod's network namespace".into()),
-                    ),
-                };
-                addresses.push(AddressStatus {
-                    address,
-                    interface: iface.name.clone(),
-                    state: state.in_version(hint.v),
-                    eni,
-                    reason,
-                });
-            }
-        }
-        let routable = addresses.iter().all(|a| a.state.lets_pod_start());
-        Some(Answer::Status {
-            v: hint.v,
-            seq: hint.seq,
-            routable,
-            addresses,
-        })
-    }
-
     /// Sends each connected sidecar its status when it changed.
     fn answer(&mut self) {
         let Some(enis) = &self.enis else {
@@ -982,9 +936,18 @@ impl Node {
             if !c.verified {
                 continue;
             }
-            if let Some(answer) = self.claim_answer(c, enis, now)
-                && c.last.as_ref() != Some(&answer)
-            {
+            let Some((hint, at)) = &c.claim else {
+                continue;
+            };
+            let answer = plan::claim_status(
+                hint.v,
+                hint.seq,
+                &hint.interfaces,
+                *at,
+                self.view.pod_by_id(c.peer.netns),
+                &self.knowledge(enis, now),
+            );
+            if c.last.as_ref() != Some(&answer) {
                 answers.push((*id, answer));
             }
         }
@@ -1058,38 +1021,10 @@ impl Node {
                 .map(|t| now.duration_since(*t).as_secs_f64())
                 .fold(0.0, f64::max),
         );
-        let mut rows = Vec::new();
-        if let Some(enis) = &self.enis {
-            let k = self.knowledge(enis, now);
-            for pod in self.managed_pods() {
-                for iface in &pod.interfaces {
-                    let Some(mac) = iface.mac.filter(|m| enis.contains_key(m)) else {
-                        continue;
-                    };
-                    for &address in &iface.addresses {
-                        let (state, eni, reason) = plan::address_state(mac, address, &k);
-                        rows.push(Row {
-                            netns: pod.name.clone(),
-                            interface: iface.name.clone(),
-                            address,
-                            eni,
-                            state,
-                            reason,
-                        });
-                    }
-                    for &v6 in &iface.tentative {
-                        rows.push(Row {
-                            netns: pod.name.clone(),
-                            interface: iface.name.clone(),
-                            address: IpAddr::V6(v6),
-                            eni: None,
-                            state: AddressState::Pending,
-                            reason: Some("duplicate address detection in progress".into()),
-                        });
-                    }
-                }
-            }
-        }
+        let rows = match &self.enis {
+            Some(enis) => crate::status::rows(self.managed_pods(), &self.knowledge(enis, now)),
+            None => Vec::new(),
+        };
         let previous = self.status.borrow().clone();
         let changed = previous.ready != ready
             || previous.addresses != rows
@@ -1119,135 +1054,4 @@ fn refuse(peer: Peer, message: String) {
         message,
     });
     drop(peer.close);
-}
-
-/// What one ENI's batch did.
-#[derive(Debug, Default)]
-pub struct BatchOutcome {
-    /// Every change with its result; `None` for a change not attempted.
-    results: Vec<(Change, Option<multus_eni_ec2::Result<()>>)>,
-    /// Addresses not assigned because an ENI without `no_manage` holds them, with that ENI.
-    held_elsewhere: Vec<(IpAddr, EniId)>,
-    /// Addresses another Multus ENI held before this batch, with that ENI.
-    moved: BTreeMap<IpAddr, EniId>,
-}
-
-/// The calls of one ENI's batch, in order. Before an assign, the other ENIs that hold its
-/// addresses are read: an address an ENI without `no_manage` holds (the VPC CNI's, on any
-/// instance) is left out; one that another Multus ENI holds may move (IPv4 by
-/// `AllowReassignment`, IPv6 by an unassign there first). After a throttled or failed call
-/// the rest is not attempted: the node backs off first. A rejected call naming several
-/// addresses is split by the shared [`Ec2::apply_splitting`].
-async fn call_batch(ec2: &Ec2, ours: Option<&EniAddresses>, changes: Vec<Change>) -> BatchOutcome {
-    let mut out = BatchOutcome::default();
-    let mut stopped = false;
-    for change in changes {
-        if stopped {
-            out.results.push((change, None));
-            continue;
-        }
-        let change = match (&change, ours) {
-            (Change::AssignIpv4 { .. } | Change::AssignIpv6 { .. }, Some(ours)) => {
-                match free_addresses(ec2, ours, &change, &mut out).await {
-                    Ok(Some(left)) => left,
-                    Ok(None) => continue,
-                    Err(e) => {
-                        stopped = true;
-                        out.results.push((change, e.map(Err)));
-                        continue;
-                    }
-                }
-            }
-            _ => change,
-        };
-        for outcome in ec2.apply_splitting(&change).await {
-            if let Err(e) = &outcome.result
-                && e.kind != ErrorKind::Rejected
-            {
-                stopped = true;
-            }
-            out.results.push((outcome.change, Some(outcome.result)));
-        }
-    }
-    out
-}
-
-/// The part of an assign that may go out: addresses held by an ENI without `no_manage` are
-/// left out (`out.held_elsewhere`); IPv6 addresses another Multus ENI holds are unassigned
-/// there first. `Ok(None)` when nothing is left. `Err` after a failure other than a rejection
-/// (the node backs off): `Some` with the holder lookup's error, `None` when an unassign
-/// failed (recorded in `out`).
-async fn free_addresses(
-    ec2: &Ec2,
-    ours: &EniAddresses,
-    change: &Change,
-    out: &mut BatchOutcome,
-) -> std::result::Result<Option<Change>, Option<multus_eni_ec2::Error>> {
-    let wanted: BTreeSet<IpAddr> = change.addresses().into_iter().collect();
-    let holders = ec2.holder_enis(ours, &wanted).await.map_err(Some)?;
-    let mut left = wanted.clone();
-    for holder in holders {
-        let held: Vec<IpAddr> = wanted
-            .iter()
-            .copied()
-            .filter(|a| holder.holds(*a))
-            .collect();
-        if !holder.no_manage {
-            for a in held {
-                left.remove(&a);
-                out.held_elsewhere.push((a, holder.id.clone()));
-            }
-            continue;
-        }
-        for &a in &held {
-            out.moved.insert(a, holder.id.clone());
-        }
-        let v6: Vec<Ipv6Addr> = held
-            .iter()
-            .filter_map(|a| match a {
-                IpAddr::V6(v6) => Some(*v6),
-                IpAddr::V4(_) => None,
-            })
-            .collect();
-        if v6.is_empty() {
-            continue;
-        }
-        let unassign = Change::UnassignIpv6 {
-            eni: holder.id.clone(),
-            addresses: v6,
-        };
-        for outcome in ec2.apply_splitting(&unassign).await {
-            let failed = matches!(&outcome.result, Err(e) if e.kind != ErrorKind::Rejected);
-            out.results.push((outcome.change, Some(outcome.result)));
-            if failed {
-                return Err(None);
-            }
-        }
-    }
-    if left.is_empty() {
-        return Ok(None);
-    }
-    let eni = change.eni().to_string();
-    Ok(Some(match change {
-        Change::AssignIpv4 { .. } => Change::AssignIpv4 {
-            eni,
-            addresses: left
-                .iter()
-                .filter_map(|a| match a {
-                    IpAddr::V4(v4) => Some(*v4),
-                    IpAddr::V6(_) => None,
-                })
-                .collect(),
-        },
-        _ => Change::AssignIpv6 {
-            eni,
-            addresses: left
-                .iter()
-                .filter_map(|a| match a {
-                    IpAddr::V6(v6) => Some(*v6),
-                    IpAddr::V4(_) => None,
-                })
-                .collect(),
-        },
-    }))
 }
