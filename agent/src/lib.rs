@@ -13,11 +13,13 @@
 //! (wiring), [`metrics`].
 
 pub mod batch;
+pub mod callers;
 pub mod calls;
 pub mod checkpoint;
 pub mod cli;
 pub mod conflict;
 pub mod connection;
+pub mod health;
 pub mod metrics;
 pub mod node;
 pub mod plan;
@@ -25,6 +27,7 @@ pub mod reclaim;
 pub mod retry;
 pub mod server;
 pub mod status;
+pub mod view;
 pub mod watch;
 
 /// Everything that stops the agent.
