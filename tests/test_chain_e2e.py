@@ -179,8 +179,14 @@ def test_injected_sidecar_puts_the_address_on_the_right_eni_and_releases_it(chai
     chain.build_pod_namespace()
     pod = chain.schedule_pod()
     spec = chain.sidecar_spec(chain.endpoint)
+    address = str(net.net1_address.ip)
+    before = chain.eni_addresses()
+    assert not any(state.holds(address) for state in before.values())
     if chain.ec2_access == "agent":
         chain.start_agent()
+        # The agent manages every pod of its node, sidecar or not: it assigns as soon as the
+        # pod's namespace appears, so the assignment is held from then on.
+        chain.proxy.hold(ASSIGN4)
         chain.link_pod_namespace()
 
     # Exactly the injected container: the image's binary swapped, the agent's socket path
@@ -201,10 +207,6 @@ def test_injected_sidecar_puts_the_address_on_the_right_eni_and_releases_it(chai
     }
     assert pod["metadata"]["name"].startswith(pod["metadata"]["generateName"])
     assert spec.run_as.uid == 65532 and spec.run_as.drop_all_capabilities and spec.run_as.no_new_privs
-
-    address = str(net.net1_address.ip)
-    before = chain.eni_addresses()
-    assert not any(state.holds(address) for state in before.values())
 
     s = chain.start_sidecar(spec, hold_assign=True)
     readiness = chain.await_readiness(spec)

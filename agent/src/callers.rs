@@ -13,7 +13,7 @@ use tokio::sync::mpsc;
 
 use crate::connection::{ClaimHint, ConnId, Peer};
 use crate::metrics::{LimitLabels, Metrics, RefusalLabels};
-use crate::plan::{self, Knowledge, NOT_HELD, NetnsId};
+use crate::plan::{self, Knowledge, NOT_HELD, NOT_NO_MANAGE, NetnsId, PRIMARY};
 use crate::view::View;
 
 /// A connected caller.
@@ -227,13 +227,21 @@ fn observe(metrics: &Metrics, c: &mut Caller, answer: &Answer, now: Instant) {
                 .map(|x| x.state),
             _ => None,
         };
-        if a.state == AddressState::Refused
+        // Refusals decided from the claim alone are counted here; those of the node's own
+        // plan (`held_by_not_no_manage`, `not_this_instance`) where it decides them.
+        let label = match a.reason.as_deref() {
+            Some(NOT_HELD) => Some("not_held"),
+            Some(NOT_NO_MANAGE) => Some("not_no_manage"),
+            Some(PRIMARY) => Some("primary"),
+            _ => None,
+        };
+        if let Some(reason) = label
+            && a.state == AddressState::Refused
             && was != Some(AddressState::Refused)
-            && a.reason.as_deref() == Some(NOT_HELD)
         {
             metrics
                 .refusals
-                .get_or_create(&RefusalLabels { reason: "not_held" })
+                .get_or_create(&RefusalLabels { reason })
                 .inc();
         }
         if a.state == AddressState::Routable
