@@ -35,7 +35,13 @@ pub struct Callers {
     by_id: BTreeMap<ConnId, Caller>,
     /// Pod namespaces whose sidecar connected (`--pods sidecar`).
     with_sidecar: BTreeSet<NetnsId>,
+    /// When a refusal of each namespace was last logged: a caller that reconnects in a loop
+    /// is counted every time but logged once a minute.
+    logged: BTreeMap<NetnsId, Instant>,
 }
+
+/// How long a refused namespace stays quiet in the log.
+const LOG_EVERY: std::time::Duration = std::time::Duration::from_secs(60);
 
 impl Callers {
     pub fn new(metrics: Arc<Metrics>, max_per_pod: usize) -> Self {
@@ -44,6 +50,7 @@ impl Callers {
             max_per_pod,
             by_id: BTreeMap::new(),
             with_sidecar: BTreeSet::new(),
+            logged: BTreeMap::new(),
         }
     }
 
@@ -61,14 +68,16 @@ impl Callers {
                     limit: "connections_per_pod",
                 })
                 .inc();
-            tracing::warn!(
-                action = "connect",
-                outcome = "refused",
-                conn,
-                pid = peer.pid,
-                limit = self.max_per_pod,
-                "too many connections from one pod namespace"
-            );
+            if self.first_in_a_while(peer.netns) {
+                tracing::warn!(
+                    action = "connect",
+                    outcome = "refused",
+                    conn,
+                    pid = peer.pid,
+                    limit = self.max_per_pod,
+                    "too many connections from one pod namespace (logged once a minute)"
+                );
+            }
             refuse(
                 peer,
                 format!(
@@ -109,13 +118,15 @@ impl Callers {
                         reason: "not_a_pod",
                     })
                     .inc();
-                tracing::warn!(
-                    action = "connect",
-                    outcome = "refused",
-                    conn,
-                    pid = c.peer.pid,
-                    "the caller's network namespace is not a pod namespace under --netns-dir (the host's, or one the agent does not list)"
-                );
+                if self.first_in_a_while(c.peer.netns) {
+                    tracing::warn!(
+                        action = "connect",
+                        outcome = "refused",
+                        conn,
+                        pid = c.peer.pid,
+                        "the caller's network namespace is not a pod namespace under --netns-dir (the host's, or one the agent does not list); logged once a minute"
+                    );
+                }
                 refuse(
                     c.peer,
                     "the caller's network namespace is not a pod network namespace of this node (--netns-dir)".into(),
@@ -125,6 +136,20 @@ impl Callers {
         for c in self.by_id.values_mut().filter(|c| !c.verified) {
             c.verified = true;
             self.with_sidecar.insert(c.peer.netns);
+        }
+    }
+
+    /// Whether a refusal of `netns` is worth a log line now.
+    fn first_in_a_while(&mut self, netns: NetnsId) -> bool {
+        let now = Instant::now();
+        self.logged
+            .retain(|_, t| now.duration_since(*t) < LOG_EVERY);
+        match self.logged.entry(netns) {
+            std::collections::btree_map::Entry::Occupied(_) => false,
+            std::collections::btree_map::Entry::Vacant(v) => {
+                v.insert(now);
+                true
+            }
         }
     }
 
@@ -261,4 +286,95 @@ fn refuse(peer: Peer, message: String) {
         message,
     });
     drop(peer.close);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::plan::PodNetns;
+    use crate::watch::Seen;
+    use tokio::sync::oneshot;
+
+    fn peer(ino: u64) -> (Peer, mpsc::Receiver<Answer>, oneshot::Receiver<()>) {
+        let (answers, rx) = mpsc::channel(4);
+        let (close, closed) = oneshot::channel();
+        let peer = Peer {
+            netns: NetnsId { dev: 4, ino },
+            pid: 100,
+            answers,
+            close,
+        };
+        (peer, rx, closed)
+    }
+
+    fn refusals(metrics: &Metrics, reason: &'static str) -> u64 {
+        metrics
+            .refusals
+            .get_or_create(&RefusalLabels { reason })
+            .get()
+    }
+
+    #[test]
+    fn only_callers_in_a_pod_namespace_are_kept_and_refusals_are_logged_once_a_minute() {
+        let metrics = Arc::new(Metrics::new());
+        let mut callers = Callers::new(metrics.clone(), 1);
+        let mut view = View::default();
+        view.apply(Seen::Pod(PodNetns {
+            name: "cni-1".into(),
+            id: NetnsId { dev: 4, ino: 1 },
+            interfaces: Vec::new(),
+            read_at: Instant::now(),
+        }));
+        // Before the directory was read, nobody is judged.
+        let (stranger, mut answers, mut closed) = peer(9);
+        callers.connect(1, stranger, &view);
+        assert!(
+            closed
+                .try_recv()
+                .is_err_and(|e| e == oneshot::error::TryRecvError::Empty)
+        );
+        view.apply(Seen::DirRead { entries: 1 });
+        callers.verify(&view);
+        assert!(matches!(answers.try_recv(), Ok(Answer::Error { .. })));
+        assert!(
+            closed
+                .try_recv()
+                .is_err_and(|e| e == oneshot::error::TryRecvError::Closed)
+        );
+        assert_eq!(refusals(&metrics, "not_a_pod"), 1);
+        let (again, _answers, _closed) = peer(9);
+        callers.connect(2, again, &view);
+        assert_eq!(refusals(&metrics, "not_a_pod"), 2, "counted every time");
+        assert!(
+            !callers.first_in_a_while(NetnsId { dev: 4, ino: 9 }),
+            "logged once"
+        );
+
+        let (pod, _answers, mut pod_closed) = peer(1);
+        callers.connect(3, pod, &view);
+        assert_eq!(callers.netns_of(3), Some(NetnsId { dev: 4, ino: 1 }));
+        assert!(callers.has_sidecar(NetnsId { dev: 4, ino: 1 }));
+        assert!(
+            pod_closed
+                .try_recv()
+                .is_err_and(|e| e == oneshot::error::TryRecvError::Empty)
+        );
+        // --max-connections-per-pod=1: a second connection from the same pod is refused.
+        let (second, mut second_answers, _c) = peer(1);
+        callers.connect(4, second, &view);
+        assert!(matches!(
+            second_answers.try_recv(),
+            Ok(Answer::Error { .. })
+        ));
+        assert_eq!(callers.netns_of(4), None);
+        assert_eq!(
+            metrics
+                .limit_hits
+                .get_or_create(&LimitLabels {
+                    limit: "connections_per_pod"
+                })
+                .get(),
+            1
+        );
+    }
 }

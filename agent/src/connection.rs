@@ -80,7 +80,9 @@ pub async fn serve(
                     reason: "not_a_pod",
                 })
                 .inc();
-            tracing::warn!(action = "connect", outcome = "refused", reason = %why, "refused a caller");
+            if first_in_a_while() {
+                tracing::warn!(action = "connect", outcome = "refused", reason = %why, "refused a caller (logged once a minute)");
+            }
             let _ = sink
                 .send(line(&error_answer(multus_eni_proto::VERSION, why)))
                 .await;
@@ -198,6 +200,19 @@ pub async fn serve(
     {
         writer.abort();
     }
+}
+
+/// Whether a refusal of a caller the agent cannot identify is worth a log line now: such a
+/// caller is counted every time but logged once a minute.
+fn first_in_a_while() -> bool {
+    static LAST: std::sync::Mutex<Option<std::time::Instant>> = std::sync::Mutex::new(None);
+    let mut last = LAST.lock().unwrap_or_else(|p| p.into_inner());
+    let now = std::time::Instant::now();
+    if last.is_some_and(|t| now.duration_since(t) < std::time::Duration::from_secs(60)) {
+        return false;
+    }
+    *last = Some(now);
+    true
 }
 
 fn line(answer: &Answer) -> String {
