@@ -132,9 +132,10 @@ def main() -> int:
         proxy = ThrottlingProxy(emu.ns, cluster.MOTO_PORT, cluster.BRIDGE_IP, BucketModel()).start()
         extra_args = []
         if args.agent:
-            from scale_sim import start_agents
+            from scale_sim import link_pod, start_agents
 
             agents = start_agents(emu, proxy.endpoint, [pod], log_dir)
+            link_pod(agents, pod)
             extra_args.append(f"--agent-socket={agents[pod.eni.node].socket}")
         t_start = time.monotonic()
         cluster.start_sidecar(binary, proxy.endpoint, pod, log_dir, extra_args)

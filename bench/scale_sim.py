@@ -153,17 +153,15 @@ def change_plan(pods: list[Pod], fraction: float, fresh: list[str]) -> list[tupl
 
 
 def start_agents(emu: Emulator, endpoint: str, pods: list[Pod], log_dir: Path, extra: list[str] | None = None) -> dict[str, Any]:
-    """One node agent per node in the emulator's namespace (it reaches the proxy there), its
-    `--netns-dir` holding links to the namespaces of that node's pods."""
+    """One node agent per node (instance) in the emulator's namespace (it reaches the proxy
+    there), with an empty `--netns-dir`: a pod's namespace appears there when the pod is
+    created (`link_pod`), as the container runtime puts it on a node."""
     from tests.lib.agent import Agent
 
     binary = Path(cluster.agent_binary())
     agents: dict[str, Any] = {}
     for node in sorted({p.eni.node for p in pods}):
-        a = Agent(emu.ns, endpoint, log_dir / f"agent-{node}", binary, extra)
-        for p in pods:
-            if p.eni.node == node:
-                os.symlink(f"/run/netns/{p.ns_name}", a.netns_dir / p.ns_name)
+        a = Agent(emu.ns, endpoint, log_dir / f"agent-{node}", binary, extra, instance_id=node)
         agents[node] = a.start()
     deadline = time.monotonic() + 60
     while not all(a.http("/readyz")[0] == 200 for a in agents.values()):
@@ -171,6 +169,19 @@ def start_agents(emu: Emulator, endpoint: str, pods: list[Pod], log_dir: Path, e
             raise RuntimeError("agents not ready within 60 s")
         time.sleep(0.2)
     return agents
+
+
+def link_pod(agents: dict[str, Any], pod: Pod) -> None:
+    """The pod's namespace appears in its node agent's `--netns-dir` (the pod is created)."""
+    os.symlink(f"/run/netns/{pod.ns_name}", agents[pod.eni.node].netns_dir / pod.ns_name)
+
+
+def unlink_pod(agents: dict[str, Any], pod: Pod) -> None:
+    """The pod's namespace leaves the directory (the pod is deleted)."""
+    try:
+        os.unlink(agents[pod.eni.node].netns_dir / pod.ns_name)
+    except FileNotFoundError:
+        pass
 
 
 def run_sidecars(
@@ -195,6 +206,7 @@ def run_sidecars(
         for p in pods:
             extra_args = list(args.sidecar_arg)
             if agent_mode:
+                link_pod(agents, p)
                 extra_args.append(f"--agent-socket={agents[p.eni.node].socket}")
             cluster.start_sidecar(binary, proxy.endpoint, p, log_dir, extra_args)
             if args.start_window > 0:
@@ -259,10 +271,15 @@ def run_sidecars(
         extra["not_exited"] = len(pods) - len(exit_after)
         extra["exit_p50"] = cluster.percentile(list(exit_after.values()), 0.5)
         extra["exit_max"] = max(exit_after.values(), default=float("nan"))
+        if agent_mode:
+            # The agent releases when the pod's network goes, not when its sidecar exits: the
+            # pods are deleted once their sidecars stopped.
+            for p in pods:
+                unlink_pod(agents, p)
         time.sleep(0.5)
         final = set().union(*wanted.values())
         if agent_mode:
-            # The agent answers "release" at once and unassigns afterwards, batched.
+            # The agent unassigns what the deleted namespaces held, batched.
             wait_until(emu, world.subnet_id, lambda st: not (final & set().union(*st.values())), args.shutdown_wait)
         release.ended = time.monotonic()
         state = cluster.eni_addresses(emu, world.subnet_id)

@@ -104,7 +104,7 @@ def run(chain: Chain) -> None:
     check(not problems, "; ".join(problems))
     say(f"   {net.net1_address.ip} is on net1's ENI only")
 
-    step(7, "pod deletion: SIGTERM to the sidecar; the agent unassigns")
+    step(7, "pod deletion: SIGTERM to the sidecar, then the pod's network namespace goes; the agent unassigns")
     code = chain.terminate_sidecar()
     check(code == 0, f"the sidecar exited with {code}")
     say(f"   exit code {code}")

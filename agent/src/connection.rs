@@ -7,11 +7,15 @@
 
 use std::fs::File;
 
-use futures::{SinkExt, StreamExt};
+use futures::StreamExt;
+use tokio::io::AsyncWriteExt;
 use multus_eni_proto::{Answer, InterfaceClaim, Request, answer_version, decode, encode};
 use tokio::net::UnixStream;
 use tokio::sync::{OwnedSemaphorePermit, mpsc, oneshot};
-use tokio_util::codec::{FramedRead, FramedWrite, LinesCodec, LinesCodecError};
+use tokio_util::codec::{FramedRead, LinesCodec, LinesCodecError};
+
+/// The read buffer a connection starts with.
+const READ_BUFFER: usize = 1024;
 
 use crate::metrics::{LimitLabels, Metrics, RefusalLabels};
 use crate::node::Event;
@@ -64,8 +68,14 @@ pub async fn serve(
         .filter(|p| *p > 0);
     let netns = pid.map(|pid| File::open(format!("/proc/{pid}/ns/net")).and_then(|f| netns_id(&f)));
     let (read, write) = stream.into_split();
-    let mut lines = FramedRead::new(read, LinesCodec::new_with_max_length(limits.max_line_bytes));
-    let mut sink = FramedWrite::new(write, LinesCodec::new());
+    // Small buffers: thousands of idle connections must cost little (a sidecar's claim is a
+    // few hundred bytes; the buffer grows for a longer line, up to --max-line-bytes).
+    let mut lines = FramedRead::with_capacity(
+        read,
+        LinesCodec::new_with_max_length(limits.max_line_bytes),
+        READ_BUFFER,
+    );
+    let mut write = write;
     let (pid, netns) = match (pid, netns) {
         (Some(pid), Some(Ok(netns))) => (pid, netns),
         (pid, netns) => {
@@ -83,8 +93,8 @@ pub async fn serve(
             if first_in_a_while() {
                 tracing::warn!(action = "connect", outcome = "refused", reason = %why, "refused a caller (logged once a minute)");
             }
-            let _ = sink
-                .send(line(&error_answer(multus_eni_proto::VERSION, why)))
+            let _ = write
+                .write_all(encode(&error_answer(multus_eni_proto::VERSION, why)).as_bytes())
                 .await;
             return;
         }
@@ -108,7 +118,7 @@ pub async fn serve(
     }
     let mut writer = tokio::spawn(async move {
         while let Some(answer) = outbox.recv().await {
-            if sink.send(line(&answer)).await.is_err() {
+            if write.write_all(encode(&answer).as_bytes()).await.is_err() {
                 break;
             }
         }
@@ -213,10 +223,6 @@ fn first_in_a_while() -> bool {
     }
     *last = Some(now);
     true
-}
-
-fn line(answer: &Answer) -> String {
-    encode(answer).trim_end().to_string()
 }
 
 fn error_answer(v: u32, message: String) -> Answer {

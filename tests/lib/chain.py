@@ -935,7 +935,17 @@ class Chain:
         netns_dir = Path(flag_value(self.agent_argv, "--netns-dir") or "")
         link = netns_dir / self.pod_ns.name
         link.symlink_to(self.pod_ns.path)
+        self._pod_link = link
         self._stack.callback(lambda: link.unlink(missing_ok=True))
+
+    def delete_pod_namespace(self) -> None:
+        """The pod is gone: after its containers exited the runtime deletes its network
+        namespace, which leaves the agent's `--netns-dir`."""
+        link = getattr(self, "_pod_link", None)
+        if link is not None:
+            link.unlink(missing_ok=True)
+        if self.pod_ns is not None:
+            self.pod_ns.close()
 
     @property
     def endpoint(self) -> str:
@@ -1043,8 +1053,11 @@ class Chain:
 
     def await_release(self) -> None:
         """net1's address off its ENI. Direct mode releases before the sidecar exits; in agent
-        mode the agent answers the release at once and unassigns right after, batched."""
+        mode the agent unassigns once the pod's network is gone (the namespace deleted after
+        the sidecar exited), batched."""
         assert self.network is not None
         address = str(self.network.net1_address.ip)
+        if self.ec2_access == "agent":
+            self.delete_pod_namespace()
         wait_for(lambda: not self.eni(self.network.enis["net1"]).holds(address), f"{address} released", timeout=60)
 
