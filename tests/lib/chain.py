@@ -976,6 +976,9 @@ class Chain:
         )
         # The wrapper's own argv/env are for the sidecar tests; the chain runs the injected ones.
         s.argv = [*spec.run_as.argv(), *spec.argv]
+        # The kubelet probes the pod IP, where the injected --probe-addr=$(POD_IP):<port> listens.
+        if self.network is not None:
+            s.probe_host = self.network.pod_ip
         s.env = dict(spec.env)
         self.sidecar = s.start()
         self._stack.callback(s.kill)
