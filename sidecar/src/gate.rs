@@ -408,7 +408,8 @@ pub async fn run(args: RunArgs, url: AgentUrl) -> Result<()> {
         let mut query: Option<Query> = None;
         let mut retry_at: Option<Instant> = None;
         let mut backoff = retry_backoff();
-        let mut warned_unreachable = false;
+        // The last failure logged: a new kind of failure is logged, a repeated one is not.
+        let mut last_failure: Option<String> = None;
         let mut first = true;
         loop {
             let wanted = usable_addresses(&table);
@@ -456,9 +457,8 @@ pub async fn run(args: RunArgs, url: AgentUrl) -> Result<()> {
                     query = None;
                     match answer {
                         Ok(answer) => {
-                            if warned_unreachable {
+                            if last_failure.take().is_some() {
                                 tracing::info!(action = "query", outcome = "reachable", "the node agent answers again");
-                                warned_unreachable = false;
                             }
                             backoff = retry_backoff();
                             let open = gate_open(&state.asked, &answer);
@@ -472,9 +472,10 @@ pub async fn run(args: RunArgs, url: AgentUrl) -> Result<()> {
                         }
                         Err(e) => {
                             let delay = backoff.next().unwrap_or(RETRY_MAX);
-                            if !warned_unreachable {
-                                tracing::warn!(action = "query", outcome = "unreachable", error = %e, "no answer from the node agent; not ready, asking again with backoff");
-                                warned_unreachable = true;
+                            let failure = e.to_string();
+                            if last_failure.as_ref() != Some(&failure) {
+                                tracing::warn!(action = "query", outcome = "unreachable", error = %failure, "no answer from the node agent; not ready, asking again with backoff");
+                                last_failure = Some(failure);
                             }
                             state.open = false;
                             state.generation = None;
