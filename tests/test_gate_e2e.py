@@ -34,7 +34,9 @@ class GateNode:
         self.agent_binary = agent_binary
         self.sidecar_binary = sidecar_binary
         self.world: World = build_world(emulator.ns, emulator.direct)
-        self.agent = Agent(emulator.ns, emulator.endpoint, tmp_path / "agent", agent_binary)
+        self.agent = Agent(
+            emulator.ns, emulator.endpoint, tmp_path / "agent", agent_binary, instance_id=self.world.instance_id
+        )
         self.pods: list[AgentPod] = []
         self.relays: list[Relay] = []
         self.sidecars: list[Sidecar] = []
