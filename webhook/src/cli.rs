@@ -94,7 +94,7 @@ pub struct SidecarArgs {
         default_value = "/run/multus-eni"
     )]
     pub agent_socket_dir: String,
-    /// The node agent's HTTP port on the node (its `--metrics-addr`): the gate asks
+    /// The node agent's HTTP port on the node (its metrics address): the gate asks
     /// `http://$(HOST_IP):<port>/v1/addresses`.
     #[arg(long, env = "MULTUS_ENI_AGENT_PORT", default_value_t = 9812, value_parser = clap::value_parser!(u16).range(1..))]
     pub agent_port: u16,
