@@ -1324,13 +1324,13 @@ def test_images_expose_the_ports_the_manifests_use(rendered):
     assert exposed["agent"] == {port_of(flags(agent_container(rendered["default"]))["metrics-addr"])}
 
 
-@pytest.mark.parametrize("ec2_access", ["agent", "direct"])
+@pytest.mark.parametrize("ec2_access", ["agent", "gate", "direct"])
 def test_sample_injected_with_the_deployment_flags_fits_the_sidecar_image(rendered, ec2_access):
     """`multus-eni-webhook inject` with the Deployment's own flags on the sample: the sidecar it
     adds must run one of the image's binaries (agent mode the agent-mode one, direct mode the
     full one), probe the port the sidecar listens on, run as the image's user, use only flags
     that binary knows, and still pass the schemas. Both EC2 access modes: the Deployment's
-    (agent) and the one /mutate/direct injects."""
+    (agent), the one /mutate/gate injects and the one /mutate/direct injects."""
     webhook = binary("multus-eni-webhook")
     assert webhook is not None, f"needs the built binaries in {BIN_DIR}: cargo build --workspace --bins"
     inject_flags = set(re.findall(r"--([a-z][a-z0-9-]*)", help_text("multus-eni-webhook", "inject")))
@@ -1352,7 +1352,11 @@ def test_sample_injected_with_the_deployment_flags_fits_the_sidecar_image(render
     assert sidecar["image"] == serve_args["sidecar-image"]
     stages = dockerfile_stages()
     in_image = [rest.split()[-1] for op, rest in stages["sidecar"]["lines"] if op == "COPY"]
-    expected = {"agent": SIDECAR_AGENT_MODE_BINARY_PATH, "direct": SIDECAR_BINARY_PATH}[ec2_access]
+    expected = {
+        "agent": SIDECAR_AGENT_MODE_BINARY_PATH,
+        "gate": SIDECAR_AGENT_MODE_BINARY_PATH,
+        "direct": SIDECAR_BINARY_PATH,
+    }[ec2_access]
     assert sidecar["command"] == [expected] and expected in in_image, (sidecar["command"], in_image)
     sidecar_help = help_text(Path(expected).name, "run")
     assert sidecar_help is not None, f"needs the built binaries in {BIN_DIR}: cargo build --workspace --bins"
