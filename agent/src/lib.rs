@@ -7,15 +7,19 @@
 //! their pod is routable: their claims are hints that make the agent look, never facts.
 //!
 //! Pure decisions: [`plan`], [`batch`], [`reclaim`], [`conflict`], [`retry`], [`checkpoint`].
-//! Edges: [`watch`] (inotify, setns + netlink), [`connection`] (socket), [`node`] (the task
+//! Edges: [`watch`] (inotify, setns + netlink), [`connection`] (socket), [`calls`] (one
+//! ENI's EC2 calls), [`node`] (the task
 //! that owns the state and calls EC2), [`status`] (the node's table over HTTP), [`server`]
 //! (wiring), [`metrics`].
 
 pub mod batch;
+pub mod callers;
+pub mod calls;
 pub mod checkpoint;
 pub mod cli;
 pub mod conflict;
 pub mod connection;
+pub mod health;
 pub mod metrics;
 pub mod node;
 pub mod plan;
@@ -23,6 +27,7 @@ pub mod reclaim;
 pub mod retry;
 pub mod server;
 pub mod status;
+pub mod view;
 pub mod watch;
 
 /// Everything that stops the agent.

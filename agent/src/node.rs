@@ -5,30 +5,29 @@
 //! [`crate::reclaim`], [`crate::conflict`] and [`crate::retry`].
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::{IpAddr, Ipv6Addr};
+use std::net::IpAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use backon::{BackoffBuilder, ExponentialBackoff, ExponentialBuilder};
 use multus_eni_ec2::MacAddress;
 use multus_eni_ec2::eni::{Ec2, ErrorKind};
 use multus_eni_ec2::model::{Change, EniAddresses, EniId};
-use multus_eni_proto::{AddressState, AddressStatus, Answer};
-use multus_eni_sidecar::reconcile::DesiredInterface;
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::batch::Batches;
+use crate::callers::Callers;
+use crate::calls::{BatchOutcome, call_batch};
 use crate::checkpoint::Checkpoint;
 use crate::conflict::Conflicts;
 use crate::connection::{ClaimHint, ConnId, Peer};
-use crate::metrics::{CallLabels, LimitLabels, Metrics, RefusalLabels, ReleaseLabels};
-use crate::plan::{
-    self, InstanceEnis, Knowledge, NOT_HELD, NetnsId, PodNetns, Pods, Refusal, Wanted,
-};
+use crate::health::Ec2Health;
+use crate::metrics::{Metrics, RefusalLabels, ReleaseLabels};
+use crate::plan::{self, InstanceEnis, Knowledge, NetnsId, PodNetns, Pods, Refusal, Wanted};
 use crate::reclaim::{UnheldSince, unheld};
 use crate::retry::RetryBook;
-use crate::status::{NodeStatus, Row};
+use crate::status::NodeStatus;
+use crate::view::View;
 use crate::watch::{Ask, Seen, WatchHandle};
 
 /// What the node task reacts to.
@@ -75,68 +74,6 @@ pub struct NodeConfig {
     pub max_connections_per_pod: usize,
 }
 
-/// First wait after a throttled or failed call; doubles (with jitter) to [`RETRY_MAX`]. One
-/// backoff for the whole node: the account's bucket is shared.
-pub const RETRY_MIN: Duration = Duration::from_millis(500);
-/// Longest wait between two attempts (before jitter).
-pub const RETRY_MAX: Duration = Duration::from_secs(8);
-/// After a credential or permission error: an operator has to act, minutes are fine.
-const AUTH_RETRY_MIN: Duration = Duration::from_secs(30);
-const AUTH_RETRY_MAX: Duration = Duration::from_secs(300);
-
-fn backoff(min: Duration, max: Duration) -> ExponentialBackoff {
-    ExponentialBuilder::default()
-        .with_min_delay(min)
-        .with_max_delay(max)
-        .with_factor(2.0)
-        .with_jitter()
-        .without_max_times()
-        .build()
-}
-
-/// A connected caller.
-struct Connection {
-    peer: Peer,
-    /// Its namespace is one of the pods' (checked once the directory was read).
-    verified: bool,
-    claim: Option<(ClaimHint, Instant)>,
-    /// What it was last told.
-    last: Option<Answer>,
-    /// When each address was first claimed, until it is routable.
-    claimed_at: BTreeMap<IpAddr, Instant>,
-}
-
-/// The pods' namespaces as the watcher reported them.
-#[derive(Default)]
-struct View {
-    pods: BTreeMap<String, PodNetns>,
-    host: Vec<DesiredInterface>,
-    /// The directory was read in full at least once.
-    dir_read: bool,
-    /// The last directory read (or watch) failed.
-    dir_failed: Option<String>,
-    /// Entries that are not readable namespaces.
-    unreadable: BTreeMap<String, String>,
-}
-
-impl View {
-    fn pod_by_id(&self, id: NetnsId) -> Option<&PodNetns> {
-        self.pods.values().find(|p| p.id == id)
-    }
-
-    /// Whether what the node holds is known well enough to unassign what nobody holds.
-    fn complete(&self) -> bool {
-        self.dir_read && self.dir_failed.is_none()
-    }
-}
-
-/// The node-wide wait after a throttled or failed call.
-struct NodeBackoff {
-    backoff: ExponentialBackoff,
-    auth: ExponentialBackoff,
-    until: Option<Instant>,
-}
-
 pub struct Node {
     ec2: Arc<Ec2>,
     metrics: Arc<Metrics>,
@@ -147,23 +84,19 @@ pub struct Node {
     enis: Option<InstanceEnis>,
     foreign: BTreeMap<MacAddress, Option<EniId>>,
     foreign_asked: BTreeSet<MacAddress>,
-    connections: BTreeMap<ConnId, Connection>,
-    /// Pod namespaces whose sidecar connected (`--pods sidecar`).
-    with_sidecar: BTreeSet<NetnsId>,
+    callers: Callers,
     batches: Batches,
     rejected: RetryBook,
     conflicts: Conflicts,
     unheld: UnheldSince,
     checkpoint: Checkpoint,
-    backoff: NodeBackoff,
+    health: Ec2Health,
     /// A Describe of the instance is running / another one is wanted after it.
     reading: bool,
     read_again: bool,
     /// The read was asked by the resync timer: reclaim after it.
     resync_waiting: bool,
     wanted: Wanted,
-    auth_failing: bool,
-    last_ec2_error: Option<String>,
     /// Since when each wanted address has been missing from its ENI.
     pending_since: BTreeMap<IpAddr, Instant>,
     wake_at: Option<Instant>,
@@ -184,6 +117,8 @@ impl Node {
         status: watch::Sender<Arc<NodeStatus>>,
     ) -> Self {
         let batches = Batches::with_interval(config.batch_interval);
+        let callers = Callers::new(metrics.clone(), config.max_connections_per_pod);
+        let health = Ec2Health::new(metrics.clone());
         Self {
             ec2,
             metrics,
@@ -194,24 +129,17 @@ impl Node {
             enis: None,
             foreign: BTreeMap::new(),
             foreign_asked: BTreeSet::new(),
-            connections: BTreeMap::new(),
-            with_sidecar: BTreeSet::new(),
+            callers,
             batches,
             rejected: RetryBook::default(),
             conflicts: Conflicts::default(),
             unheld: UnheldSince::default(),
             checkpoint,
-            backoff: NodeBackoff {
-                backoff: backoff(RETRY_MIN, RETRY_MAX),
-                auth: backoff(AUTH_RETRY_MIN, AUTH_RETRY_MAX),
-                until: None,
-            },
+            health,
             reading: false,
             read_again: false,
             resync_waiting: false,
             wanted: Wanted::default(),
-            auth_failing: false,
-            last_ec2_error: None,
             pending_since: BTreeMap::new(),
             wake_at: None,
             status,
@@ -235,31 +163,37 @@ impl Node {
 
     fn handle(&mut self, event: Event) {
         match event {
-            Event::Connected { conn, peer } => self.on_connected(conn, peer),
+            Event::Connected { conn, peer } => self.callers.connect(conn, peer, &self.view),
             Event::Claim { conn, hint, done } => {
                 drop(done);
-                self.on_claim(conn, hint);
+                if let Some(netns) = self.callers.claim(conn, hint) {
+                    self.look_at(netns);
+                }
+                self.look_up_foreign_macs(false);
             }
             Event::Release { conn } | Event::Disconnected { conn } => {
                 // Only a look: the pod's namespace says what it still holds.
-                let gone = matches!(event, Event::Disconnected { .. });
-                if let Some(c) = self.connections.get(&conn) {
-                    if let Some(pod) = self.view.pod_by_id(c.peer.netns) {
-                        self.watch.ask(Ask::Look {
-                            name: pod.name.clone(),
-                        });
-                    }
-                    if gone {
-                        self.connections.remove(&conn);
-                    }
+                if let Some(netns) = self.callers.netns_of(conn) {
+                    self.look_at(netns);
+                }
+                if matches!(event, Event::Disconnected { .. }) {
+                    self.callers.remove(conn);
                 }
             }
-            Event::Seen(seen) => self.on_seen(seen),
+            Event::Seen(seen) => {
+                if let Some(gone) = self.view.apply(seen) {
+                    self.callers.pod_gone(gone);
+                }
+                self.callers.verify(&self.view);
+                self.metrics
+                    .watched_namespaces
+                    .set(self.view.pods.len() as i64);
+            }
             Event::Resync => {
                 self.resync_waiting = true;
                 self.watch.ask(Ask::Rescan);
-                self.foreign.clear();
                 self.read();
+                self.look_up_foreign_macs(true);
             }
             Event::Read(result) => self.on_read(result),
             Event::Foreign { macs, found } => self.on_foreign(macs, found),
@@ -269,176 +203,25 @@ impl Node {
                 if self.wake_at.is_some_and(|w| w <= now) {
                     self.wake_at = None;
                 }
-                if self.backoff.until.is_some_and(|u| u <= now) {
-                    self.backoff.until = None;
-                    if std::mem::take(&mut self.read_again) {
-                        self.read();
-                    }
+                if self.health.wake(now) && std::mem::take(&mut self.read_again) {
+                    self.read();
                 }
             }
         }
     }
 
-    fn on_connected(&mut self, conn: ConnId, peer: Peer) {
-        let same_pod = self
-            .connections
-            .values()
-            .filter(|c| c.peer.netns == peer.netns)
-            .count();
-        if same_pod >= self.config.max_connections_per_pod {
-            self.metrics
-                .limit_hits
-                .get_or_create(&LimitLabels {
-                    limit: "connections_per_pod",
-                })
-                .inc();
-            tracing::warn!(
-                action = "connect",
-                outcome = "refused",
-                conn,
-                pid = peer.pid,
-                limit = self.config.max_connections_per_pod,
-                "too many connections from one pod namespace"
-            );
-            refuse(
-                peer,
-                format!(
-                    "too many connections from this pod (--max-connections-per-pod={})",
-                    self.config.max_connections_per_pod
-                ),
-            );
-            return;
-        }
-        self.connections.insert(
-            conn,
-            Connection {
-                peer,
-                verified: false,
-                claim: None,
-                last: None,
-                claimed_at: BTreeMap::new(),
-            },
-        );
-        self.verify_connections();
-    }
-
-    /// Refuses callers that are not in a pod namespace of `--netns-dir`, once the directory
-    /// has been read (a caller that came first is checked then).
-    fn verify_connections(&mut self) {
-        if !self.view.dir_read {
-            return;
-        }
-        let refused: Vec<ConnId> = self
-            .connections
-            .iter()
-            .filter(|(_, c)| !c.verified && self.view.pod_by_id(c.peer.netns).is_none())
-            .map(|(id, _)| *id)
-            .collect();
-        for conn in refused {
-            if let Some(c) = self.connections.remove(&conn) {
-                self.metrics
-                    .refusals
-                    .get_or_create(&RefusalLabels {
-                        reason: "not_a_pod",
-                    })
-                    .inc();
-                tracing::warn!(
-                    action = "connect",
-                    outcome = "refused",
-                    conn,
-                    pid = c.peer.pid,
-                    "the caller's network namespace is not a pod namespace under --netns-dir (the host's, or one the agent does not list)"
-                );
-                refuse(
-                    c.peer,
-                    "the caller's network namespace is not a pod network namespace of this node (--netns-dir)".into(),
-                );
-            }
-        }
-        for c in self.connections.values_mut() {
-            if !c.verified && self.view.pod_by_id(c.peer.netns).is_some() {
-                c.verified = true;
-                self.with_sidecar.insert(c.peer.netns);
-            }
-        }
-    }
-
-    fn on_claim(&mut self, conn: ConnId, hint: ClaimHint) {
-        let Some(c) = self.connections.get_mut(&conn) else {
-            return;
-        };
-        let now = Instant::now();
-        let claimed: BTreeSet<IpAddr> = hint
-            .interfaces
-            .iter()
-            .flat_map(|i| i.addresses.iter().copied())
-            .collect();
-        c.claimed_at.retain(|a, _| claimed.contains(a));
-        for a in claimed {
-            c.claimed_at.entry(a).or_insert(now);
-        }
-        c.claim = Some((hint, now));
-        if let Some(pod) = self.view.pod_by_id(c.peer.netns) {
+    /// Asks the watcher to read the pod namespace `netns` again.
+    fn look_at(&self, netns: NetnsId) {
+        if let Some(pod) = self.view.pod_by_id(netns) {
             self.watch.ask(Ask::Look {
                 name: pod.name.clone(),
             });
         }
-        self.look_up_foreign_macs();
-    }
-
-    fn on_seen(&mut self, seen: Seen) {
-        match seen {
-            Seen::Pod(pod) => {
-                self.view.unreadable.remove(&pod.name);
-                self.view.pods.insert(pod.name.clone(), pod);
-                self.verify_connections();
-            }
-            Seen::PodGone { name } => {
-                if let Some(pod) = self.view.pods.remove(&name) {
-                    self.with_sidecar.remove(&pod.id);
-                    tracing::info!(action = "netns", outcome = "gone", netns = %name, "a pod network namespace was deleted");
-                }
-                self.view.unreadable.remove(&name);
-            }
-            Seen::PodUnreadable { name, error } => {
-                if self
-                    .view
-                    .unreadable
-                    .insert(name.clone(), error.clone())
-                    .is_none()
-                {
-                    tracing::warn!(action = "netns", outcome = "unreadable", netns = %name, error = %error, "an entry of --netns-dir is not a readable network namespace; no reclaim while it stays so");
-                }
-                self.view.pods.remove(&name);
-            }
-            Seen::Host(interfaces) => self.view.host = interfaces,
-            Seen::DirRead { entries } => {
-                if self.view.dir_failed.take().is_some() || !self.view.dir_read {
-                    tracing::info!(
-                        action = "netns_dir",
-                        outcome = "read",
-                        entries,
-                        "read --netns-dir"
-                    );
-                }
-                self.view.dir_read = true;
-                self.verify_connections();
-            }
-            Seen::DirFailed { error } => {
-                if self.view.dir_failed.is_none() {
-                    tracing::error!(action = "netns_dir", outcome = "failed", error = %error, "cannot read --netns-dir: not ready, nothing released or reclaimed until it can be read");
-                }
-                self.view.dir_failed = Some(error);
-            }
-        }
-        self.metrics
-            .watched_namespaces
-            .set(self.view.pods.len() as i64);
     }
 
     /// Starts one Describe of the instance's ENIs, or remembers to start another.
     fn read(&mut self) {
-        if self.reading || self.backoff.until.is_some() {
+        if self.reading || self.health.waiting() {
             self.read_again = true;
             return;
         }
@@ -456,7 +239,7 @@ impl Node {
         self.reading = false;
         match result {
             Ok(enis) => {
-                self.count_success("DescribeNetworkInterfaces");
+                self.health.success("DescribeNetworkInterfaces");
                 let before: BTreeSet<EniId> = self
                     .enis
                     .iter()
@@ -483,13 +266,13 @@ impl Node {
                 }
             }
             Err(e) => {
-                self.count_error("DescribeNetworkInterfaces", &e);
+                self.health.failure("DescribeNetworkInterfaces", &e);
                 tracing::warn!(action = "DescribeNetworkInterfaces", outcome = %e.kind, error = %e.message, hint = e.kind.hint(), "cannot read the instance's ENIs");
                 self.retry_later(e.kind);
                 self.read_again = true;
             }
         }
-        if self.backoff.until.is_none() && std::mem::take(&mut self.read_again) {
+        if !self.health.waiting() && std::mem::take(&mut self.read_again) {
             self.read();
         }
     }
@@ -533,7 +316,7 @@ impl Node {
         let Some(enis) = &self.enis else {
             return;
         };
-        if !self.view.complete() || !self.view.unreadable.is_empty() {
+        if !self.view.every_namespace_read() {
             return;
         }
         let mut held = plan::held(
@@ -557,25 +340,23 @@ impl Node {
         }
     }
 
-    /// Looks up (once per resync) the MACs claimed by sidecars that are not this instance's:
-    /// another instance's ENI is refused, no ENI at all (macvlan, SR-IOV) is left alone.
-    fn look_up_foreign_macs(&mut self) {
+    /// Looks up the MACs claimed by sidecars that are not this instance's (new ones, or all of
+    /// them again at a resync): another instance's ENI is refused, no ENI at all (macvlan,
+    /// SR-IOV) is left alone. MACs no sidecar claims any more are forgotten.
+    fn look_up_foreign_macs(&mut self, again: bool) {
         let Some(enis) = &self.enis else {
             return;
         };
-        let macs: Vec<MacAddress> = self
-            .connections
-            .values()
-            .filter_map(|c| c.claim.as_ref())
-            .flat_map(|(h, _)| h.interfaces.iter())
-            .filter_map(|i| multus_eni_ec2::node::parse_mac(&i.mac))
-            .filter(|m| {
-                !enis.contains_key(m)
-                    && !self.foreign.contains_key(m)
-                    && !self.foreign_asked.contains(m)
-            })
-            .collect::<BTreeSet<_>>()
+        let claimed: BTreeSet<MacAddress> = self
+            .callers
+            .claimed_macs()
             .into_iter()
+            .filter(|m| !enis.contains_key(m))
+            .collect();
+        self.foreign.retain(|m, _| claimed.contains(m));
+        let macs: Vec<MacAddress> = claimed
+            .into_iter()
+            .filter(|m| (again || !self.foreign.contains_key(m)) && !self.foreign_asked.contains(m))
             .collect();
         if macs.is_empty() {
             return;
@@ -599,10 +380,16 @@ impl Node {
         }
         match found {
             Ok(mut found) => {
-                self.count_success("DescribeNetworkInterfaces");
+                self.health.success("DescribeNetworkInterfaces");
                 for mac in macs {
                     let eni = found.remove(&mac).map(|e| e.id);
                     if let Some(id) = &eni {
+                        self.metrics
+                            .refusals
+                            .get_or_create(&RefusalLabels {
+                                reason: "not_this_instance",
+                            })
+                            .inc();
                         tracing::warn!(action = "claim", outcome = "refused", mac = %mac, eni = %id, "a claimed interface carries the MAC of an ENI that is not attached to this instance");
                     }
                     self.foreign.insert(mac, eni);
@@ -611,7 +398,7 @@ impl Node {
                 self.read();
             }
             Err(e) => {
-                self.count_error("DescribeNetworkInterfaces", &e);
+                self.health.failure("DescribeNetworkInterfaces", &e);
                 self.retry_later(e.kind);
             }
         }
@@ -621,7 +408,7 @@ impl Node {
     fn managed_pods(&self) -> impl Iterator<Item = &PodNetns> {
         self.view.pods.values().filter(|p| match self.config.pods {
             Pods::All => true,
-            Pods::Sidecar => self.with_sidecar.contains(&p.id),
+            Pods::Sidecar => self.callers.has_sidecar(p.id),
         })
     }
 
@@ -705,7 +492,7 @@ impl Node {
     /// one timer for what waits (a batch's interval, a rejected address, a conflict).
     fn dispatch(&mut self) {
         let now = Instant::now();
-        if self.backoff.until.is_none() {
+        if !self.health.waiting() {
             for (eni, changes) in self.batches.take_ready(now) {
                 for c in &changes {
                     tracing::info!(action = c.action(), eni = %eni, addresses = c.addresses().len(), "sending batch");
@@ -762,9 +549,8 @@ impl Node {
             match result {
                 Some(Ok(())) => {
                     let n = change.addresses().len();
-                    self.count_success(change.action());
+                    self.health.success(change.action());
                     self.metrics.batch_addresses.observe(n as f64);
-                    self.backoff.backoff = backoff(RETRY_MIN, RETRY_MAX);
                     tracing::info!(action = change.action(), outcome = "success", eni = %change.eni(), addresses = n, "batch applied");
                     if let Some(enis) = self.enis.as_mut() {
                         for e in enis.values_mut() {
@@ -800,7 +586,7 @@ impl Node {
                     checkpoint_changed = true;
                 }
                 Some(Err(e)) if e.kind == ErrorKind::Rejected => {
-                    self.count_error(e.action, &e);
+                    self.health.failure(e.action, &e);
                     tracing::warn!(action = change.action(), outcome = "rejected", eni = %change.eni(), addresses = ?change.addresses(), error = %e.message, "EC2 refused the call; the address waits its own backoff");
                     for a in change.addresses() {
                         self.rejected.rejected(a, e.message.clone(), now);
@@ -811,7 +597,7 @@ impl Node {
                     }
                 }
                 Some(Err(e)) => {
-                    self.count_error(e.action, &e);
+                    self.health.failure(e.action, &e);
                     tracing::warn!(action = change.action(), outcome = %e.kind, eni = %change.eni(), addresses = change.addresses().len(), error = %e.message, hint = e.kind.hint(), "batch failed; requeued");
                     if !from_holder && !assign {
                         for a in change.addresses() {
@@ -834,49 +620,6 @@ impl Node {
         }
     }
 
-    fn count_success(&mut self, action: &'static str) {
-        self.metrics
-            .calls
-            .get_or_create(&CallLabels {
-                action,
-                outcome: "success",
-            })
-            .inc();
-        if self.auth_failing {
-            tracing::info!(
-                action,
-                outcome = "success",
-                "EC2 accepts the agent's credentials again"
-            );
-        }
-        self.auth_failing = false;
-        self.backoff.auth = backoff(AUTH_RETRY_MIN, AUTH_RETRY_MAX);
-        self.metrics.ec2_auth_failing.set(0);
-    }
-
-    fn count_error(&mut self, action: &'static str, e: &multus_eni_ec2::Error) {
-        let outcome = match e.kind {
-            ErrorKind::Throttled => "throttled",
-            ErrorKind::ServerError => "server_error",
-            ErrorKind::Timeout => "timeout",
-            ErrorKind::Connection => "connection_error",
-            ErrorKind::AuthOrConfig => "auth_or_config",
-            ErrorKind::Rejected => "rejected",
-        };
-        if e.kind == ErrorKind::Throttled {
-            self.metrics.throttles.inc();
-        }
-        if e.kind == ErrorKind::AuthOrConfig {
-            self.auth_failing = true;
-            self.metrics.ec2_auth_failing.set(1);
-        }
-        self.last_ec2_error = Some(e.to_string());
-        self.metrics
-            .calls
-            .get_or_create(&CallLabels { action, outcome })
-            .inc();
-    }
-
     fn count_refusal(&self, refusal: &Refusal, address: IpAddr) {
         self.metrics
             .refusals
@@ -889,16 +632,9 @@ impl Node {
 
     /// Every call of the node waits out one backoff; credential errors wait minutes.
     fn retry_later(&mut self, kind: ErrorKind) {
-        if self.backoff.until.is_some() {
+        let Some(wait) = self.health.back_off(kind, Instant::now()) else {
             return;
-        }
-        let wait = if kind == ErrorKind::AuthOrConfig {
-            self.backoff.auth.next().unwrap_or(AUTH_RETRY_MAX)
-        } else {
-            self.backoff.backoff.next().unwrap_or(RETRY_MAX)
         };
-        tracing::info!(action = "backoff", reason = %kind, wait_ms = wait.as_millis() as u64, "node-wide backoff");
-        self.backoff.until = Some(Instant::now() + wait);
         let events = self.events.clone();
         tokio::spawn(async move {
             tokio::time::sleep(wait).await;
@@ -918,135 +654,27 @@ impl Node {
         }
     }
 
-    /// Where each claimed address stands, from the node's own view: what the pod's namespace
-    /// holds, not what the sidecar says.
-    fn claim_answer(&self, c: &Connection, enis: &InstanceEnis, now: Instant) -> Option<Answer> {
-        let (hint, at) = c.claim.as_ref()?;
-        let pod = self.view.pod_by_id(c.peer.netns);
-        let k = self.knowledge(enis, now);
-        let mut addresses = Vec::new();
-        for iface in &hint.interfaces {
-            let mac = multus_eni_ec2::node::parse_mac(&iface.mac);
-            let seen = pod.and_then(|p| {
-                p.interfaces
-                    .iter()
-                    .find(|i| i.mac.is_some() && i.mac == mac)
-            });
-            for &address in &iface.addresses {
-                let (state, eni, reason) = match (mac, seen) {
-                    (Some(mac), Some(i)) if i.addresses.contains(&address) => {
-                        plan::address_state(mac, address, &k)
-                    }
-                    (_, Some(i)) if matches!(address, IpAddr::V6(v6) if i.tentative.contains(&v6)) => {
-                        (
-                            AddressState::Pending,
-                            None,
-                            Some("duplicate address detection in progress".into()),
-                        )
-                    }
-                    _ if pod.is_some_and(|p| p.read_at > *at) => {
-                        (AddressState::Refused, None, Some(NOT_HELD.into()))
-                    }
-                    _ => (
-                        AddressState::Pending,
-                        None,
-                        Some("reading the pod's network namespace".into()),
-                    ),
-                };
-                addresses.push(AddressStatus {
-                    address,
-                    interface: iface.name.clone(),
-                    state: state.in_version(hint.v),
-                    eni,
-                    reason,
-                });
-            }
-        }
-        let routable = addresses.iter().all(|a| a.state.lets_pod_start());
-        Some(Answer::Status {
-            v: hint.v,
-            seq: hint.seq,
-            routable,
-            addresses,
-        })
-    }
-
     /// Sends each connected sidecar its status when it changed.
     fn answer(&mut self) {
         let Some(enis) = &self.enis else {
             return;
         };
-        let now = Instant::now();
-        let mut answers = Vec::new();
-        for (id, c) in &self.connections {
-            if !c.verified {
-                continue;
-            }
-            if let Some(answer) = self.claim_answer(c, enis, now)
-                && c.last.as_ref() != Some(&answer)
-            {
-                answers.push((*id, answer));
-            }
-        }
-        for (id, answer) in answers {
-            let Some(c) = self.connections.get_mut(&id) else {
-                continue;
-            };
-            if let Answer::Status { addresses, .. } = &answer {
-                for a in addresses {
-                    let was = match &c.last {
-                        Some(Answer::Status { addresses, .. }) => addresses
-                            .iter()
-                            .find(|x| x.address == a.address)
-                            .map(|x| x.state),
-                        _ => None,
-                    };
-                    if a.state == AddressState::Refused
-                        && was != Some(AddressState::Refused)
-                        && a.reason.as_deref() == Some(NOT_HELD)
-                    {
-                        self.metrics
-                            .refusals
-                            .get_or_create(&RefusalLabels { reason: "not_held" })
-                            .inc();
-                    }
-                    if a.state == AddressState::Routable
-                        && let Some(since) = c.claimed_at.remove(&a.address)
-                    {
-                        self.metrics
-                            .claim_to_routable
-                            .observe(now.duration_since(since).as_secs_f64());
-                    }
-                }
-            }
-            match c.peer.answers.try_send(answer.clone()) {
-                Ok(()) => c.last = Some(answer),
-                Err(mpsc::error::TrySendError::Full(_)) => {
-                    self.metrics
-                        .limit_hits
-                        .get_or_create(&LimitLabels {
-                            limit: "queued_answers",
-                        })
-                        .inc();
-                    tracing::warn!(
-                        action = "answer",
-                        outcome = "closed",
-                        conn = id,
-                        "a caller does not read its answers (--max-queued-answers): closing its connection"
-                    );
-                    self.connections.remove(&id);
-                }
-                Err(mpsc::error::TrySendError::Closed(_)) => {
-                    self.connections.remove(&id);
-                }
-            }
-        }
+        let k = Knowledge {
+            instance_id: &self.config.instance_id,
+            enis,
+            foreign: &self.foreign,
+            wanted: &self.wanted,
+            rejected: &self.rejected,
+            conflicts: &self.conflicts,
+            now: Instant::now(),
+        };
+        self.callers.answer(&self.view, &k);
     }
 
     /// Publishes the node's table (for `/status`, the HTTP gate, readiness and gauges).
     fn publish(&mut self) {
         let now = Instant::now();
-        let ready = self.enis.is_some() && self.view.complete() && !self.auth_failing;
+        let ready = self.enis.is_some() && self.view.complete() && !self.health.auth_failing();
         self.metrics.set_ready(ready);
         self.metrics.pending.set(self.batches.queued() as i64);
         self.metrics
@@ -1058,47 +686,19 @@ impl Node {
                 .map(|t| now.duration_since(*t).as_secs_f64())
                 .fold(0.0, f64::max),
         );
-        let mut rows = Vec::new();
-        if let Some(enis) = &self.enis {
-            let k = self.knowledge(enis, now);
-            for pod in self.managed_pods() {
-                for iface in &pod.interfaces {
-                    let Some(mac) = iface.mac.filter(|m| enis.contains_key(m)) else {
-                        continue;
-                    };
-                    for &address in &iface.addresses {
-                        let (state, eni, reason) = plan::address_state(mac, address, &k);
-                        rows.push(Row {
-                            netns: pod.name.clone(),
-                            interface: iface.name.clone(),
-                            address,
-                            eni,
-                            state,
-                            reason,
-                        });
-                    }
-                    for &v6 in &iface.tentative {
-                        rows.push(Row {
-                            netns: pod.name.clone(),
-                            interface: iface.name.clone(),
-                            address: IpAddr::V6(v6),
-                            eni: None,
-                            state: AddressState::Pending,
-                            reason: Some("duplicate address detection in progress".into()),
-                        });
-                    }
-                }
-            }
-        }
+        let rows = match &self.enis {
+            Some(enis) => crate::status::rows(self.managed_pods(), &self.knowledge(enis, now)),
+            None => Vec::new(),
+        };
         let previous = self.status.borrow().clone();
         let changed = previous.ready != ready
             || previous.addresses != rows
-            || previous.last_ec2_error != self.last_ec2_error;
+            || previous.last_ec2_error.as_ref() != self.health.last_error();
         if changed {
             self.status.send_replace(Arc::new(NodeStatus {
                 instance_id: self.config.instance_id.clone(),
                 ready,
-                last_ec2_error: self.last_ec2_error.clone(),
+                last_ec2_error: self.health.last_error().cloned(),
                 generation: previous.generation + 1,
                 addresses: rows,
             }));
@@ -1110,144 +710,4 @@ impl Node {
             tracing::error!(action = "checkpoint", outcome = "failed", path = %self.config.checkpoint.display(), error = %e, "cannot write the checkpoint: a restart may miss a conflict");
         }
     }
-}
-
-/// Tells a refused caller why and closes its connection.
-fn refuse(peer: Peer, message: String) {
-    let _ = peer.answers.try_send(Answer::Error {
-        v: multus_eni_proto::VERSION,
-        message,
-    });
-    drop(peer.close);
-}
-
-/// What one ENI's batch did.
-#[derive(Debug, Default)]
-pub struct BatchOutcome {
-    /// Every change with its result; `None` for a change not attempted.
-    results: Vec<(Change, Option<multus_eni_ec2::Result<()>>)>,
-    /// Addresses not assigned because an ENI without `no_manage` holds them, with that ENI.
-    held_elsewhere: Vec<(IpAddr, EniId)>,
-    /// Addresses another Multus ENI held before this batch, with that ENI.
-    moved: BTreeMap<IpAddr, EniId>,
-}
-
-/// The calls of one ENI's batch, in order. Before an assign, the other ENIs that hold its
-/// addresses are read: an address an ENI without `no_manage` holds (the VPC CNI's, on any
-/// instance) is left out; one that another Multus ENI holds may move (IPv4 by
-/// `AllowReassignment`, IPv6 by an unassign there first). After a throttled or failed call
-/// the rest is not attempted: the node backs off first. A rejected call naming several
-/// addresses is split by the shared [`Ec2::apply_splitting`].
-async fn call_batch(ec2: &Ec2, ours: Option<&EniAddresses>, changes: Vec<Change>) -> BatchOutcome {
-    let mut out = BatchOutcome::default();
-    let mut stopped = false;
-    for change in changes {
-        if stopped {
-            out.results.push((change, None));
-            continue;
-        }
-        let change = match (&change, ours) {
-            (Change::AssignIpv4 { .. } | Change::AssignIpv6 { .. }, Some(ours)) => {
-                match free_addresses(ec2, ours, &change, &mut out).await {
-                    Ok(Some(left)) => left,
-                    Ok(None) => continue,
-                    Err(e) => {
-                        stopped = true;
-                        out.results.push((change, e.map(Err)));
-                        continue;
-                    }
-                }
-            }
-            _ => change,
-        };
-        for outcome in ec2.apply_splitting(&change).await {
-            if let Err(e) = &outcome.result
-                && e.kind != ErrorKind::Rejected
-            {
-                stopped = true;
-            }
-            out.results.push((outcome.change, Some(outcome.result)));
-        }
-    }
-    out
-}
-
-/// The part of an assign that may go out: addresses held by an ENI without `no_manage` are
-/// left out (`out.held_elsewhere`); IPv6 addresses another Multus ENI holds are unassigned
-/// there first. `Ok(None)` when nothing is left. `Err` after a failure other than a rejection
-/// (the node backs off): `Some` with the holder lookup's error, `None` when an unassign
-/// failed (recorded in `out`).
-async fn free_addresses(
-    ec2: &Ec2,
-    ours: &EniAddresses,
-    change: &Change,
-    out: &mut BatchOutcome,
-) -> std::result::Result<Option<Change>, Option<multus_eni_ec2::Error>> {
-    let wanted: BTreeSet<IpAddr> = change.addresses().into_iter().collect();
-    let holders = ec2.holder_enis(ours, &wanted).await.map_err(Some)?;
-    let mut left = wanted.clone();
-    for holder in holders {
-        let held: Vec<IpAddr> = wanted
-            .iter()
-            .copied()
-            .filter(|a| holder.holds(*a))
-            .collect();
-        if !holder.no_manage {
-            for a in held {
-                left.remove(&a);
-                out.held_elsewhere.push((a, holder.id.clone()));
-            }
-            continue;
-        }
-        for &a in &held {
-            out.moved.insert(a, holder.id.clone());
-        }
-        let v6: Vec<Ipv6Addr> = held
-            .iter()
-            .filter_map(|a| match a {
-                IpAddr::V6(v6) => Some(*v6),
-                IpAddr::V4(_) => None,
-            })
-            .collect();
-        if v6.is_empty() {
-            continue;
-        }
-        let unassign = Change::UnassignIpv6 {
-            eni: holder.id.clone(),
-            addresses: v6,
-        };
-        for outcome in ec2.apply_splitting(&unassign).await {
-            let failed = matches!(&outcome.result, Err(e) if e.kind != ErrorKind::Rejected);
-            out.results.push((outcome.change, Some(outcome.result)));
-            if failed {
-                return Err(None);
-            }
-        }
-    }
-    if left.is_empty() {
-        return Ok(None);
-    }
-    let eni = change.eni().to_string();
-    Ok(Some(match change {
-        Change::AssignIpv4 { .. } => Change::AssignIpv4 {
-            eni,
-            addresses: left
-                .iter()
-                .filter_map(|a| match a {
-                    IpAddr::V4(v4) => Some(*v4),
-                    IpAddr::V6(_) => None,
-                })
-                .collect(),
-        },
-        _ => Change::AssignIpv6 {
-            eni,
-            addresses: left
-                .iter()
-                .filter_map(|a| match a {
-                    IpAddr::V6(v6) => Some(*v6),
-                    IpAddr::V4(_) => None,
-                })
-                .collect(),
-        },
-    }))
 }

@@ -12,7 +12,7 @@ use std::time::Instant;
 use multus_eni_ec2::MacAddress;
 use multus_eni_ec2::eni::NO_MANAGE_TAG;
 use multus_eni_ec2::model::{EniAddresses, EniId};
-use multus_eni_proto::AddressState;
+use multus_eni_proto::{AddressState, AddressStatus, Answer, InterfaceClaim};
 use multus_eni_sidecar::reconcile::DesiredInterface;
 
 use crate::conflict::Conflicts;
@@ -231,6 +231,63 @@ pub fn address_state(
     (AddressState::Pending, id, k.rejected.reason(address))
 }
 
+/// The answer to a sidecar's claim (`v`, `seq`, `interfaces`, received at `at`), from the
+/// node's own view of the caller's namespace (`pod`), not from what the claim says: an address
+/// the namespace holds on that MAC stands as [`address_state`] says; one it lacks is `pending`
+/// until the namespace has been read after the claim, then `refused` ([`NOT_HELD`]).
+pub fn claim_status(
+    v: u32,
+    seq: u64,
+    interfaces: &[InterfaceClaim],
+    at: Instant,
+    pod: Option<&PodNetns>,
+    k: &Knowledge<'_>,
+) -> Answer {
+    let mut addresses = Vec::new();
+    for iface in interfaces {
+        let mac = multus_eni_ec2::node::parse_mac(&iface.mac);
+        let seen = pod.and_then(|p| {
+            p.interfaces
+                .iter()
+                .find(|i| i.mac.is_some() && i.mac == mac)
+        });
+        for &address in &iface.addresses {
+            let (state, eni, reason) = match (mac, seen) {
+                (Some(mac), Some(i)) if i.addresses.contains(&address) => {
+                    address_state(mac, address, k)
+                }
+                (_, Some(i)) if matches!(address, IpAddr::V6(v6) if i.tentative.contains(&v6)) => {
+                    (AddressState::Pending, None, Some(DAD_IN_PROGRESS.into()))
+                }
+                _ if pod.is_some_and(|p| p.read_at > at) => {
+                    (AddressState::Refused, None, Some(NOT_HELD.into()))
+                }
+                _ => (
+                    AddressState::Pending,
+                    None,
+                    Some("reading the pod's network namespace".into()),
+                ),
+            };
+            addresses.push(AddressStatus {
+                address,
+                interface: iface.name.clone(),
+                state: state.in_version(v),
+                eni,
+                reason,
+            });
+        }
+    }
+    Answer::Status {
+        v,
+        seq,
+        routable: addresses.iter().all(|a| a.state.lets_pod_start()),
+        addresses,
+    }
+}
+
+/// Reason: an IPv6 address still in duplicate address detection (not usable, not assigned).
+pub const DAD_IN_PROGRESS: &str = "duplicate address detection in progress";
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -324,6 +381,70 @@ mod tests {
         assert_eq!(
             held(&p.interfaces),
             [ip("10.0.1.20"), ip("2001:db8::1")].into()
+        );
+    }
+
+    #[test]
+    fn a_claim_is_answered_from_the_namespace_not_from_what_it_says() {
+        let enis = enis();
+        let t0 = Instant::now();
+        let mut p = pod("a", MULTUS, &["10.0.1.20"]);
+        p.interfaces[0].tentative.insert(
+            "2001:db8::7"
+                .parse()
+                .unwrap_or(std::net::Ipv6Addr::UNSPECIFIED),
+        );
+        p.read_at = t0;
+        let w = wanted([&p], &enis);
+        let (rejected, conflicts, foreign) =
+            (RetryBook::default(), Conflicts::default(), BTreeMap::new());
+        let k = Knowledge {
+            instance_id: "i-1",
+            enis: &enis,
+            foreign: &foreign,
+            wanted: &w,
+            rejected: &rejected,
+            conflicts: &conflicts,
+            now: t0,
+        };
+        let claim = [InterfaceClaim {
+            name: "net1".into(),
+            mac: MULTUS.to_string(),
+            addresses: vec![ip("10.0.1.20"), ip("10.0.1.66"), ip("2001:db8::7")],
+        }];
+        let states =
+            |at: Instant, pod: Option<&PodNetns>| match claim_status(2, 9, &claim, at, pod, &k) {
+                Answer::Status {
+                    seq,
+                    routable,
+                    addresses,
+                    ..
+                } => {
+                    assert_eq!(seq, 9);
+                    (
+                        routable,
+                        addresses.iter().map(|a| a.state).collect::<Vec<_>>(),
+                    )
+                }
+                other => panic!("{other:?}"),
+            };
+        use AddressState::*;
+        // The namespace was read before the claim came: .66 may not have been seen yet.
+        let after = t0 + std::time::Duration::from_millis(1);
+        assert_eq!(
+            states(after, Some(&p)),
+            (false, vec![Routable, Pending, Pending])
+        );
+        // Read after the claim and still not there: the caller does not hold it.
+        let mut read_later = p.clone();
+        read_later.read_at = after + std::time::Duration::from_millis(1);
+        assert_eq!(
+            states(after, Some(&read_later)),
+            (false, vec![Routable, Refused, Pending])
+        );
+        assert_eq!(
+            states(after, None),
+            (false, vec![Pending, Pending, Pending])
         );
     }
 

@@ -17,6 +17,8 @@ use multus_eni_proto::{AddressState, GateAddress, GateAnswer};
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
+use crate::plan::{DAD_IN_PROGRESS, Knowledge, PodNetns, address_state};
+
 /// One address of the node's table.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Row {
@@ -116,6 +118,37 @@ impl NodeStatus {
         }
         out
     }
+}
+
+/// The table's rows: every address of `pods` on an interface whose MAC is one of this
+/// instance's ENIs, or another instance's ENI a sidecar claimed (shown refused).
+pub fn rows<'a>(pods: impl IntoIterator<Item = &'a PodNetns>, k: &Knowledge<'_>) -> Vec<Row> {
+    let mut rows = Vec::new();
+    for pod in pods {
+        for iface in &pod.interfaces {
+            let Some(mac) = iface.mac.filter(|m| {
+                k.enis.contains_key(m) || k.foreign.get(m).is_some_and(Option::is_some)
+            }) else {
+                continue;
+            };
+            let row = |address, (state, eni, reason)| Row {
+                netns: pod.name.clone(),
+                interface: iface.name.clone(),
+                address,
+                eni,
+                state,
+                reason,
+            };
+            for &address in &iface.addresses {
+                rows.push(row(address, address_state(mac, address, k)));
+            }
+            for &v6 in &iface.tentative {
+                let pending = (AddressState::Pending, None, Some(DAD_IN_PROGRESS.into()));
+                rows.push(row(IpAddr::V6(v6), pending));
+            }
+        }
+    }
+    rows
 }
 
 /// The longest long poll of `/v1/addresses`.

@@ -1,0 +1,124 @@
+//! The node's namespaces as the watcher last reported them: the pods under `--netns-dir`, the
+//! host, and whether the directory itself could be read (an unreadable directory is an
+//! unknown node, never an empty one).
+
+use std::collections::BTreeMap;
+
+use multus_eni_sidecar::reconcile::DesiredInterface;
+
+use crate::plan::{NetnsId, PodNetns};
+use crate::watch::Seen;
+
+/// The pods' namespaces and the host's.
+#[derive(Debug, Default)]
+pub struct View {
+    pub pods: BTreeMap<String, PodNetns>,
+    pub host: Vec<DesiredInterface>,
+    /// The directory was read in full at least once.
+    pub dir_read: bool,
+    /// The last directory read (or watch) failed.
+    pub dir_failed: Option<String>,
+    /// Entries that are not readable namespaces.
+    pub unreadable: BTreeMap<String, String>,
+}
+
+impl View {
+    /// Applies what the watcher saw; returns the identity of a pod namespace that went away.
+    pub fn apply(&mut self, seen: Seen) -> Option<NetnsId> {
+        match seen {
+            Seen::Pod(pod) => {
+                self.unreadable.remove(&pod.name);
+                self.pods.insert(pod.name.clone(), pod);
+            }
+            Seen::PodGone { name } => {
+                self.unreadable.remove(&name);
+                let pod = self.pods.remove(&name)?;
+                tracing::info!(action = "netns", outcome = "gone", netns = %name, "a pod network namespace was deleted");
+                return Some(pod.id);
+            }
+            Seen::PodUnreadable { name, error } => {
+                if self
+                    .unreadable
+                    .insert(name.clone(), error.clone())
+                    .is_none()
+                {
+                    tracing::warn!(action = "netns", outcome = "unreadable", netns = %name, error = %error, "an entry of --netns-dir is not a readable network namespace; no reclaim while it stays so");
+                }
+                return self.pods.remove(&name).map(|p| p.id);
+            }
+            Seen::Host(interfaces) => self.host = interfaces,
+            Seen::DirRead { entries } => {
+                if self.dir_failed.take().is_some() || !self.dir_read {
+                    tracing::info!(
+                        action = "netns_dir",
+                        outcome = "read",
+                        entries,
+                        "read --netns-dir"
+                    );
+                }
+                self.dir_read = true;
+            }
+            Seen::DirFailed { error } => {
+                if self.dir_failed.is_none() {
+                    tracing::error!(action = "netns_dir", outcome = "failed", error = %error, "cannot read --netns-dir: not ready, nothing released or reclaimed until it can be read");
+                }
+                self.dir_failed = Some(error);
+            }
+        }
+        None
+    }
+
+    pub fn pod_by_id(&self, id: NetnsId) -> Option<&PodNetns> {
+        self.pods.values().find(|p| p.id == id)
+    }
+
+    /// Whether what the node holds is known well enough to unassign what no pod holds.
+    pub fn complete(&self) -> bool {
+        self.dir_read && self.dir_failed.is_none()
+    }
+
+    /// Whether every namespace could be read too: needed before reclaiming leaks.
+    pub fn every_namespace_read(&self) -> bool {
+        self.complete() && self.unreadable.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Instant;
+
+    fn pod(name: &str, ino: u64) -> PodNetns {
+        PodNetns {
+            name: name.into(),
+            id: NetnsId { dev: 4, ino },
+            interfaces: Vec::new(),
+            read_at: Instant::now(),
+        }
+    }
+
+    #[test]
+    fn an_unreadable_directory_is_an_unknown_node_not_an_empty_one() {
+        let mut v = View::default();
+        assert!(!v.complete(), "nothing read yet");
+        v.apply(Seen::Pod(pod("a", 1)));
+        v.apply(Seen::DirRead { entries: 1 });
+        assert!(v.every_namespace_read());
+        v.apply(Seen::DirFailed {
+            error: "EACCES".into(),
+        });
+        assert!(!v.complete());
+        assert_eq!(v.pods.len(), 1, "what was seen is kept");
+        v.apply(Seen::DirRead { entries: 1 });
+        v.apply(Seen::PodUnreadable {
+            name: "b".into(),
+            error: "not a netns".into(),
+        });
+        assert!(v.complete() && !v.every_namespace_read());
+        assert_eq!(
+            v.apply(Seen::PodGone { name: "a".into() }),
+            Some(NetnsId { dev: 4, ino: 1 })
+        );
+        assert!(v.pod_by_id(NetnsId { dev: 4, ino: 1 }).is_none());
+    }
+}
