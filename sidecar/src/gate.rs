@@ -367,7 +367,7 @@ pub fn usable_addresses(table: &InterfaceTable) -> BTreeSet<IpAddr> {
 }
 
 /// The gate's view of the agent's last answer, as plain data.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct GateState {
     /// The addresses of the query under way (or of the last answer).
     asked: BTreeSet<IpAddr>,
@@ -377,6 +377,18 @@ struct GateState {
     open: bool,
     /// Why not, for `/readyz`.
     reason: String,
+}
+
+impl GateState {
+    /// A question about `asked` not answered yet.
+    fn asking(asked: BTreeSet<IpAddr>) -> Self {
+        Self {
+            asked,
+            generation: None,
+            open: false,
+            reason: "asking the node agent".into(),
+        }
+    }
 }
 
 type Query = BoxFuture<'static, std::result::Result<GateAnswer, GateError>>;
@@ -404,24 +416,18 @@ pub async fn run(args: RunArgs, url: AgentUrl) -> Result<()> {
         watcher.dump(&mut table).await?;
 
         let client = GateClient::new(url);
-        let mut state = GateState::default();
+        let mut state = GateState::asking(usable_addresses(&table));
         let mut query: Option<Query> = None;
-        let mut retry_at: Option<Instant> = None;
+        let mut retry_at: Option<Instant> = Some(Instant::now());
         let mut backoff = retry_backoff();
         // The last failure logged: a new kind of failure is logged, a repeated one is not.
         let mut last_failure: Option<String> = None;
-        let mut first = true;
         loop {
             let wanted = usable_addresses(&table);
-            if wanted != state.asked || first {
+            if wanted != state.asked {
                 // A new question: drop the one under way (its answer would be about other
                 // addresses) and ask at once, without waiting for a change.
-                first = false;
-                state = GateState {
-                    asked: wanted,
-                    reason: "asking the node agent".into(),
-                    ..GateState::default()
-                };
+                state = GateState::asking(wanted);
                 query = None;
                 retry_at = Some(Instant::now());
             }
