@@ -30,6 +30,7 @@ from lib.chain import (
     SIDECAR_CONTAINER,
     SIDECAR_IMAGE_BINARY,
     Chain,
+    expand,
     flag_value,
     host_path_of,
     replace_flag,
@@ -132,7 +133,8 @@ def test_sample_pod_gets_the_native_sidecar_and_nothing_else_changes(chain: Chai
     # Agent mode runs the image's binary without the AWS SDK; direct mode the full one.
     assert sidecar["command"] == [SIDECAR_IMAGE_BINARY[chain.ec2_access]]
     port = int(deployment_flag(chain, "--sidecar-probe-port"))
-    expected_args = ["run", "--interfaces=net1", f"--probe-addr=0.0.0.0:{port}"]
+    # The probe listens on the pod IP only (the kubelet probes it there), not on net1's address.
+    expected_args = ["run", "--interfaces=net1", f"--probe-addr=$(POD_IP):{port}"]
     if chain.ec2_access == "agent":
         socket_dir = deployment_flag(chain, "--agent-socket-dir")
         expected_args.append(f"--agent-socket={socket_dir}/agent.sock")
@@ -141,7 +143,12 @@ def test_sample_pod_gets_the_native_sidecar_and_nothing_else_changes(chain: Chai
     assert sidecar["args"] == expected_args
     assert sidecar["startupProbe"]["httpGet"] == {"path": "/readyz", "port": port}
     env = {e["name"]: e for e in sidecar["env"]}
-    downward = {"POD_NAME": "metadata.name", "POD_NAMESPACE": "metadata.namespace", "NODE_NAME": "spec.nodeName"}
+    downward = {
+        "POD_NAME": "metadata.name",
+        "POD_NAMESPACE": "metadata.namespace",
+        "NODE_NAME": "spec.nodeName",
+        "POD_IP": "status.podIP",
+    }
     for name, path in downward.items():
         assert env[name]["valueFrom"]["fieldRef"]["fieldPath"] == path
     if chain.ec2_access == "agent":
@@ -199,12 +206,15 @@ def test_injected_sidecar_puts_the_address_on_the_right_eni_and_releases_it(chai
         node_path = host_path_of(pod["spec"], sidecar, socket_path)
         injected = replace_flag(injected, "--agent-socket", str(chain.on_node(node_path)))
         assert not [k for k in spec.env if k.startswith("AWS_")], "the sidecar runs without any AWS setting"
-    assert spec.argv[1:] == injected
     assert spec.injected_env == {
         "POD_NAME": pod["metadata"]["name"],
         "POD_NAMESPACE": "multus",
         "NODE_NAME": net.node_name,
+        "POD_IP": net.pod_ip,
     }
+    # As the kubelet runs it: $(POD_IP) expanded, so the probe listens on the pod IP only.
+    assert spec.argv[1:] == [expand(a, spec.injected_env) for a in injected]
+    assert f"--probe-addr={net.pod_ip}:{spec.probe_port}" in spec.argv
     assert pod["metadata"]["name"].startswith(pod["metadata"]["generateName"])
     assert spec.run_as.uid == 65532 and spec.run_as.drop_all_capabilities and spec.run_as.no_new_privs
 

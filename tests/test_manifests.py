@@ -69,8 +69,12 @@ NETWORKS_ANNOTATION = "k8s.v1.cni.cncf.io/networks"
 OPT_OUT_ANNOTATION = "multus-eni.io/inject"
 WEBHOOK_PATH = "/mutate"
 DIRECT_PATH = "/mutate/direct"
+# The HTTP startup gate: no hostPath volume (docs/contract.md).
+GATE_PATH = "/mutate/gate"
 # Pod Security levels that forbid hostPath volumes (the agent's socket).
 NO_HOSTPATH_LEVELS = {"baseline", "restricted"}
+# The namespace label that chooses a mode explicitly.
+EC2_ACCESS_LABEL = "multus-eni.io/ec2-access"
 SIDECAR_BINARY_PATH = "/usr/local/bin/multus-eni-sidecar"
 # The sidecar image's second binary, agent mode only (no AWS SDK): what agent mode injects.
 SIDECAR_AGENT_MODE_BINARY_PATH = "/usr/local/bin/multus-eni-sidecar-agent-mode"
@@ -364,7 +368,7 @@ def test_webhook_client_config_points_at_the_service(rendered):
     docs = rendered["default"]
     service = only(docs, "Service", SERVICE)
     hooks = only(docs, "MutatingWebhookConfiguration")["webhooks"]
-    assert [h["clientConfig"]["service"]["path"] for h in hooks] == [WEBHOOK_PATH, DIRECT_PATH]
+    assert [h["clientConfig"]["service"]["path"] for h in hooks] == [WEBHOOK_PATH, GATE_PATH, GATE_PATH, DIRECT_PATH]
     https = next(p for p in service["spec"]["ports"] if p["name"] == "https")
     for hook in hooks:
         svc_ref = hook["clientConfig"]["service"]
@@ -554,11 +558,11 @@ def test_monitoring_component_scrapes_named_metrics_ports(rendered):
 
 def test_webhook_configuration_settings(rendered):
     hooks = only(rendered["default"], "MutatingWebhookConfiguration")["webhooks"]
-    assert len(hooks) == 2, "docs/contract.md: /mutate and /mutate/direct"
-    first, second = hooks
-    # Identical but for name, path and the Pod Security split of the namespaces.
+    assert len(hooks) == 4, "docs/contract.md: /mutate, /mutate/gate (twice) and /mutate/direct"
+    assert len({h["name"] for h in hooks}) == 4
+    # Identical but for name, path and the split of the namespaces.
     strip = lambda h: {k: v for k, v in h.items() if k not in ("name", "clientConfig", "namespaceSelector")}
-    assert strip(first) == strip(second)
+    assert all(strip(h) == strip(hooks[0]) for h in hooks)
     for hook in hooks:
         check_webhook_settings(hook)
 
@@ -597,26 +601,38 @@ def test_only_opted_in_namespaces_are_selected(rendered):
         # Labelled by mistake, our own namespaces and kube-system are still never selected.
         for name in (NAMESPACE, AGENT_NAMESPACE, "kube-system"):
             for level in (None, "privileged", "restricted"):
-                labels = {key: value} | ({"pod-security.kubernetes.io/enforce": level} if level else {})
-                labelled = {"metadata": {"name": name, "labels": labels}}
-                assert not selector_matches(selector, namespace_labels(labelled)), (name, level)
+                for access in (None, "gate", "direct"):
+                    labels = {key: value} | ({"pod-security.kubernetes.io/enforce": level} if level else {})
+                    labels |= {EC2_ACCESS_LABEL: access} if access else {}
+                    labelled = {"metadata": {"name": name, "labels": labels}}
+                    assert not selector_matches(selector, namespace_labels(labelled)), (name, level, access)
 
 
-def test_pod_security_decides_between_agent_and_direct_mode(rendered):
-    """Exactly one entry takes an opted-in namespace: /mutate/direct where Pod Security forbids
-    the agent socket's hostPath volume, /mutate everywhere else (the label absent included)."""
+def test_pod_security_selects_the_gate_and_only_a_label_selects_direct_mode(rendered):
+    """Exactly one entry takes an opted-in namespace: /mutate/gate (no hostPath volume) where
+    Pod Security forbids the agent socket's hostPath volume or the namespace asks for the gate,
+    /mutate/direct only where the namespace asks for direct mode, /mutate everywhere else (the
+    labels absent included). A Pod Security label never selects direct mode."""
     hooks = only(rendered["default"], "MutatingWebhookConfiguration")["webhooks"]
     key, value = OPT_IN_LABEL
     for level in (None, "privileged", "baseline", "restricted"):
-        labels = {key: value} | ({"pod-security.kubernetes.io/enforce": level} if level else {})
-        ns = {"metadata": {"name": "cnf", "labels": labels}}
-        paths = [
-            h["clientConfig"]["service"]["path"]
-            for h in hooks
-            if selector_matches(h["namespaceSelector"], namespace_labels(ns))
-        ]
-        expected = DIRECT_PATH if level in NO_HOSTPATH_LEVELS else WEBHOOK_PATH
-        assert paths == [expected], (level, paths)
+        for access in (None, "agent", "gate", "direct", "typo"):
+            labels = {key: value}
+            labels |= {"pod-security.kubernetes.io/enforce": level} if level else {}
+            labels |= {EC2_ACCESS_LABEL: access} if access else {}
+            ns = {"metadata": {"name": "cnf", "labels": labels}}
+            paths = [
+                h["clientConfig"]["service"]["path"]
+                for h in hooks
+                if selector_matches(h["namespaceSelector"], namespace_labels(ns))
+            ]
+            if access == "direct":
+                expected = DIRECT_PATH
+            elif access == "gate" or level in NO_HOSTPATH_LEVELS:
+                expected = GATE_PATH
+            else:
+                expected = WEBHOOK_PATH
+            assert paths == [expected], (level, access, paths)
 
 
 def test_cert_manager_chain_and_ca_injection(rendered):
@@ -713,7 +729,7 @@ def sent_to_webhook(conditions: list[dict], obj: dict) -> bool:
 def test_match_conditions_send_only_multus_pods(rendered):
     hooks = only(rendered["default"], "MutatingWebhookConfiguration")["webhooks"]
     conditions = hooks[0]["matchConditions"]
-    assert all(h["matchConditions"] == conditions for h in hooks), "both entries filter alike"
+    assert all(h["matchConditions"] == conditions for h in hooks), "every entry filters alike"
     multus = sample_pod(rendered)
     assert NETWORKS_ANNOTATION in multus["metadata"]["annotations"]
     cases = {
@@ -1308,13 +1324,13 @@ def test_images_expose_the_ports_the_manifests_use(rendered):
     assert exposed["agent"] == {port_of(flags(agent_container(rendered["default"]))["metrics-addr"])}
 
 
-@pytest.mark.parametrize("ec2_access", ["agent", "direct"])
+@pytest.mark.parametrize("ec2_access", ["agent", "gate", "direct"])
 def test_sample_injected_with_the_deployment_flags_fits_the_sidecar_image(rendered, ec2_access):
     """`multus-eni-webhook inject` with the Deployment's own flags on the sample: the sidecar it
     adds must run one of the image's binaries (agent mode the agent-mode one, direct mode the
     full one), probe the port the sidecar listens on, run as the image's user, use only flags
     that binary knows, and still pass the schemas. Both EC2 access modes: the Deployment's
-    (agent) and the one /mutate/direct injects."""
+    (agent), the one /mutate/gate injects and the one /mutate/direct injects."""
     webhook = binary("multus-eni-webhook")
     assert webhook is not None, f"needs the built binaries in {BIN_DIR}: cargo build --workspace --bins"
     inject_flags = set(re.findall(r"--([a-z][a-z0-9-]*)", help_text("multus-eni-webhook", "inject")))
@@ -1336,7 +1352,11 @@ def test_sample_injected_with_the_deployment_flags_fits_the_sidecar_image(render
     assert sidecar["image"] == serve_args["sidecar-image"]
     stages = dockerfile_stages()
     in_image = [rest.split()[-1] for op, rest in stages["sidecar"]["lines"] if op == "COPY"]
-    expected = {"agent": SIDECAR_AGENT_MODE_BINARY_PATH, "direct": SIDECAR_BINARY_PATH}[ec2_access]
+    expected = {
+        "agent": SIDECAR_AGENT_MODE_BINARY_PATH,
+        "gate": SIDECAR_AGENT_MODE_BINARY_PATH,
+        "direct": SIDECAR_BINARY_PATH,
+    }[ec2_access]
     assert sidecar["command"] == [expected] and expected in in_image, (sidecar["command"], in_image)
     sidecar_help = help_text(Path(expected).name, "run")
     assert sidecar_help is not None, f"needs the built binaries in {BIN_DIR}: cargo build --workspace --bins"

@@ -18,6 +18,8 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from lib.pod_security import baseline_violations, restricted_violations
+
 REPO = Path(__file__).resolve().parent.parent
 BIN_DIR = Path(os.environ.get("MULTUS_ENI_BIN_DIR", REPO / "target" / "debug"))
 WEBHOOK = BIN_DIR / "multus-eni-webhook"
@@ -40,6 +42,8 @@ MODES = {
         "--sidecar-role-arn",
         "arn:aws:iam::123456789012:role/multus-eni-sidecar",
     ],
+    # The HTTP startup gate (/mutate/gate): no volume, the node's address from the downward API.
+    "gate": ["--ec2-access", "gate"],
     "direct-settings": [
         "--ec2-access",
         "direct",
@@ -139,3 +143,44 @@ def test_injected_objects_pass_strict_schemas(fixture: Path, mode: str) -> None:
                 kubernetes_validate.validate(obj, version, strict=True)
             except kubernetes_validate.ValidationError as err:
                 pytest.fail(f"{fixture.name} ({mode}) invalid for Kubernetes {version}: {err.message} at {list(err.path)}")
+
+
+# === Pod Security ===
+
+RESTRICTED_FIXTURE = REPO / "webhook" / "tests" / "data" / "pod-restricted.yaml"
+
+
+def test_the_gate_keeps_a_restricted_pod_restricted() -> None:
+    """/mutate/gate serves namespaces that enforce Pod Security `restricted`: a pod that passes
+    `restricted` still passes it with the gate injected. Agent mode's sidecar would not (its
+    hostPath volume), which is why those namespaces never get it."""
+    [original] = [d for d in yaml.safe_load_all(RESTRICTED_FIXTURE.read_text()) if d]
+    assert restricted_violations(original["spec"]) == [], "the fixture itself must be restricted"
+
+    [gated] = inject(RESTRICTED_FIXTURE, "gate")
+    sidecar = sidecar_of(gated)
+    assert sidecar is not None and "--agent-url=http://$(HOST_IP):9812" in sidecar["args"]
+    assert restricted_violations(gated["spec"]) == []
+
+    [agent] = inject(RESTRICTED_FIXTURE, "native")
+    assert any("hostPath" in v for v in baseline_violations(agent["spec"])), "agent mode mounts a hostPath"
+
+
+@pytest.mark.parametrize("mode", ["gate", "direct-settings", "legacy-irsa"])
+@pytest.mark.parametrize("fixture", FIXTURES, ids=[f.stem for f in FIXTURES])
+def test_the_sidecar_adds_nothing_restricted_forbids(fixture: Path, mode: str) -> None:
+    """Whatever the application does, what the gate and direct mode add (the sidecar container
+    and its volumes) passes `restricted`: those are the modes of namespaces without hostPath."""
+    original = [doc for doc in yaml.safe_load_all(fixture.read_text()) if doc is not None]
+    for before, obj in zip(original, inject(fixture, mode)):
+        template = pod_template(obj)
+        sidecar = sidecar_of(template) if template is not None else None
+        if sidecar is None or sidecar_of(pod_template(before)) is not None:
+            continue
+        added_volumes = [v for v in template["spec"].get("volumes") or [] if v not in (pod_template(before)["spec"].get("volumes") or [])]
+        alone = {
+            "securityContext": {},
+            "containers": [sidecar],
+            "volumes": added_volumes,
+        }
+        assert restricted_violations(alone) == [], f"{fixture.name} ({mode})"

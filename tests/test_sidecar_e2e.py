@@ -413,6 +413,35 @@ def test_a_refused_ipv6_address_does_not_hold_back_the_others(pod):
     assert any(r.values("Ipv6Addresses") == [good6] and r.status == 200 for r in proxy.requests(ASSIGN6))
 
 
+def test_an_address_added_after_a_rejected_one_is_assigned_without_waiting_for_it(pod):
+    """A rejected address backs off on its own: an address added meanwhile goes in its own
+    Assign at once, not in the rejected one's retry (issue 18: it waited out the rejected
+    address's whole backoff). Asserted by the calls EC2 sees, not by time."""
+    w = world(pod)
+    eni = w.enis[0]
+    bad6, late6 = w.v6(0x1A0), w.v6(0x1A1)
+    proxy = pod.emulator.proxy
+    proxy.refuse(bad6)
+    pod.link("net1", eni.mac, w.v4(195), bad6)
+    s = pod.start_sidecar(["net1"])
+
+    def attempts(address: str) -> list:
+        return [r for r in proxy.requests(ASSIGN6) if address in r.values("Ipv6Addresses")]
+
+    wait_for(lambda: any(r.status != 200 for r in attempts(bad6)), "EC2's rejection of the bad address")
+    pod.add("net1", late6)
+    wait_for(lambda: on_eni(pod, eni.id, late6), "the late address on its ENI")
+    first_late = attempts(late6)[0]
+    # Its first Assign named it alone: the rejected address was not retried with it.
+    assert first_late.values("Ipv6Addresses") == [late6], first_late.values("Ipv6Addresses")
+    assert first_late.status == 200
+    # The rejected address keeps being retried on its own backoff, and stays off the ENI.
+    wait_for(lambda: len(attempts(bad6)) >= 2, "a second attempt of the rejected address")
+    assert all(r.values("Ipv6Addresses") == [bad6] for r in attempts(bad6)[1:])
+    assert off_eni(pod, eni.id, bad6)
+    assert s.probe() == 503
+
+
 def test_dropped_netlink_events_are_recovered_without_a_resync(pod):
     w = world(pod)
     eni = w.enis[0]

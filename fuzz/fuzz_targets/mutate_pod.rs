@@ -32,6 +32,8 @@ fuzz_target!(|data: &[u8]| {
     }
     if first & 4 == 4 {
         config.ec2_access = Ec2Access::Direct;
+    } else if first & 8 == 8 {
+        config.ec2_access = Ec2Access::Gate;
     }
     config.default_networks = u32::from(first >> 6);
     if let Decision::Inject(injection) = mutate_pod(&config, &pod) {

@@ -378,6 +378,39 @@ impl AddressWatcher {
     }
 }
 
+/// Applies an event and every event already queued behind it (a burst is applied at once),
+/// dumping the links that appeared; a lost or overrun socket is replaced and the table read
+/// again. Returns whether the desired state changed. Agent mode and the gate share it.
+pub async fn apply_events(
+    watcher: &mut AddressWatcher,
+    table: &mut InterfaceTable,
+    first: Result<RouteNetlinkMessage>,
+) -> Result<bool> {
+    let mut changed = false;
+    let mut dumps = Vec::new();
+    let mut next = Some(first);
+    while let Some(msg) = next.take() {
+        match msg {
+            Ok(msg) => {
+                let applied = table.apply(&msg);
+                changed |= applied.changed;
+                dumps.extend(applied.dump_link);
+            }
+            Err(e) => {
+                tracing::warn!(action = "netlink", outcome = "reconnect", error = %e, "netlink events stopped; resubscribing");
+                *watcher = AddressWatcher::subscribe()?;
+                changed |= watcher.dump(table).await?;
+            }
+        }
+        next = watcher.try_next_event().map(Ok);
+    }
+    for index in dumps {
+        watcher.dump_link(table, index).await?;
+        changed = true;
+    }
+    Ok(changed)
+}
+
 impl Drop for AddressWatcher {
     fn drop(&mut self) {
         self.connection.abort();

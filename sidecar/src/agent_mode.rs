@@ -19,7 +19,7 @@ use tokio::signal::unix::{SignalKind, signal};
 use tokio::time::Instant;
 use tracing::Instrument;
 
-use crate::addresses::{AddressWatcher, InterfaceTable};
+use crate::addresses::{AddressWatcher, InterfaceTable, apply_events};
 use crate::cli::RunArgs;
 use crate::probe::{self, Readiness};
 use crate::{Error, Result};
@@ -153,28 +153,7 @@ pub async fn run(args: RunArgs, socket: PathBuf) -> Result<()> {
                 _ = sigterm.recv() => break,
                 _ = sigint.recv() => break,
                 event = watcher.next_event() => {
-                    let mut changed = false;
-                    let mut dumps = Vec::new();
-                    let mut next = Some(event);
-                    while let Some(msg) = next.take() {
-                        match msg {
-                            Ok(msg) => {
-                                let applied = table.apply(&msg);
-                                changed |= applied.changed;
-                                dumps.extend(applied.dump_link);
-                            }
-                            Err(e) => {
-                                tracing::warn!(action = "netlink", outcome = "reconnect", error = %e, "netlink events stopped; resubscribing");
-                                watcher = AddressWatcher::subscribe()?;
-                                changed |= watcher.dump(&mut table).await?;
-                            }
-                        }
-                        next = watcher.try_next_event().map(Ok);
-                    }
-                    for index in dumps {
-                        watcher.dump_link(&mut table, index).await?;
-                        changed = true;
-                    }
+                    let changed = apply_events(&mut watcher, &mut table, event).await?;
                     if changed {
                         seq += 1;
                         routable = false;

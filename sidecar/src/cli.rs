@@ -7,6 +7,7 @@ use clap::{ArgAction, Parser, Subcommand, ValueEnum};
 use tracing_subscriber::filter::Targets;
 use tracing_subscriber::layer::SubscriberExt;
 
+use crate::gate::AgentUrl;
 use crate::{Error, Result};
 
 /// Assigns a pod's Multus interface addresses as secondary IPs on the node ENI.
@@ -31,8 +32,10 @@ pub struct RunArgs {
     #[arg(long, env = "MULTUS_ENI_INTERFACES", value_delimiter = ',', required = true, num_args = 1..)]
     pub interfaces: Vec<String>,
 
-    /// Plain HTTP address for `GET /readyz` and `GET /healthz`.
-    #[arg(long, env = "MULTUS_ENI_PROBE_ADDR", default_value = "0.0.0.0:9811")]
+    /// Plain HTTP address for `GET /readyz` and `GET /healthz`. In a pod the webhook gives the
+    /// pod IP (`$(POD_IP):9811`, an IPv6 one without brackets too), so the probe is not
+    /// reachable on the Multus interfaces' addresses.
+    #[arg(long, env = "MULTUS_ENI_PROBE_ADDR", default_value = "0.0.0.0:9811", value_parser = parse_probe_addr)]
     pub probe_addr: SocketAddr,
 
     /// On SIGTERM, unassign the managed addresses that are still on their ENI.
@@ -56,6 +59,51 @@ pub struct RunArgs {
     /// (`multus-eni-sidecar-agent-mode` then refuses to start).
     #[arg(long, env = "MULTUS_ENI_AGENT_SOCKET")]
     pub agent_socket: Option<std::path::PathBuf>,
+
+    /// The HTTP startup gate: ask the node agent at `http://HOST:PORT` (its metrics port,
+    /// `http://$(HOST_IP):9812` in a pod) whether the pod's addresses are routable, read-only;
+    /// no socket, no hostPath, no credentials. The agent finds the addresses itself.
+    #[arg(long, env = "MULTUS_ENI_AGENT_URL", conflicts_with = "agent_socket", value_parser = parse_agent_url)]
+    pub agent_url: Option<AgentUrl>,
+}
+
+/// What the sidecar does, from `--agent-url` / `--agent-socket`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Ec2Access {
+    /// `--agent-url`: only wait for the agent's word (the HTTP startup gate).
+    Gate(AgentUrl),
+    /// `--agent-socket`: claim the addresses from the agent.
+    Agent(std::path::PathBuf),
+    /// Neither: call EC2 itself.
+    Direct,
+}
+
+impl RunArgs {
+    /// The mode these flags select.
+    pub fn ec2_access(&self) -> Ec2Access {
+        match (&self.agent_url, &self.agent_socket) {
+            (Some(url), _) => Ec2Access::Gate(url.clone()),
+            (None, Some(socket)) => Ec2Access::Agent(socket.clone()),
+            (None, None) => Ec2Access::Direct,
+        }
+    }
+}
+
+fn parse_agent_url(s: &str) -> std::result::Result<AgentUrl, String> {
+    s.parse()
+}
+
+/// `HOST:PORT` as a socket address; an IPv6 host may come without brackets (`fd00::5:9811`,
+/// what `$(POD_IP):9811` expands to for an IPv6 pod): the last `:` then separates the port.
+fn parse_probe_addr(s: &str) -> std::result::Result<SocketAddr, String> {
+    if let Ok(addr) = s.parse() {
+        return Ok(addr);
+    }
+    let bad = || format!("{s:?} is not HOST:PORT with HOST an IP address (e.g. 10.0.0.5:9811)");
+    let (host, port) = s.rsplit_once(':').ok_or_else(bad)?;
+    let ip: std::net::IpAddr = host.parse().map_err(|_| bad())?;
+    let port: u16 = port.parse().map_err(|_| bad())?;
+    Ok(SocketAddr::new(ip, port))
 }
 
 /// Log output format.
@@ -75,22 +123,24 @@ fn parse_duration(s: &str) -> std::result::Result<Duration, String> {
 
 impl Cli {
     /// Runs the chosen subcommand to completion on a single-threaded runtime (small RSS,
-    /// near-zero idle CPU): agent mode with `--agent-socket`, direct mode without it (when
-    /// built with the `direct` feature). The `multus-eni-sidecar` binary.
+    /// near-zero idle CPU): the gate with `--agent-url`, agent mode with `--agent-socket`,
+    /// direct mode without either (when built with the `direct` feature). The
+    /// `multus-eni-sidecar` binary.
     pub fn run(self) -> Result<()> {
         match self.command {
             Command::Run(args) => {
                 init_logging(args.log_format);
-                match args.agent_socket.clone() {
-                    Some(socket) => run_agent_mode(args, socket),
-                    None => run_direct(args),
+                match args.ec2_access() {
+                    Ec2Access::Gate(url) => run_gate(args, url),
+                    Ec2Access::Agent(socket) => run_agent_mode(args, socket),
+                    Ec2Access::Direct => run_direct(args),
                 }
             }
         }
     }
 
-    /// Runs agent mode only, and refuses to start without `--agent-socket`
-    /// ([`Error::DirectModeNotBuilt`]) whatever the crate's features: the
+    /// Runs the gate or agent mode only, and refuses to start without `--agent-url` or
+    /// `--agent-socket` ([`Error::DirectModeNotBuilt`]) whatever the crate's features: the
     /// `multus-eni-sidecar-agent-mode` binary. In a workspace build this library is compiled
     /// with `direct` (another member asks for it); since this path never reaches
     /// [`Cli::run`]'s direct branch, the linker drops the AWS SDK from that binary anyway,
@@ -99,9 +149,17 @@ impl Cli {
         match self.command {
             Command::Run(args) => {
                 // Checked before logging starts: a usage error, reported once by `main`.
-                let socket = args.agent_socket.clone().ok_or(Error::DirectModeNotBuilt)?;
-                init_logging(args.log_format);
-                run_agent_mode(args, socket)
+                match args.ec2_access() {
+                    Ec2Access::Direct => Err(Error::DirectModeNotBuilt),
+                    Ec2Access::Gate(url) => {
+                        init_logging(args.log_format);
+                        run_gate(args, url)
+                    }
+                    Ec2Access::Agent(socket) => {
+                        init_logging(args.log_format);
+                        run_agent_mode(args, socket)
+                    }
+                }
             }
         }
     }
@@ -118,6 +176,11 @@ fn current_thread_runtime() -> Result<tokio::runtime::Runtime> {
 /// Agent mode: no EC2 client, no TLS provider (small RSS).
 fn run_agent_mode(args: RunArgs, socket: std::path::PathBuf) -> Result<()> {
     current_thread_runtime()?.block_on(crate::agent_mode::run(args, socket))
+}
+
+/// The HTTP startup gate: no EC2 client, no TLS, no socket.
+fn run_gate(args: RunArgs, url: AgentUrl) -> Result<()> {
+    current_thread_runtime()?.block_on(crate::gate::run(args, url))
 }
 
 /// Direct mode: the sidecar's own EC2 client.
@@ -217,6 +280,62 @@ mod tests {
     }
 
     #[test]
+    fn agent_url_selects_the_gate_and_excludes_the_socket() {
+        let a = parse(&[
+            "multus-eni-sidecar",
+            "run",
+            "--interfaces=net1",
+            "--agent-url=http://10.0.0.7:9812",
+        ])
+        .unwrap_or_else(|e| panic!("{e}"));
+        assert!(
+            matches!(a.ec2_access(), Ec2Access::Gate(ref u) if u.authority() == "10.0.0.7:9812"),
+            "{:?}",
+            a.ec2_access()
+        );
+        assert!(
+            parse(&[
+                "multus-eni-sidecar",
+                "run",
+                "--interfaces=net1",
+                "--agent-url=http://10.0.0.7:9812",
+                "--agent-socket=/run/multus-eni/agent.sock",
+            ])
+            .is_err()
+        );
+        assert!(
+            parse(&[
+                "multus-eni-sidecar",
+                "run",
+                "--interfaces=net1",
+                "--agent-url=https://10.0.0.7:9812",
+            ])
+            .is_err()
+        );
+        let direct = parse(&["multus-eni-sidecar", "run", "--interfaces=net1"])
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(direct.ec2_access(), Ec2Access::Direct);
+    }
+
+    #[test]
+    fn the_probe_address_takes_an_expanded_pod_ip_of_either_family() {
+        let addr = |s: &str| parse_probe_addr(s).map(|a| a.to_string());
+        assert_eq!(addr("10.1.2.3:9811").as_deref(), Ok("10.1.2.3:9811"));
+        assert_eq!(addr("[fd00::5]:9811").as_deref(), Ok("[fd00::5]:9811"));
+        // `$(POD_IP):9811` for an IPv6 pod.
+        assert_eq!(addr("fd00::5:9811").as_deref(), Ok("[fd00::5]:9811"));
+        for bad in [
+            "$(POD_IP):9811",
+            ":9811",
+            "10.1.2.3",
+            "pod:9811",
+            "10.1.2.3:99999",
+        ] {
+            assert!(parse_probe_addr(bad).is_err(), "{bad:?} accepted");
+        }
+    }
+
+    #[test]
     fn the_injected_form_parses() {
         let a = parse(&[
             "multus-eni-sidecar",
@@ -263,6 +382,7 @@ mod tests {
         );
         let message = Error::DirectModeNotBuilt.to_string();
         assert!(message.contains("--agent-socket"), "{message}");
+        assert!(message.contains("--agent-url"), "{message}");
         assert!(
             message.contains("/usr/local/bin/multus-eni-sidecar"),
             "{message}"

@@ -1,7 +1,8 @@
 //! multus-eni sidecar: makes a pod's Multus (ipvlan) addresses routable in the VPC by
 //! assigning them as secondary addresses on the node ENI whose MAC the interface carries.
 //!
-//! Edges: [`addresses`] (netlink), [`eni`] (EC2), [`probe`] (HTTP). The decisions are pure
+//! Edges: [`addresses`] (netlink), [`eni`] (EC2), [`probe`] (HTTP), [`gate`] (the agent's
+//! HTTP answer). The decisions are pure
 //! functions in [`reconcile`]; [`run`] is the one event loop that ties them together.
 
 pub mod addresses;
@@ -10,6 +11,7 @@ pub mod agent_mode;
 #[cfg(feature = "direct")]
 pub use multus_eni_ec2::eni;
 pub mod cli;
+pub mod gate;
 pub mod probe;
 pub mod reconcile;
 #[cfg(feature = "direct")]
@@ -44,12 +46,14 @@ pub enum Error {
         source: std::io::Error,
     },
 
-    /// Direct mode was asked for (no `--agent-socket`) from a binary without it:
+    /// Direct mode was asked for (neither `--agent-url` nor `--agent-socket`) from a binary
+    /// without it:
     /// `multus-eni-sidecar-agent-mode`, or `multus-eni-sidecar` built without the `direct`
     /// feature.
     #[error(
-        "this binary runs agent mode only (no AWS SDK in it): pass --agent-socket, or run \
-         /usr/local/bin/multus-eni-sidecar (same image), which has direct mode"
+        "this binary runs agent mode only (no AWS SDK in it): pass --agent-url (the HTTP \
+         startup gate) or --agent-socket, or run /usr/local/bin/multus-eni-sidecar (same \
+         image), which has direct mode"
     )]
     DirectModeNotBuilt,
 

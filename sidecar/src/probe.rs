@@ -1,12 +1,16 @@
 //! The kubelet's view: `GET /readyz` (200 once every managed address is on its ENI, else
 //! 503) and `GET /healthz` (200 while the process runs), plain HTTP on `--probe-addr`.
+//!
+//! The reason of a 503 (which may carry EC2 error text) is told only to callers on loopback:
+//! the pod's own containers and `kubectl port-forward`. Anyone else, the kubelet included,
+//! gets a generic line; the reason is in the sidecar's log.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use axum::Router;
-use axum::extract::State;
+use axum::extract::{ConnectInfo, State};
 use axum::http::StatusCode;
 use axum::routing::get;
 use tokio::net::TcpListener;
@@ -14,8 +18,7 @@ use tokio::net::TcpListener;
 use crate::{Error, Result};
 
 /// Shared readiness flag, written by the event loop and read by the probe handler, with the
-/// reason for a 503: the kubelet records the body in the pod's events, where an operator
-/// looks first.
+/// reason for a 503 (for callers on loopback).
 #[derive(Debug, Clone, Default)]
 pub struct Readiness {
     ready: Arc<AtomicBool>,
@@ -53,17 +56,43 @@ pub fn router(readiness: Readiness) -> Router {
         .with_state(readiness)
 }
 
-async fn readyz(State(readiness): State<Readiness>) -> (StatusCode, String) {
-    if readiness.get() {
+/// The 503 body for callers not on loopback: no address, ENI or EC2 error text.
+pub const REMOTE_NOT_READY: &str =
+    "not ready: addresses not yet routable (the reason is in the sidecar's log)";
+
+async fn readyz(
+    State(readiness): State<Readiness>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+) -> (StatusCode, String) {
+    readyz_answer(readiness.get(), &readiness.reason(), peer.ip())
+}
+
+/// `/readyz`'s status and body for a caller at `peer`.
+fn readyz_answer(ready: bool, reason: &str, peer: std::net::IpAddr) -> (StatusCode, String) {
+    if ready {
         (StatusCode::OK, "ready\n".to_string())
+    } else if !is_loopback(peer) {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("{REMOTE_NOT_READY}\n"),
+        )
+    } else if reason.is_empty() {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "addresses not yet assigned on the ENI\n".to_string(),
+        )
     } else {
-        let reason = readiness.reason();
-        let reason = if reason.is_empty() {
-            "addresses not yet assigned on the ENI".to_string()
-        } else {
-            reason
-        };
         (StatusCode::SERVICE_UNAVAILABLE, format!("{reason}\n"))
+    }
+}
+
+/// Loopback of either family, IPv4-mapped included (a dual-stack listener).
+fn is_loopback(ip: std::net::IpAddr) -> bool {
+    match ip {
+        std::net::IpAddr::V4(v4) => v4.is_loopback(),
+        std::net::IpAddr::V6(v6) => {
+            v6.is_loopback() || v6.to_ipv4_mapped().is_some_and(|v4| v4.is_loopback())
+        }
     }
 }
 
@@ -77,7 +106,8 @@ pub async fn bind(addr: SocketAddr) -> Result<TcpListener> {
 /// Serves the probe routes until the process exits.
 pub fn spawn(listener: TcpListener, readiness: Readiness) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
-        if let Err(e) = axum::serve(listener, router(readiness)).await {
+        let service = router(readiness).into_make_service_with_connect_info::<SocketAddr>();
+        if let Err(e) = axum::serve(listener, service).await {
             tracing::error!(action = "probe", outcome = "failed", error = %e, "probe server stopped");
         }
     })
@@ -88,8 +118,17 @@ mod tests {
     use super::*;
 
     async fn get_status(port: u16, path: &str) -> String {
+        get_from("127.0.0.1", port, path)
+            .await
+            .lines()
+            .next()
+            .unwrap_or_default()
+            .to_string()
+    }
+
+    async fn get_from(host: &str, port: u16, path: &str) -> String {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        let mut s = tokio::net::TcpStream::connect((host, port))
             .await
             .unwrap_or_else(|e| panic!("{e}"));
         let req = format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
@@ -100,7 +139,7 @@ mod tests {
         s.read_to_string(&mut out)
             .await
             .unwrap_or_else(|e| panic!("{e}"));
-        out.lines().next().unwrap_or_default().to_string()
+        out
     }
 
     #[tokio::test]
@@ -118,6 +157,35 @@ mod tests {
         assert_eq!(get_status(port, "/healthz").await, "HTTP/1.1 200 OK");
         readiness.set(true);
         assert_eq!(get_status(port, "/readyz").await, "HTTP/1.1 200 OK");
+        server.abort();
+    }
+
+    #[tokio::test]
+    async fn the_reason_is_told_on_loopback_only() {
+        let listener = bind("0.0.0.0:0".parse().unwrap_or_else(|e| panic!("{e}")))
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        let port = listener.local_addr().map(|a| a.port()).unwrap_or_default();
+        let readiness = Readiness::default();
+        readiness.set_reason("10.0.1.6: UnauthorizedOperation: You are not authorized");
+        let server = spawn(listener, readiness.clone());
+        let local = get_from("127.0.0.1", port, "/readyz").await;
+        assert!(local.contains("UnauthorizedOperation"), "{local}");
+        let ip = |s: &str| -> std::net::IpAddr { s.parse().unwrap_or_else(|e| panic!("{e}")) };
+        let secret = "10.0.1.6: UnauthorizedOperation: You are not authorized";
+        for remote in ["10.0.0.9", "fd00::9", "::ffff:10.0.0.9"] {
+            let (status, body) = readyz_answer(false, secret, ip(remote));
+            assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+            assert_eq!(body, format!("{REMOTE_NOT_READY}\n"), "{remote}");
+        }
+        assert_eq!(
+            readyz_answer(false, secret, ip("::1")).1,
+            format!("{secret}\n")
+        );
+        assert_eq!(
+            readyz_answer(true, secret, ip("10.0.0.9")).0,
+            StatusCode::OK
+        );
         server.abort();
     }
 }

@@ -272,6 +272,28 @@ pub fn without_held_back(change: Change, held_back: &BTreeSet<Ipv6Addr>) -> Opti
     }
 }
 
+/// `change` without the addresses that wait out a backoff of their own (EC2 rejected them
+/// lately); `None` when nothing is left. Only assignments wait: an unassign is never held back.
+pub fn without_waiting(change: Change, waiting: &BTreeSet<IpAddr>) -> Option<Change> {
+    match change {
+        Change::AssignIpv4 { eni, addresses } => {
+            let addresses: Vec<Ipv4Addr> = addresses
+                .into_iter()
+                .filter(|a| !waiting.contains(&IpAddr::V4(*a)))
+                .collect();
+            (!addresses.is_empty()).then_some(Change::AssignIpv4 { eni, addresses })
+        }
+        Change::AssignIpv6 { eni, addresses } => {
+            let addresses: Vec<Ipv6Addr> = addresses
+                .into_iter()
+                .filter(|a| !waiting.contains(&IpAddr::V6(*a)))
+                .collect();
+            (!addresses.is_empty()).then_some(Change::AssignIpv6 { eni, addresses })
+        }
+        other => Some(other),
+    }
+}
+
 /// The calls made on exit: unassign managed addresses that are still on *our* ENI (freshly
 /// read), never one that moved to another ENI, never the primary IPv4.
 pub fn plan_release(managed: &Managed, enis: &BTreeMap<MacAddress, EniLookup>) -> Vec<Change> {
@@ -479,6 +501,50 @@ mod tests {
             addresses: vec![v4("10.0.1.10")],
         };
         assert_eq!(without_held_back(v4.clone(), &all), Some(v4));
+    }
+
+    #[test]
+    fn an_address_waiting_out_its_backoff_leaves_the_assign_and_the_new_one_goes_at_once() {
+        // EC2 rejected 2001:db8::bad; 2001:db8::add was added meanwhile. The plan names both;
+        // the call names the new one alone, without waiting for the rejected one.
+        let desired = [iface(
+            "net1",
+            MAC1,
+            &["2001:db8::bad", "2001:db8::add", "10.0.1.10"],
+        )];
+        let enis = lookups(&[(MAC1, EniLookup::Found(eni("eni-a", "10.0.1.5", &[])))]);
+        let waiting: BTreeSet<IpAddr> =
+            ["2001:db8::bad".parse().unwrap_or(IpAddr::V4([0; 4].into()))].into();
+        let calls: Vec<Change> =
+            plan_changes(&desired, &enis, &Managed::default(), &BTreeMap::new())
+                .into_iter()
+                .filter_map(|c| without_waiting(c, &waiting))
+                .collect();
+        assert_eq!(
+            calls,
+            vec![
+                Change::AssignIpv6 {
+                    eni: "eni-a".into(),
+                    addresses: vec![v6("2001:db8::add")]
+                },
+                Change::AssignIpv4 {
+                    eni: "eni-a".into(),
+                    addresses: vec![v4("10.0.1.10")]
+                },
+            ]
+        );
+        // Only the waiting address leaves; an assign of nothing but it is dropped; unassigns
+        // never wait.
+        let only_bad = Change::AssignIpv6 {
+            eni: "eni-a".into(),
+            addresses: vec![v6("2001:db8::bad")],
+        };
+        assert_eq!(without_waiting(only_bad, &waiting), None);
+        let unassign = Change::UnassignIpv6 {
+            eni: "eni-a".into(),
+            addresses: vec![v6("2001:db8::bad")],
+        };
+        assert_eq!(without_waiting(unassign.clone(), &waiting), Some(unassign));
     }
 
     #[test]

@@ -20,6 +20,13 @@ use crate::reconcile::{self, Change, DesiredInterface, EniId, EniLookup, Managed
 use crate::{Error, Result};
 use multus_eni_ec2::model::Ipv6Holders;
 
+/// First wait before an address EC2 rejected is tried again; doubles (with up to 100 %
+/// jitter) to [`REJECTED_RETRY_MAX`]. Each rejected address has its own: the others, and
+/// addresses added meanwhile, are assigned at once.
+pub const REJECTED_RETRY_MIN: Duration = Duration::from_secs(2);
+/// Longest wait between two attempts of a rejected address (before jitter).
+pub const REJECTED_RETRY_MAX: Duration = Duration::from_secs(30);
+
 /// First wait after a failed pass; doubles (with up to 100 % jitter) to [`RETRY_MAX`].
 pub const RETRY_MIN: Duration = Duration::from_secs(2);
 /// First wait after a throttled pass; doubles (with up to 100 % jitter) to
@@ -122,6 +129,8 @@ struct Sidecar {
     holders: Ipv6Holders,
     /// Why EC2 did not take an address in the last pass (for `/readyz` and the log).
     refused: BTreeMap<IpAddr, String>,
+    /// Addresses EC2 rejected, each waiting out a backoff of its own.
+    rejected: AddressRetries,
     readiness: Readiness,
     warned_no_eni: BTreeSet<MacAddress>,
     warned_dad_failed: BTreeSet<(String, Ipv6Addr)>,
@@ -153,6 +162,7 @@ impl Sidecar {
             stopping: Arc::new(AtomicBool::new(false)),
             holders: Ipv6Holders::default(),
             refused: BTreeMap::new(),
+            rejected: AddressRetries::default(),
             readiness,
             warned_no_eni: BTreeSet::new(),
             warned_dad_failed: BTreeSet::new(),
@@ -210,6 +220,7 @@ impl Sidecar {
             }
             let retry_at = self.retry_at;
             let netlink_at = self.netlink_retry.at;
+            let rejected_at = self.rejected.next_at(Instant::now());
             tokio::select! {
                 biased;
                 _ = sigterm.recv() => break,
@@ -245,6 +256,9 @@ impl Sidecar {
                 }
                 _ = sleep_until(retry_at), if retry_at.is_some() => {
                     self.retry_at = None;
+                    self.dirty = true;
+                }
+                _ = sleep_until(rejected_at), if rejected_at.is_some() => {
                     self.dirty = true;
                 }
             }
@@ -395,6 +409,8 @@ impl Sidecar {
             .flat_map(|d| d.addresses.iter().copied())
             .collect();
         self.refused.retain(|a, _| wanted.contains(a));
+        self.rejected.retain(&wanted);
+        let waiting = self.rejected.waiting(Instant::now());
         let macs: BTreeSet<MacAddress> = desired
             .iter()
             .filter_map(|d| d.mac)
@@ -412,10 +428,14 @@ impl Sidecar {
 
         let mut holders = BTreeMap::new();
         let mut held_back: BTreeSet<Ipv6Addr> = BTreeSet::new();
-        for (eni_id, addresses) in reconcile::missing_ipv6(desired, &self.enis) {
+        for (eni_id, mut addresses) in reconcile::missing_ipv6(desired, &self.enis) {
+            addresses.retain(|a| !waiting.contains(&IpAddr::V6(*a)));
             let Some(ours) = self.found(&eni_id).cloned() else {
                 continue;
             };
+            if addresses.is_empty() {
+                continue;
+            }
             match self
                 .ec2
                 .ipv6_holders_cached(&mut self.holders, &ours, &addresses)
@@ -439,7 +459,9 @@ impl Sidecar {
             if self.stopping.load(Ordering::Relaxed) {
                 break;
             }
-            let Some(change) = reconcile::without_held_back(change, &held_back) else {
+            let Some(change) = reconcile::without_held_back(change, &held_back)
+                .and_then(|c| reconcile::without_waiting(c, &waiting))
+            else {
                 continue;
             };
             let mac = self.mac_of(change.eni());
@@ -461,7 +483,11 @@ impl Sidecar {
                             held_back.extend(addresses.iter().copied());
                         }
                         self.failed(&part, &e);
-                        failures.push(e.into());
+                        // A rejected address waits out its own backoff (set by `failed`):
+                        // the pass, and what it would hold back, goes on.
+                        if !address_rejected(&part, &e) {
+                            failures.push(e.into());
+                        }
                     }
                 }
             }
@@ -487,6 +513,7 @@ impl Sidecar {
         self.holders.applied(change);
         for a in change.addresses() {
             self.refused.remove(&a);
+            self.rejected.accepted(&a);
         }
     }
 
@@ -515,8 +542,12 @@ impl Sidecar {
             change,
             Change::AssignIpv4 { .. } | Change::AssignIpv6 { .. }
         ) {
+            let now = Instant::now();
             for a in change.addresses() {
                 self.refused.insert(a, e.to_string());
+                if address_rejected(change, e) {
+                    self.rejected.rejected(a, now);
+                }
             }
         }
     }
@@ -784,6 +815,62 @@ impl Sidecar {
     }
 }
 
+/// Whether EC2 refused these very addresses (not the account, the endpoint or the
+/// credentials): they back off on their own, and nothing else waits for them.
+fn address_rejected(change: &Change, e: &multus_eni_ec2::Error) -> bool {
+    e.kind == ErrorKind::Rejected
+        && matches!(
+            change,
+            Change::AssignIpv4 { .. } | Change::AssignIpv6 { .. }
+        )
+}
+
+/// Addresses EC2 rejected, each with a backoff of its own: one bad address must not hold
+/// back an address added meanwhile (it waited out the whole pass's backoff before).
+#[derive(Default)]
+struct AddressRetries(BTreeMap<IpAddr, AddressRetry>);
+
+struct AddressRetry {
+    /// Not tried again before this.
+    at: Instant,
+    waits: ExponentialBackoff,
+}
+
+impl AddressRetries {
+    /// EC2 rejected `address` at `now`: its next attempt waits one step longer.
+    fn rejected(&mut self, address: IpAddr, now: Instant) {
+        let retry = self.0.entry(address).or_insert_with(|| AddressRetry {
+            at: now,
+            waits: backoff(REJECTED_RETRY_MIN, REJECTED_RETRY_MAX),
+        });
+        retry.at = now + retry.waits.next().unwrap_or(REJECTED_RETRY_MAX);
+    }
+
+    /// EC2 took `address`: it waits no more.
+    fn accepted(&mut self, address: &IpAddr) {
+        self.0.remove(address);
+    }
+
+    /// Forgets the addresses that left the interfaces.
+    fn retain(&mut self, wanted: &BTreeSet<IpAddr>) {
+        self.0.retain(|a, _| wanted.contains(a));
+    }
+
+    /// The addresses whose next attempt is still to come at `now`.
+    fn waiting(&self, now: Instant) -> BTreeSet<IpAddr> {
+        self.0
+            .iter()
+            .filter(|(_, r)| r.at > now)
+            .map(|(a, _)| *a)
+            .collect()
+    }
+
+    /// When the next waiting address is due (after `now`), to wake the loop for it.
+    fn next_at(&self, now: Instant) -> Option<Instant> {
+        self.0.values().map(|r| r.at).filter(|at| *at > now).min()
+    }
+}
+
 /// The error the pass reports, which decides the backoff: any error other than throttling
 /// (it needs the longer wait), else the throttling.
 fn worst(failures: Vec<Error>) -> Option<Error> {
@@ -861,6 +948,61 @@ mod tests {
         let total: Duration = (0..3).filter_map(|_| waits.next()).sum();
         assert!(total <= Duration::from_secs(14), "{total:?}");
         assert!(total >= Duration::from_secs(7), "{total:?}");
+    }
+
+    #[test]
+    fn a_rejected_address_waits_alone_and_an_accepted_one_waits_no_more() {
+        let ip = |s: &str| -> IpAddr { s.parse().unwrap_or_else(|e| panic!("{e}")) };
+        let (bad, other) = (ip("2001:db8::bad"), ip("10.0.1.10"));
+        let now = Instant::now();
+        let mut retries = AddressRetries::default();
+        assert!(retries.waiting(now).is_empty());
+        assert_eq!(retries.next_at(now), None);
+
+        retries.rejected(bad, now);
+        assert_eq!(retries.waiting(now), [bad].into());
+        let first = retries.next_at(now).unwrap_or(now);
+        // The first wait is REJECTED_RETRY_MIN plus up to 100 % jitter.
+        assert!(first >= now + REJECTED_RETRY_MIN && first <= now + 2 * REJECTED_RETRY_MIN);
+        // Due at `first`: no longer waiting, and nothing left to wake for.
+        assert!(retries.waiting(first).is_empty());
+        assert_eq!(retries.next_at(first), None);
+        // Rejected again: the wait grows.
+        retries.rejected(bad, first);
+        let second = retries.next_at(first).unwrap_or(first);
+        assert!(
+            second - first >= 2 * REJECTED_RETRY_MIN,
+            "{:?}",
+            second - first
+        );
+
+        retries.rejected(other, now);
+        retries.accepted(&other);
+        assert_eq!(retries.waiting(now), [bad].into());
+        retries.retain(&BTreeSet::new());
+        assert!(retries.waiting(now).is_empty());
+
+        let rejected = |kind| multus_eni_ec2::Error {
+            action: "AssignIpv6Addresses",
+            kind,
+            message: String::new(),
+        };
+        let assign = Change::AssignIpv6 {
+            eni: "eni-a".into(),
+            addresses: vec!["2001:db8::bad".parse().unwrap_or(Ipv6Addr::UNSPECIFIED)],
+        };
+        let unassign = Change::UnassignIpv6 {
+            eni: "eni-a".into(),
+            addresses: vec!["2001:db8::bad".parse().unwrap_or(Ipv6Addr::UNSPECIFIED)],
+        };
+        assert!(address_rejected(&assign, &rejected(ErrorKind::Rejected)));
+        // Throttling, credentials and the endpoint are the account's problem, not the address's.
+        assert!(!address_rejected(&assign, &rejected(ErrorKind::Throttled)));
+        assert!(!address_rejected(
+            &assign,
+            &rejected(ErrorKind::AuthOrConfig)
+        ));
+        assert!(!address_rejected(&unassign, &rejected(ErrorKind::Rejected)));
     }
 
     #[test]

@@ -786,8 +786,9 @@ class Chain:
             # The socket as the sidecar container sees it → the node path → this chain's node.
             node_path = host_path_of(pod["spec"], container, socket_path)
             args = replace_flag(args, "--agent-socket", str(self.on_node(node_path)))
-        argv = [str(self.sidecar_binaries[command[0]]), *command[1:], *args]
         injected = container_env(container, pod)
+        # The kubelet expands $(VAR) in command and args with the container's env.
+        argv = [str(self.sidecar_binaries[command[0]]), *(expand(a, injected) for a in [*command[1:], *args])]
         # Direct mode: what IRSA or Pod Identity would add for the emulated account. Agent
         # mode: nothing; the sidecar must work without any AWS setting.
         extra = aws_env(endpoint) if self.ec2_access == "direct" else {}
@@ -989,6 +990,9 @@ class Chain:
         )
         # The wrapper's own argv/env are for the sidecar tests; the chain runs the injected ones.
         s.argv = [*spec.run_as.argv(), *spec.argv]
+        # The kubelet probes the pod IP, where the injected --probe-addr=$(POD_IP):<port> listens.
+        if self.network is not None:
+            s.probe_host = self.network.pod_ip
         s.env = dict(spec.env)
         self.sidecar = s.start()
         self._stack.callback(s.kill)

@@ -60,6 +60,9 @@ class Sidecar:
         self.ns = ns
         self.interfaces = interfaces
         self.probe_port = probe_port or next(_ports)
+        # Where the probe is asked: loopback here; the pod IP when the injected args make the
+        # sidecar listen there (the chain), as the kubelet asks it.
+        self.probe_host = "127.0.0.1"
         self.log_path = log_path
         self.argv = [
             str(binary or binary_path()),
@@ -101,7 +104,7 @@ class Sidecar:
 
         def get() -> int | None:
             try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{self.probe_port}{path}", timeout=2) as r:
+                with urllib.request.urlopen(f"http://{self.probe_host}:{self.probe_port}{path}", timeout=2) as r:
                     return r.status
             except urllib.error.HTTPError as e:
                 return e.code
@@ -117,7 +120,7 @@ class Sidecar:
 
         def get() -> str | None:
             try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{self.probe_port}{path}", timeout=2) as r:
+                with urllib.request.urlopen(f"http://{self.probe_host}:{self.probe_port}{path}", timeout=2) as r:
                     return r.read().decode()
             except urllib.error.HTTPError as e:
                 return e.read().decode()

@@ -90,10 +90,13 @@ pub fn review(config: &Config, body: &[u8]) -> Result<ReviewOutcome, ReviewError
     if let Some(patch) = decision.patch() {
         response = response.with_patch(patch.clone())?;
     }
-    if let Decision::Skip(reason) = &decision
-        && let Some(warning) = reason.warning()
-    {
-        response.warnings = Some(vec![warning]);
+    let warnings = match &decision {
+        Decision::Skip(reason) => reason.warning().into_iter().collect(),
+        Decision::Inject(injection) => injection.warnings.clone(),
+        Decision::MoveSidecarFirst(_) => Vec::new(),
+    };
+    if !warnings.is_empty() {
+        response.warnings = Some(warnings);
     }
     let pod = match request.name.as_str() {
         "" => object
@@ -129,6 +132,7 @@ pub fn response_json(review: AdmissionReview<DynamicObject>) -> Result<Value, Re
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::inject::Ec2Access;
     use serde_json::json;
 
     fn body(operation: &str, object: Value) -> Vec<u8> {
@@ -200,23 +204,21 @@ mod tests {
         assert_eq!(outcome.decision, Decision::Skip(SkipReason::NotAPod));
     }
 
-    #[tokio::test]
-    async fn the_direct_path_injects_a_sidecar_that_calls_ec2_itself() {
-        use crate::handler::{AppState, DIRECT_PATH, build_router};
+    /// The sidecar each path injects, through the router as the apiserver calls it.
+    async fn sidecars_by_path(config: Config, paths: &[&str]) -> Vec<Value> {
+        use crate::handler::{AppState, build_router};
         use crate::metrics::Metrics;
         use axum::body::Body;
         use axum::http::{Request, StatusCode};
         use std::sync::Arc;
         use tower::ServiceExt;
-        let mut config = Config::new("img");
-        config.aws_region = Some("eu-west-1".into());
         let router = build_router(AppState {
             config: Arc::new(config),
             metrics: Arc::new(Metrics::new()),
         });
         let mut seen = Vec::new();
-        for path in ["/mutate", DIRECT_PATH] {
-            let request = Request::post(path)
+        for path in paths {
+            let request = Request::post(*path)
                 .header("content-type", "application/json")
                 .body(Body::from(body("CREATE", pod())))
                 .unwrap_or_else(|e| panic!("{e}"));
@@ -241,7 +243,16 @@ mod tests {
                 .unwrap_or_default();
             seen.push(sidecar);
         }
-        let [agent, direct] = [&seen[0], &seen[1]];
+        seen
+    }
+
+    #[tokio::test]
+    async fn each_path_injects_its_mode() {
+        use crate::handler::{DIRECT_PATH, GATE_PATH};
+        let mut config = Config::new("img");
+        config.aws_region = Some("eu-west-1".into());
+        let seen = sidecars_by_path(config.clone(), &["/mutate", DIRECT_PATH, GATE_PATH]).await;
+        let [agent, direct, gate] = [&seen[0], &seen[1], &seen[2]];
         assert_eq!(
             agent["args"][3],
             "--agent-socket=/run/multus-eni/agent.sock"
@@ -258,6 +269,41 @@ mod tests {
         assert_eq!(direct["args"].as_array().map(Vec::len), Some(3));
         assert!(direct["env"].to_string().contains("AWS_REGION"));
         assert!(direct.get("volumeMounts").is_none());
+        assert_eq!(
+            gate["command"],
+            json!(["/usr/local/bin/multus-eni-sidecar-agent-mode"])
+        );
+        assert_eq!(gate["args"][3], "--agent-url=http://$(HOST_IP):9812");
+        assert!(gate.get("volumeMounts").is_none());
+        assert!(!gate["env"].to_string().contains("AWS_"));
+
+        // A direct-mode install has no agent to ask: where hostPath is forbidden it injects
+        // direct mode, which needs no volume either.
+        config.ec2_access = Ec2Access::Direct;
+        let seen = sidecars_by_path(config, &["/mutate", GATE_PATH]).await;
+        for sidecar in &seen {
+            assert_eq!(
+                sidecar["command"],
+                json!(["/usr/local/bin/multus-eni-sidecar"])
+            );
+        }
+    }
+
+    #[test]
+    fn ignored_overrides_are_admission_warnings() {
+        let mut p = pod();
+        p["metadata"]["annotations"]["multus-eni.io/probe-port"] = json!("70000");
+        let outcome =
+            review(&Config::new("img"), &body("CREATE", p)).unwrap_or_else(|e| panic!("{e}"));
+        assert!(matches!(outcome.decision, Decision::Inject(_)));
+        let warnings = outcome.response["response"]["warnings"].clone();
+        assert!(
+            warnings[0]
+                .as_str()
+                .is_some_and(|w| w.contains("multus-eni.io/probe-port")),
+            "{warnings}"
+        );
+        assert!(outcome.response["response"]["patch"].is_string());
     }
 
     #[test]

@@ -20,9 +20,10 @@ use time::{Duration, OffsetDateTime};
 
 /// Name of the MutatingWebhookConfiguration the caBundle patch is for.
 pub const WEBHOOK_CONFIGURATION: &str = "multus-eni-webhook";
-/// Webhook entries in that configuration (`/mutate` and `/mutate/direct`, docs/contract.md):
+/// Webhook entries in that configuration (`/mutate`, `/mutate/gate` twice and `/mutate/direct`,
+/// docs/contract.md):
 /// the patch sets the caBundle of each.
-pub const WEBHOOK_ENTRIES: usize = 2;
+pub const WEBHOOK_ENTRIES: usize = 4;
 
 /// What to generate.
 #[derive(Debug, Clone)]
@@ -297,7 +298,9 @@ mod tests {
             paths,
             [
                 "/webhooks/0/clientConfig/caBundle",
-                "/webhooks/1/clientConfig/caBundle"
+                "/webhooks/1/clientConfig/caBundle",
+                "/webhooks/2/clientConfig/caBundle",
+                "/webhooks/3/clientConfig/caBundle"
             ]
         );
     }

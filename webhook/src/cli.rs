@@ -76,8 +76,10 @@ pub struct SidecarArgs {
     /// Sidecar memory limit.
     #[arg(long, env = "MULTUS_ENI_SIDECAR_MEMORY_LIMIT", default_value = "64Mi")]
     pub sidecar_memory_limit: String,
-    /// `agent`: the sidecar asks the node agent (multus-eni-agent DaemonSet) over its Unix
-    /// socket and gets no AWS settings; `direct`: the sidecar calls EC2 itself.
+    /// `agent`: the sidecar claims its addresses from the node agent (multus-eni-agent
+    /// DaemonSet) over its Unix socket (a hostPath volume) and gets no AWS settings; `gate`:
+    /// the sidecar only asks the agent over HTTP on the node's address (no volume); `direct`:
+    /// the sidecar calls EC2 itself. `/mutate/gate` injects `gate` unless this is `direct`.
     #[arg(
         long,
         env = "MULTUS_ENI_EC2_ACCESS",
@@ -92,6 +94,10 @@ pub struct SidecarArgs {
         default_value = "/run/multus-eni"
     )]
     pub agent_socket_dir: String,
+    /// The node agent's HTTP port on the node (its metrics address): the gate asks
+    /// `http://$(HOST_IP):<port>/v1/addresses`.
+    #[arg(long, env = "MULTUS_ENI_AGENT_PORT", default_value_t = 9812, value_parser = clap::value_parser!(u16).range(1..))]
+    pub agent_port: u16,
     /// How long the native sidecar's startup probe waits for the pod's addresses to become
     /// routable before the kubelet restarts the sidecar (its failureThreshold, at 1 s a probe).
     #[arg(long, env = "MULTUS_ENI_SIDECAR_STARTUP_TIMEOUT", default_value = "300s", value_parser = humantime::parse_duration)]
@@ -142,6 +148,7 @@ impl SidecarArgs {
             },
             ec2_access: self.ec2_access,
             agent_socket_dir: self.agent_socket_dir.clone(),
+            agent_port: self.agent_port,
             startup_timeout: self.sidecar_startup_timeout,
             direct: DirectSettings {
                 resync_interval: non_empty(&self.sidecar_resync_interval),
@@ -379,6 +386,7 @@ mod tests {
         let args = inject_args(&[
             "--ec2-access=direct",
             "--agent-socket-dir=/var/run/me",
+            "--agent-port=19812",
             "--sidecar-startup-timeout=15m",
             "--sidecar-resync-interval=10m",
             "--sidecar-shutdown-timeout=20s",
@@ -391,6 +399,7 @@ mod tests {
         let config = args.config().unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(config.ec2_access, Ec2Access::Direct);
         assert_eq!(config.agent_socket_dir, "/var/run/me");
+        assert_eq!(config.agent_port, 19812);
         assert_eq!(config.startup_timeout, std::time::Duration::from_secs(900));
         assert_eq!(
             config.direct,

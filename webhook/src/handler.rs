@@ -25,20 +25,27 @@ pub struct AppState {
     pub metrics: Arc<Metrics>,
 }
 
-/// The path of the second webhook entry, which always injects a sidecar that calls EC2 itself.
+/// The path for namespaces that chose direct mode explicitly (label
+/// `multus-eni.io/ec2-access=direct`): always a sidecar that calls EC2 itself.
 pub const DIRECT_PATH: &str = "/mutate/direct";
+/// The path for namespaces where no hostPath volume is allowed (Pod Security `baseline` or
+/// `restricted`, or the label `multus-eni.io/ec2-access=gate`): the HTTP startup gate, or
+/// direct mode when the webhook's `--ec2-access` is `direct` (no agent to ask).
+pub const GATE_PATH: &str = "/mutate/gate";
 
-/// The HTTPS router: `POST /mutate` (the configured `--ec2-access`) and `POST /mutate/direct`
-/// (always direct: for namespaces whose Pod Security level forbids the agent's hostPath volume),
-/// with the 3 MiB body limit.
+/// The HTTPS router: `POST /mutate` (the configured `--ec2-access`), `POST /mutate/gate` and
+/// `POST /mutate/direct`, with the 3 MiB body limit.
 pub fn build_router(state: AppState) -> Router {
-    let direct = AppState {
-        config: Arc::new(state.config.with_ec2_access(Ec2Access::Direct)),
+    let with_access = |access: Ec2Access| AppState {
+        config: Arc::new(state.config.with_ec2_access(access)),
         metrics: state.metrics.clone(),
     };
+    let direct = with_access(Ec2Access::Direct);
+    let gate = with_access(state.config.ec2_access.without_host_path());
     Router::new()
         .route("/mutate", post(mutate).with_state(state))
         .route(DIRECT_PATH, post(mutate).with_state(direct))
+        .route(GATE_PATH, post(mutate).with_state(gate))
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
 }
 
@@ -76,6 +83,8 @@ async fn mutate(State(state): State<AppState>, body: Result<Bytes, BytesRejectio
                     namespace = %outcome.namespace,
                     pod = %outcome.pod,
                     interfaces = %injection.interfaces.join(","),
+                    ec2_access = state.config.ec2_access.as_str(),
+                    ignored_overrides = injection.warnings.len(),
                     micros = took.as_micros() as u64,
                     "sidecar injected"
                 ),

@@ -36,14 +36,25 @@ pub const AGENT_SOCKET_VOLUME: &str = "multus-eni-agent-socket";
 pub const AGENT_SOCKET_FILE: &str = "agent.sock";
 /// Period of the native sidecar's startup probe; `--sidecar-startup-timeout` is counted in it.
 pub const STARTUP_PROBE_PERIOD_SECONDS: u64 = 1;
+/// Pod annotation overriding `--sidecar-probe-port` for one pod (an application that already
+/// listens on 9811).
+pub const PROBE_PORT_ANNOTATION: &str = "multus-eni.io/probe-port";
+/// Pod annotation overriding `--sidecar-startup-timeout` for one pod (humantime, e.g. `10m`).
+pub const STARTUP_TIMEOUT_ANNOTATION: &str = "multus-eni.io/startup-timeout";
+/// Longest startup timeout a pod may ask for: a day of probes is already far past any rollout.
+pub const MAX_STARTUP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
 
-/// Who calls EC2 for the pod's addresses.
+/// Who calls EC2 for the pod's addresses, and how the sidecar learns they are routable.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Ec2Access {
     /// The node agent (`multus-eni-agent` DaemonSet) over its Unix socket: the sidecar needs no
     /// AWS credentials and the agent batches the node's calls.
     Agent,
+    /// The node agent makes the calls (it watches every pod namespace of its node); the
+    /// sidecar only asks it over HTTP on the node's address whether the pod's addresses are
+    /// routable: no volume, no credentials, valid under Pod Security `restricted`.
+    Gate,
     /// The sidecar calls EC2 itself with credentials from the SDK chain.
     Direct,
 }
@@ -53,6 +64,7 @@ impl Ec2Access {
     pub fn as_str(self) -> &'static str {
         match self {
             Ec2Access::Agent => "agent",
+            Ec2Access::Gate => "gate",
             Ec2Access::Direct => "direct",
         }
     }
@@ -60,8 +72,17 @@ impl Ec2Access {
     /// The binary the injected sidecar runs (both are in the `--sidecar-image`).
     pub fn sidecar_command(self) -> &'static str {
         match self {
-            Ec2Access::Agent => SIDECAR_AGENT_MODE_COMMAND,
+            Ec2Access::Agent | Ec2Access::Gate => SIDECAR_AGENT_MODE_COMMAND,
             Ec2Access::Direct => SIDECAR_COMMAND,
+        }
+    }
+
+    /// What to inject where no hostPath volume is allowed (`/mutate/gate`): the gate, or the
+    /// configured direct mode when the cluster runs without the agent (nobody to ask).
+    pub fn without_host_path(self) -> Self {
+        match self {
+            Ec2Access::Agent | Ec2Access::Gate => Ec2Access::Gate,
+            Ec2Access::Direct => Ec2Access::Direct,
         }
     }
 }
@@ -128,6 +149,8 @@ pub struct Config {
     pub ec2_access: Ec2Access,
     /// Host directory of the node agent's socket, mounted read-only into the sidecar (agent mode).
     pub agent_socket_dir: String,
+    /// The node agent's plain-HTTP port on the node (its `--metrics-addr`), which the gate asks.
+    pub agent_port: u16,
     /// How long the native sidecar's startup probe waits for the addresses to be routable
     /// before the kubelet restarts it (sets the probe's `failureThreshold`).
     pub startup_timeout: std::time::Duration,
@@ -166,12 +189,14 @@ impl Config {
             resources: SidecarResources::default(),
             ec2_access: Ec2Access::Agent,
             agent_socket_dir: "/run/multus-eni".into(),
+            agent_port: 9812,
             startup_timeout: std::time::Duration::from_secs(300),
             direct: DirectSettings::default(),
         }
     }
 
-    /// The same configuration with another EC2 access (the `/mutate/direct` path).
+    /// The same configuration with another EC2 access (the `/mutate/direct` and
+    /// `/mutate/gate` paths).
     pub fn with_ec2_access(&self, ec2_access: Ec2Access) -> Self {
         Config {
             ec2_access,
@@ -256,6 +281,8 @@ pub struct Injection {
     pub patch: Patch,
     /// Interfaces the sidecar is told to manage, in annotation order.
     pub interfaces: Vec<String>,
+    /// Admission warnings (`kubectl` prints them): per-pod overrides that were ignored.
+    pub warnings: Vec<String>,
 }
 
 /// The outcome for one pod.
@@ -338,8 +365,49 @@ pub fn mutate_pod(config: &Config, pod: &Value) -> Decision {
         });
     }
     let interfaces: Vec<String> = selections.into_iter().map(|s| s.interface).collect();
-    let patch = build_patch(config, pod, spec, annotations, &interfaces);
-    Decision::Inject(Injection { patch, interfaces })
+    let (config, warnings) = with_pod_overrides(config, annotations);
+    let patch = build_patch(&config, pod, spec, annotations, &interfaces);
+    Decision::Inject(Injection {
+        patch,
+        interfaces,
+        warnings,
+    })
+}
+
+/// The configuration for one pod: the webhook's, with the probe port and startup timeout its
+/// annotations ask for. A value that cannot work is ignored with a warning naming it, and the
+/// pod is injected with the webhook's value: an override never blocks a pod.
+pub fn with_pod_overrides(
+    config: &Config,
+    annotations: Option<&Map<String, Value>>,
+) -> (Config, Vec<String>) {
+    let mut config = config.clone();
+    let mut warnings = Vec::new();
+    let annotation = |key: &str| annotations.and_then(|a| a.get(key));
+    if let Some(value) = annotation(PROBE_PORT_ANNOTATION) {
+        match value.as_str().map(str::trim).map(str::parse::<u16>) {
+            Some(Ok(port)) if port > 0 => config.probe_port = port,
+            _ => warnings.push(format!(
+                "multus-eni: annotation {PROBE_PORT_ANNOTATION}={value} ignored (want a port \
+                 1-65535 as a string); the sidecar's probe uses port {}",
+                config.probe_port
+            )),
+        }
+    }
+    if let Some(value) = annotation(STARTUP_TIMEOUT_ANNOTATION) {
+        match value.as_str().map(|v| humantime::parse_duration(v.trim())) {
+            Some(Ok(timeout)) if !timeout.is_zero() && timeout <= MAX_STARTUP_TIMEOUT => {
+                config.startup_timeout = timeout;
+            }
+            _ => warnings.push(format!(
+                "multus-eni: annotation {STARTUP_TIMEOUT_ANNOTATION}={value} ignored (want a \
+                 duration like \"10m\", above zero and at most 24h); the sidecar's startup \
+                 timeout is {}",
+                humantime::format_duration(config.startup_timeout)
+            )),
+        }
+    }
+    (config, warnings)
 }
 
 /// Where an already injected sidecar sits.
@@ -423,6 +491,7 @@ fn build_patch(
     }
     let volume = match config.ec2_access {
         Ec2Access::Agent => Some(agent_socket_volume(config)),
+        Ec2Access::Gate => None,
         Ec2Access::Direct => config.sidecar_role_arn.as_ref().map(|_| aws_token_volume()),
     };
     if let Some(volume) = volume {
@@ -498,14 +567,25 @@ pub fn sidecar_container(config: &Config, interfaces: &[String], qos: QosClass) 
         field_env("POD_NAME", "metadata.name"),
         field_env("POD_NAMESPACE", "metadata.namespace"),
         field_env("NODE_NAME", "spec.nodeName"),
+        // The probe listens on the pod IP only (the kubelet probes it there), not on the
+        // Multus interfaces' addresses.
+        field_env("POD_IP", "status.podIP"),
     ];
     let mut args = vec![
         "run".to_owned(),
         format!("--interfaces={}", interfaces.join(",")),
-        format!("--probe-addr=0.0.0.0:{port}"),
+        format!("--probe-addr=$(POD_IP):{port}"),
     ];
     let mut mounts = Vec::new();
     match config.ec2_access {
+        Ec2Access::Gate => {
+            // No volume, no AWS settings: the agent's read-only answer on the node's address.
+            env.push(field_env("HOST_IP", "status.hostIP"));
+            args.push(format!(
+                "--agent-url=http://$(HOST_IP):{}",
+                config.agent_port
+            ));
+        }
         Ec2Access::Agent => {
             // No AWS settings at all: the agent holds the credentials.
             args.push(format!("--agent-socket={}", agent_socket_path(config)));
@@ -869,7 +949,7 @@ mod tests {
             json!([
                 "run",
                 "--interfaces=net1",
-                "--probe-addr=0.0.0.0:9811",
+                "--probe-addr=$(POD_IP):9811",
                 "--agent-socket=/run/multus-eni/agent.sock"
             ])
         );
@@ -879,7 +959,7 @@ mod tests {
         );
         assert_eq!(
             env_names(sidecar),
-            ["POD_NAME", "POD_NAMESPACE", "NODE_NAME"]
+            ["POD_NAME", "POD_NAMESPACE", "NODE_NAME", "POD_IP"]
         );
         assert_eq!(
             out["spec"]["volumes"],
@@ -897,6 +977,109 @@ mod tests {
         )
         .unwrap_or_default();
         assert_eq!(status["ec2Access"], "agent");
+    }
+
+    #[test]
+    fn the_gate_asks_the_node_over_http_with_no_volume_and_no_aws_settings() {
+        let mut c = config().with_ec2_access(Ec2Access::Gate);
+        c.aws_region = Some("eu-west-1".into());
+        c.sidecar_role_arn = Some("arn:aws:iam::123456789012:role/multus-eni".into());
+        c.agent_port = 19812;
+        let mut spec = app_spec();
+        spec["volumes"] = json!([{ "name": "data", "emptyDir": {} }]);
+        let p = pod(json!({ NETWORKS_ANNOTATION: "a" }), spec);
+        let out = apply(&p, &mutate_pod(&c, &p));
+        let sidecar = &out["spec"]["initContainers"][0];
+        assert_eq!(
+            sidecar["command"],
+            json!(["/usr/local/bin/multus-eni-sidecar-agent-mode"])
+        );
+        assert_eq!(
+            sidecar["args"],
+            json!([
+                "run",
+                "--interfaces=net1",
+                "--probe-addr=$(POD_IP):9811",
+                "--agent-url=http://$(HOST_IP):19812"
+            ])
+        );
+        assert_eq!(
+            env_names(sidecar),
+            [
+                "POD_NAME",
+                "POD_NAMESPACE",
+                "NODE_NAME",
+                "POD_IP",
+                "HOST_IP"
+            ]
+        );
+        assert_eq!(
+            sidecar["env"][4]["valueFrom"]["fieldRef"]["fieldPath"],
+            "status.hostIP"
+        );
+        assert!(sidecar.get("volumeMounts").is_none());
+        // The pod's volumes are untouched: nothing of the node is mounted.
+        assert_eq!(out["spec"]["volumes"], p["spec"]["volumes"]);
+        assert_eq!(out["spec"]["containers"], p["spec"]["containers"]);
+    }
+
+    #[test]
+    fn only_a_direct_install_injects_direct_where_host_path_is_forbidden() {
+        assert_eq!(Ec2Access::Agent.without_host_path(), Ec2Access::Gate);
+        assert_eq!(Ec2Access::Gate.without_host_path(), Ec2Access::Gate);
+        assert_eq!(Ec2Access::Direct.without_host_path(), Ec2Access::Direct);
+    }
+
+    #[test]
+    fn pod_annotations_override_the_probe_port_and_startup_timeout() {
+        let p = pod(
+            json!({ NETWORKS_ANNOTATION: "a", PROBE_PORT_ANNOTATION: "9911", STARTUP_TIMEOUT_ANNOTATION: "15m" }),
+            app_spec(),
+        );
+        let Decision::Inject(injection) = mutate_pod(&config(), &p) else {
+            panic!("expected an injection");
+        };
+        assert!(injection.warnings.is_empty(), "{:?}", injection.warnings);
+        let out = apply(&p, &Decision::Inject(injection));
+        let sidecar = &out["spec"]["initContainers"][0];
+        assert_eq!(sidecar["args"][2], "--probe-addr=$(POD_IP):9911");
+        assert_eq!(sidecar["startupProbe"]["httpGet"]["port"], 9911);
+        assert_eq!(sidecar["livenessProbe"]["httpGet"]["port"], 9911);
+        assert_eq!(sidecar["startupProbe"]["failureThreshold"], 900);
+    }
+
+    #[test]
+    fn invalid_overrides_are_ignored_with_a_warning_and_the_pod_injected() {
+        for (key, value) in [
+            (PROBE_PORT_ANNOTATION, json!("0")),
+            (PROBE_PORT_ANNOTATION, json!("65536")),
+            (PROBE_PORT_ANNOTATION, json!("http")),
+            (PROBE_PORT_ANNOTATION, json!(9911)),
+            (STARTUP_TIMEOUT_ANNOTATION, json!("soon")),
+            (STARTUP_TIMEOUT_ANNOTATION, json!("0s")),
+            (STARTUP_TIMEOUT_ANNOTATION, json!("2d")),
+        ] {
+            let p = pod(json!({ NETWORKS_ANNOTATION: "a", key: value }), app_spec());
+            let Decision::Inject(injection) = mutate_pod(&config(), &p) else {
+                panic!("{key}={value}: an override must never block a pod");
+            };
+            assert_eq!(injection.warnings.len(), 1, "{key}={value}");
+            assert!(
+                injection.warnings[0].contains(key),
+                "{}",
+                injection.warnings[0]
+            );
+            let out = apply(&p, &Decision::Inject(injection));
+            let sidecar = &out["spec"]["initContainers"][0];
+            assert_eq!(
+                sidecar["startupProbe"]["httpGet"]["port"], 9811,
+                "{key}={value}"
+            );
+            assert_eq!(
+                sidecar["startupProbe"]["failureThreshold"], 300,
+                "{key}={value}"
+            );
+        }
     }
 
     #[test]
@@ -933,7 +1116,7 @@ mod tests {
             json!([
                 "run",
                 "--interfaces=net1",
-                "--probe-addr=0.0.0.0:9811",
+                "--probe-addr=$(POD_IP):9811",
                 "--resync-interval=10m",
                 "--shutdown-timeout=20s",
                 "--release-on-exit=false"
@@ -941,15 +1124,15 @@ mod tests {
         );
         let env = &container["env"];
         assert_eq!(
-            env[3],
+            env[4],
             json!({ "name": "AWS_ENDPOINT_URL_EC2", "value": "https://vpce-1.ec2.eu-west-1.vpce.amazonaws.com" })
         );
         assert_eq!(
-            env[4],
+            env[5],
             json!({ "name": "HTTPS_PROXY", "value": "http://proxy.internal:3128" })
         );
         assert_eq!(
-            env[5],
+            env[6],
             json!({ "name": "NO_PROXY", "value": "169.254.169.254" })
         );
         assert!(container.get("volumeMounts").is_none());
@@ -957,7 +1140,7 @@ mod tests {
         c.direct = DirectSettings::default();
         let container = sidecar_container(&c, &["net1".into()], QosClass::Burstable);
         assert_eq!(container["args"].as_array().map(Vec::len), Some(3));
-        assert_eq!(env_names(&container).len(), 3);
+        assert_eq!(env_names(&container).len(), 4);
     }
 
     #[test]

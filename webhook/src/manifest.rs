@@ -93,7 +93,12 @@ pub fn inject_stream(config: &Config, input: &str) -> Result<InjectReport> {
         }
         for (name, decision) in decisions {
             match decision {
-                Some(Decision::Inject(_)) => report.injected += 1,
+                Some(Decision::Inject(injection)) => {
+                    report.injected += 1;
+                    for w in &injection.warnings {
+                        report.warnings.push(format!("{name}: {w}"));
+                    }
+                }
                 Some(Decision::Skip(reason)) => {
                     if let Some(w) = reason.warning() {
                         report.warnings.push(format!("{name}: {w}"));

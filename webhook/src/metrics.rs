@@ -43,6 +43,17 @@ pub struct HandshakeLabels {
     pub reason: &'static str,
 }
 
+/// Labels of `multus_eni_build_info`, the same metric the node agent exports: which
+/// component runs which version, to see a half-finished upgrade in one query.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BuildInfoLabels {
+    pub component: &'static str,
+    pub version: &'static str,
+}
+
+/// This crate's version, as `multus_eni_build_info` reports it.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+
 /// Labels of the certificate reload counter.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReloadLabels {
@@ -75,7 +86,21 @@ impl Default for Metrics {
 impl Metrics {
     /// Registers every metric; all admission label pairs start at zero so dashboards see them.
     pub fn new() -> Self {
-        let mut registry = Registry::with_prefix("multus_eni_webhook");
+        // `multus_eni_build_info` has no component prefix; everything else is the webhook's.
+        let mut root = Registry::default();
+        let build_info = Family::<BuildInfoLabels, Gauge>::default();
+        build_info
+            .get_or_create(&BuildInfoLabels {
+                component: "webhook",
+                version: VERSION,
+            })
+            .set(1);
+        root.register(
+            "multus_eni_build_info",
+            "The running version of each multus-eni component (always 1)",
+            build_info,
+        );
+        let registry = root.sub_registry_with_prefix("multus_eni_webhook");
         let admissions = Family::<AdmissionLabels, Counter>::default();
         registry.register(
             "admissions",
@@ -132,7 +157,7 @@ impl Metrics {
             });
         }
         Metrics {
-            registry,
+            registry: root,
             admissions,
             admission_duration,
             cert_reloads,
@@ -235,6 +260,19 @@ mod tests {
             r#"multus_eni_webhook_admissions_total{outcome="skipped",reason="opted_out"} 0"#
         ));
         assert!(text.contains("multus_eni_webhook_admission_duration_seconds_count 2"));
+    }
+
+    #[test]
+    fn build_info_names_the_component_and_version_without_a_prefix() {
+        let text = Metrics::new().encode().unwrap_or_default();
+        let line = format!(r#"multus_eni_build_info{{component="webhook",version="{VERSION}"}} 1"#);
+        assert!(
+            text.lines().any(|l| l == line),
+            "{line} missing from:\n{text}"
+        );
+        assert!(!text.contains("multus_eni_webhook_multus_eni_build_info"));
+        // The webhook's own metrics keep their prefix.
+        assert!(text.contains("multus_eni_webhook_admissions_total"));
     }
 
     #[test]

@@ -90,6 +90,13 @@ fn every_fixture_matches_its_golden_patch() -> TestResult {
         &common::data_dir().join("free5gc-upf.direct-settings.patch.json"),
         &actual,
     )?);
+    // The HTTP startup gate (`/mutate/gate`): no volume, the node's address from the downward API.
+    let gate = golden_config().with_ec2_access(Ec2Access::Gate);
+    let actual = golden_value(&gate, &upf)?;
+    stale.extend(check(
+        &common::data_dir().join("free5gc-upf.gate.patch.json"),
+        &actual,
+    )?);
     assert!(
         stale.is_empty(),
         "{}\nrun UPDATE_GOLDEN=1 cargo test -p multus-eni-webhook --test golden and review",

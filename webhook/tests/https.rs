@@ -59,7 +59,7 @@ async fn create_is_patched_reinvocation_and_update_are_not() -> TestResult {
         json!([
             "run",
             "--interfaces=n2,n3",
-            "--probe-addr=0.0.0.0:9811",
+            "--probe-addr=$(POD_IP):9811",
             "--agent-socket=/run/multus-eni/agent.sock"
         ])
     );
