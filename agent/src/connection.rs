@@ -8,8 +8,8 @@
 use std::fs::File;
 
 use futures::StreamExt;
-use tokio::io::AsyncWriteExt;
 use multus_eni_proto::{Answer, InterfaceClaim, Request, answer_version, decode, encode};
+use tokio::io::AsyncWriteExt;
 use tokio::net::UnixStream;
 use tokio::sync::{OwnedSemaphorePermit, mpsc, oneshot};
 use tokio_util::codec::{FramedRead, LinesCodec, LinesCodecError};
