@@ -459,3 +459,87 @@ def test_the_previous_release_sidecar_becomes_ready_against_this_agent(cluster, 
     assert cluster.holds(e.multus, v4, v6)
     assert [x["state"] for x in a.agent.status_of(v4)] == ["routable"]
     assert s.argv[0] == str(previous_sidecar_agent_mode_binary)
+
+
+# === the node's view and EC2's answers decide readiness ===
+
+
+def test_a_missing_netns_dir_is_an_unknown_node_not_an_empty_one(cluster):
+    """The agent starts while --netns-dir is missing: not ready, over several resyncs. The
+    directory appears: ready, the pod is managed. It is moved away (unreadable): not ready
+    again and nothing is released or reclaimed (--reclaim-after is 4 s); it comes back: ready."""
+    a = cluster.node(start=False)
+    e, w = a.enis, cluster.world
+    address = w.v4(110)
+    netns_dir = a.agent.netns_dir
+    parked = netns_dir.with_name("netns-away")
+    p = a.pod()
+    p.link("net1", e.multus.mac, address)
+    netns_dir.rename(parked)
+    a.agent.start()
+    cluster.resyncs(a)
+    assert a.agent.http("/readyz")[0] == 503, "ready without its pods' namespaces"
+    assert not cluster.calls(ASSIGNS + UNASSIGNS)
+    parked.rename(netns_dir)
+    wait_for(lambda: a.agent.http("/readyz")[0] == 200, "ready once the directory exists")
+    wait_for(lambda: cluster.holds(e.multus, address), "the pod's address assigned")
+    netns_dir.rename(parked)
+    wait_for(lambda: a.agent.http("/readyz")[0] == 503, "not ready while the directory is gone")
+    cluster.resyncs(a, 4)
+    assert cluster.holds(e.multus, address), "released while the node's pods were unknown"
+    assert not cluster.calls(UNASSIGNS, address)
+    assert a.agent.metric("multus_eni_agent_reclaims_total") == 0
+    parked.rename(netns_dir)
+    wait_for(lambda: a.agent.http("/readyz")[0] == 200, "ready again")
+    assert cluster.holds(e.multus, address)
+
+
+def test_credential_errors_make_the_agent_not_ready_until_ec2_accepts_it(cluster):
+    """EC2 answers UnauthorizedOperation (no IAM policy on the node role): the agent is not
+    ready, says so in a gauge and in `status`, and backs off to tens of seconds, not a call per
+    resync; once EC2 accepts it again it becomes ready without a restart."""
+    from lib.fault_proxy import UNAUTHORIZED
+
+    a = cluster.node(start=False)
+    cluster.proxy.inject(UNAUTHORIZED, 1000, DESCRIBE)
+    a.agent.start()
+    wait_for(lambda: a.agent.metric("multus_eni_agent_ec2_auth_failing") == 1, "the credentials gauge")
+    assert a.agent.http("/readyz")[0] == 503
+    status = a.agent.status()
+    assert "UnauthorizedOperation" in (status.get("last_ec2_error") or ""), status
+    # --resync-interval is 2 s: a call per resync would be ~5 in 10 s; the backoff allows 1.
+    seen = cluster.proxy.calls(DESCRIBE)
+    time.sleep(10)
+    assert cluster.proxy.calls(DESCRIBE) - seen <= 1, "credential errors are retried at the resync pace"
+    cluster.proxy.reset()
+    wait_for(lambda: a.agent.http("/readyz")[0] == 200, "ready once EC2 accepts the agent", timeout=120)
+    assert a.agent.metric("multus_eni_agent_ec2_auth_failing") == 0
+
+
+def test_the_status_command_prints_the_nodes_table(cluster):
+    """`multus-eni-agent status` (what an operator runs with kubectl exec) prints each pod
+    address with its ENI and state, as table and as JSON."""
+    import json
+    import subprocess
+
+    a = cluster.node()
+    e, w = a.enis, cluster.world
+    routable, refused = w.v4(120), e.vpc_cni_v4
+    p = a.pod()
+    p.link("net1", e.multus.mac, routable, refused)
+    wait_for(lambda: cluster.holds(e.multus, routable), "the pod's address assigned")
+    wait_for(lambda: [s["state"] for s in a.agent.status_of(routable)] == ["routable"], "the table says routable")
+
+    def run_status(*args: str) -> str:
+        argv = [str(a.agent.binary), "status", f"--addr=127.0.0.1:{a.agent.metrics_port}", *args]
+        out = subprocess.run(a.agent.ns.exec_argv(argv), capture_output=True, text=True, timeout=30)
+        assert out.returncode == 0, out.stderr
+        return out.stdout
+
+    table = run_status().splitlines()
+    assert table[0].startswith(f"instance {e.instance_id}  ready true"), table[0]
+    rows = {line.split()[2]: line.split() for line in table[2:]}
+    assert rows[routable][3:5] == [e.multus.id, "routable"], rows
+    assert rows[refused][4] == "refused" and e.vpc_cni.id in " ".join(rows[refused]), rows
+    as_json = json.loads(run_status("--output=json"))
+    assert {r["address"]: r["state"] for r in as_json["addresses"]} == {routable: "routable", refused: "refused"}

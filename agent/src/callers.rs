@@ -378,3 +378,82 @@ mod tests {
         );
     }
 }
+
+#[cfg(test)]
+mod answer_tests {
+    use super::*;
+    use crate::plan::{InstanceEnis, PodNetns, Wanted};
+    use crate::watch::Seen;
+    use multus_eni_proto::InterfaceClaim;
+    use tokio::sync::oneshot;
+
+    #[test]
+    fn a_caller_that_does_not_read_its_answers_is_disconnected() {
+        let metrics = Arc::new(Metrics::new());
+        let mut callers = Callers::new(metrics.clone(), 8);
+        let id = NetnsId { dev: 4, ino: 1 };
+        let mut view = View::default();
+        view.apply(Seen::Pod(PodNetns {
+            name: "cni-1".into(),
+            id,
+            interfaces: Vec::new(),
+            read_at: Instant::now(),
+        }));
+        view.apply(Seen::DirRead { entries: 1 });
+        // Room for one answer, never read.
+        let (answers, _unread) = mpsc::channel(1);
+        let (close, mut closed) = oneshot::channel();
+        callers.connect(
+            1,
+            Peer {
+                netns: id,
+                pid: 7,
+                answers,
+                close,
+            },
+            &view,
+        );
+        let (enis, foreign) = (InstanceEnis::new(), BTreeMap::new());
+        let (wanted, rejected, conflicts) = (
+            Wanted::default(),
+            crate::retry::RetryBook::default(),
+            crate::conflict::Conflicts::default(),
+        );
+        let k = Knowledge {
+            instance_id: "i-1",
+            enis: &enis,
+            foreign: &foreign,
+            wanted: &wanted,
+            rejected: &rejected,
+            conflicts: &conflicts,
+            now: Instant::now(),
+        };
+        for seq in 1..=2 {
+            let hint = ClaimHint {
+                v: 2,
+                seq,
+                pod: None,
+                interfaces: vec![InterfaceClaim {
+                    name: "net1".into(),
+                    mac: "0e:00:00:00:00:01".into(),
+                    addresses: vec![IpAddr::from([10, 0, 1, seq as u8])],
+                }],
+            };
+            callers.claim(1, hint);
+            callers.answer(&view, &k);
+        }
+        assert_eq!(callers.netns_of(1), None, "still connected");
+        assert!(
+            closed
+                .try_recv()
+                .is_err_and(|e| e == oneshot::error::TryRecvError::Closed)
+        );
+        let hits = metrics
+            .limit_hits
+            .get_or_create(&LimitLabels {
+                limit: "queued_answers",
+            })
+            .get();
+        assert_eq!(hits, 1);
+    }
+}

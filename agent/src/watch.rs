@@ -137,7 +137,13 @@ impl DirWatcher {
             }
             tokio::select! {
                 event = next_event(&mut inotify) => match event {
-                    Some(Ok(event)) => self.on_event(event.mask, event.name),
+                    Some(Ok(event)) => {
+                        if self.on_event(event.mask, event.name) {
+                            // The watched directory itself is gone: watch it anew at the next
+                            // resync (it may be created again).
+                            inotify = None;
+                        }
+                    }
                     Some(Err(e)) => {
                         (self.seen)(Seen::DirFailed { error: format!("inotify on {}: {e}", self.dir.display()) });
                         inotify = None;
@@ -165,19 +171,20 @@ impl DirWatcher {
         }
     }
 
-    fn on_event(&mut self, mask: EventMask, name: Option<OsString>) {
+    /// Applies one inotify event; returns true when the directory itself is gone.
+    fn on_event(&mut self, mask: EventMask, name: Option<OsString>) -> bool {
         if mask.contains(EventMask::Q_OVERFLOW) {
             self.rescan();
-            return;
+            return false;
         }
         if mask.intersects(EventMask::DELETE_SELF | EventMask::MOVE_SELF | EventMask::IGNORED) {
             (self.seen)(Seen::DirFailed {
                 error: format!("{} was removed or moved", self.dir.display()),
             });
-            return;
+            return true;
         }
         let Some(name) = name.and_then(|n| n.into_string().ok()) else {
-            return;
+            return false;
         };
         if mask.intersects(EventMask::DELETE | EventMask::MOVED_FROM) {
             if self.pods.remove(&name).is_some() {
@@ -186,6 +193,7 @@ impl DirWatcher {
         } else if mask.intersects(EventMask::CREATE | EventMask::MOVED_TO) {
             self.start_pod(name);
         }
+        false
     }
 
     /// Reads the directory: starts a watch for each new entry (or one whose watch ended),

@@ -50,10 +50,12 @@ from .netns import NetNS
 
 THROTTLE = "throttle"
 SERVER_ERROR = "5xx"
+UNAUTHORIZED = "unauthorized"
 
 _ERRORS = {
     THROTTLE: (503, "Service Unavailable", "RequestLimitExceeded", "Request limit exceeded."),
     SERVER_ERROR: (500, "Internal Server Error", "InternalError", "An internal error has occurred."),
+    UNAUTHORIZED: (403, "Forbidden", "UnauthorizedOperation", "You are not authorized to perform this operation."),
 }
 NOT_ASSIGNED = "InvalidParameterValue"
 IN_USE = "PrivateIpAddressInUse"
