@@ -1400,6 +1400,54 @@ def test_direct_mode_overlay_in_docs_renders(tmp_path):
     assert not all_of(docs, "DaemonSet")
 
 
+def docs_overlay(tmp_path: Path, title: str) -> list[dict]:
+    """Render the overlay docs/install.md shows under `# my-multus-eni/kustomization.yaml, TITLE`
+    with its paths pointed at this checkout."""
+    text = (REPO / "docs" / "install.md").read_text()
+    blocks = re.findall(rf"```yaml\n# my-multus-eni/kustomization.yaml, {re.escape(title)}\n(.*?)```", text, re.S)
+    assert len(blocks) == 1, f"docs/install.md lost its {title!r} example"
+    overlay = yaml.safe_load(blocks[0])
+    prefix = "../multus-eni/manifests"
+    overlay["resources"] = [os.path.relpath(MANIFESTS / r.removeprefix(prefix).lstrip("/"), tmp_path) for r in overlay["resources"]]
+    overlay["components"] = [
+        os.path.relpath(MANIFESTS / c.removeprefix(prefix).lstrip("/"), tmp_path) for c in overlay.get("components", [])
+    ]
+    (tmp_path / "kustomization.yaml").write_text(yaml.safe_dump(overlay))
+    return render(tmp_path)
+
+
+def test_no_cert_manager_overlay_in_docs_has_no_cert_manager_kinds(tmp_path):
+    """What certs/generate.sh --overlay applies must not need cert-manager's CRDs."""
+    docs = docs_overlay(tmp_path, "without cert-manager")
+    assert not [d for d in docs if d["apiVersion"].startswith("cert-manager.io/")]
+    assert "cert-manager.io/inject-ca-from" not in only(docs, "MutatingWebhookConfiguration")["metadata"].get("annotations", {})
+    assert only(docs, "Deployment", SERVICE) and only(docs, "DaemonSet", AGENT)
+
+
+def test_node_groups_overlay_in_docs_renders(tmp_path):
+    docs = docs_overlay(tmp_path, "the agent on labelled nodes only")
+    spec = only(docs, "DaemonSet", AGENT)["spec"]["template"]["spec"]
+    assert not node_affinity_matches(spec, EC2_LINUX_AMD64)
+    assert node_affinity_matches(spec, EC2_LINUX_AMD64 | dict([MULTUS_NODE_LABEL]))
+    # the cert-manager install underneath
+    assert all_of(docs, "Certificate")
+
+
+def test_host_network_overlay_in_docs_is_admitted_by_its_namespace(tmp_path):
+    """The troubleshooting advice for overlay CNIs: hostNetwork on the webhook is only admitted
+    by Pod Security `privileged`, so the overlay relabels the namespace too; the container stays
+    non-root without capabilities."""
+    docs = docs_overlay(tmp_path, "webhook on the host network")
+    ns = only(docs, "Namespace", NAMESPACE)["metadata"]["labels"]
+    spec = only(docs, "Deployment", SERVICE)["spec"]["template"]["spec"]
+    assert spec["hostNetwork"] is True and spec["dnsPolicy"] == "Default"
+    assert ns["pod-security.kubernetes.io/enforce"] == "privileged"
+    sc = webhook_container(docs)["securityContext"]
+    assert sc["capabilities"] == {"drop": ["ALL"]} and spec["securityContext"]["runAsNonRoot"] is True
+    for version in kubernetes_versions():
+        kubernetes_validate.validate(only(docs, "Deployment", SERVICE), version, strict=True)
+
+
 def test_images_expose_the_ports_the_manifests_use(rendered):
     stages = dockerfile_stages()
     exposed = {
