@@ -26,6 +26,8 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 # The sidecar library without direct mode (what multus-eni-sidecar-agent-mode is built from on
 # its own): the workspace run above always has `direct` unified in.
 cargo clippy -p multus-eni-sidecar --no-default-features --all-targets --locked -- -D warnings
+echo "== previous release's agent-mode sidecar (version-skew e2e test; cached in target/prev-release)"
+scripts/build-previous-sidecar.sh
 echo "== cargo build (binaries for the end-to-end tests, both sidecars included)"
 cargo build --workspace --bins --locked
 echo "== cargo test"

@@ -43,6 +43,24 @@ def sidecar_agent_mode_binary(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return private_binary(sidecar.binary_path(sidecar.AGENT_MODE), tmp_path_factory, sidecar.AGENT_MODE)
 
 
+PREVIOUS_RELEASE = "db67960"  # the last main before issue 17's agent (protocol v1)
+
+
+@pytest.fixture(scope="session")
+def previous_sidecar_agent_mode_binary(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The previous release's `multus-eni-sidecar-agent-mode` (scripts/build-previous-sidecar.sh
+    builds it into target/prev-release/): pods injected before an agent upgrade run it. Missing:
+    a skip locally, a failure under CI=true (a version-skew test that never runs proves nothing)."""
+    base = Path(os.environ.get("MULTUS_ENI_PREV_BIN_DIR", sidecar.REPO / "target" / "prev-release"))
+    path = base / sidecar.AGENT_MODE
+    if not path.exists():
+        message = f"{path} missing: run scripts/build-previous-sidecar.sh (builds {PREVIOUS_RELEASE})"
+        if os.environ.get("CI") == "true":
+            pytest.fail(message)
+        pytest.skip(message)
+    return private_binary(path, tmp_path_factory, sidecar.AGENT_MODE)
+
+
 @pytest.fixture(scope="session")
 def agent_binary(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The node agent, as for the sidecar."""

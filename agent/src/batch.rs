@@ -66,6 +66,13 @@ impl Batches {
         }
     }
 
+    /// Drops a queued unassign (a pod holds the address again before the call went out).
+    pub fn cancel_unassign(&mut self, eni: &str, address: IpAddr) {
+        if let Some(p) = self.pending.get_mut(eni) {
+            p.unassign.remove(&address);
+        }
+    }
+
     /// Whether the call in flight for `eni` names `address`.
     pub fn is_flying(&self, eni: &str, address: IpAddr) -> bool {
         self.in_flight
@@ -244,6 +251,15 @@ mod tests {
         assert_eq!(changes[0].addresses().len(), 10);
         assert_eq!(changes[1].action(), "AssignIpv6Addresses");
         assert_eq!(b.queued(), 0);
+    }
+
+    #[test]
+    fn a_queued_unassign_can_be_cancelled() {
+        let mut b = Batches::default();
+        b.unassign("eni-1", ip("10.0.1.5"));
+        b.cancel_unassign("eni-1", ip("10.0.1.5"));
+        assert_eq!(b.queued(), 0);
+        assert!(b.take_ready(Instant::now()).is_empty());
     }
 
     #[test]

@@ -1,6 +1,7 @@
-//! The agent's record on the node (`--state-dir`): which ENIs are this node's Multus ENIs
-//! (by MAC) and what it assigned, so that a restarted agent reads those ENIs again and
-//! reclaims what was orphaned while it was down.
+//! The agent's record on the node (`--state-dir`): what it assigned on which of its instance's
+//! Multus ENIs, so that a restarted agent knows which missing addresses were taken from it (a
+//! conflict) rather than never assigned. It is a memory, never a source of truth: the ENIs
+//! come from EC2 (attached to this instance) and what is wanted from the pods' namespaces.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io;
@@ -16,7 +17,7 @@ pub const FORMAT: u32 = 1;
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Checkpoint {
     pub version: u32,
-    /// ENI id by MAC (`0e:..`), for every MAC a pod of this node has claimed.
+    /// ENI id by MAC (`0e:..`): this instance's Multus ENIs at the last read (for humans).
     pub enis: BTreeMap<String, String>,
     /// Addresses this agent assigned and has not unassigned, by ENI id.
     pub assigned: BTreeMap<String, BTreeSet<IpAddr>>,
@@ -38,19 +39,25 @@ impl Checkpoint {
         }
     }
 
-    /// Writes the checkpoint atomically (temporary file, then rename).
+    /// Writes the checkpoint atomically and durably: a temporary file, synced, renamed over
+    /// the old one, and the directory synced, so a crash or power loss leaves either the old
+    /// or the new file, never an empty one.
     pub fn save(&self, path: &Path) -> io::Result<()> {
-        if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir)?;
-        }
+        use std::io::Write;
+
+        let dir = path.parent().unwrap_or(Path::new("."));
+        std::fs::create_dir_all(dir)?;
         let tmp = path.with_extension("json.tmp");
         let body = serde_json::to_vec_pretty(&Checkpoint {
             version: FORMAT,
             ..self.clone()
         })
         .map_err(io::Error::other)?;
-        std::fs::write(&tmp, body)?;
-        std::fs::rename(&tmp, path)
+        let mut file = std::fs::File::create(&tmp)?;
+        file.write_all(&body)?;
+        file.sync_all()?;
+        std::fs::rename(&tmp, path)?;
+        std::fs::File::open(dir)?.sync_all()
     }
 
     pub fn record_assigned(&mut self, eni: &str, addresses: impl IntoIterator<Item = IpAddr>) {

@@ -7,6 +7,7 @@ use std::time::Duration;
 use clap::{Parser, Subcommand, ValueEnum};
 use tracing_subscriber::EnvFilter;
 
+use crate::plan::Pods;
 use crate::{Error, Result};
 
 /// Node agent: assigns the node's pods' Multus addresses on its ENIs, batched per ENI.
@@ -19,8 +20,29 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Serve the sidecars of this node until SIGTERM.
+    /// Watch this node's pods and serve their sidecars until SIGTERM.
     Run(RunArgs),
+    /// Print a running agent's table of the node (run it in the agent's pod).
+    Status(StatusArgs),
+}
+
+/// Flags of `status`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct StatusArgs {
+    /// The agent's HTTP address (`--metrics-addr` of `run`).
+    #[arg(long, env = "MULTUS_ENI_STATUS_ADDR", default_value = "127.0.0.1:9812")]
+    pub addr: SocketAddr,
+
+    /// `table` for humans, `json` as `/status` serves it.
+    #[arg(long, value_enum, default_value_t = StatusOutput::Table)]
+    pub output: StatusOutput,
+}
+
+/// Output of `status`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum StatusOutput {
+    Table,
+    Json,
 }
 
 /// Flags of `run`.
@@ -38,10 +60,41 @@ pub struct RunArgs {
     #[arg(long, env = "MULTUS_ENI_METRICS_ADDR", default_value = "0.0.0.0:9812")]
     pub metrics_addr: SocketAddr,
 
-    /// Directory of the node's network namespaces: an address held in any of them is never
-    /// reclaimed.
+    /// Directory of the node's pod network namespaces, watched: what they hold on this
+    /// instance's Multus ENIs is assigned, what they let go of is released, and only callers in
+    /// one of them are served. Missing or unreadable: not ready, nothing released.
     #[arg(long, env = "MULTUS_ENI_NETNS_DIR", default_value = "/var/run/netns")]
     pub netns_dir: PathBuf,
+
+    /// This instance's id (`i-...`); by default read from IMDSv2. Only ENIs attached to it are
+    /// ever called on.
+    #[arg(long, env = "MULTUS_ENI_INSTANCE_ID")]
+    pub instance_id: Option<String>,
+
+    /// Which pods to manage: `all` (every pod namespace of the node, with or without a
+    /// sidecar) or `sidecar` (only pods whose sidecar connected).
+    #[arg(long, env = "MULTUS_ENI_PODS", value_enum, default_value_t = Pods::All)]
+    pub pods: Pods,
+
+    /// Longest request line on the socket; a longer one closes the connection.
+    #[arg(long, env = "MULTUS_ENI_MAX_LINE_BYTES", default_value_t = 65536)]
+    pub max_line_bytes: usize,
+
+    /// Most socket connections at once; more are closed at accept.
+    #[arg(long, env = "MULTUS_ENI_MAX_CONNECTIONS", default_value_t = 4096)]
+    pub max_connections: usize,
+
+    /// Most socket connections from one pod network namespace.
+    #[arg(long, env = "MULTUS_ENI_MAX_CONNECTIONS_PER_POD", default_value_t = 8)]
+    pub max_connections_per_pod: usize,
+
+    /// Most answers queued for a connection that does not read them; then it is closed.
+    #[arg(long, env = "MULTUS_ENI_MAX_QUEUED_ANSWERS", default_value_t = 64)]
+    pub max_queued_answers: usize,
+
+    /// Most network namespaces opened or read at once.
+    #[arg(long, env = "MULTUS_ENI_MAX_NETNS_READS", default_value_t = 8)]
+    pub max_netns_reads: usize,
 
     /// Where the agent checkpoints the node's ENIs and what it assigned.
     #[arg(
@@ -51,11 +104,13 @@ pub struct RunArgs {
     )]
     pub state_dir: PathBuf,
 
-    /// How long an address on the node's Multus ENIs must stay unheld before it is unassigned.
+    /// How long an address on the instance's Multus ENIs that no namespace of the node holds
+    /// (a leak from while the agent was down) waits before it is unassigned.
     #[arg(long, env = "MULTUS_ENI_RECLAIM_AFTER", default_value = "5m", value_parser = parse_duration)]
     pub reclaim_after: Duration,
 
-    /// Period of the re-read of the node's ENIs (one Describe) and of `--netns-dir`.
+    /// Period of the re-read of the instance's ENIs (one Describe) and of every namespace (a
+    /// safety net: changes are seen as events).
     #[arg(long, env = "MULTUS_ENI_RESYNC_INTERVAL", default_value = "60s", value_parser = parse_duration)]
     pub resync_interval: Duration,
 
@@ -91,6 +146,24 @@ impl Cli {
     /// their own).
     pub fn run(self) -> Result<()> {
         match self.command {
+            Command::Status(args) => {
+                let runtime = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .map_err(Error::Runtime)?;
+                let status = runtime
+                    .block_on(crate::status::fetch(args.addr))
+                    .map_err(Error::Status)?;
+                match args.output {
+                    StatusOutput::Table => print!("{}", status.table()),
+                    StatusOutput::Json => println!(
+                        "{}",
+                        serde_json::to_string_pretty(&status)
+                            .map_err(|e| Error::Status(e.to_string()))?
+                    ),
+                }
+                Ok(())
+            }
             Command::Run(args) => {
                 init_logging(args.log_format);
                 // Installed once: a second install is a harmless no-op error.
@@ -126,8 +199,10 @@ mod tests {
     use super::*;
 
     fn parse(args: &[&str]) -> std::result::Result<RunArgs, clap::Error> {
-        let Command::Run(a) = Cli::try_parse_from(args)?.command;
-        Ok(a)
+        match Cli::try_parse_from(args)?.command {
+            Command::Run(a) => Ok(a),
+            Command::Status(_) => panic!("not run"),
+        }
     }
 
     #[test]
@@ -140,6 +215,18 @@ mod tests {
         assert_eq!(a.reclaim_after, Duration::from_secs(300));
         assert_eq!(a.resync_interval, Duration::from_secs(60));
         assert_eq!(a.log_format, LogFormat::Json);
+        assert_eq!(a.pods, Pods::All);
+        assert_eq!(a.instance_id, None);
+        assert_eq!(
+            (
+                a.max_line_bytes,
+                a.max_connections,
+                a.max_connections_per_pod,
+                a.max_queued_answers,
+                a.max_netns_reads
+            ),
+            (65536, 4096, 8, 64, 8)
+        );
     }
 
     #[test]

@@ -1,22 +1,29 @@
-//! multus-eni node agent: the one owner of the EC2 calls of a node. Sidecars in agent mode
-//! tell it, over a Unix socket, which addresses their pod holds; it verifies that in the
-//! pod's own network namespace, assigns them on the node's ENIs in batches per ENI
-//! (group commit), unassigns them when the pod lets go or disappears, and reclaims leaks.
+//! multus-eni node agent: the one owner of the EC2 calls of a node. Its truth is what it can
+//! see on its own node and instance: every pod network namespace under `--netns-dir` (watched
+//! by inotify and one netlink socket per namespace) and the ENIs attached to its instance
+//! (read from EC2). An address a pod holds on an interface carrying the MAC of one of those
+//! ENIs that is a Multus one (`no_manage`) is assigned there, batched per ENI; it is
+//! unassigned when the pod lets go of it. Sidecars connect over a Unix socket to be told when
+//! their pod is routable: their claims are hints that make the agent look, never facts.
 //!
-//! Pure decisions: [`claims`], [`batch`], [`reclaim`], [`checkpoint`]. Edges: [`netns`]
-//! (setns + netlink), [`connection`] (socket), [`node`] (the task that calls EC2),
-//! [`server`] (wiring), [`metrics`].
+//! Pure decisions: [`plan`], [`batch`], [`reclaim`], [`conflict`], [`retry`], [`checkpoint`].
+//! Edges: [`watch`] (inotify, setns + netlink), [`connection`] (socket), [`node`] (the task
+//! that owns the state and calls EC2), [`status`] (the node's table over HTTP), [`server`]
+//! (wiring), [`metrics`].
 
 pub mod batch;
 pub mod checkpoint;
-pub mod claims;
 pub mod cli;
+pub mod conflict;
 pub mod connection;
 pub mod metrics;
-pub mod netns;
 pub mod node;
+pub mod plan;
 pub mod reclaim;
+pub mod retry;
 pub mod server;
+pub mod status;
+pub mod watch;
 
 /// Everything that stops the agent.
 #[derive(Debug, thiserror::Error)]
@@ -34,6 +41,16 @@ pub enum Error {
     /// Installing signal handlers failed.
     #[error("signal handler: {0}")]
     Signal(std::io::Error),
+
+    /// No `--instance-id` and IMDS did not say.
+    #[error(
+        "cannot learn this instance's id from IMDSv2 ({0}): the agent needs hostNetwork (hop limit 1 is enough) or --instance-id"
+    )]
+    InstanceId(String),
+
+    /// `multus-eni-agent status` could not read a running agent.
+    #[error("{0}")]
+    Status(String),
 }
 
 impl Error {

@@ -31,6 +31,20 @@ pub struct RefusalLabels {
     pub reason: &'static str,
 }
 
+/// Labels of the limits counter.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct LimitLabels {
+    /// `line_length`, `connections`, `connections_per_pod`, `queued_answers`, `netns_reads`.
+    pub limit: &'static str,
+}
+
+/// Labels of `multus_eni_build_info`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BuildLabels {
+    component: &'static str,
+    version: &'static str,
+}
+
 /// Labels of the releases counter.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReleaseLabels {
@@ -49,6 +63,11 @@ pub struct Metrics {
     pub releases: Family<ReleaseLabels, Counter>,
     pub reclaims: Counter,
     pub refusals: Family<RefusalLabels, Counter>,
+    pub limit_hits: Family<LimitLabels, Counter>,
+    pub address_conflicts: Gauge<i64, AtomicI64>,
+    pub ec2_auth_failing: Gauge<i64, AtomicI64>,
+    pub watched_namespaces: Gauge<i64, AtomicI64>,
+    pub oldest_pending_seconds: Gauge<f64, std::sync::atomic::AtomicU64>,
     ready: AtomicBool,
 }
 
@@ -60,7 +79,20 @@ impl Default for Metrics {
 
 impl Metrics {
     pub fn new() -> Self {
-        let mut registry = Registry::with_prefix("multus_eni_agent");
+        let mut root = Registry::default();
+        let build_info = Family::<BuildLabels, Gauge>::default();
+        build_info
+            .get_or_create(&BuildLabels {
+                component: "agent",
+                version: env!("CARGO_PKG_VERSION"),
+            })
+            .set(1);
+        root.register(
+            "multus_eni_build_info",
+            "Version of the running multus-eni component",
+            build_info,
+        );
+        let registry = root.sub_registry_with_prefix("multus_eni_agent");
         let calls = Family::<CallLabels, Counter>::default();
         registry.register(
             "ec2_calls",
@@ -109,8 +141,38 @@ impl Metrics {
             "Claimed addresses the agent refused",
             refusals.clone(),
         );
+        let limit_hits = Family::<LimitLabels, Counter>::default();
+        registry.register(
+            "limit_hits",
+            "Times a bound was reached (a caller was cut off, refused or made to wait)",
+            limit_hits.clone(),
+        );
+        let address_conflicts = Gauge::<i64, AtomicI64>::default();
+        registry.register(
+            "address_conflicts",
+            "Addresses wanted on another ENI too and waiting before they are taken back",
+            address_conflicts.clone(),
+        );
+        let ec2_auth_failing = Gauge::<i64, AtomicI64>::default();
+        registry.register(
+            "ec2_auth_failing",
+            "1 while EC2 answers with credential, region or permission errors",
+            ec2_auth_failing.clone(),
+        );
+        let watched_namespaces = Gauge::<i64, AtomicI64>::default();
+        registry.register(
+            "watched_namespaces",
+            "Pod network namespaces watched under --netns-dir",
+            watched_namespaces.clone(),
+        );
+        let oldest_pending_seconds = Gauge::<f64, std::sync::atomic::AtomicU64>::default();
+        registry.register(
+            "oldest_pending_seconds",
+            "Age of the oldest address wanted on an ENI and not on it yet",
+            oldest_pending_seconds.clone(),
+        );
         Self {
-            registry,
+            registry: root,
             calls,
             batch_addresses,
             throttles,
@@ -119,6 +181,11 @@ impl Metrics {
             releases,
             reclaims,
             refusals,
+            limit_hits,
+            address_conflicts,
+            ec2_auth_failing,
+            watched_namespaces,
+            oldest_pending_seconds,
             ready: AtomicBool::new(false),
         }
     }
@@ -139,7 +206,8 @@ impl Metrics {
     }
 }
 
-/// `/healthz` (process up), `/readyz` (socket served and the node's ENIs read), `/metrics`.
+/// `/healthz` (process up), `/readyz` (the instance's ENIs and `--netns-dir` read, EC2
+/// accepts the agent's credentials), `/metrics`.
 pub fn router(metrics: Arc<Metrics>) -> Router {
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))

@@ -1,7 +1,8 @@
-//! The node: one task that owns the claims, the node's ENIs as last read, the per-ENI
-//! batches and the checkpoint. Connections, EC2 calls, netns scans and timers talk to it by
-//! [`Event`]s; every decision is one of the pure functions of [`crate::claims`],
-//! [`crate::batch`] and [`crate::reclaim`].
+//! The node: one task that owns what the agent knows of its node (pod namespaces from
+//! [`crate::watch`], this instance's ENIs from EC2), the per-ENI batches, the backoffs and the
+//! checkpoint, and makes the EC2 calls. Connections, the watcher, EC2 calls and timers talk to
+//! it by [`Event`]s; the decisions are the pure functions of [`crate::plan`], [`crate::batch`],
+//! [`crate::reclaim`], [`crate::conflict`] and [`crate::retry`].
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, Ipv6Addr};
@@ -11,130 +12,176 @@ use std::time::{Duration, Instant};
 
 use backon::{BackoffBuilder, ExponentialBackoff, ExponentialBuilder};
 use multus_eni_ec2::MacAddress;
-use multus_eni_ec2::eni::{Ec2, ErrorKind, NO_MANAGE_TAG};
+use multus_eni_ec2::eni::{Ec2, ErrorKind};
 use multus_eni_ec2::model::{Change, EniAddresses, EniId};
-use multus_eni_proto::{AddressState, AddressStatus, Answer, VERSION};
-use tokio::sync::mpsc::UnboundedSender;
+use multus_eni_proto::{AddressState, AddressStatus, Answer};
+use multus_eni_sidecar::reconcile::DesiredInterface;
+use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::batch::Batches;
 use crate::checkpoint::Checkpoint;
-use crate::claims::{
-    Claim, Claims, ConnId, EniView, NOT_HELD, NOT_NO_MANAGE, PRIMARY, claim_status, released,
+use crate::conflict::Conflicts;
+use crate::connection::{ClaimHint, ConnId, Peer};
+use crate::metrics::{CallLabels, LimitLabels, Metrics, RefusalLabels, ReleaseLabels};
+use crate::plan::{
+    self, InstanceEnis, Knowledge, NOT_HELD, NetnsId, PodNetns, Pods, Refusal, Wanted,
 };
-use crate::metrics::{CallLabels, Metrics, RefusalLabels, ReleaseLabels};
-use crate::netns::{self, Scan};
 use crate::reclaim::{UnheldSince, unheld};
+use crate::retry::RetryBook;
+use crate::status::{NodeStatus, Row};
+use crate::watch::{Ask, Seen, WatchHandle};
 
 /// What the node task reacts to.
 #[derive(Debug)]
 pub enum Event {
-    /// A verified claim from a connection.
+    /// A caller connected (its namespace pinned at accept).
+    Connected { conn: ConnId, peer: Peer },
+    /// A claim: a hint to look at the caller's namespace, and what to answer about.
     Claim {
         conn: ConnId,
-        answers: UnboundedSender<Answer>,
-        claim: Claim,
+        hint: ClaimHint,
+        /// Dropped once taken: the connection reads its next line.
+        done: oneshot::Sender<()>,
     },
-    /// The sidecar said "release" (already answered).
+    /// The sidecar said "release": look at its namespace again.
     Release { conn: ConnId },
     /// The connection closed.
     Disconnected { conn: ConnId },
-    /// Time for a resync: read the ENIs and `--netns-dir`.
+    /// The watcher saw something.
+    Seen(Seen),
+    /// Time for a resync: read the instance's ENIs, rescan `--netns-dir`.
     Resync,
-    /// A Describe (and, for a resync, a netns scan) finished.
-    Read {
+    /// The instance's ENIs were read.
+    Read(multus_eni_ec2::Result<InstanceEnis>),
+    /// MACs that are not this instance's were looked up.
+    Foreign {
         macs: Vec<MacAddress>,
-        enis: multus_eni_ec2::Result<BTreeMap<MacAddress, EniAddresses>>,
-        scan: Option<std::io::Result<Scan>>,
+        found: multus_eni_ec2::Result<BTreeMap<MacAddress, EniAddresses>>,
     },
     /// An ENI's batch returned.
     Called { eni: EniId, outcome: BatchOutcome },
-    /// A timer fired: the node-wide backoff after a throttled or failed call, or an ENI's
-    /// batch interval, ended.
+    /// A timer fired.
     Wake,
 }
 
 /// Settings of the node task.
 #[derive(Debug, Clone)]
 pub struct NodeConfig {
-    pub netns_dir: PathBuf,
+    pub instance_id: String,
+    pub pods: Pods,
     pub checkpoint: PathBuf,
     pub reclaim_after: Duration,
-    pub node_name: String,
-    /// Shortest time between the starts of two calls for one ENI (`--batch-interval`).
     pub batch_interval: Duration,
+    pub max_connections_per_pod: usize,
 }
 
-/// First wait after a throttled or failed call; doubles (with jitter) to [`RETRY_MAX`].
-/// One backoff for the whole node: the account's bucket is shared, the pods are not
-/// competing with each other any more.
+/// First wait after a throttled or failed call; doubles (with jitter) to [`RETRY_MAX`]. One
+/// backoff for the whole node: the account's bucket is shared.
 pub const RETRY_MIN: Duration = Duration::from_millis(500);
 /// Longest wait between two attempts (before jitter).
 pub const RETRY_MAX: Duration = Duration::from_secs(8);
+/// After a credential or permission error: an operator has to act, minutes are fine.
+const AUTH_RETRY_MIN: Duration = Duration::from_secs(30);
+const AUTH_RETRY_MAX: Duration = Duration::from_secs(300);
 
-fn backoff() -> ExponentialBackoff {
+fn backoff(min: Duration, max: Duration) -> ExponentialBackoff {
     ExponentialBuilder::default()
-        .with_min_delay(RETRY_MIN)
-        .with_max_delay(RETRY_MAX)
+        .with_min_delay(min)
+        .with_max_delay(max)
         .with_factor(2.0)
         .with_jitter()
         .without_max_times()
         .build()
 }
 
-/// A connected sidecar: where its answers go and what it was last told.
+/// A connected caller.
 struct Connection {
-    answers: UnboundedSender<Answer>,
-    last: Option<(u64, bool, Vec<AddressStatus>)>,
+    peer: Peer,
+    /// Its namespace is one of the pods' (checked once the directory was read).
+    verified: bool,
+    claim: Option<(ClaimHint, Instant)>,
+    /// What it was last told.
+    last: Option<Answer>,
     /// When each address was first claimed, until it is routable.
     claimed_at: BTreeMap<IpAddr, Instant>,
-    /// When its latest claim arrived: a netns scan that began later re-checks it.
-    last_claim: Instant,
+}
+
+/// The pods' namespaces as the watcher reported them.
+#[derive(Default)]
+struct View {
+    pods: BTreeMap<String, PodNetns>,
+    host: Vec<DesiredInterface>,
+    /// The directory was read in full at least once.
+    dir_read: bool,
+    /// The last directory read (or watch) failed.
+    dir_failed: Option<String>,
+    /// Entries that are not readable namespaces.
+    unreadable: BTreeMap<String, String>,
+}
+
+impl View {
+    fn pod_by_id(&self, id: NetnsId) -> Option<&PodNetns> {
+        self.pods.values().find(|p| p.id == id)
+    }
+
+    /// Whether what the node holds is known well enough to unassign what nobody holds.
+    fn complete(&self) -> bool {
+        self.dir_read && self.dir_failed.is_none()
+    }
 }
 
 /// The node-wide wait after a throttled or failed call.
 struct NodeBackoff {
     backoff: ExponentialBackoff,
+    auth: ExponentialBackoff,
     until: Option<Instant>,
-}
-
-/// Whether a Describe is running, and whether another one is wanted after it.
-#[derive(Default)]
-struct Reads {
-    running: bool,
-    /// The MACs the running Describe asks for.
-    asked: BTreeSet<MacAddress>,
-    again: bool,
-    resync_waiting: bool,
 }
 
 pub struct Node {
     ec2: Arc<Ec2>,
     metrics: Arc<Metrics>,
     config: NodeConfig,
-    events: UnboundedSender<Event>,
-    claims: Claims,
+    events: mpsc::UnboundedSender<Event>,
+    watch: WatchHandle,
+    view: View,
+    enis: Option<InstanceEnis>,
+    foreign: BTreeMap<MacAddress, Option<EniId>>,
+    foreign_asked: BTreeSet<MacAddress>,
     connections: BTreeMap<ConnId, Connection>,
-    enis: BTreeMap<MacAddress, EniView>,
+    /// Pod namespaces whose sidecar connected (`--pods sidecar`).
+    with_sidecar: BTreeSet<NetnsId>,
     batches: Batches,
-    /// Addresses EC2 refused to assign, with its message; tried again at the next resync.
-    rejected: BTreeMap<IpAddr, String>,
+    rejected: RetryBook,
+    conflicts: Conflicts,
     unheld: UnheldSince,
     checkpoint: Checkpoint,
     backoff: NodeBackoff,
-    reads: Reads,
-    /// When the timer for the next batch held back by its interval fires.
-    pace_wake: Option<Instant>,
+    /// A Describe of the instance is running / another one is wanted after it.
+    reading: bool,
+    read_again: bool,
+    /// The read was asked by the resync timer: reclaim after it.
+    resync_waiting: bool,
+    wanted: Wanted,
+    auth_failing: bool,
+    last_ec2_error: Option<String>,
+    /// Since when each wanted address has been missing from its ENI.
+    pending_since: BTreeMap<IpAddr, Instant>,
+    wake_at: Option<Instant>,
+    status: watch::Sender<Arc<NodeStatus>>,
 }
 
 // === impl Node ===
 
 impl Node {
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         ec2: Arc<Ec2>,
         metrics: Arc<Metrics>,
         config: NodeConfig,
         checkpoint: Checkpoint,
-        events: UnboundedSender<Event>,
+        events: mpsc::UnboundedSender<Event>,
+        watch: WatchHandle,
+        status: watch::Sender<Arc<NodeStatus>>,
     ) -> Self {
         let batches = Batches::with_interval(config.batch_interval);
         Self {
@@ -142,24 +189,37 @@ impl Node {
             metrics,
             config,
             events,
-            claims: Claims::default(),
+            watch,
+            view: View::default(),
+            enis: None,
+            foreign: BTreeMap::new(),
+            foreign_asked: BTreeSet::new(),
             connections: BTreeMap::new(),
-            enis: BTreeMap::new(),
+            with_sidecar: BTreeSet::new(),
             batches,
-            rejected: BTreeMap::new(),
+            rejected: RetryBook::default(),
+            conflicts: Conflicts::default(),
             unheld: UnheldSince::default(),
             checkpoint,
             backoff: NodeBackoff {
-                backoff: backoff(),
+                backoff: backoff(RETRY_MIN, RETRY_MAX),
+                auth: backoff(AUTH_RETRY_MIN, AUTH_RETRY_MAX),
                 until: None,
             },
-            reads: Reads::default(),
-            pace_wake: None,
+            reading: false,
+            read_again: false,
+            resync_waiting: false,
+            wanted: Wanted::default(),
+            auth_failing: false,
+            last_ec2_error: None,
+            pending_since: BTreeMap::new(),
+            wake_at: None,
+            status,
         }
     }
 
     /// Handles events until the channel closes.
-    pub async fn run(mut self, mut events: tokio::sync::mpsc::UnboundedReceiver<Event>) {
+    pub async fn run(mut self, mut events: mpsc::UnboundedReceiver<Event>) {
         while let Some(event) = events.recv().await {
             self.handle(event);
             // Everything already queued is applied before the next calls go out.
@@ -168,50 +228,50 @@ impl Node {
             }
             self.plan();
             self.dispatch();
+            self.answer();
             self.publish();
-            self.metrics.pending.set(self.batches.queued() as i64);
         }
     }
 
     fn handle(&mut self, event: Event) {
         match event {
-            Event::Claim {
-                conn,
-                answers,
-                claim,
-            } => self.on_claim(conn, answers, claim),
-            Event::Release { conn } => {
-                let before = self.claims.wanted();
-                if let Some(claim) = self.claims.release(conn) {
-                    tracing::info!(action = "release", pod = %claim.pod, addresses = claim.held.len(), "pod released its addresses");
-                }
-                self.release(released(&before, &self.claims.wanted()), "release");
+            Event::Connected { conn, peer } => self.on_connected(conn, peer),
+            Event::Claim { conn, hint, done } => {
+                drop(done);
+                self.on_claim(conn, hint);
             }
-            Event::Disconnected { conn } => {
-                self.connections.remove(&conn);
-                if let Some(claim) = self.claims.get(conn) {
-                    tracing::info!(
-                        action = "disconnect",
-                        pod = %claim.pod,
-                        "sidecar went away without a release: its addresses stay while its network namespace holds them"
-                    );
+            Event::Release { conn } | Event::Disconnected { conn } => {
+                // Only a look: the pod's namespace says what it still holds.
+                let gone = matches!(event, Event::Disconnected { .. });
+                if let Some(c) = self.connections.get(&conn) {
+                    if let Some(pod) = self.view.pod_by_id(c.peer.netns) {
+                        self.watch.ask(Ask::Look {
+                            name: pod.name.clone(),
+                        });
+                    }
+                    if gone {
+                        self.connections.remove(&conn);
+                    }
                 }
-                self.claims.disconnect(conn);
             }
+            Event::Seen(seen) => self.on_seen(seen),
             Event::Resync => {
-                self.reads.resync_waiting = true;
+                self.resync_waiting = true;
+                self.watch.ask(Ask::Rescan);
+                self.foreign.clear();
                 self.read();
             }
-            Event::Read { macs, enis, scan } => self.on_read(macs, enis, scan),
+            Event::Read(result) => self.on_read(result),
+            Event::Foreign { macs, found } => self.on_foreign(macs, found),
             Event::Called { eni, outcome } => self.on_called(&eni, outcome),
             Event::Wake => {
-                if self.pace_wake.is_some_and(|w| w <= Instant::now()) {
-                    self.pace_wake = None;
+                let now = Instant::now();
+                if self.wake_at.is_some_and(|w| w <= now) {
+                    self.wake_at = None;
                 }
-                if self.backoff.until.is_some_and(|u| u <= Instant::now()) {
+                if self.backoff.until.is_some_and(|u| u <= now) {
                     self.backoff.until = None;
-                    // A failed read is retried once the wait is over.
-                    if std::mem::take(&mut self.reads.again) {
+                    if std::mem::take(&mut self.read_again) {
                         self.read();
                     }
                 }
@@ -219,248 +279,461 @@ impl Node {
         }
     }
 
-    fn on_claim(&mut self, conn: ConnId, answers: UnboundedSender<Answer>, claim: Claim) {
-        for r in &claim.refused {
+    fn on_connected(&mut self, conn: ConnId, peer: Peer) {
+        let same_pod = self
+            .connections
+            .values()
+            .filter(|c| c.peer.netns == peer.netns)
+            .count();
+        if same_pod >= self.config.max_connections_per_pod {
+            self.metrics
+                .limit_hits
+                .get_or_create(&LimitLabels {
+                    limit: "connections_per_pod",
+                })
+                .inc();
             tracing::warn!(
-                action = "claim",
+                action = "connect",
                 outcome = "refused",
-                pod = %claim.pod,
-                interface = %r.interface,
-                address = %r.address,
-                reason = %r.reason,
-                "refused a claimed address"
+                conn,
+                pid = peer.pid,
+                limit = self.config.max_connections_per_pod,
+                "too many connections from one pod namespace"
             );
-        }
-        let now = Instant::now();
-        let entry = self.connections.entry(conn).or_insert_with(|| Connection {
-            answers,
-            last: None,
-            claimed_at: BTreeMap::new(),
-            last_claim: now,
-        });
-        entry.last_claim = now;
-        let claimed: BTreeSet<IpAddr> = claim.held.iter().map(|h| h.address).collect();
-        entry.claimed_at.retain(|a, _| claimed.contains(a));
-        for a in claimed {
-            entry.claimed_at.entry(a).or_insert(now);
-        }
-        let before = self.claims.wanted();
-        self.claims.claim(conn, claim);
-        self.release(released(&before, &self.claims.wanted()), "release");
-        if self
-            .claims
-            .macs()
-            .iter()
-            // A MAC that the running Describe already asks for needs no second one.
-            .any(|m| !self.enis.contains_key(m) && !self.reads.asked.contains(m))
-        {
-            self.read();
-        }
-    }
-
-    /// Unassigns (batched) addresses no pod wants any more, if they are on their ENI.
-    fn release(&mut self, addresses: Vec<(MacAddress, IpAddr)>, cause: &'static str) {
-        for (mac, address) in addresses {
-            let Some(EniView::Found(eni)) = self.enis.get(&mac) else {
-                continue;
-            };
-            if !eni.no_manage || eni.primary_ipv4.map(IpAddr::V4) == Some(address) {
-                continue;
-            }
-            if eni.holds(address) || self.batches.is_flying(&eni.id, address) {
-                self.batches.unassign(&eni.id, address);
-                self.metrics
-                    .releases
-                    .get_or_create(&ReleaseLabels { cause })
-                    .inc();
-                tracing::info!(action = "release", cause, eni = %eni.id, address = %address, "queued unassign");
-            } else {
-                self.batches.cancel_assign(&eni.id, address);
-            }
-        }
-    }
-
-    /// Starts one Describe of every MAC of the node (claims and checkpoint), or remembers to
-    /// start another when the running one returns.
-    fn read(&mut self) {
-        if self.reads.running {
-            self.reads.again = true;
+            refuse(
+                peer,
+                format!(
+                    "too many connections from this pod (--max-connections-per-pod={})",
+                    self.config.max_connections_per_pod
+                ),
+            );
             return;
         }
-        self.reads.running = true;
-        let resync = std::mem::take(&mut self.reads.resync_waiting);
-        let mut macs: BTreeSet<MacAddress> = self.claims.macs();
-        macs.extend(
-            self.checkpoint
-                .enis
-                .keys()
-                .filter_map(|m| multus_eni_ec2::node::parse_mac(m)),
+        self.connections.insert(
+            conn,
+            Connection {
+                peer,
+                verified: false,
+                claim: None,
+                last: None,
+                claimed_at: BTreeMap::new(),
+            },
         );
-        self.reads.asked = macs.clone();
-        let macs: Vec<MacAddress> = macs.into_iter().collect();
+        self.verify_connections();
+    }
+
+    /// Refuses callers that are not in a pod namespace of `--netns-dir`, once the directory
+    /// has been read (a caller that came first is checked then).
+    fn verify_connections(&mut self) {
+        if !self.view.dir_read {
+            return;
+        }
+        let refused: Vec<ConnId> = self
+            .connections
+            .iter()
+            .filter(|(_, c)| !c.verified && self.view.pod_by_id(c.peer.netns).is_none())
+            .map(|(id, _)| *id)
+            .collect();
+        for conn in refused {
+            if let Some(c) = self.connections.remove(&conn) {
+                self.metrics
+                    .refusals
+                    .get_or_create(&RefusalLabels {
+                        reason: "not_a_pod",
+                    })
+                    .inc();
+                tracing::warn!(
+                    action = "connect",
+                    outcome = "refused",
+                    conn,
+                    pid = c.peer.pid,
+                    "the caller's network namespace is not a pod namespace under --netns-dir (the host's, or one the agent does not list)"
+                );
+                refuse(
+                    c.peer,
+                    "the caller's network namespace is not a pod network namespace of this node (--netns-dir)".into(),
+                );
+            }
+        }
+        for c in self.connections.values_mut() {
+            if !c.verified && self.view.pod_by_id(c.peer.netns).is_some() {
+                c.verified = true;
+                self.with_sidecar.insert(c.peer.netns);
+            }
+        }
+    }
+
+    fn on_claim(&mut self, conn: ConnId, hint: ClaimHint) {
+        let Some(c) = self.connections.get_mut(&conn) else {
+            return;
+        };
+        let now = Instant::now();
+        let claimed: BTreeSet<IpAddr> = hint
+            .interfaces
+            .iter()
+            .flat_map(|i| i.addresses.iter().copied())
+            .collect();
+        c.claimed_at.retain(|a, _| claimed.contains(a));
+        for a in claimed {
+            c.claimed_at.entry(a).or_insert(now);
+        }
+        c.claim = Some((hint, now));
+        if let Some(pod) = self.view.pod_by_id(c.peer.netns) {
+            self.watch.ask(Ask::Look {
+                name: pod.name.clone(),
+            });
+        }
+        self.look_up_foreign_macs();
+    }
+
+    fn on_seen(&mut self, seen: Seen) {
+        match seen {
+            Seen::Pod(pod) => {
+                self.view.unreadable.remove(&pod.name);
+                self.view.pods.insert(pod.name.clone(), pod);
+                self.verify_connections();
+            }
+            Seen::PodGone { name } => {
+                if let Some(pod) = self.view.pods.remove(&name) {
+                    self.with_sidecar.remove(&pod.id);
+                    tracing::info!(action = "netns", outcome = "gone", netns = %name, "a pod network namespace was deleted");
+                }
+                self.view.unreadable.remove(&name);
+            }
+            Seen::PodUnreadable { name, error } => {
+                if self
+                    .view
+                    .unreadable
+                    .insert(name.clone(), error.clone())
+                    .is_none()
+                {
+                    tracing::warn!(action = "netns", outcome = "unreadable", netns = %name, error = %error, "an entry of --netns-dir is not a readable network namespace; no reclaim while it stays so");
+                }
+                self.view.pods.remove(&name);
+            }
+            Seen::Host(interfaces) => self.view.host = interfaces,
+            Seen::DirRead { entries } => {
+                if self.view.dir_failed.take().is_some() || !self.view.dir_read {
+                    tracing::info!(
+                        action = "netns_dir",
+                        outcome = "read",
+                        entries,
+                        "read --netns-dir"
+                    );
+                }
+                self.view.dir_read = true;
+                self.verify_connections();
+            }
+            Seen::DirFailed { error } => {
+                if self.view.dir_failed.is_none() {
+                    tracing::error!(action = "netns_dir", outcome = "failed", error = %error, "cannot read --netns-dir: not ready, nothing released or reclaimed until it can be read");
+                }
+                self.view.dir_failed = Some(error);
+            }
+        }
+        self.metrics
+            .watched_namespaces
+            .set(self.view.pods.len() as i64);
+    }
+
+    /// Starts one Describe of the instance's ENIs, or remembers to start another.
+    fn read(&mut self) {
+        if self.reading || self.backoff.until.is_some() {
+            self.read_again = true;
+            return;
+        }
+        self.reading = true;
         let ec2 = self.ec2.clone();
         let events = self.events.clone();
-        let dir = self.config.netns_dir.clone();
+        let instance = self.config.instance_id.clone();
         tokio::spawn(async move {
-            let scan = if resync {
-                Some(netns::scan_dir(dir).await)
-            } else {
-                None
-            };
-            let enis = if macs.is_empty() {
-                Ok(BTreeMap::new())
-            } else {
-                ec2.find_by_macs(&macs).await
-            };
-            let _ = events.send(Event::Read { macs, enis, scan });
+            let result = ec2.instance_enis(&instance).await;
+            let _ = events.send(Event::Read(result));
         });
     }
 
-    fn on_read(
-        &mut self,
-        macs: Vec<MacAddress>,
-        enis: multus_eni_ec2::Result<BTreeMap<MacAddress, EniAddresses>>,
-        scan: Option<std::io::Result<Scan>>,
-    ) {
-        self.reads.running = false;
-        self.reads.asked.clear();
-        let resync = scan.is_some();
-        match enis {
-            Ok(mut found) => {
-                if !macs.is_empty() {
-                    let action = "DescribeNetworkInterfaces";
-                    self.metrics
-                        .calls
-                        .get_or_create(&CallLabels {
-                            action,
-                            outcome: "success",
-                        })
-                        .inc();
+    fn on_read(&mut self, result: multus_eni_ec2::Result<InstanceEnis>) {
+        self.reading = false;
+        match result {
+            Ok(enis) => {
+                self.count_success("DescribeNetworkInterfaces");
+                let before: BTreeSet<EniId> = self
+                    .enis
+                    .iter()
+                    .flat_map(|e| e.values().map(|e| e.id.clone()))
+                    .collect();
+                let now_ids: BTreeSet<EniId> = enis.values().map(|e| e.id.clone()).collect();
+                for detached in before.difference(&now_ids) {
+                    tracing::warn!(action = "resync", eni = %detached, "an ENI is no longer attached to this instance: never called on again");
                 }
-                let mut changed = false;
-                for mac in macs {
-                    let view = match found.remove(&mac) {
-                        Some(eni) => {
-                            let key = mac.to_string();
-                            if self.checkpoint.enis.get(&key) != Some(&eni.id) {
-                                self.checkpoint.enis.insert(key, eni.id.clone());
-                                changed = true;
-                            }
-                            EniView::Found(eni)
-                        }
-                        None => EniView::NoEni,
-                    };
-                    self.enis.insert(mac, view);
-                }
-                if changed {
-                    self.save_checkpoint();
-                }
-                if resync {
-                    self.rejected.clear();
-                    match scan {
-                        Some(Ok(scan)) => self.after_scan(&scan),
-                        Some(Err(e)) => {
-                            tracing::warn!(action = "netns_scan", outcome = "failed", error = %e, "cannot read the netns directory; no reclaim this time")
-                        }
-                        None => {}
-                    }
-                    self.metrics.set_ready(true);
+                // The checkpoint keeps only this instance's ENIs.
+                self.checkpoint.enis = enis
+                    .iter()
+                    .filter(|(_, e)| e.no_manage)
+                    .map(|(m, e)| (m.to_string(), e.id.clone()))
+                    .collect();
+                self.checkpoint
+                    .assigned
+                    .retain(|eni, _| now_ids.contains(eni));
+                self.save_checkpoint();
+                self.enis = Some(enis);
+                self.notice_taken_away();
+                if std::mem::take(&mut self.resync_waiting) {
+                    self.reclaim();
                 }
             }
             Err(e) => {
-                self.count_call("DescribeNetworkInterfaces", &e);
-                tracing::warn!(action = "DescribeNetworkInterfaces", outcome = %e.kind, error = %e.message, hint = e.kind.hint(), "cannot read the node's ENIs");
-                if resync {
-                    self.reads.resync_waiting = true;
-                }
+                self.count_error("DescribeNetworkInterfaces", &e);
+                tracing::warn!(action = "DescribeNetworkInterfaces", outcome = %e.kind, error = %e.message, hint = e.kind.hint(), "cannot read the instance's ENIs");
                 self.retry_later(e.kind);
-                self.reads.again = true;
+                self.read_again = true;
             }
         }
-        if self.backoff.until.is_none() && std::mem::take(&mut self.reads.again) {
+        if self.backoff.until.is_none() && std::mem::take(&mut self.read_again) {
             self.read();
         }
     }
 
-    /// Orphans, and live claims older than the scan, shrink to what their namespaces hold;
-    /// unheld addresses age towards reclaim.
-    fn after_scan(&mut self, scan: &Scan) {
-        let before = self.claims.wanted();
-        self.claims.prune_orphans(&scan.by_netns);
-        let checked = self
-            .connections
-            .iter()
-            .filter(|(_, c)| c.last_claim < scan.started)
-            .map(|(id, _)| *id)
-            .collect();
-        for conn in self.claims.prune_live(&checked, &scan.by_netns) {
-            if let Some(claim) = self.claims.get(conn) {
-                tracing::warn!(action = "resync", pod = %claim.pod, "a connected pod's claim names addresses its network namespace no longer holds: releasing them");
+    /// Addresses this agent assigned, still wanted, and no longer on their ENI: someone
+    /// moved them (another node's pod holds the same address, or an operator).
+    fn notice_taken_away(&mut self) {
+        let Some(enis) = &self.enis else {
+            return;
+        };
+        let now = Instant::now();
+        for (eni_id, addresses) in &self.checkpoint.assigned {
+            let Some(eni) = enis.values().find(|e| &e.id == eni_id) else {
+                continue;
+            };
+            for &a in addresses {
+                if self.wanted.eni_of(a) != Some(eni_id) || self.batches.is_flying(eni_id, a) {
+                    continue;
+                }
+                if eni.holds(a) {
+                    self.conflicts.back(a);
+                } else if self.conflicts.away(eni_id, a, now) {
+                    let waiting = self.conflicts.waiting(a, now).is_some();
+                    tracing::warn!(
+                        action = "resync",
+                        outcome = if waiting { "conflict" } else { "taken_away" },
+                        eni = %eni_id,
+                        address = %a,
+                        "an address this agent assigned was moved to another ENI while a pod of this node still holds it: {}",
+                        if waiting { "conflict, waiting before taking it back again" } else { "taking it back once" }
+                    );
+                }
             }
         }
-        self.release(released(&before, &self.claims.wanted()), "gone");
-        let mut held = scan.held();
-        held.extend(self.claims.wanted().into_iter().map(|(_, a)| a));
-        let node_enis = self.enis.values().filter_map(|v| match v {
-            EniView::Found(e) => Some(e),
-            EniView::NoEni => None,
-        });
-        let mut candidates = unheld(node_enis, &held);
+    }
+
+    /// Unassigns addresses on this instance's Multus ENIs that nothing on the node has held
+    /// for `--reclaim-after` (leaks from while the agent was down). Only when every namespace
+    /// of the node could be read.
+    fn reclaim(&mut self) {
+        let Some(enis) = &self.enis else {
+            return;
+        };
+        if !self.view.complete() || !self.view.unreadable.is_empty() {
+            return;
+        }
+        let mut held = plan::held(
+            self.view
+                .pods
+                .values()
+                .flat_map(|p| p.interfaces.iter())
+                .chain(self.view.host.iter()),
+        );
+        held.extend(self.wanted.pairs().into_iter().map(|(_, a)| a));
+        let mut candidates = unheld(enis.values(), &held);
         candidates.retain(|(eni, a)| !self.batches.is_flying(eni, *a));
         let due = self
             .unheld
             .observe(candidates, Instant::now(), self.config.reclaim_after);
         for (eni, address) in due {
-            tracing::info!(action = "reclaim", eni = %eni, address = %address, "no pod has held this address for --reclaim-after: unassigning");
+            tracing::info!(action = "reclaim", eni = %eni, address = %address, "no pod of this node has held this address for --reclaim-after: unassigning");
             self.metrics.reclaims.inc();
             self.unheld.forget(&eni, address);
             self.batches.unassign(&eni, address);
         }
     }
 
-    /// Queues an assign for every wanted address missing from its (`no_manage`) ENI.
-    fn plan(&mut self) {
-        for (mac, address) in self.claims.wanted() {
-            let Some(EniView::Found(eni)) = self.enis.get(&mac) else {
-                continue;
-            };
-            let primary = eni.primary_ipv4.map(IpAddr::V4) == Some(address);
-            if !eni.no_manage || primary || eni.holds(address) {
-                continue;
+    /// Looks up (once per resync) the MACs claimed by sidecars that are not this instance's:
+    /// another instance's ENI is refused, no ENI at all (macvlan, SR-IOV) is left alone.
+    fn look_up_foreign_macs(&mut self) {
+        let Some(enis) = &self.enis else {
+            return;
+        };
+        let macs: Vec<MacAddress> = self
+            .connections
+            .values()
+            .filter_map(|c| c.claim.as_ref())
+            .flat_map(|(h, _)| h.interfaces.iter())
+            .filter_map(|i| multus_eni_ec2::node::parse_mac(&i.mac))
+            .filter(|m| {
+                !enis.contains_key(m)
+                    && !self.foreign.contains_key(m)
+                    && !self.foreign_asked.contains(m)
+            })
+            .collect::<BTreeSet<_>>()
+            .into_iter()
+            .collect();
+        if macs.is_empty() {
+            return;
+        }
+        self.foreign_asked.extend(macs.iter().copied());
+        let ec2 = self.ec2.clone();
+        let events = self.events.clone();
+        tokio::spawn(async move {
+            let found = ec2.find_by_macs(&macs).await;
+            let _ = events.send(Event::Foreign { macs, found });
+        });
+    }
+
+    fn on_foreign(
+        &mut self,
+        macs: Vec<MacAddress>,
+        found: multus_eni_ec2::Result<BTreeMap<MacAddress, EniAddresses>>,
+    ) {
+        for m in &macs {
+            self.foreign_asked.remove(m);
+        }
+        match found {
+            Ok(mut found) => {
+                self.count_success("DescribeNetworkInterfaces");
+                for mac in macs {
+                    let eni = found.remove(&mac).map(|e| e.id);
+                    if let Some(id) = &eni {
+                        tracing::warn!(action = "claim", outcome = "refused", mac = %mac, eni = %id, "a claimed interface carries the MAC of an ENI that is not attached to this instance");
+                    }
+                    self.foreign.insert(mac, eni);
+                }
+                // An ENI attached since the last read would be in the instance's read now.
+                self.read();
             }
-            if self.rejected.contains_key(&address) || self.batches.is_flying(&eni.id, address) {
-                continue;
+            Err(e) => {
+                self.count_error("DescribeNetworkInterfaces", &e);
+                self.retry_later(e.kind);
             }
-            self.batches.assign(&eni.id, address);
         }
     }
 
-    /// Sends every ready batch, one task per ENI, unless the node is backing off.
-    fn dispatch(&mut self) {
-        if self.backoff.until.is_some() {
+    /// The pods this agent manages (`--pods`).
+    fn managed_pods(&self) -> impl Iterator<Item = &PodNetns> {
+        self.view.pods.values().filter(|p| match self.config.pods {
+            Pods::All => true,
+            Pods::Sidecar => self.with_sidecar.contains(&p.id),
+        })
+    }
+
+    /// Compares what the pods hold with this instance's ENIs: queues an assign for what is
+    /// missing, an unassign for what a pod let go of.
+    fn plan(&mut self) {
+        let Some(enis) = &self.enis else {
             return;
-        }
+        };
+        let wanted = plan::wanted(self.managed_pods(), enis);
         let now = Instant::now();
-        for (eni, changes) in self.batches.take_ready(now) {
-            for c in &changes {
-                tracing::info!(action = c.action(), eni = %eni, addresses = c.addresses().len(), "sending batch");
+        for (address, refusal) in &wanted.refused {
+            if !self.wanted.refused.contains_key(address) {
+                self.count_refusal(refusal, *address);
             }
-            let ours = self.enis.values().find_map(|v| match v {
-                EniView::Found(e) if e.id == eni => Some(e.clone()),
-                _ => None,
-            });
-            let ec2 = self.ec2.clone();
-            let events = self.events.clone();
-            tokio::spawn(async move {
-                let outcome = call_batch(&ec2, ours.as_ref(), changes).await;
-                let _ = events.send(Event::Called { eni, outcome });
-            });
         }
-        // One timer for the batch that is due first; a later one is re-armed when it fires.
-        if let Some(due) = self.batches.next_due(now)
-            && self.pace_wake.is_none_or(|w| w > due)
+        let released: Vec<(EniId, IpAddr)> = if self.view.complete() {
+            let held_elsewhere = plan::held(self.view.host.iter());
+            self.wanted
+                .pairs()
+                .difference(&wanted.pairs())
+                .filter(|(_, a)| !held_elsewhere.contains(a))
+                .cloned()
+                .collect()
+        } else {
+            Vec::new()
+        };
+        for (eni_id, addresses) in &wanted.by_eni {
+            let Some(eni) = enis.values().find(|e| &e.id == eni_id) else {
+                continue;
+            };
+            for &a in addresses.keys() {
+                if eni.holds(a) {
+                    self.batches.cancel_unassign(eni_id, a);
+                    self.pending_since.remove(&a);
+                    continue;
+                }
+                self.pending_since.entry(a).or_insert(now);
+                if self.batches.is_flying(eni_id, a)
+                    || !self.rejected.may_try(a, now)
+                    || !self.conflicts.may_assign(a, now)
+                {
+                    continue;
+                }
+                self.batches.assign(eni_id, a);
+            }
+        }
+        let wanted_addresses: BTreeSet<IpAddr> =
+            wanted.pairs().into_iter().map(|(_, a)| a).collect();
+        self.pending_since
+            .retain(|a, _| wanted_addresses.contains(a));
+        self.wanted = wanted;
+        for (eni, address) in released {
+            self.release(&eni, address);
+        }
+    }
+
+    /// A pod let go of `address`: unassign it from `eni` if it is there (or on its way).
+    fn release(&mut self, eni_id: &str, address: IpAddr) {
+        self.conflicts.forget(address);
+        self.rejected.forget(address);
+        let on_eni = self
+            .enis
+            .as_ref()
+            .and_then(|e| e.values().find(|e| e.id == eni_id))
+            .is_some_and(|e| e.holds(address));
+        if on_eni || self.batches.is_flying(eni_id, address) {
+            self.batches.unassign(eni_id, address);
+            self.metrics
+                .releases
+                .get_or_create(&ReleaseLabels { cause: "gone" })
+                .inc();
+            tracing::info!(action = "release", cause = "gone", eni = %eni_id, address = %address, "no pod of this node holds the address any more: queued unassign");
+        } else {
+            self.batches.cancel_assign(eni_id, address);
+            self.checkpoint.record_unassigned(eni_id, [address]);
+        }
+    }
+
+    /// Sends every ready batch, one task per ENI, unless the node is backing off; arms the
+    /// one timer for what waits (a batch's interval, a rejected address, a conflict).
+    fn dispatch(&mut self) {
+        let now = Instant::now();
+        if self.backoff.until.is_none() {
+            for (eni, changes) in self.batches.take_ready(now) {
+                for c in &changes {
+                    tracing::info!(action = c.action(), eni = %eni, addresses = c.addresses().len(), "sending batch");
+                }
+                let ours = self
+                    .enis
+                    .as_ref()
+                    .and_then(|e| e.values().find(|e| e.id == eni).cloned());
+                let ec2 = self.ec2.clone();
+                let events = self.events.clone();
+                tokio::spawn(async move {
+                    let outcome = call_batch(&ec2, ours.as_ref(), changes).await;
+                    let _ = events.send(Event::Called { eni, outcome });
+                });
+            }
+        }
+        let due = [
+            self.batches.next_due(now),
+            self.rejected.next_due(now),
+            self.conflicts.next_retry(now),
+        ]
+        .into_iter()
+        .flatten()
+        .min();
+        if let Some(due) = due
+            && self.wake_at.is_none_or(|w| w > due)
         {
-            self.pace_wake = Some(due);
+            self.wake_at = Some(due);
             let events = self.events.clone();
             tokio::spawn(async move {
                 tokio::time::sleep_until(due.into()).await;
@@ -471,52 +744,51 @@ impl Node {
 
     fn on_called(&mut self, eni_id: &str, outcome: BatchOutcome) {
         self.batches.done(eni_id);
+        let now = Instant::now();
         for (address, holder) in outcome.held_elsewhere {
-            self.metrics
-                .refusals
-                .get_or_create(&RefusalLabels {
-                    reason: "held_by_not_no_manage",
-                })
-                .inc();
-            let reason = format!(
-                "held by {holder}, which lacks {NO_MANAGE_TAG}=true: the agent never takes an address from it"
-            );
-            tracing::warn!(action = "AssignIpv6Addresses", outcome = "refused", eni = %eni_id, address = %address, holder = %holder, "refused to take an IPv6 address from an ENI that is not a Multus one; retried at the next resync");
-            self.rejected.insert(IpAddr::V6(address), reason);
+            let refusal = plan::held_by_not_no_manage(&holder);
+            self.count_refusal(&refusal, address);
+            self.rejected.rejected(address, refusal.reason, now);
         }
-        let results = outcome.results;
-        let wanted: BTreeSet<IpAddr> = self.claims.wanted().into_iter().map(|(_, a)| a).collect();
+        let wanted: BTreeSet<IpAddr> = self.wanted.pairs().into_iter().map(|(_, a)| a).collect();
         let mut checkpoint_changed = false;
-        for (change, result) in results {
+        for (change, result) in outcome.results {
             let assign = matches!(
                 change,
                 Change::AssignIpv4 { .. } | Change::AssignIpv6 { .. }
             );
-            // An IPv6 address taken from another ENI before it is assigned to this one.
+            // An address unassigned from another Multus ENI before it is assigned here.
             let from_holder = change.eni() != eni_id;
             match result {
                 Some(Ok(())) => {
                     let n = change.addresses().len();
-                    self.metrics
-                        .calls
-                        .get_or_create(&CallLabels {
-                            action: change.action(),
-                            outcome: "success",
-                        })
-                        .inc();
+                    self.count_success(change.action());
                     self.metrics.batch_addresses.observe(n as f64);
-                    self.backoff.backoff = backoff();
-                    tracing::info!(action = change.action(), outcome = "success", eni = %eni_id, addresses = n, "batch applied");
-                    for view in self.enis.values_mut() {
-                        if let EniView::Found(e) = view {
+                    self.backoff.backoff = backoff(RETRY_MIN, RETRY_MAX);
+                    tracing::info!(action = change.action(), outcome = "success", eni = %change.eni(), addresses = n, "batch applied");
+                    if let Some(enis) = self.enis.as_mut() {
+                        for e in enis.values_mut() {
                             e.apply(&change);
+                            if assign && e.id != change.eni() {
+                                // EC2 moved the IPv4 addresses from where they were.
+                                for a in change.addresses() {
+                                    if let (IpAddr::V4(v4), true) =
+                                        (a, outcome.moved.contains_key(&a))
+                                    {
+                                        e.ipv4.remove(&v4);
+                                    }
+                                }
+                            }
                         }
                     }
                     for a in change.addresses() {
-                        self.rejected.remove(&a);
-                        if assign && !wanted.contains(&a) {
-                            // Released while the assign was in flight.
-                            self.batches.unassign(eni_id, a);
+                        self.rejected.forget(a);
+                        if assign {
+                            self.conflicts.took_back(a, outcome.moved.get(&a).cloned());
+                            if !wanted.contains(&a) {
+                                // Released while the assign was in flight.
+                                self.batches.unassign(eni_id, a);
+                            }
                         }
                     }
                     if assign {
@@ -528,48 +800,61 @@ impl Node {
                     checkpoint_changed = true;
                 }
                 Some(Err(e)) if e.kind == ErrorKind::Rejected => {
-                    self.count_call(e.action, &e);
-                    tracing::warn!(action = change.action(), outcome = "rejected", eni = %change.eni(), addresses = ?change.addresses(), error = %e.message, "EC2 refused the call; retried at the next resync");
+                    self.count_error(e.action, &e);
+                    tracing::warn!(action = change.action(), outcome = "rejected", eni = %change.eni(), addresses = ?change.addresses(), error = %e.message, "EC2 refused the call; the address waits its own backoff");
                     for a in change.addresses() {
-                        self.rejected.insert(a, e.message.clone());
+                        self.rejected.rejected(a, e.message.clone(), now);
                     }
                     if !assign {
-                        // The picture was probably stale (address already gone): re-read.
-                        self.reads.again = true;
+                        // The picture was probably stale (address already gone): read again.
+                        self.read();
                     }
                 }
                 Some(Err(e)) => {
-                    self.count_call(e.action, &e);
+                    self.count_error(e.action, &e);
                     tracing::warn!(action = change.action(), outcome = %e.kind, eni = %change.eni(), addresses = change.addresses().len(), error = %e.message, hint = e.kind.hint(), "batch failed; requeued");
-                    if !from_holder {
-                        self.requeue(eni_id, &change, assign);
+                    if !from_holder && !assign {
+                        for a in change.addresses() {
+                            self.batches.unassign(eni_id, a);
+                        }
                     }
                     self.retry_later(e.kind);
                 }
-                // The holder is looked up again with the next Assign.
-                None if from_holder => {}
-                None => self.requeue(eni_id, &change, assign),
+                None if from_holder || assign => {}
+                // `plan` queues a missing assign again; an unassign is requeued here.
+                None => {
+                    for a in change.addresses() {
+                        self.batches.unassign(eni_id, a);
+                    }
+                }
             }
         }
         if checkpoint_changed {
             self.save_checkpoint();
         }
-        if self.backoff.until.is_none() && std::mem::take(&mut self.reads.again) {
-            self.read();
-        }
     }
 
-    fn requeue(&mut self, eni: &str, change: &Change, assign: bool) {
-        for a in change.addresses() {
-            if assign {
-                // `plan` queues it again if it is still wanted.
-            } else {
-                self.batches.unassign(eni, a);
-            }
+    fn count_success(&mut self, action: &'static str) {
+        self.metrics
+            .calls
+            .get_or_create(&CallLabels {
+                action,
+                outcome: "success",
+            })
+            .inc();
+        if self.auth_failing {
+            tracing::info!(
+                action,
+                outcome = "success",
+                "EC2 accepts the agent's credentials again"
+            );
         }
+        self.auth_failing = false;
+        self.backoff.auth = backoff(AUTH_RETRY_MIN, AUTH_RETRY_MAX);
+        self.metrics.ec2_auth_failing.set(0);
     }
 
-    fn count_call(&self, action: &'static str, e: &multus_eni_ec2::Error) {
+    fn count_error(&mut self, action: &'static str, e: &multus_eni_ec2::Error) {
         let outcome = match e.kind {
             ErrorKind::Throttled => "throttled",
             ErrorKind::ServerError => "server_error",
@@ -581,18 +866,37 @@ impl Node {
         if e.kind == ErrorKind::Throttled {
             self.metrics.throttles.inc();
         }
+        if e.kind == ErrorKind::AuthOrConfig {
+            self.auth_failing = true;
+            self.metrics.ec2_auth_failing.set(1);
+        }
+        self.last_ec2_error = Some(e.to_string());
         self.metrics
             .calls
             .get_or_create(&CallLabels { action, outcome })
             .inc();
     }
 
-    /// Every call of the node waits out one backoff.
+    fn count_refusal(&self, refusal: &Refusal, address: IpAddr) {
+        self.metrics
+            .refusals
+            .get_or_create(&RefusalLabels {
+                reason: refusal.label,
+            })
+            .inc();
+        tracing::warn!(action = "plan", outcome = "refused", address = %address, eni = ?refusal.eni, reason = %refusal.reason, "refused an address");
+    }
+
+    /// Every call of the node waits out one backoff; credential errors wait minutes.
     fn retry_later(&mut self, kind: ErrorKind) {
         if self.backoff.until.is_some() {
             return;
         }
-        let wait = self.backoff.backoff.next().unwrap_or(RETRY_MAX);
+        let wait = if kind == ErrorKind::AuthOrConfig {
+            self.backoff.auth.next().unwrap_or(AUTH_RETRY_MAX)
+        } else {
+            self.backoff.backoff.next().unwrap_or(RETRY_MAX)
+        };
         tracing::info!(action = "backoff", reason = %kind, wait_ms = wait.as_millis() as u64, "node-wide backoff");
         self.backoff.until = Some(Instant::now() + wait);
         let events = self.events.clone();
@@ -602,81 +906,238 @@ impl Node {
         });
     }
 
+    fn knowledge<'a>(&'a self, enis: &'a InstanceEnis, now: Instant) -> Knowledge<'a> {
+        Knowledge {
+            instance_id: &self.config.instance_id,
+            enis,
+            foreign: &self.foreign,
+            wanted: &self.wanted,
+            rejected: &self.rejected,
+            conflicts: &self.conflicts,
+            now,
+        }
+    }
+
+    /// Where each claimed address stands, from the node's own view: what the pod's namespace
+    /// holds, not what the sidecar says.
+    fn claim_answer(&self, c: &Connection, enis: &InstanceEnis, now: Instant) -> Option<Answer> {
+        let (hint, at) = c.claim.as_ref()?;
+        let pod = self.view.pod_by_id(c.peer.netns);
+        let k = self.knowledge(enis, now);
+        let mut addresses = Vec::new();
+        for iface in &hint.interfaces {
+            let mac = multus_eni_ec2::node::parse_mac(&iface.mac);
+            let seen = pod.and_then(|p| {
+                p.interfaces
+                    .iter()
+                    .find(|i| i.mac.is_some() && i.mac == mac)
+            });
+            for &address in &iface.addresses {
+                let (state, eni, reason) = match (mac, seen) {
+                    (Some(mac), Some(i)) if i.addresses.contains(&address) => {
+                        plan::address_state(mac, address, &k)
+                    }
+                    (_, Some(i)) if matches!(address, IpAddr::V6(v6) if i.tentative.contains(&v6)) => {
+                        (
+                            AddressState::Pending,
+                            None,
+                            Some("duplicate address detection in progress".into()),
+                        )
+                    }
+                    _ if pod.is_some_and(|p| p.read_at > *at) => {
+                        (AddressState::Refused, None, Some(NOT_HELD.into()))
+                    }
+                    _ => (
+                        AddressState::Pending,
+                        None,
+                        Some("reading the pod's network namespace".into()),
+                    ),
+                };
+                addresses.push(AddressStatus {
+                    address,
+                    interface: iface.name.clone(),
+                    state: state.in_version(hint.v),
+                    eni,
+                    reason,
+                });
+            }
+        }
+        let routable = addresses.iter().all(|a| a.state.lets_pod_start());
+        Some(Answer::Status {
+            v: hint.v,
+            seq: hint.seq,
+            routable,
+            addresses,
+        })
+    }
+
     /// Sends each connected sidecar its status when it changed.
-    fn publish(&mut self) {
+    fn answer(&mut self) {
+        let Some(enis) = &self.enis else {
+            return;
+        };
         let now = Instant::now();
-        for (conn, claim) in self.claims.live() {
-            let Some(c) = self.connections.get_mut(conn) else {
-                continue;
-            };
-            let (routable, addresses) = claim_status(claim, &self.enis, &self.rejected);
-            let current = (claim.seq, routable, addresses);
-            if c.last.as_ref() == Some(&current) {
+        let mut answers = Vec::new();
+        for (id, c) in &self.connections {
+            if !c.verified {
                 continue;
             }
-            for a in &current.2 {
-                let was = c
-                    .last
-                    .as_ref()
-                    .and_then(|(_, _, l)| l.iter().find(|x| x.address == a.address));
-                if a.state == AddressState::Refused
-                    && was.map(|w| w.state) != Some(AddressState::Refused)
-                {
-                    let reason = match a.reason.as_deref() {
-                        Some(NOT_HELD) => "not_held",
-                        Some(NOT_NO_MANAGE) => "not_no_manage",
-                        Some(PRIMARY) => "primary",
-                        _ => "other",
+            if let Some(answer) = self.claim_answer(c, enis, now)
+                && c.last.as_ref() != Some(&answer)
+            {
+                answers.push((*id, answer));
+            }
+        }
+        for (id, answer) in answers {
+            let Some(c) = self.connections.get_mut(&id) else {
+                continue;
+            };
+            if let Answer::Status { addresses, .. } = &answer {
+                for a in addresses {
+                    let was = match &c.last {
+                        Some(Answer::Status { addresses, .. }) => addresses
+                            .iter()
+                            .find(|x| x.address == a.address)
+                            .map(|x| x.state),
+                        _ => None,
                     };
-                    self.metrics
-                        .refusals
-                        .get_or_create(&RefusalLabels { reason })
-                        .inc();
-                    if reason != "not_held" {
-                        tracing::warn!(action = "claim", outcome = "refused", pod = %claim.pod, interface = %a.interface, address = %a.address, eni = ?a.eni, reason = ?a.reason, "refused a claimed address");
+                    if a.state == AddressState::Refused
+                        && was != Some(AddressState::Refused)
+                        && a.reason.as_deref() == Some(NOT_HELD)
+                    {
+                        self.metrics
+                            .refusals
+                            .get_or_create(&RefusalLabels { reason: "not_held" })
+                            .inc();
+                    }
+                    if a.state == AddressState::Routable
+                        && let Some(since) = c.claimed_at.remove(&a.address)
+                    {
+                        self.metrics
+                            .claim_to_routable
+                            .observe(now.duration_since(since).as_secs_f64());
                     }
                 }
-                if a.state == AddressState::Routable
-                    && let Some(since) = c.claimed_at.remove(&a.address)
-                {
+            }
+            match c.peer.answers.try_send(answer.clone()) {
+                Ok(()) => c.last = Some(answer),
+                Err(mpsc::error::TrySendError::Full(_)) => {
                     self.metrics
-                        .claim_to_routable
-                        .observe(now.duration_since(since).as_secs_f64());
+                        .limit_hits
+                        .get_or_create(&LimitLabels {
+                            limit: "queued_answers",
+                        })
+                        .inc();
+                    tracing::warn!(
+                        action = "answer",
+                        outcome = "closed",
+                        conn = id,
+                        "a caller does not read its answers (--max-queued-answers): closing its connection"
+                    );
+                    self.connections.remove(&id);
+                }
+                Err(mpsc::error::TrySendError::Closed(_)) => {
+                    self.connections.remove(&id);
                 }
             }
-            let answer = Answer::Status {
-                v: VERSION,
-                seq: current.0,
-                routable: current.1,
-                addresses: current.2.clone(),
-            };
-            let _ = c.answers.send(answer);
-            c.last = Some(current);
+        }
+    }
+
+    /// Publishes the node's table (for `/status`, the HTTP gate, readiness and gauges).
+    fn publish(&mut self) {
+        let now = Instant::now();
+        let ready = self.enis.is_some() && self.view.complete() && !self.auth_failing;
+        self.metrics.set_ready(ready);
+        self.metrics.pending.set(self.batches.queued() as i64);
+        self.metrics
+            .address_conflicts
+            .set(self.conflicts.count(now) as i64);
+        self.metrics.oldest_pending_seconds.set(
+            self.pending_since
+                .values()
+                .map(|t| now.duration_since(*t).as_secs_f64())
+                .fold(0.0, f64::max),
+        );
+        let mut rows = Vec::new();
+        if let Some(enis) = &self.enis {
+            let k = self.knowledge(enis, now);
+            for pod in self.managed_pods() {
+                for iface in &pod.interfaces {
+                    let Some(mac) = iface.mac.filter(|m| enis.contains_key(m)) else {
+                        continue;
+                    };
+                    for &address in &iface.addresses {
+                        let (state, eni, reason) = plan::address_state(mac, address, &k);
+                        rows.push(Row {
+                            netns: pod.name.clone(),
+                            interface: iface.name.clone(),
+                            address,
+                            eni,
+                            state,
+                            reason,
+                        });
+                    }
+                    for &v6 in &iface.tentative {
+                        rows.push(Row {
+                            netns: pod.name.clone(),
+                            interface: iface.name.clone(),
+                            address: IpAddr::V6(v6),
+                            eni: None,
+                            state: AddressState::Pending,
+                            reason: Some("duplicate address detection in progress".into()),
+                        });
+                    }
+                }
+            }
+        }
+        let previous = self.status.borrow().clone();
+        let changed = previous.ready != ready
+            || previous.addresses != rows
+            || previous.last_ec2_error != self.last_ec2_error;
+        if changed {
+            self.status.send_replace(Arc::new(NodeStatus {
+                instance_id: self.config.instance_id.clone(),
+                ready,
+                last_ec2_error: self.last_ec2_error.clone(),
+                generation: previous.generation + 1,
+                addresses: rows,
+            }));
         }
     }
 
     fn save_checkpoint(&self) {
         if let Err(e) = self.checkpoint.save(&self.config.checkpoint) {
-            tracing::error!(action = "checkpoint", outcome = "failed", path = %self.config.checkpoint.display(), error = %e, "cannot write the checkpoint: a restart may miss leaks");
+            tracing::error!(action = "checkpoint", outcome = "failed", path = %self.config.checkpoint.display(), error = %e, "cannot write the checkpoint: a restart may miss a conflict");
         }
     }
+}
+
+/// Tells a refused caller why and closes its connection.
+fn refuse(peer: Peer, message: String) {
+    let _ = peer.answers.try_send(Answer::Error {
+        v: multus_eni_proto::VERSION,
+        message,
+    });
+    drop(peer.close);
 }
 
 /// What one ENI's batch did.
 #[derive(Debug, Default)]
 pub struct BatchOutcome {
-    /// Every change with its result; `None` for a change not attempted. A failed IPv6
-    /// holder lookup is reported on the assign it was for (the error names its action).
+    /// Every change with its result; `None` for a change not attempted.
     results: Vec<(Change, Option<multus_eni_ec2::Result<()>>)>,
-    /// IPv6 addresses not assigned because a non-Multus ENI holds them, with that ENI.
-    held_elsewhere: Vec<(Ipv6Addr, EniId)>,
+    /// Addresses not assigned because an ENI without `no_manage` holds them, with that ENI.
+    held_elsewhere: Vec<(IpAddr, EniId)>,
+    /// Addresses another Multus ENI held before this batch, with that ENI.
+    moved: BTreeMap<IpAddr, EniId>,
 }
 
-/// The calls of one ENI's batch, in order. After a throttled or failed call the rest is
-/// not attempted: the node backs off first. A rejected call naming several addresses is
-/// split by the shared [`Ec2::apply_splitting`], so that one bad address does not block the
-/// others. An IPv6 address is first unassigned from any other ENI that holds it (IPv6 has
-/// no reassignment), if that ENI is a Multus one (`no_manage`).
+/// The calls of one ENI's batch, in order. Before an assign, the other ENIs that hold its
+/// addresses are read: an address an ENI without `no_manage` holds (the VPC CNI's, on any
+/// instance) is left out; one that another Multus ENI holds may move (IPv4 by
+/// `AllowReassignment`, IPv6 by an unassign there first). After a throttled or failed call
+/// the rest is not attempted: the node backs off first. A rejected call naming several
+/// addresses is split by the shared [`Ec2::apply_splitting`].
 async fn call_batch(ec2: &Ec2, ours: Option<&EniAddresses>, changes: Vec<Change>) -> BatchOutcome {
     let mut out = BatchOutcome::default();
     let mut stopped = false;
@@ -686,13 +1147,10 @@ async fn call_batch(ec2: &Ec2, ours: Option<&EniAddresses>, changes: Vec<Change>
             continue;
         }
         let change = match (&change, ours) {
-            (Change::AssignIpv6 { eni, addresses }, Some(ours)) => {
-                match free_ipv6(ec2, ours, addresses, &mut out).await {
-                    Ok(left) if left.is_empty() => continue,
-                    Ok(left) => Change::AssignIpv6 {
-                        eni: eni.clone(),
-                        addresses: left,
-                    },
+            (Change::AssignIpv4 { .. } | Change::AssignIpv6 { .. }, Some(ours)) => {
+                match free_addresses(ec2, ours, &change, &mut out).await {
+                    Ok(Some(left)) => left,
+                    Ok(None) => continue,
                     Err(e) => {
                         stopped = true;
                         out.results.push((change, e.map(Err)));
@@ -714,22 +1172,26 @@ async fn call_batch(ec2: &Ec2, ours: Option<&EniAddresses>, changes: Vec<Change>
     out
 }
 
-/// Unassigns `addresses` from the other Multus ENIs that hold them, recording each call in
-/// `out`, and returns the addresses that may be assigned now. An address held by an ENI
-/// without `no_manage` is left out (`out.held_elsewhere`): never taken from the VPC CNI.
-/// `Err` after a failure other than a rejection (the node backs off): `Some` with the
-/// holder lookup's error, `None` when an unassign failed (recorded in `out`).
-async fn free_ipv6(
+/// The part of an assign that may go out: addresses held by an ENI without `no_manage` are
+/// left out (`out.held_elsewhere`); IPv6 addresses another Multus ENI holds are unassigned
+/// there first. `Ok(None)` when nothing is left. `Err` after a failure other than a rejection
+/// (the node backs off): `Some` with the holder lookup's error, `None` when an unassign
+/// failed (recorded in `out`).
+async fn free_addresses(
     ec2: &Ec2,
     ours: &EniAddresses,
-    addresses: &[Ipv6Addr],
+    change: &Change,
     out: &mut BatchOutcome,
-) -> std::result::Result<Vec<Ipv6Addr>, Option<multus_eni_ec2::Error>> {
-    let wanted: BTreeSet<Ipv6Addr> = addresses.iter().copied().collect();
-    let holders = ec2.ipv6_holder_enis(ours, &wanted).await.map_err(Some)?;
+) -> std::result::Result<Option<Change>, Option<multus_eni_ec2::Error>> {
+    let wanted: BTreeSet<IpAddr> = change.addresses().into_iter().collect();
+    let holders = ec2.holder_enis(ours, &wanted).await.map_err(Some)?;
     let mut left = wanted.clone();
     for holder in holders {
-        let held: Vec<Ipv6Addr> = holder.ipv6.intersection(&wanted).copied().collect();
+        let held: Vec<IpAddr> = wanted
+            .iter()
+            .copied()
+            .filter(|a| holder.holds(*a))
+            .collect();
         if !holder.no_manage {
             for a in held {
                 left.remove(&a);
@@ -737,9 +1199,22 @@ async fn free_ipv6(
             }
             continue;
         }
+        for &a in &held {
+            out.moved.insert(a, holder.id.clone());
+        }
+        let v6: Vec<Ipv6Addr> = held
+            .iter()
+            .filter_map(|a| match a {
+                IpAddr::V6(v6) => Some(*v6),
+                IpAddr::V4(_) => None,
+            })
+            .collect();
+        if v6.is_empty() {
+            continue;
+        }
         let unassign = Change::UnassignIpv6 {
             eni: holder.id.clone(),
-            addresses: held,
+            addresses: v6,
         };
         for outcome in ec2.apply_splitting(&unassign).await {
             let failed = matches!(&outcome.result, Err(e) if e.kind != ErrorKind::Rejected);
@@ -749,5 +1224,30 @@ async fn free_ipv6(
             }
         }
     }
-    Ok(left.into_iter().collect())
+    if left.is_empty() {
+        return Ok(None);
+    }
+    let eni = change.eni().to_string();
+    Ok(Some(match change {
+        Change::AssignIpv4 { .. } => Change::AssignIpv4 {
+            eni,
+            addresses: left
+                .iter()
+                .filter_map(|a| match a {
+                    IpAddr::V4(v4) => Some(*v4),
+                    IpAddr::V6(_) => None,
+                })
+                .collect(),
+        },
+        _ => Change::AssignIpv6 {
+            eni,
+            addresses: left
+                .iter()
+                .filter_map(|a| match a {
+                    IpAddr::V6(v6) => Some(*v6),
+                    IpAddr::V4(_) => None,
+                })
+                .collect(),
+        },
+    }))
 }

@@ -1,28 +1,36 @@
-//! The agent's wiring: the Unix socket, the metrics listener, the resync timer, the node
-//! task and the signals that end them.
+//! The agent's wiring: the instance id, the Unix socket, the HTTP listener, the watcher, the
+//! resync timer, the node task and the signals that end them.
 
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::Path;
 use std::sync::Arc;
 
 use multus_eni_ec2::eni::Ec2;
 use tokio::net::UnixListener;
 use tokio::signal::unix::{SignalKind, signal};
-use tokio::sync::mpsc;
+use tokio::sync::{Semaphore, mpsc, watch};
 
 use crate::checkpoint::Checkpoint;
 use crate::cli::RunArgs;
-use crate::metrics::{self, Metrics};
+use crate::connection::Limits;
+use crate::metrics::{self, LimitLabels, Metrics};
 use crate::node::{Event, Node, NodeConfig};
+use crate::status::{self, NodeStatus};
 use crate::{Error, Result};
 
 /// Runs the agent until SIGTERM or SIGINT.
 pub async fn run(args: RunArgs) -> Result<()> {
     let node_name = std::env::var("NODE_NAME").unwrap_or_default();
+    let instance_id = match &args.instance_id {
+        Some(id) => id.clone(),
+        None => multus_eni_ec2::node::instance_id_from_imds()
+            .await
+            .map_err(Error::InstanceId)?,
+    };
     let metrics = Arc::new(Metrics::new());
     let checkpoint_path = Checkpoint::path(&args.state_dir);
     let checkpoint = Checkpoint::load(&checkpoint_path).unwrap_or_else(|e| {
-        tracing::error!(action = "checkpoint", outcome = "unreadable", path = %checkpoint_path.display(), error = %e, "starting without the checkpoint: leaks from before are not reclaimed");
+        tracing::error!(action = "checkpoint", outcome = "unreadable", path = %checkpoint_path.display(), error = %e, "starting without the checkpoint: a conflict from before the restart is seen as a first move");
         Checkpoint::default()
     });
     let mut sigterm = signal(SignalKind::terminate()).map_err(Error::Signal)?;
@@ -30,49 +38,89 @@ pub async fn run(args: RunArgs) -> Result<()> {
     let http = tokio::net::TcpListener::bind(args.metrics_addr)
         .await
         .map_err(|e| Error::io(format!("binding {}", args.metrics_addr), e))?;
-    let listener = bind_socket(&args.socket)?;
+    let (listener, socket_id) = bind_socket(&args.socket)?;
     tracing::info!(
         action = "start",
         node = %node_name,
+        instance = %instance_id,
+        pods = ?args.pods,
         socket = %args.socket.display(),
         metrics_addr = %args.metrics_addr,
         netns_dir = %args.netns_dir.display(),
-        known_enis = checkpoint.enis.len(),
-        "serving sidecars"
+        "watching the node"
     );
-    let router = metrics::router(metrics.clone());
+    let (status_tx, status_rx) = watch::channel(Arc::new(NodeStatus {
+        instance_id: instance_id.clone(),
+        ..NodeStatus::default()
+    }));
+    let router = metrics::router(metrics.clone()).merge(status::router(status_rx));
     tokio::spawn(async move {
         if let Err(e) = axum::serve(http, router).await {
-            tracing::error!(action = "metrics", outcome = "failed", error = %e, "metrics server stopped");
+            tracing::error!(action = "http", outcome = "failed", error = %e, "HTTP server stopped");
         }
     });
     let ec2 = Arc::new(Ec2::from_env().await);
     let (events, inbox) = mpsc::unbounded_channel();
+    let seen = events.clone();
+    let watch = crate::watch::spawn(
+        args.netns_dir.clone(),
+        args.max_netns_reads,
+        metrics.clone(),
+        move |s| {
+            let _ = seen.send(Event::Seen(s));
+        },
+    );
     let node = Node::new(
         ec2,
-        metrics,
+        metrics.clone(),
         NodeConfig {
-            netns_dir: args.netns_dir.clone(),
+            instance_id,
+            pods: args.pods,
             checkpoint: checkpoint_path,
             reclaim_after: args.reclaim_after,
-            node_name,
             batch_interval: args.batch_interval,
+            max_connections_per_pod: args.max_connections_per_pod,
         },
         checkpoint,
         events.clone(),
+        watch,
+        status_tx,
     );
     let node = tokio::spawn(node.run(inbox));
     let accept_events = events.clone();
+    let limits = Limits {
+        max_line_bytes: args.max_line_bytes,
+        max_queued_answers: args.max_queued_answers,
+    };
+    let connections = Arc::new(Semaphore::new(args.max_connections.max(1)));
     tokio::spawn(async move {
         let mut next: u64 = 0;
         loop {
             match listener.accept().await {
                 Ok((stream, _)) => {
+                    let Ok(permit) = connections.clone().try_acquire_owned() else {
+                        metrics
+                            .limit_hits
+                            .get_or_create(&LimitLabels {
+                                limit: "connections",
+                            })
+                            .inc();
+                        tracing::warn!(
+                            action = "accept",
+                            outcome = "refused",
+                            "--max-connections reached: closing a new connection"
+                        );
+                        drop(stream);
+                        continue;
+                    };
                     next += 1;
                     tokio::spawn(crate::connection::serve(
                         stream,
                         next,
+                        limits,
+                        metrics.clone(),
                         accept_events.clone(),
+                        permit,
                     ));
                 }
                 Err(e) => {
@@ -84,7 +132,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
     });
     let period = args.resync_interval;
     tokio::spawn(async move {
-        // The first tick is immediate: the node's ENIs (from the checkpoint) are read at start.
+        // The first tick is immediate: the instance's ENIs are read at start.
         let mut ticks = tokio::time::interval(period);
         ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -103,13 +151,16 @@ pub async fn run(args: RunArgs) -> Result<()> {
         action = "stop",
         "stopping; the checkpoint keeps what was assigned"
     );
-    let _ = std::fs::remove_file(&args.socket);
+    remove_socket_if_ours(&args.socket, socket_id);
     Ok(())
 }
 
+/// The device and inode of the socket file this agent bound.
+type SocketId = (u64, u64);
+
 /// Binds the socket (replacing a stale one) with mode 0666: who may ask for what is decided
-/// from the caller's credentials and namespace, not by file modes.
-fn bind_socket(path: &Path) -> Result<UnixListener> {
+/// from the caller's namespace, not by file modes.
+fn bind_socket(path: &Path) -> Result<(UnixListener, SocketId)> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir)
             .map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
@@ -123,5 +174,44 @@ fn bind_socket(path: &Path) -> Result<UnixListener> {
         .map_err(|e| Error::io(format!("binding {}", path.display()), e))?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o666))
         .map_err(|e| Error::io(format!("chmod {}", path.display()), e))?;
-    Ok(listener)
+    let meta =
+        std::fs::metadata(path).map_err(|e| Error::io(format!("stat {}", path.display()), e))?;
+    Ok((listener, (meta.dev(), meta.ino())))
+}
+
+/// Removes the socket file only if it is still the one this agent bound: in a rolling update
+/// the new agent may already have bound its own at the same path.
+fn remove_socket_if_ours(path: &Path, ours: SocketId) {
+    match std::fs::metadata(path) {
+        Ok(meta) if (meta.dev(), meta.ino()) == ours => {
+            let _ = std::fs::remove_file(path);
+        }
+        Ok(_) => {
+            tracing::info!(action = "stop", socket = %path.display(), "the socket now belongs to another agent: left in place")
+        }
+        Err(_) => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn the_socket_is_removed_only_while_it_is_ours() {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let path = dir.path().join("agent.sock");
+        let (old, old_id) = bind_socket(&path).unwrap_or_else(|e| panic!("{e}"));
+        // A newer agent binds the same path (rolling update).
+        let (_new, new_id) = bind_socket(&path).unwrap_or_else(|e| panic!("{e}"));
+        assert_ne!(old_id, new_id);
+        drop(old);
+        remove_socket_if_ours(&path, old_id);
+        assert!(
+            path.exists(),
+            "the old agent removed the new agent's socket"
+        );
+        remove_socket_if_ours(&path, new_id);
+        assert!(!path.exists());
+    }
 }

@@ -297,6 +297,8 @@ pub struct Ec2 {
     /// Cleared when the endpoint rejects the `ipv6-addresses.ipv6-address` filter (some EC2
     /// emulators): IPv6 holders are then found by reading the ENIs of the subnet.
     ipv6_filter: AtomicBool,
+    /// The same for `addresses.private-ip-address` (IPv4 holders).
+    ipv4_filter: AtomicBool,
 }
 
 /// A client from the standard SDK chain only (region, credentials, `AWS_ENDPOINT_URL_EC2`),
@@ -342,6 +344,7 @@ impl Ec2 {
             client: RwLock::new(client),
             has_region: AtomicBool::new(has_region),
             ipv6_filter: AtomicBool::new(true),
+            ipv4_filter: AtomicBool::new(true),
         }
     }
 
@@ -407,42 +410,84 @@ impl Ec2 {
         Ok(holders(&enis, &ours.id, addresses))
     }
 
-    /// The *other* ENIs that hold some of `addresses`, as read (the node agent checks their
-    /// `no_manage` tag before it takes an address away). One `DescribeNetworkInterfaces` with
-    /// filter `ipv6-addresses.ipv6-address`; if the endpoint does not know that filter
-    /// ([`filter_unsupported`]), the ENIs of our subnet (the only ones that can hold an
-    /// address of its /64) are read instead, from then on.
+    /// The *other* ENIs that hold some of the IPv6 `addresses`, as read; see
+    /// [`Ec2::holder_enis`].
     pub async fn ipv6_holder_enis(
         &self,
         ours: &EniAddresses,
         addresses: &BTreeSet<Ipv6Addr>,
     ) -> Result<Vec<EniAddresses>> {
-        let others = |enis: Vec<EniAddresses>| -> Vec<EniAddresses> {
-            enis.into_iter()
-                .filter(|e| e.id != ours.id && !e.ipv6.is_disjoint(addresses))
-                .collect()
-        };
-        if self.ipv6_filter.load(Ordering::Relaxed) {
-            let values: Vec<String> = addresses.iter().map(ToString::to_string).collect();
-            let result = self
-                .describe_all_raw(
-                    Filter::builder()
-                        .name("ipv6-addresses.ipv6-address")
-                        .set_values(Some(values))
-                        .build(),
-                )
-                .await;
-            match result {
-                Ok(enis) => return Ok(others(enis)),
+        let asked: BTreeSet<IpAddr> = addresses.iter().map(|a| IpAddr::V6(*a)).collect();
+        self.holder_enis(ours, &asked).await
+    }
+
+    /// The *other* ENIs that hold some of `addresses`, as read (the node agent checks their
+    /// `no_manage` tag before it lets an address move). One `DescribeNetworkInterfaces` per
+    /// address family, with filter `addresses.private-ip-address` (IPv4, secondaries included)
+    /// or `ipv6-addresses.ipv6-address`; if the endpoint does not know the filter
+    /// ([`filter_unsupported`]), the ENIs of our subnet (the only ones that can hold an address
+    /// of its prefixes) are read instead, from then on.
+    pub async fn holder_enis(
+        &self,
+        ours: &EniAddresses,
+        addresses: &BTreeSet<IpAddr>,
+    ) -> Result<Vec<EniAddresses>> {
+        let mut found: BTreeMap<EniId, EniAddresses> = BTreeMap::new();
+        let families = [
+            (
+                "addresses.private-ip-address",
+                &self.ipv4_filter,
+                addresses.iter().filter(|a| a.is_ipv4()).collect::<Vec<_>>(),
+            ),
+            (
+                "ipv6-addresses.ipv6-address",
+                &self.ipv6_filter,
+                addresses.iter().filter(|a| a.is_ipv6()).collect(),
+            ),
+        ];
+        for (name, supported, values) in families {
+            if values.is_empty() {
+                continue;
+            }
+            for eni in self
+                .described_holders(ours, name, supported, &values)
+                .await?
+            {
+                found.insert(eni.id.clone(), eni);
+            }
+        }
+        Ok(found
+            .into_values()
+            .filter(|e| e.id != ours.id && addresses.iter().any(|a| e.holds(*a)))
+            .collect())
+    }
+
+    /// The ENIs that EC2 finds with filter `name` over `values`, or those of our subnet once the
+    /// endpoint has rejected that filter.
+    async fn described_holders(
+        &self,
+        ours: &EniAddresses,
+        name: &str,
+        supported: &AtomicBool,
+        values: &[&IpAddr],
+    ) -> Result<Vec<EniAddresses>> {
+        if supported.load(Ordering::Relaxed) {
+            let filter = Filter::builder()
+                .name(name)
+                .set_values(Some(values.iter().map(ToString::to_string).collect()))
+                .build();
+            match self.describe_all_raw(filter).await {
+                Ok(enis) => return Ok(enis),
                 Err(f) if filter_unsupported(f.error.kind, f.code.as_deref(), f.status) => {
                     tracing::warn!(
                         action = "DescribeNetworkInterfaces",
                         outcome = "filter_unsupported",
+                        filter = name,
                         error = %f.error.message,
-                        "the EC2 endpoint rejected filter ipv6-addresses.ipv6-address; finding IPv6 holders \
-                         by reading the ENIs of the subnet from now on"
+                        "the EC2 endpoint rejected the filter; finding address holders by reading \
+                         the ENIs of the subnet from now on"
                     );
-                    self.ipv6_filter.store(false, Ordering::Relaxed);
+                    supported.store(false, Ordering::Relaxed);
                 }
                 Err(f) => return Err(f.error),
             }
@@ -450,11 +495,9 @@ impl Ec2 {
         let Some(subnet) = ours.subnet_id.clone() else {
             return Ok(Vec::new());
         };
-        let enis = self
-            .describe_all_raw(Filter::builder().name("subnet-id").values(subnet).build())
+        self.describe_all_raw(Filter::builder().name("subnet-id").values(subnet).build())
             .await
-            .map_err(|f| f.error)?;
-        Ok(others(enis))
+            .map_err(|f| f.error)
     }
 
     /// [`Ec2::ipv6_holders`] for the addresses whose holder `known` does not have yet; what

@@ -7,9 +7,19 @@ use std::net::IpAddr;
 
 use serde::{Deserialize, Serialize};
 
-/// The protocol version this build speaks. An agent answers a line of another version with
-/// [`Answer::Error`] and keeps the connection.
-pub const VERSION: u32 = 1;
+/// The protocol version this build speaks. Version 2 adds [`AddressState::Conflict`]; an agent
+/// answers each line in the version it came in ([`answer_version`]), so sidecars of the previous
+/// release keep working, and answers a line of a version it does not know with
+/// [`Answer::Error`].
+pub const VERSION: u32 = 2;
+
+/// The oldest version an agent of this build still answers.
+pub const OLDEST_VERSION: u32 = 1;
+
+/// The version to answer a line of version `v` in; `None` when this build does not speak it.
+pub fn answer_version(v: u32) -> Option<u32> {
+    (OLDEST_VERSION..=VERSION).contains(&v).then_some(v)
+}
 
 /// A line from the sidecar to the agent.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -85,6 +95,11 @@ pub enum AddressState {
     Refused,
     /// No ENI carries the interface's MAC (macvlan, SR-IOV...): left alone, not waited for.
     NoEni,
+    /// Version 2: the address is wanted on another node's ENI too; the agent took it back once
+    /// and now waits (minutes, doubling) before it tries again. `eni` names the other ENI.
+    Conflict,
+    /// HTTP startup gate only: no pod network namespace of the node holds the address (yet).
+    Unknown,
 }
 
 impl AddressState {
@@ -92,6 +107,38 @@ impl AddressState {
     pub fn lets_pod_start(self) -> bool {
         matches!(self, AddressState::Routable | AddressState::NoEni)
     }
+
+    /// The state as a sidecar speaking version `v` knows it: version 1 has no `conflict` (nor
+    /// `unknown`), which it reads as `pending`.
+    pub fn in_version(self, v: u32) -> Self {
+        match self {
+            AddressState::Conflict | AddressState::Unknown if v < 2 => AddressState::Pending,
+            s => s,
+        }
+    }
+}
+
+/// The answer of the agent's read-only HTTP startup gate (`GET /v1/addresses`): where each
+/// asked address stands on this node.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GateAnswer {
+    /// Changes whenever the agent's view of the node changes: pass it back as `since` to wait
+    /// for the next change (long poll).
+    pub generation: u64,
+    /// Every asked address is `routable` or `no_eni`.
+    pub routable: bool,
+    pub addresses: Vec<GateAddress>,
+}
+
+/// One address of a [`GateAnswer`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GateAddress {
+    pub address: IpAddr,
+    pub state: AddressState,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub eni: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
 }
 
 /// One line (JSON plus `\n`).
@@ -127,7 +174,7 @@ mod tests {
         let line = encode(&claim);
         assert_eq!(
             line,
-            "{\"type\":\"claim\",\"v\":1,\"seq\":3,\"pod\":\"web-0\",\"interfaces\":[{\"name\":\"net1\",\"mac\":\"0e:00:00:00:00:01\",\"addresses\":[\"10.0.1.5\"]}]}\n"
+            "{\"type\":\"claim\",\"v\":2,\"seq\":3,\"pod\":\"web-0\",\"interfaces\":[{\"name\":\"net1\",\"mac\":\"0e:00:00:00:00:01\",\"addresses\":[\"10.0.1.5\"]}]}\n"
         );
         assert_eq!(decode::<Request>(&line).ok(), Some(claim));
     }
@@ -154,5 +201,22 @@ mod tests {
         assert!(decode::<Request>("{\"type\":\"steal\",\"v\":1}").is_err());
         assert!(AddressState::NoEni.lets_pod_start());
         assert!(!AddressState::Pending.lets_pod_start());
+    }
+
+    #[test]
+    fn a_version_1_sidecar_is_answered_in_its_own_words() {
+        assert_eq!(answer_version(1), Some(1));
+        assert_eq!(answer_version(VERSION), Some(VERSION));
+        assert_eq!(answer_version(0), None);
+        assert_eq!(answer_version(VERSION + 1), None);
+        assert_eq!(
+            AddressState::Conflict.in_version(1),
+            AddressState::Pending,
+            "v1 sidecars cannot decode `conflict`"
+        );
+        assert_eq!(AddressState::Conflict.in_version(2), AddressState::Conflict);
+        assert_eq!(AddressState::Routable.in_version(1), AddressState::Routable);
+        let v1_line = "{\"type\":\"status\",\"v\":1,\"seq\":1,\"routable\":false,\"addresses\":[{\"address\":\"10.0.1.5\",\"interface\":\"net1\",\"state\":\"pending\"}]}";
+        assert!(decode::<Answer>(v1_line).is_ok());
     }
 }

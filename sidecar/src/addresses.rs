@@ -42,6 +42,8 @@ struct Interface {
 #[derive(Debug, Clone, Default)]
 pub struct InterfaceTable {
     wanted: Vec<String>,
+    /// Every interface counts, whatever its name (the node agent's view of a pod namespace).
+    all: bool,
     by_index: BTreeMap<u32, Interface>,
 }
 
@@ -100,8 +102,21 @@ impl InterfaceTable {
     pub fn new(wanted: Vec<String>) -> Self {
         Self {
             wanted,
+            all: false,
             by_index: BTreeMap::new(),
         }
+    }
+
+    /// A table of every interface of the namespace (the node agent's view of a pod).
+    pub fn every_interface() -> Self {
+        Self {
+            all: true,
+            ..Self::default()
+        }
+    }
+
+    fn is_wanted(&self, name: &str) -> bool {
+        self.all || self.wanted.iter().any(|w| w == name)
     }
 
     /// The interface names the sidecar manages, in command-line order.
@@ -161,9 +176,10 @@ impl InterfaceTable {
         let index = link.header.index;
         let name = link_name(link);
         let mac = link_mac(link);
+        let wanted = name.is_some_and(|n| self.is_wanted(n));
         match (self.by_index.get_mut(&index), name) {
             // Renamed away from a wanted name: no longer ours.
-            (Some(_), Some(n)) if !self.wanted.iter().any(|w| w == n) => {
+            (Some(_), Some(_)) if !wanted => {
                 self.by_index.remove(&index);
                 Applied {
                     changed: true,
@@ -191,7 +207,7 @@ impl InterfaceTable {
                 }
                 Applied::default()
             }
-            (None, Some(n)) if self.wanted.iter().any(|w| w == n) => {
+            (None, Some(n)) if wanted => {
                 self.by_index.insert(
                     index,
                     Interface {
@@ -286,7 +302,11 @@ impl AddressWatcher {
     /// Re-reads every named link and its addresses into a fresh table; returns whether the
     /// desired state changed.
     pub async fn dump(&self, table: &mut InterfaceTable) -> Result<bool> {
-        let mut fresh = InterfaceTable::new(table.wanted.clone());
+        let mut fresh = InterfaceTable {
+            wanted: table.wanted.clone(),
+            all: table.all,
+            by_index: BTreeMap::new(),
+        };
         let mut links = self.handle.link().get().execute();
         while let Some(link) = links.try_next().await.map_err(netlink_error)? {
             fresh.apply(&RouteNetlinkMessage::NewLink(link));
@@ -512,6 +532,18 @@ mod tests {
         assert!(t.desired()[0].addresses.is_empty());
         t.apply(&RouteNetlinkMessage::DelAddress(failed));
         assert!(t.dad_failed().is_empty());
+    }
+
+    #[test]
+    fn a_table_of_every_interface_keeps_them_all() {
+        let mut t = InterfaceTable::every_interface();
+        t.apply(&link(2, "eth0", [2, 0, 0, 0, 0, 1]));
+        t.apply(&link(3, "anything", [2, 0, 0, 0, 0, 2]));
+        assert_eq!(t.desired().len(), 2);
+        assert!(t.missing().is_empty());
+        let mut named = InterfaceTable::new(vec!["net1".into()]);
+        named.apply(&link(2, "eth0", [2, 0, 0, 0, 0, 1]));
+        assert!(named.desired().is_empty());
     }
 
     #[test]

@@ -3,36 +3,63 @@ proxy there), and pods for it: each pod a network namespace of its own, linked i
 agent's `--netns-dir`, with a sidecar in agent mode inside.
 
 Several agents share this host: each has its own socket, netns directory and state
-directory, and its node's ENIs are those whose MACs its pods carry.
+directory. A simulated node (`SimNode`) is an agent bound to an instance of its own
+(`--instance-id`, a Multus ENI and a VPC CNI ENI attached to it, see `moto.add_node`).
+
+Claims a test makes by hand come from a process started inside the pod's namespace
+(`claim_from`, tests/lib/claim_client.py): the agent reads the caller's namespace from the
+peer's pid, and a pytest thread that entered a namespace is reported with pytest's pid (the
+host's namespace).
 """
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import os
 import signal
-import socket
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
 from . import sidecar as sidecar_lib
-from .moto import CREDENTIALS, REGION
+from .moto import CREDENTIALS, REGION, NodeEnis
 from .netns import NetNS
 
 _ports = itertools.count(19900)
+
+
+CLAIM_CLIENT = Path(__file__).resolve().parent / "claim_client.py"
 
 
 def binary_path() -> Path:
     return sidecar_lib.binary_path().parent / "multus-eni-agent"
 
 
+@functools.lru_cache(maxsize=None)
+def supports_flag(binary: Path, flag: str) -> bool:
+    """Whether `binary run` knows `flag`: the agent before issue 17 has no `--instance-id`,
+    and the tests still run against it (to see them fail for the reason they name)."""
+    out = subprocess.run([str(binary), "run", "--help"], capture_output=True, text=True)
+    return flag in out.stdout
+
+
 class Agent:
     """One agent process; `start()` again after `kill()` restarts it with the same state."""
 
-    def __init__(self, ns: NetNS, endpoint: str, workdir: Path, binary: Path | None = None, args: list[str] | None = None):
+    def __init__(
+        self,
+        ns: NetNS,
+        endpoint: str,
+        workdir: Path,
+        binary: Path | None = None,
+        args: list[str] | None = None,
+        instance_id: str | None = None,
+    ):
         self.ns = ns
+        self.instance_id = instance_id
         self.endpoint = endpoint
         self.workdir = workdir
         self.socket = workdir / "run" / "agent.sock"
@@ -58,6 +85,7 @@ class Agent:
             f"--metrics-addr=127.0.0.1:{self.metrics_port}",
             f"--netns-dir={self.netns_dir}",
             f"--state-dir={self.state_dir}",
+            *self._instance_args(),
             *self.args,
             *extra,
         ]
@@ -72,6 +100,11 @@ class Agent:
             self.ns.exec_argv(argv), env=env, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True
         )
         return self
+
+    def _instance_args(self) -> list[str]:
+        if self.instance_id is None or not supports_flag(self.binary, "--instance-id"):
+            return []
+        return [f"--instance-id={self.instance_id}"]
 
     def kill(self, sig: int = signal.SIGKILL) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -111,6 +144,24 @@ class Agent:
             if line.startswith(want + " "):
                 return float(line.split()[-1])
         return 0.0
+
+    def status(self) -> dict[str, Any]:
+        """`GET /status` as JSON ({} when not answered)."""
+        code, text = self.http("/status")
+        return json.loads(text) if code == 200 and text else {}
+
+    def status_of(self, address: str) -> list[dict[str, Any]]:
+        return [a for a in self.status().get("addresses", []) if a.get("address") == address]
+
+    def memory_kib(self) -> dict[str, int]:
+        """VmRSS and VmHWM (peak RSS) of the agent process, in KiB."""
+        assert self.proc is not None
+        out = {}
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key in ("VmRSS", "VmHWM"):
+                out[key] = int(value.split()[0])
+        return out
 
     def logs(self) -> list[dict[str, Any]]:
         out = []
@@ -152,8 +203,8 @@ class AgentPod:
         for a in addresses:
             self.add(name, a)
 
-    def add(self, name: str, address: str) -> None:
-        self.ns.add_address(name, address + ("/64" if ":" in address else "/24"))
+    def add(self, name: str, address: str, nodad: bool = True) -> None:
+        self.ns.add_address(name, address + ("/64" if ":" in address else "/24"), nodad=nodad)
 
     def remove(self, name: str, address: str) -> None:
         self.ns.del_address(name, address + ("/64" if ":" in address else "/24"))
@@ -183,29 +234,69 @@ class AgentPod:
         self.ns.close()
 
 
-def raw_claim(pod_ns: NetNS, socket_path: Path, interfaces: list[dict[str, Any]]) -> dict[str, Any]:
-    """Connects to the agent from inside `pod_ns` as any process could, sends one claim and
-    returns the first status answer."""
-
-    def talk() -> dict[str, Any]:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-            s.settimeout(60)
-            s.connect(str(socket_path))
-            s.sendall((json.dumps({"type": "claim", "v": 1, "seq": 1, "interfaces": interfaces}) + "\n").encode())
-            buf = b""
-            while True:
-                chunk = s.recv(65536)
-                if not chunk:
-                    raise AssertionError(f"agent closed the connection; got {buf!r}")
-                buf += chunk
-                while b"\n" in buf:
-                    line, buf = buf.split(b"\n", 1)
-                    answer = json.loads(line)
-                    # The first status may say "pending" while the ENI is being read.
-                    if answer.get("type") != "status" or all(a["state"] != "pending" for a in answer["addresses"]):
-                        return answer
-
-    return pod_ns.call(talk)
+def claim_line(interfaces: list[dict[str, Any]], v: int = 1, seq: int = 1) -> str:
+    return json.dumps({"type": "claim", "v": v, "seq": seq, "interfaces": interfaces})
 
 
-__all__ = ["Agent", "AgentPod", "raw_claim", "REGION", "CREDENTIALS"]
+def claim_from(
+    ns: NetNS | None,
+    socket_path: Path,
+    mode: str,
+    arg: str,
+    own_pid_namespace: bool = False,
+    timeout: float = 30,
+) -> dict[str, Any]:
+    """Runs tests/lib/claim_client.py as a process inside `ns` (the host's namespace when None),
+    optionally in a pid namespace of its own; returns its report
+    ({"answers": [...], "closed": bool, "sent": n})."""
+    argv = [sys.executable, str(CLAIM_CLIENT), str(socket_path), mode, arg, str(timeout)]
+    if own_pid_namespace:
+        argv = ["unshare", "--pid", "--fork", *argv]
+    if ns is not None:
+        argv = ns.exec_argv(argv)
+    out = subprocess.run(argv, capture_output=True, text=True, timeout=timeout + 30)
+    if out.returncode != 0:
+        raise AssertionError(f"claim client failed ({out.returncode}): {out.stderr.strip()}")
+    return json.loads(out.stdout)
+
+
+def claim(ns: NetNS | None, socket_path: Path, interfaces: list[dict[str, Any]], v: int = 1, **kw: Any) -> dict[str, Any]:
+    """One claim from a process inside `ns`; returns the claim client's report."""
+    return claim_from(ns, socket_path, "claim", claim_line(interfaces, v), **kw)
+
+
+class SimNode:
+    """One simulated node: an instance of its own in EC2 (`moto.NodeEnis`) and its agent, bound
+    to that instance with `--instance-id`; pods are network namespaces linked into the agent's
+    `--netns-dir`."""
+
+    def __init__(
+        self,
+        name: str,
+        enis: NodeEnis,
+        ns: NetNS,
+        endpoint: str,
+        tmp_path: Path,
+        agent_binary: Path,
+        sidecar_binary: Path,
+        args: list[str],
+    ):
+        self.name = name
+        self.enis = enis
+        self.tmp_path = tmp_path
+        self.sidecar_binary = sidecar_binary
+        self.agent = Agent(ns, endpoint, tmp_path / f"node-{name}", agent_binary, args, instance_id=enis.instance_id)
+        self.pods: list[AgentPod] = []
+
+    def pod(self, name: str | None = None, sidecar_binary: Path | None = None) -> AgentPod:
+        p = AgentPod(self.agent, self.tmp_path, sidecar_binary or self.sidecar_binary, name or f"{self.name}-pod-{len(self.pods)}")
+        self.pods.append(p)
+        return p
+
+    def cleanup(self) -> None:
+        for p in self.pods:
+            p.delete()
+        self.agent.kill()
+
+
+__all__ = ["Agent", "AgentPod", "SimNode", "claim", "claim_from", "REGION", "CREDENTIALS"]

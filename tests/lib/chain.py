@@ -911,6 +911,9 @@ class Chain:
         agent_pod = {"metadata": {"name": "multus-eni-agent-x1y2z", "namespace": "multus-eni-agent"},
                      "spec": {"nodeName": self.network.node_name}}
         env = {"PATH": CONTAINER_PATH, **container_env(container, agent_pod), **aws_env(self.endpoint)}
+        # The instance the node is (IMDS on a real node; no IMDS here). An agent from before
+        # issue 17 ignores the variable.
+        env["MULTUS_ENI_INSTANCE_ID"] = self.network.world.instance_id
         argv = [str(self.agent_binary), *args]
         log = self.logs / "agent.log"
         agent = self.agent = Process("agent", self.node.exec_argv(argv), log, env=env).start()

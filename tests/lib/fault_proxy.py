@@ -9,21 +9,37 @@ the sidecar's reaction time. Faults are injected per action: throttling
 `InternalError`), optionally only for requests a predicate picks (one filter of
 DescribeNetworkInterfaces); holding requests until released; or forwarding a request and
 holding its answer for a while (EC2 carried the call out, the caller does not know yet).
-It also answers as IMDSv2 for the region (`/latest/api/token`,
-`/latest/meta-data/placement/region`) when the sidecar's `AWS_EC2_METADATA_SERVICE_ENDPOINT`
+It also answers as IMDSv2 for the region and, when `imds_instance_id` is set, the instance id
+(`/latest/api/token`, `/latest/meta-data/placement/region`, `/latest/meta-data/instance-id`) when the sidecar's `AWS_EC2_METADATA_SERVICE_ENDPOINT`
 points at it, with HTTP 500 while `imds_down` is set.
 Addresses can be marked as refused: an Assign that names one fails as a whole with
 `InvalidParameterValue`, as EC2 answers for an address outside the subnet.
 
-Where moto is laxer than EC2 the proxy answers as EC2 does: an UnassignPrivateIpAddresses
-that names an address not on the ENI fails as a whole with `InvalidParameterValue` (moto
-drops the unknown address silently and unassigns the rest).
+Where moto is laxer than EC2 the proxy answers as EC2 does, from moto's own data (it never
+keeps EC2 state of its own):
+- an UnassignPrivateIpAddresses that names an address not on the ENI fails as a whole with
+  `InvalidParameterValue` (moto drops the unknown address silently and unassigns the rest);
+- an AssignPrivateIpAddresses with `AllowReassignment=true` MOVES an address another ENI holds
+  as a secondary (moto copies it: the proxy unassigns it from every other holder after moto
+  answered); without `AllowReassignment`, or when the address is another ENI's primary, it fails
+  with `PrivateIpAddressInUse` (moto copies it regardless);
+- an AssignIpv6Addresses naming an address another ENI holds fails with
+  `InvalidParameterValue` (IPv6 has no reassignment; moto copies it);
+- DescribeNetworkInterfaces with filter `addresses.private-ip-address` matches secondary
+  addresses too (moto matches only primaries), and filter `ipv6-addresses.ipv6-address` is
+  answered (moto answers HTTP 500): the proxy forwards the call without those filters and drops
+  the ENIs that do not match from moto's answer. `reject_filter(name)` restores an endpoint that
+  does not know a filter (HTTP 500, as moto), to exercise a caller's fallback.
+  (`attachment.instance-id`, `subnet-id`, `mac-address` and tag filters moto answers as EC2.)
+- `page_size` (default None: one page, as EC2 without `MaxResults`) cuts DescribeNetworkInterfaces
+  answers into pages of that many ENIs with a `nextToken`, to exercise a caller's pagination.
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import ipaddress
 import threading
 import time
 import urllib.parse
@@ -40,6 +56,10 @@ _ERRORS = {
     SERVER_ERROR: (500, "Internal Server Error", "InternalError", "An internal error has occurred."),
 }
 NOT_ASSIGNED = "InvalidParameterValue"
+IN_USE = "PrivateIpAddressInUse"
+EC2_NS = "http://ec2.amazonaws.com/doc/2016-11-15"
+# DescribeNetworkInterfaces filters moto gets wrong: the proxy applies them to moto's answer.
+PROXY_FILTERS = ("addresses.private-ip-address", "ipv6-addresses.ipv6-address")
 
 
 @dataclasses.dataclass
@@ -89,8 +109,11 @@ class FaultProxy:
         self._held: set[str] = set()
         self._answer_delays: dict[str, list[float]] = {}
         self._refused: set[str] = set()
+        self._rejected_filters: set[str] = set()
+        self.page_size: int | None = None
         self.imds_down = False
         self.imds_region = "us-east-1"
+        self.imds_instance_id: str | None = None  # answered at /latest/meta-data/instance-id
         self.imds_requests = 0
         self._loop: asyncio.AbstractEventLoop | None = None
         self._release: asyncio.Event | None = None
@@ -158,6 +181,12 @@ class FaultProxy:
         with self._lock:
             self._refused.add(address)
 
+    def reject_filter(self, name: str) -> None:
+        """Answer DescribeNetworkInterfaces calls that use filter `name` as moto does for a filter
+        it does not know (HTTP 500), like an EC2-compatible endpoint without that filter."""
+        with self._lock:
+            self._rejected_filters.add(name)
+
     def hold(self, action: str) -> None:
         """Keep requests of `action` waiting (not forwarded) until `release()`."""
         with self._lock:
@@ -176,6 +205,8 @@ class FaultProxy:
             self._faults.clear()
             self._answer_delays.clear()
             self._refused.clear()
+            self._rejected_filters.clear()
+            self.page_size = None
         self.release()
 
     def requests(self, action: str | None = None) -> list[Request]:
@@ -265,7 +296,9 @@ class FaultProxy:
                     request.status, request.fault, request.error = status, fault, code
                     resp_headers = [("Content-Type", "text/xml;charset=UTF-8")]
                 else:
-                    status, reason, resp_headers, payload = await self._forward(method, target, headers, body)
+                    status, reason, resp_headers, payload = await self._answer_as_ec2(
+                        request, method, target, headers, body
+                    )
                     request.status = status
                     with self._lock:
                         delays = self._answer_delays.get(action)
@@ -289,7 +322,7 @@ class FaultProxy:
         path = urllib.parse.urlsplit(target).path
         with self._lock:
             self.imds_requests += 1
-            down, region = self.imds_down, self.imds_region
+            down, region, instance_id = self.imds_down, self.imds_region, self.imds_instance_id
         headers: list[str] = []
         if down:
             status, body = "500 Internal Server Error", b""
@@ -298,6 +331,8 @@ class FaultProxy:
             headers.append("X-aws-ec2-metadata-token-ttl-seconds: 21600")
         elif method == "GET" and path == "/latest/meta-data/placement/region":
             status, body = "200 OK", region.encode()
+        elif method == "GET" and path == "/latest/meta-data/instance-id" and instance_id:
+            status, body = "200 OK", instance_id.encode()
         else:
             status, body = "404 Not Found", b""
         lines = [f"HTTP/1.1 {status}", *headers, f"Content-Length: {len(body)}", "Connection: keep-alive", "", ""]
@@ -315,7 +350,7 @@ class FaultProxy:
             if refused:
                 message = f"Address {refused[0]} is not in the subnet's CIDR block"
                 return 400, "Bad Request", NOT_ASSIGNED, message
-            return None
+            return await self._in_use_elsewhere(request, headers)
         if request.action != "UnassignPrivateIpAddresses":
             return None
         eni_id = request.param("NetworkInterfaceId") or ""
@@ -333,6 +368,120 @@ class FaultProxy:
             return None
         message = f"Some of the specified addresses are not assigned to interface {eni_id}"
         return 400, "Bad Request", NOT_ASSIGNED, message
+
+    # === EC2's answers where moto differs, computed from moto's own data ===
+
+    async def _upstream(self, headers: list[Any], params: dict[str, str]) -> tuple[int, bytes]:
+        """One EC2 call of the proxy's own, signed as the caller's (moto reads the region from
+        the signature's scope and checks nothing else)."""
+        query = urllib.parse.urlencode({"Version": "2016-11-15", **params}).encode()
+        kept = [(k, v) for k, v in headers if k.strip().lower() != "content-length"]
+        kept.append(("Content-Length", str(len(query))))
+        status, _, _, payload = await self._forward("POST", "/", kept, query)
+        return status, payload
+
+    async def _all_enis(self, headers: list[Any]) -> list["_EniView"]:
+        status, payload = await self._upstream(headers, {"Action": "DescribeNetworkInterfaces"})
+        if status != 200:
+            return []
+        return [_EniView.of(item) for item in _interface_items(ET.fromstring(payload))]
+
+    async def _in_use_elsewhere(self, request: Request, headers: list[Any]) -> tuple[int, str, str, str] | None:
+        """EC2 refuses an Assign of an address another ENI holds, except an IPv4 secondary with
+        `AllowReassignment=true` (moved, see `_move_reassigned`)."""
+        eni_id = request.param("NetworkInterfaceId") or ""
+        others = [e for e in await self._all_enis(headers) if e.id != eni_id]
+        if request.action == "AssignIpv6Addresses":
+            for a in request.values("Ipv6Addresses"):
+                if any(_canonical(a) in e.ipv6 for e in others):
+                    return 400, "Bad Request", NOT_ASSIGNED, f"Address {a} is in use."
+            return None
+        reassign = (request.param("AllowReassignment") or "").lower() == "true"
+        for a in request.values("PrivateIpAddress"):
+            if any(a == e.primary for e in others) or (not reassign and any(a in e.secondaries for e in others)):
+                return 400, "Bad Request", IN_USE, f"Address {a} is already assigned to another interface."
+        return None
+
+    async def _move_reassigned(self, request: Request, headers: list[Any]) -> None:
+        """After moto assigned with `AllowReassignment=true`: take the addresses off every other
+        ENI, as EC2's move does."""
+        eni_id = request.param("NetworkInterfaceId") or ""
+        named = set(request.values("PrivateIpAddress"))
+        for e in await self._all_enis(headers):
+            moved = sorted(named & e.secondaries)
+            if e.id == eni_id or not moved:
+                continue
+            params = {"Action": "UnassignPrivateIpAddresses", "NetworkInterfaceId": e.id}
+            params.update({f"PrivateIpAddress.{i + 1}": a for i, a in enumerate(moved)})
+            await self._upstream(headers, params)
+
+    async def _answer_as_ec2(
+        self, request: Request, method: str, target: str, headers: list[Any], body: bytes
+    ) -> tuple[int, str, list[tuple[str, str]], bytes]:
+        if request.action == "DescribeNetworkInterfaces":
+            return await self._describe(request, method, target, headers)
+        answer = await self._forward(method, target, headers, body)
+        if (
+            request.action == "AssignPrivateIpAddresses"
+            and answer[0] == 200
+            and (request.param("AllowReassignment") or "").lower() == "true"
+        ):
+            await self._move_reassigned(request, headers)
+        return answer
+
+    async def _describe(
+        self, request: Request, method: str, target: str, headers: list[Any]
+    ) -> tuple[int, str, list[tuple[str, str]], bytes]:
+        """DescribeNetworkInterfaces with the filters moto gets wrong applied here, and pages
+        of `page_size` when set."""
+        filters = _filters(request.params)
+        with self._lock:
+            rejected = self._rejected_filters & set(filters)
+            page_size = self.page_size
+        ours = {n: v for n, v in filters.items() if n in PROXY_FILTERS}
+        if rejected:
+            message = f"The filter '{sorted(rejected)[0]}' for DescribeNetworkInterfaces has not been implemented"
+            payload = (
+                f"<?xml version='1.0' encoding='UTF-8'?><Error><Message>{message}</Message></Error>"
+            ).encode()
+            return 500, "Internal Server Error", [("Content-Type", "text/xml;charset=UTF-8")], payload
+        # moto has no pages: ask for everything, cut pages here.
+        drop = {"NextToken", "MaxResults"}
+        kept: dict[str, str] = {}
+        index = 0
+        for k, v in request.params.items():
+            if k.startswith("Filter."):
+                continue
+            if k not in drop:
+                kept[k] = v[0]
+        for name, values in filters.items():
+            if name in ours:
+                continue
+            index += 1
+            kept[f"Filter.{index}.Name"] = name
+            kept.update({f"Filter.{index}.Value.{j + 1}": value for j, value in enumerate(values)})
+        status, payload = await self._upstream(headers, kept)
+        content = [("Content-Type", "text/xml;charset=UTF-8")]
+        if status != 200:
+            return status, "Error", content, payload
+        root = ET.fromstring(payload)
+        interface_set = next(e for e in root.iter() if _local(e.tag) == "networkInterfaceSet")
+        items = [i for i in list(interface_set) if _local(i.tag) == "item"]
+        for item in items:
+            if not _EniView.of(item).matches(ours):
+                interface_set.remove(item)
+        if page_size:
+            items = [i for i in list(interface_set) if _local(i.tag) == "item"]
+            start = int((request.param("NextToken") or "fp-0").removeprefix("fp-") or 0)
+            size = min(page_size, int(request.param("MaxResults") or page_size))
+            for i, item in enumerate(items):
+                if not start <= i < start + size:
+                    interface_set.remove(item)
+            if start + size < len(items):
+                token = ET.SubElement(root, f"{{{EC2_NS}}}nextToken")
+                token.text = f"fp-{start + size}"
+        ET.register_namespace("", EC2_NS)
+        return 200, "OK", content, ET.tostring(root, encoding="utf-8", xml_declaration=True)
 
     async def _forward(
         self, method: str, target: str, headers: list[Any], body: bytes
@@ -375,3 +524,76 @@ def _dechunk(data: bytes) -> bytes:
         out += rest[:size]
         data = rest[size + 2 :]
     return out
+
+
+def _local(tag: str) -> str:
+    return tag.rsplit("}", 1)[-1]
+
+
+def _canonical(address: str) -> str:
+    try:
+        return str(ipaddress.ip_address(address))
+    except ValueError:
+        return address
+
+
+def _filters(params: dict[str, list[str]]) -> dict[str, list[str]]:
+    """`Filter.N.Name` / `Filter.N.Value.M` of a query, as {name: values}."""
+    out: dict[str, list[str]] = {}
+    for key, value in params.items():
+        parts = key.split(".")
+        if len(parts) == 3 and parts[0] == "Filter" and parts[2] == "Name":
+            prefix = f"Filter.{parts[1]}.Value."
+            values = [v[0] for k, v in sorted(params.items()) if k.startswith(prefix)]
+            out.setdefault(value[0], []).extend(values)
+    return out
+
+
+def _interface_items(root: ET.Element) -> list[ET.Element]:
+    for e in root.iter():
+        if _local(e.tag) == "networkInterfaceSet":
+            return [i for i in e if _local(i.tag) == "item"]
+    return []
+
+
+@dataclasses.dataclass
+class _EniView:
+    """What the proxy reads of one ENI in moto's DescribeNetworkInterfaces answer."""
+
+    id: str
+    primary: str
+    secondaries: set[str]
+    ipv6: set[str]
+
+    @staticmethod
+    def of(item: ET.Element) -> "_EniView":
+        def child(e: ET.Element, name: str) -> ET.Element | None:
+            return next((c for c in e if _local(c.tag) == name), None)
+
+        def text(e: ET.Element | None, name: str) -> str:
+            c = child(e, name) if e is not None else None
+            return (c.text or "") if c is not None else ""
+
+        def items(name: str) -> list[ET.Element]:
+            c = child(item, name)
+            return list(c) if c is not None else []
+
+        primary, secondaries, ipv6 = text(item, "privateIpAddress"), set(), set()
+        for p in items("privateIpAddressesSet"):
+            if text(p, "primary") != "true":
+                secondaries.add(text(p, "privateIpAddress"))
+        for a in items("ipv6AddressesSet"):
+            ipv6.add(_canonical(text(a, "ipv6Address")))
+        secondaries.discard(primary)
+        return _EniView(text(item, "networkInterfaceId"), primary, secondaries, ipv6)
+
+    def matches(self, filters: dict[str, list[str]]) -> bool:
+        for name, values in filters.items():
+            if name == "addresses.private-ip-address":
+                held = {self.primary} | self.secondaries
+                if not held & set(values):
+                    return False
+            elif name == "ipv6-addresses.ipv6-address":
+                if not self.ipv6 & {_canonical(v) for v in values}:
+                    return False
+        return True

@@ -1,9 +1,12 @@
 """The moto EC2 emulator run inside a test network namespace, and a small EC2 world on it.
 
-Known moto 5.2.x gaps, designed around in tests (never in the product): assigning an address
-held by another ENI copies it instead of moving it; addresses are not validated; filter
+Known moto 5.2.x gaps (never designed around in the product): assigning an address held by
+another ENI copies it instead of moving it (or refusing it); addresses are not validated; filter
 `ipv6-addresses.ipv6-address` answers HTTP 500; `addresses.private-ip-address` matches only
-primaries; the first call takes ~1.5 s.
+primaries; DescribeNetworkInterfaces has no pages; the first call takes ~1.5 s. The fault proxy
+(tests/lib/fault_proxy.py) answers as EC2 for each of these but validation and speed, from
+moto's own data; tests/test_fault_proxy.py checks it. `attachment.instance-id` moto answers as
+EC2 (the ENIs attached to that instance, none after a detach).
 """
 
 from __future__ import annotations
@@ -222,3 +225,49 @@ def unassign(ns: NetNS, endpoint: str, eni_id: str, address: str) -> None:
             ec2.unassign_private_ip_addresses(NetworkInterfaceId=eni_id, PrivateIpAddresses=[address])
 
     ns.call(do)
+
+
+@dataclasses.dataclass
+class NodeEnis:
+    """One simulated node's instance in EC2: its own instance in the world's subnet, a Multus
+    ENI (tagged `no_manage`) and a VPC CNI ENI (untagged) holding a VPC CNI pod's addresses as
+    secondaries, as a node of a Multus node group has them."""
+
+    instance_id: str
+    eth0: Eni
+    multus: Eni
+    vpc_cni: Eni
+    vpc_cni_v4: str  # a VPC CNI pod's IPv4, a secondary of `vpc_cni`
+    vpc_cni_v6: str  # a VPC CNI pod's IPv6, on `vpc_cni`
+
+
+def add_node(ns: NetNS, world: World, index: int) -> NodeEnis:
+    """A node instance in `world`'s subnet. Its addresses are fixed from .160 + 8 * index (tests
+    use .10 to .159), so that a random one never equals a test's address."""
+    base = 160 + 8 * index
+    if base + 7 > 254:
+        raise ValueError(f"node index {index} out of the subnet's fixed range")
+
+    def make() -> NodeEnis:
+        ec2 = client(world.endpoint)
+        inst = ec2.run_instances(
+            ImageId=AMI, MinCount=1, MaxCount=1, SubnetId=world.subnet_id, PrivateIpAddress=world.v4(base)
+        )["Instances"][0]
+        primary = inst["NetworkInterfaces"][0]
+        eth0 = Eni(primary["NetworkInterfaceId"], primary["MacAddress"], primary["PrivateIpAddress"])
+        m = create_multus_eni(ec2, world.subnet_id, inst["InstanceId"], 1, world.v4(base + 1))
+        v = ec2.create_network_interface(SubnetId=world.subnet_id, PrivateIpAddress=world.v4(base + 2))["NetworkInterface"]
+        ec2.attach_network_interface(NetworkInterfaceId=v["NetworkInterfaceId"], InstanceId=inst["InstanceId"], DeviceIndex=2)
+        v4, v6 = world.v4(base + 3), world.v6(0x1000 + base)
+        ec2.assign_private_ip_addresses(NetworkInterfaceId=v["NetworkInterfaceId"], PrivateIpAddresses=[v4])
+        ec2.assign_ipv6_addresses(NetworkInterfaceId=v["NetworkInterfaceId"], Ipv6Addresses=[v6])
+        return NodeEnis(
+            instance_id=inst["InstanceId"],
+            eth0=eth0,
+            multus=Eni(m["NetworkInterfaceId"], m["MacAddress"], m["PrivateIpAddress"]),
+            vpc_cni=Eni(v["NetworkInterfaceId"], v["MacAddress"], v["PrivateIpAddress"]),
+            vpc_cni_v4=v4,
+            vpc_cni_v6=v6,
+        )
+
+    return ns.call(make)

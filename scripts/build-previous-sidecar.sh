@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Builds the previous release's `multus-eni-sidecar-agent-mode` (protocol v1) into
+# target/prev-release/, for the version-skew e2e test (a sidecar already running in pods keeps
+# working after the agent is upgraded; docs/contract.md). Built from git in a temporary
+# worktree with this repo's own target dir, so registry crates are reused and only the
+# workspace crates compile. Idempotent: does nothing when the binary of that commit is there.
+# The next `cargo build` of the current tree puts the current binary back into target/debug.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+commit="${MULTUS_ENI_PREV_RELEASE:-db67960}"
+out=target/prev-release
+stamp="$out/commit"
+bin=multus-eni-sidecar-agent-mode
+
+full=$(git rev-parse --verify "$commit^{commit}")
+if [ -x "$out/$bin" ] && [ "$(cat "$stamp" 2>/dev/null)" = "$full" ]; then
+  echo "previous release sidecar: $out/$bin ($commit) up to date"
+  exit 0
+fi
+
+target_dir="${CARGO_TARGET_DIR:-$PWD/target}"
+tree=$(mktemp -d)
+cleanup() { git worktree remove --force "$tree" >/dev/null 2>&1 || rm -rf "$tree"; }
+trap cleanup EXIT
+git worktree add --detach --quiet "$tree" "$full"
+echo "previous release sidecar: building $bin at $commit"
+(cd "$tree" && CARGO_TARGET_DIR="$target_dir" cargo build -p "$bin" --locked)
+mkdir -p "$out"
+cp "$target_dir/debug/$bin" "$out/$bin.tmp"
+mv "$out/$bin.tmp" "$out/$bin"
+echo "$full" > "$stamp"

@@ -1,0 +1,77 @@
+"""A client of the agent's socket run as a process of its own (`ip netns exec <pod> python3
+claim_client.py ...`), so that the agent reads the caller's network namespace from this
+process: a thread of pytest that entered a namespace with setns(2) is reported by the kernel
+with pytest's pid, whose namespace is the host's.
+
+Prints one JSON object on stdout: {"answers": [...], "closed": bool, "sent": bytes accepted}.
+
+    claim_client.py SOCKET claim JSON_LINE      send one line, read until a final answer
+    claim_client.py SOCKET flood BYTES          send BYTES of 'x' without a newline, then read
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import sys
+import time
+
+
+def final(answer: dict) -> bool:
+    """A status whose addresses are all past `pending`, or any answer that is not a status."""
+    if answer.get("type") != "status":
+        return True
+    return all(a.get("state") != "pending" for a in answer.get("addresses", []))
+
+
+def read_answers(s: socket.socket, deadline: float) -> tuple[list[dict], bool]:
+    answers: list[dict] = []
+    buf = b""
+    while time.monotonic() < deadline:
+        s.settimeout(max(0.05, deadline - time.monotonic()))
+        try:
+            chunk = s.recv(65536)
+        except socket.timeout:
+            break
+        except OSError:
+            return answers, True
+        if not chunk:
+            return answers, True
+        buf += chunk
+        while b"\n" in buf:
+            line, buf = buf.split(b"\n", 1)
+            answer = json.loads(line)
+            answers.append(answer)
+            if final(answer):
+                return answers, False
+    return answers, False
+
+
+def main() -> None:
+    path, mode, arg = sys.argv[1], sys.argv[2], sys.argv[3]
+    timeout = float(sys.argv[4]) if len(sys.argv) > 4 else 30.0
+    out: dict = {"answers": [], "closed": False, "sent": 0}
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.connect(path)
+        deadline = time.monotonic() + timeout
+        if mode == "claim":
+            s.sendall(arg.encode() + b"\n")
+            out["sent"] = len(arg) + 1
+            out["answers"], out["closed"] = read_answers(s, deadline)
+        elif mode == "flood":
+            total, chunk = int(arg), b"x" * 65536
+            s.settimeout(timeout)
+            try:
+                while out["sent"] < total:
+                    out["sent"] += s.send(chunk[: total - out["sent"]])
+            except OSError:
+                out["closed"] = True  # EPIPE / ECONNRESET: the agent cut the connection off
+            if not out["closed"]:
+                out["answers"], out["closed"] = read_answers(s, time.monotonic() + 5)
+        else:
+            raise SystemExit(f"unknown mode {mode}")
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()
