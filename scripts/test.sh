@@ -5,7 +5,7 @@
 # fuzzing run before them (unoptimized, WITHOUT a sanitizer: it finds panics, not memory errors;
 # scripts/fuzz.sh alone builds with AddressSanitizer). Needs root for the network namespaces.
 #
-# Under CI=true (.ci/run sets it) a SKIPPED test in the agent, sidecar or chain end-to-end tests,
+# Under CI=true (.ci/run sets it) a SKIPPED test in any end-to-end module (tests/test_*_e2e.py),
 # the manifest tests or the alert-rule tests is a FAILURE (tests/conftest.py MUST_NOT_SKIP): not
 # root, a binary not built, a stripped binary or promtool missing cannot pass CI unnoticed.
 # Elsewhere they skip, and `pytest -ra` lists why.
@@ -13,7 +13,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 case "${CI:-}" in
-  true|1|yes|TRUE|True) echo "== CI=true: a skip in tests/test_{agent,sidecar,chain}_e2e.py, test_manifests.py or test_alert_rules.py fails the run" ;;
+  true|1|yes|TRUE|True) echo "== CI=true: a skip in tests/test_*_e2e.py (agent, agent node, sidecar, chain), test_manifests.py or test_alert_rules.py fails the run" ;;
   *) echo "== CI is not set: skipped end-to-end tests are listed at the end, not failed (CI=true makes them failures)" ;;
 esac
 

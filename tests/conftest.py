@@ -3,6 +3,7 @@ sidecar processes. Everything runs inside namespaces the tests create and delete
 
 from __future__ import annotations
 
+import fnmatch
 import os
 import shutil
 import sys
@@ -185,15 +186,9 @@ def pod(emulator: Emulator, sidecar_binary: Path, tmp_path: Path, request: pytes
 # Test modules that prove a feature works end to end, or that what an operator applies is
 # consistent: under CI=true a skip of any of their tests (not root, a binary missing, a stripped
 # build, promtool missing) is a failure, so CI cannot pass with a feature untested.
-MUST_NOT_SKIP = frozenset(
-    {
-        "test_agent_e2e.py",
-        "test_sidecar_e2e.py",
-        "test_chain_e2e.py",
-        "test_manifests.py",
-        "test_alert_rules.py",
-    }
-)
+# Every `test_*_e2e.py` (agent, agent node, sidecar, chain) counts, present and future.
+MUST_NOT_SKIP = frozenset({"test_manifests.py", "test_alert_rules.py"})
+MUST_NOT_SKIP_PATTERN = "test_*_e2e.py"
 
 
 def in_ci() -> bool:
@@ -201,7 +196,8 @@ def in_ci() -> bool:
 
 
 def skip_is_failure(path: Path | str) -> bool:
-    return in_ci() and Path(str(path)).name in MUST_NOT_SKIP
+    name = Path(str(path)).name
+    return in_ci() and (name in MUST_NOT_SKIP or fnmatch.fnmatch(name, MUST_NOT_SKIP_PATTERN))
 
 
 def skip_reason(rep: pytest.TestReport | pytest.CollectReport) -> str:
