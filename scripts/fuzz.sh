@@ -11,8 +11,12 @@
 # each for SECONDS. Env: FUZZ_SANITIZER (default `address`), FUZZ_PROFILE (`release`, the
 # default, or `dev`: unoptimized, builds in half the time), FUZZ_JOBS (parallel libFuzzer
 # processes per target, default 1). CI: FUZZ_PROFILE=dev FUZZ_SANITIZER=none scripts/fuzz.sh 10
-# A crash leaves its input in fuzz/artifacts/<target>/ and fails the script: add it to
-# webhook/tests/fuzz_regressions.rs.
+# A crash leaves its input in fuzz/artifacts/<target>/ and fails the script. Reproduce it with
+# `cargo fuzz run <target> fuzz/artifacts/<target>/crash-...`, fix it, and keep the input as a
+# regression test with the target's checks in webhook/tests/properties.rs (fuzz/corpus is
+# regenerated from the fixtures on every run and is not committed).
+# FUZZ_SANITIZER=none (what scripts/test.sh uses) finds panics and failed checks only; memory
+# errors need the default `address`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

@@ -45,6 +45,7 @@ KUSTOMIZATIONS = {
     "no-cert-manager": MANIFESTS / "overlays" / "no-cert-manager",
     "samples": MANIFESTS / "samples",
     "monitoring": MANIFESTS / "overlays" / "monitoring",
+    "multus-node-groups": MANIFESTS / "overlays" / "multus-node-groups",
 }
 # Kubernetes versions whose schemas every built-in object must pass (1.29 is the oldest release
 # with native sidecars on by default). Newer schemas shipped by kubernetes-validate are added.
@@ -463,7 +464,9 @@ def test_agent_daemonset_runs_everywhere_with_only_the_privileges_it_needs(rende
     assert spec["priorityClassName"] == "system-node-critical"
     assert {"operator": "Exists"} in spec["tolerations"], "tolerates every taint"
     assert spec["hostNetwork"] is True and spec["hostPID"] is True
-    assert spec["dnsPolicy"] == "ClusterFirstWithHostNet"
+    # The node's resolver: the agent calls EC2, STS and IMDS, never the Kubernetes API, so its
+    # name resolution must not depend on CoreDNS.
+    assert spec["dnsPolicy"] == "Default"
     assert spec["automountServiceAccountToken"] is False
     assert only(docs, "ServiceAccount", spec["serviceAccountName"])["automountServiceAccountToken"] is False
     container = agent_container(docs)
@@ -516,12 +519,106 @@ def test_agent_flags_follow_the_contract(rendered):
     assert port["name"] == "metrics" and container_port(container, port["targetPort"]) == port_of(args["metrics-addr"])
 
 
+# Node labels as EKS sets them, for the agent's node affinity.
+EC2_LINUX_AMD64 = {"kubernetes.io/os": "linux", "kubernetes.io/arch": "amd64", "eks.amazonaws.com/nodegroup": "upf-a"}
+NODES = {
+    "ec2 linux amd64": (EC2_LINUX_AMD64, True),
+    "ec2 linux arm64 (Graviton)": (EC2_LINUX_AMD64 | {"kubernetes.io/arch": "arm64"}, True),
+    "self-managed node without compute-type": ({"kubernetes.io/os": "linux", "kubernetes.io/arch": "amd64"}, True),
+    "windows": (EC2_LINUX_AMD64 | {"kubernetes.io/os": "windows"}, False),
+    "another architecture": (EC2_LINUX_AMD64 | {"kubernetes.io/arch": "s390x"}, False),
+    "fargate": (EC2_LINUX_AMD64 | {"eks.amazonaws.com/compute-type": "fargate"}, False),
+    "hybrid": (EC2_LINUX_AMD64 | {"eks.amazonaws.com/compute-type": "hybrid"}, False),
+    "auto mode": (EC2_LINUX_AMD64 | {"eks.amazonaws.com/compute-type": "auto"}, False),
+    "no os label": ({"kubernetes.io/arch": "amd64"}, False),
+}
+MULTUS_NODE_LABEL = ("multus-eni.io/multus-node", "true")
+
+
+def node_affinity_matches(pod_spec: dict, labels: dict[str, str]) -> bool:
+    """requiredDuringSchedulingIgnoredDuringExecution as the scheduler reads it: terms are ORed,
+    the expressions of a term ANDed (matchExpressions on labels only); plus nodeSelector."""
+    if not all(labels.get(k) == v for k, v in pod_spec.get("nodeSelector", {}).items()):
+        return False
+    required = pod_spec.get("affinity", {}).get("nodeAffinity", {}).get("requiredDuringSchedulingIgnoredDuringExecution")
+    if required is None:
+        return True
+
+    def expression(e: dict) -> bool:
+        op, key, values = e["operator"], e["key"], e.get("values", [])
+        if op == "In":
+            return key in labels and labels[key] in values
+        if op == "NotIn":
+            return key not in labels or labels[key] not in values
+        if op == "Exists":
+            return key in labels
+        if op == "DoesNotExist":
+            return key not in labels
+        raise AssertionError(f"operator {op} is not modelled here")
+
+    terms = required["nodeSelectorTerms"]
+    assert terms and all("matchFields" not in t for t in terms)
+    return any(all(expression(e) for e in t.get("matchExpressions", [])) for t in terms)
+
+
+def test_node_affinity_model_can_refuse():
+    spec = {"affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {
+        "nodeSelectorTerms": [{"matchExpressions": [{"key": "a", "operator": "In", "values": ["x"]}]}]}}}}
+    assert node_affinity_matches(spec, {"a": "x"}) and not node_affinity_matches(spec, {"a": "y"})
+    assert not node_affinity_matches(spec, {})
+
+
+def test_agent_runs_only_where_it_can_work(rendered):
+    """Linux, amd64 or arm64 (the images' platforms), and not Fargate, EKS Hybrid or Auto Mode
+    nodes, with the keys the VPC CNI's aws-node DaemonSet uses."""
+    spec = only(rendered["default"], "DaemonSet", AGENT)["spec"]["template"]["spec"]
+    got = {name: node_affinity_matches(spec, labels) for name, (labels, _) in NODES.items()}
+    assert got == {name: expected for name, (_, expected) in NODES.items()}
+    # Tolerating every taint stays: the Multus node groups are often tainted.
+    assert {"operator": "Exists"} in spec["tolerations"]
+    # The image platforms the docs build are the ones the affinity admits.
+    build = (REPO / "docs" / "install.md").read_text()
+    assert "--platform linux/amd64,linux/arm64" in build
+
+
+def test_multus_node_groups_overlay_restricts_the_agent_to_labelled_nodes(rendered):
+    key, value = MULTUS_NODE_LABEL
+    spec = only(rendered["multus-node-groups"], "DaemonSet", AGENT)["spec"]["template"]["spec"]
+    for name, (labels, expected) in NODES.items():
+        assert node_affinity_matches(spec, labels | {key: value}) is expected, name
+        assert node_affinity_matches(spec, labels) is False, f"{name} without the label"
+        assert node_affinity_matches(spec, labels | {key: "false"}) is False, name
+    # Everything else is the default install, the affinity term aside.
+    default = rendered["default"]
+    assert sorted((d["kind"], d["metadata"]["name"]) for d in rendered["multus-node-groups"]) == sorted(
+        (d["kind"], d["metadata"]["name"]) for d in default
+    )
+    ours = copy.deepcopy(only(rendered["multus-node-groups"], "DaemonSet", AGENT))
+    expressions = ours["spec"]["template"]["spec"]["affinity"]["nodeAffinity"][
+        "requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"][0]["matchExpressions"]
+    assert expressions.pop() == {"key": key, "operator": "In", "values": [value]}
+    assert ours == only(default, "DaemonSet", AGENT)
+
+
+def test_multus_node_groups_component_works_in_an_operator_overlay(tmp_path):
+    """`components: [.../multus-node-groups]` on the operator's own overlay of manifests/, as the
+    docs show it, and on the no-cert-manager overlay."""
+    for base in (MANIFESTS, MANIFESTS / "overlays" / "no-cert-manager"):
+        overlay = {
+            "resources": [os.path.relpath(base, tmp_path)],
+            "components": [os.path.relpath(MANIFESTS / "components" / "multus-node-groups", tmp_path)],
+        }
+        (tmp_path / "kustomization.yaml").write_text(yaml.safe_dump(overlay))
+        spec = only(render(tmp_path), "DaemonSet", AGENT)["spec"]["template"]["spec"]
+        assert not node_affinity_matches(spec, EC2_LINUX_AMD64)
+        assert node_affinity_matches(spec, EC2_LINUX_AMD64 | dict([MULTUS_NODE_LABEL]))
+
+
 def test_agent_contract_matches_the_agent_binary():
     """Every flag of docs/contract.md's agent table is a flag of `multus-eni-agent run` with the
     same default and env variable, and the binary has no flag the table lacks."""
     help_output = help_text("multus-eni-agent", "run")
-    if help_output is None:
-        pytest.skip("multus-eni-agent is not built")
+    assert help_output is not None, f"{BIN_DIR}/multus-eni-agent is missing: cargo build -p multus-eni-agent"
     section = contract_text().split("## Node agent command line", 1)[1].split("\n## ", 1)[0]
     rows = re.findall(r"^\|\s*`--([a-z-]+)[^`]*`\s*\|\s*`([A-Z_]+)`\s*\|\s*([^|]*?)\s*\|", section, re.M)
     assert rows, "docs/contract.md's agent table has no rows"
@@ -540,7 +637,7 @@ def test_agent_contract_matches_the_agent_binary():
 def test_monitoring_component_scrapes_named_metrics_ports(rendered):
     docs = rendered["monitoring"]
     monitors = all_of(docs, "PodMonitor")
-    assert {m["metadata"]["name"] for m in monitors} == {SERVICE, AGENT}
+    assert sorted(m["metadata"]["name"] for m in monitors) == sorted([SERVICE, AGENT])
     workloads = {SERVICE: only(docs, "Deployment", SERVICE), AGENT: only(docs, "DaemonSet", AGENT)}
     for monitor in monitors:
         workload = workloads[monitor["metadata"]["name"]]
@@ -550,7 +647,14 @@ def test_monitoring_component_scrapes_named_metrics_ports(rendered):
         ports = {p["name"] for c in pod["spec"]["containers"] for p in c.get("ports", [])}
         for endpoint in monitor["spec"]["podMetricsEndpoints"]:
             assert endpoint["port"] in ports
-    alerts = {r["alert"] for g in only(docs, "PrometheusRule")["spec"]["groups"] for r in g["rules"]}
+    # The webhook's rules next to the webhook, the agent's next to the agent (its own
+    # component, left out in direct mode); tests/test_alert_rules.py runs them.
+    rule_objects = {r["metadata"]["name"]: r for r in all_of(docs, "PrometheusRule")}
+    assert {n: r["metadata"]["namespace"] for n, r in rule_objects.items()} == {
+        "multus-eni": NAMESPACE,
+        "multus-eni-agent": AGENT_NAMESPACE,
+    }
+    alerts = {r["alert"] for o in rule_objects.values() for g in o["spec"]["groups"] for r in g["rules"]}
     for needed in ("CertificateExpiring", "AdmissionsFailing", "SidecarNotRoutable", "AgentUnavailable"):
         assert any(needed in a for a in alerts), needed
     # The default install does not need the Prometheus Operator.
@@ -1314,6 +1418,54 @@ def test_direct_mode_overlay_in_docs_renders(tmp_path):
     assert args["ec2-access"] == "direct" and args["aws-region"]
     assert [a for a in webhook_container(docs)["args"] if a.startswith("--ec2-access")] == ["--ec2-access=direct"]
     assert not all_of(docs, "DaemonSet")
+
+
+def docs_overlay(tmp_path: Path, title: str) -> list[dict]:
+    """Render the overlay docs/install.md shows under `# my-multus-eni/kustomization.yaml, TITLE`
+    with its paths pointed at this checkout."""
+    text = (REPO / "docs" / "install.md").read_text()
+    blocks = re.findall(rf"```yaml\n# my-multus-eni/kustomization.yaml, {re.escape(title)}\n(.*?)```", text, re.S)
+    assert len(blocks) == 1, f"docs/install.md lost its {title!r} example"
+    overlay = yaml.safe_load(blocks[0])
+    prefix = "../multus-eni/manifests"
+    overlay["resources"] = [os.path.relpath(MANIFESTS / r.removeprefix(prefix).lstrip("/"), tmp_path) for r in overlay["resources"]]
+    overlay["components"] = [
+        os.path.relpath(MANIFESTS / c.removeprefix(prefix).lstrip("/"), tmp_path) for c in overlay.get("components", [])
+    ]
+    (tmp_path / "kustomization.yaml").write_text(yaml.safe_dump(overlay))
+    return render(tmp_path)
+
+
+def test_no_cert_manager_overlay_in_docs_has_no_cert_manager_kinds(tmp_path):
+    """What certs/generate.sh --overlay applies must not need cert-manager's CRDs."""
+    docs = docs_overlay(tmp_path, "without cert-manager")
+    assert not [d for d in docs if d["apiVersion"].startswith("cert-manager.io/")]
+    assert "cert-manager.io/inject-ca-from" not in only(docs, "MutatingWebhookConfiguration")["metadata"].get("annotations", {})
+    assert only(docs, "Deployment", SERVICE) and only(docs, "DaemonSet", AGENT)
+
+
+def test_node_groups_overlay_in_docs_renders(tmp_path):
+    docs = docs_overlay(tmp_path, "the agent on labelled nodes only")
+    spec = only(docs, "DaemonSet", AGENT)["spec"]["template"]["spec"]
+    assert not node_affinity_matches(spec, EC2_LINUX_AMD64)
+    assert node_affinity_matches(spec, EC2_LINUX_AMD64 | dict([MULTUS_NODE_LABEL]))
+    # the cert-manager install underneath
+    assert all_of(docs, "Certificate")
+
+
+def test_host_network_overlay_in_docs_is_admitted_by_its_namespace(tmp_path):
+    """The troubleshooting advice for overlay CNIs: hostNetwork on the webhook is only admitted
+    by Pod Security `privileged`, so the overlay relabels the namespace too; the container stays
+    non-root without capabilities."""
+    docs = docs_overlay(tmp_path, "webhook on the host network")
+    ns = only(docs, "Namespace", NAMESPACE)["metadata"]["labels"]
+    spec = only(docs, "Deployment", SERVICE)["spec"]["template"]["spec"]
+    assert spec["hostNetwork"] is True and spec["dnsPolicy"] == "Default"
+    assert ns["pod-security.kubernetes.io/enforce"] == "privileged"
+    sc = webhook_container(docs)["securityContext"]
+    assert sc["capabilities"] == {"drop": ["ALL"]} and spec["securityContext"]["runAsNonRoot"] is True
+    for version in kubernetes_versions():
+        kubernetes_validate.validate(only(docs, "Deployment", SERVICE), version, strict=True)
 
 
 def test_images_expose_the_ports_the_manifests_use(rendered):
