@@ -228,8 +228,9 @@ def test_claims_within_the_batch_interval_wait_for_it_and_share_one_call(node):
 
 
 def test_an_ipv6_address_is_taken_from_another_multus_eni_first_and_never_from_the_vpc_cnis(node):
-    """IPv6 has no reassignment: the agent unassigns the address from the Multus ENI holding
-    it, then assigns it; an ENI without `no_manage` keeps its address and the claim says why."""
+    """IPv6 has no reassignment: refused by EC2 at the first try, the agent unassigns the address
+    from the Multus ENI holding it, then assigns it; an ENI without `no_manage` keeps its address
+    and the claim says why."""
     w = node.world
     ours, other = w.enis[0], w.enis[1]
     moved, kept = w.v6(0x90), w.v6(0x91)
@@ -245,9 +246,14 @@ def test_an_ipv6_address_is_taken_from_another_multus_eni_first_and_never_from_t
     (unassign_call,) = proxy.requests(UNASSIGN6)
     assert unassign_call.param("NetworkInterfaceId") == other.id
     assert unassign_call.values("Ipv6Addresses") == [moved]
+    # The first assign takes nothing (EC2 refuses an address another ENI holds); the one that
+    # succeeds comes after the unassign there.
     assign_calls = proxy.requests(ASSIGN6)
-    assert [c.values("Ipv6Addresses") for c in assign_calls] == [[moved]]
-    assert unassign_call.arrived < assign_calls[0].arrived
+    succeeded = [c for c in assign_calls if c.status == 200]
+    assert [c.values("Ipv6Addresses") for c in succeeded] == [[moved]]
+    assert unassign_call.arrived < succeeded[0].arrived
+    assert all(c.status != 200 for c in assign_calls if c.arrived < unassign_call.arrived)
+    assert len(assign_calls) <= 2, [c.values("Ipv6Addresses") for c in assign_calls]
     wait_for(lambda: agent.metric("multus_eni_agent_refusals_total", 'reason="held_by_not_no_manage"') == 1, "the refusal counted")
     assert node.on_eni(w.eth0.id, kept) and node.off_eni(ours.id, kept)
     assert not node.calls_on(w.eth0.id)
@@ -291,7 +297,9 @@ def test_a_claim_for_an_address_the_caller_does_not_hold_is_refused(node):
     assert answer["type"] == "status" and answer["routable"] is False, report
     assert [a["state"] for a in answer["addresses"]] == ["refused"]
     assert agent.metric("multus_eni_agent_refusals_total", 'reason="not_held"') == 1
-    assert not node.calls_on(eni.id)
+    # No call ever names the address the intruder does not hold. (Its own .70 may already be
+    # on its way: with its sidecar connected, the intruder's pod is one the agent manages.)
+    assert not [c for c in node.calls_on(eni.id) if w.v4(71) in c.values("PrivateIpAddress")]
     assert node.off_eni(eni.id, w.v4(71))
 
     report = claim(intruder.ns, agent.socket, [{"name": "net1", "mac": eni.mac, "addresses": [w.v4(70)]}])

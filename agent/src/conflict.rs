@@ -78,6 +78,11 @@ impl Conflicts {
         }
     }
 
+    /// Whether `address` was seen away from this agent's ENI (another ENI holds it).
+    pub fn is_away(&self, address: IpAddr) -> bool {
+        self.by_address.get(&address).is_some_and(|c| c.away)
+    }
+
     /// Whether an assign of `address` may go out now.
     pub fn may_assign(&self, address: IpAddr, now: Instant) -> bool {
         self.waiting(address, now).is_none()

@@ -501,10 +501,16 @@ impl Node {
                     .enis
                     .as_ref()
                     .and_then(|e| e.values().find(|e| e.id == eni).cloned());
+                // Addresses taken from this ENI: their holder is looked up before the assign.
+                let elsewhere: BTreeSet<IpAddr> = changes
+                    .iter()
+                    .flat_map(Change::addresses)
+                    .filter(|a| self.conflicts.is_away(*a))
+                    .collect();
                 let ec2 = self.ec2.clone();
                 let events = self.events.clone();
                 tokio::spawn(async move {
-                    let outcome = call_batch(&ec2, ours.as_ref(), changes).await;
+                    let outcome = call_batch(&ec2, ours.as_ref(), changes, &elsewhere).await;
                     let _ = events.send(Event::Called { eni, outcome });
                 });
             }

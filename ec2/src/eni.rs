@@ -260,6 +260,13 @@ pub fn worth_splitting(error: &Error, change: &Change) -> bool {
     error.kind == ErrorKind::Rejected && change.addresses().len() > 1
 }
 
+/// Whether an IPv4 assign may take the address from another ENI (`AllowReassignment`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Reassignment {
+    Allowed,
+    Refused,
+}
+
 /// What became of one part of a change made by [`Ec2::apply_splitting`].
 #[derive(Debug, Clone)]
 pub struct ChangeOutcome {
@@ -558,10 +565,22 @@ impl Ec2 {
     /// that was settled, in address order. A bad address among `n` costs about
     /// `2·log2(n)` extra calls; a batch without one costs nothing extra.
     pub async fn apply_splitting(&self, change: &Change) -> Vec<ChangeOutcome> {
+        self.split_and_apply(change, Reassignment::Allowed).await
+    }
+
+    /// [`Ec2::apply_splitting`] with an IPv4 assign that never moves an address: without
+    /// `AllowReassignment`, EC2 itself refuses an address another ENI holds (IPv6 is never
+    /// moved by an assign). The node agent's first try: nothing is taken, and no lookup is
+    /// spent on the addresses nobody holds.
+    pub async fn apply_splitting_exclusive(&self, change: &Change) -> Vec<ChangeOutcome> {
+        self.split_and_apply(change, Reassignment::Refused).await
+    }
+
+    async fn split_and_apply(&self, change: &Change, reassign: Reassignment) -> Vec<ChangeOutcome> {
         let mut outcomes = Vec::new();
         let mut pending = vec![change.clone()];
         while let Some(part) = pending.pop() {
-            let result = self.apply(&part).await;
+            let result = self.call(&part, reassign).await;
             match (&result, part.halves()) {
                 (Err(e), Some((left, right))) if worth_splitting(e, &part) => {
                     tracing::info!(
@@ -583,8 +602,12 @@ impl Ec2 {
         outcomes
     }
 
-    /// Makes one mutating call.
+    /// Makes one mutating call (an IPv4 assign moves the address if another ENI holds it).
     pub async fn apply(&self, change: &Change) -> Result<()> {
+        self.call(change, Reassignment::Allowed).await
+    }
+
+    async fn call(&self, change: &Change, reassign: Reassignment) -> Result<()> {
         let action = change.action();
         let strings = |a: &[IpAddr]| a.iter().map(ToString::to_string).collect::<Vec<_>>();
         let addresses = strings(&change.addresses());
@@ -594,7 +617,7 @@ impl Ec2 {
                 .assign_private_ip_addresses()
                 .network_interface_id(eni)
                 .set_private_ip_addresses(Some(addresses))
-                .allow_reassignment(true)
+                .allow_reassignment(reassign == Reassignment::Allowed)
                 .send()
                 .await
                 .map(drop)

@@ -137,6 +137,7 @@ class FaultProxy:
             self._loop = loop
             try:
                 self._release = asyncio.Event()
+                self._mutations = asyncio.Lock()
                 self._server = loop.run_until_complete(
                     asyncio.start_server(self._handle, self.host, self.port)
                 )
@@ -286,8 +287,21 @@ class FaultProxy:
                     if self._is_held(action):
                         await self._release.wait()
 
-                fault = self._take_matching_fault(request) or self._take_fault(action)
-                error = _ERRORS[fault] if fault else await self._as_ec2_would_reject(request, headers)
+                # EC2 carries out one address change at a time: two Assigns of one address
+                # racing through the proxy must not both see it free (moto would copy it).
+                mutating = action.startswith(("Assign", "Unassign"))
+                if mutating:
+                    await self._mutations.acquire()
+                try:
+                    fault = self._take_matching_fault(request) or self._take_fault(action)
+                    error = _ERRORS[fault] if fault else await self._as_ec2_would_reject(request, headers)
+                    if error is None:
+                        status, reason, resp_headers, payload = await self._answer_as_ec2(
+                            request, method, target, headers, body
+                        )
+                finally:
+                    if mutating:
+                        self._mutations.release()
                 if error is not None:
                     status, reason, code, message = error
                     payload = (
@@ -298,9 +312,6 @@ class FaultProxy:
                     request.status, request.fault, request.error = status, fault, code
                     resp_headers = [("Content-Type", "text/xml;charset=UTF-8")]
                 else:
-                    status, reason, resp_headers, payload = await self._answer_as_ec2(
-                        request, method, target, headers, body
-                    )
                     request.status = status
                     with self._lock:
                         delays = self._answer_delays.get(action)
