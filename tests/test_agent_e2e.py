@@ -483,6 +483,9 @@ def test_readiness_waits_for_the_assign(node):
     p.link("net1", eni.mac, a)
     s = p.start_sidecar(["net1"])
     wait_for(lambda: proxy.calls(ASSIGN4) == 1, "the Assign sent (and held)")
+    # The agent sends it as soon as the pod's namespace holds the address, which may be before
+    # the sidecar listens.
+    wait_for(lambda: s.probe() is not None, "the sidecar's probe answering")
     assert s.probe() == 503
     proxy.release()
     wait_for(lambda: s.probe() == 200, "ready once the Assign went through")
