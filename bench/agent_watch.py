@@ -34,7 +34,7 @@ from pathlib import Path
 import cluster
 from cluster import Emulator
 from ec2_throttle import BucketModel, ThrottlingProxy
-from reaction import Interrupted, _on_signal, open_socket, wait_arrival
+from reaction import Interrupted, _on_signal, open_socket, timed_change, wait_arrival
 from scale_sim import all_assigned, link_pod, start_agents, unlink_pod, wait_until
 
 HOLD_CONNECTIONS = """
@@ -103,23 +103,13 @@ def main() -> int:
         add_ms, lookup_ms, del_ms = [], [], []
         for i in range(args.changes):
             address = str(ipaddress.IPv4Address("10.90.12.10") + i)
-            t0 = time.monotonic()
-            nl.change(True, address, 20)
-            nl.ack()
-            at = wait_arrival(proxy, "AssignPrivateIpAddresses", address, t0)
-            if at is None:
-                raise RuntimeError(f"no AssignPrivateIpAddresses for {address}")
+            t0, at = timed_change(nl, proxy, True, address)
             add_ms.append((at - t0) * 1000)
             lookups = [r.arrived for r in proxy.requests("DescribeNetworkInterfaces") if t0 <= r.arrived <= at]
             if lookups:
                 lookup_ms.append((min(lookups) - t0) * 1000)
             time.sleep(settle)
-            t0 = time.monotonic()
-            nl.change(False, address, 20)
-            nl.ack()
-            at = wait_arrival(proxy, "UnassignPrivateIpAddresses", address, t0)
-            if at is None:
-                raise RuntimeError(f"no UnassignPrivateIpAddresses for {address}")
+            t0, at = timed_change(nl, proxy, False, address)
             del_ms.append((at - t0) * 1000)
             time.sleep(settle)
 

@@ -90,6 +90,19 @@ def wait_arrival(proxy: ThrottlingProxy, action: str, address: str, since: float
     return None
 
 
+def timed_change(nl: AddressSocket, proxy: ThrottlingProxy, add: bool, address: str) -> tuple[float, float]:
+    """Adds (or deletes) `address` with one rtnetlink message; returns when the kernel was told
+    and when the Assign (Unassign) naming it arrived at the proxy, on the same clock."""
+    action = "AssignPrivateIpAddresses" if add else "UnassignPrivateIpAddresses"
+    t0 = time.monotonic()
+    nl.change(add, address, 20)
+    nl.ack()
+    at = wait_arrival(proxy, action, address, t0)
+    if at is None:
+        raise RuntimeError(f"no {action} for {address}")
+    return t0, at
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--changes", type=int, default=50)
@@ -153,20 +166,10 @@ def main() -> int:
         t_changes = time.monotonic()
         for i in range(args.changes):
             address = str(ipaddress.IPv4Address("10.90.8.10") + i)
-            t0 = time.monotonic()
-            nl.change(True, address, 20)
-            nl.ack()
-            at = wait_arrival(proxy, "AssignPrivateIpAddresses", address, t0)
-            if at is None:
-                raise RuntimeError(f"no AssignPrivateIpAddresses for {address}")
+            t0, at = timed_change(nl, proxy, True, address)
             add_ms.append((at - t0) * 1000)
             time.sleep(args.settle)
-            t0 = time.monotonic()
-            nl.change(False, address, 20)
-            nl.ack()
-            at = wait_arrival(proxy, "UnassignPrivateIpAddresses", address, t0)
-            if at is None:
-                raise RuntimeError(f"no UnassignPrivateIpAddresses for {address}")
+            t0, at = timed_change(nl, proxy, False, address)
             del_ms.append((at - t0) * 1000)
             time.sleep(args.settle)
         changes = 2 * args.changes
