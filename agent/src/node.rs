@@ -692,13 +692,17 @@ impl Node {
                 .map(|t| now.duration_since(*t).as_secs_f64())
                 .fold(0.0, f64::max),
         );
-        let rows = match &self.enis {
-            Some(enis) => crate::status::rows(self.managed_pods(), &self.knowledge(enis, now)),
-            None => Vec::new(),
+        let (rows, no_eni) = match &self.enis {
+            Some(enis) => (
+                crate::status::rows(self.managed_pods(), &self.knowledge(enis, now)),
+                crate::status::not_on_an_eni(self.managed_pods(), enis),
+            ),
+            None => Default::default(),
         };
         let previous = self.status.borrow().clone();
         let changed = previous.ready != ready
             || previous.addresses != rows
+            || previous.no_eni != no_eni
             || previous.last_ec2_error.as_ref() != self.health.last_error();
         if changed {
             self.status.send_replace(Arc::new(NodeStatus {
@@ -707,6 +711,7 @@ impl Node {
                 last_ec2_error: self.health.last_error().cloned(),
                 generation: previous.generation + 1,
                 addresses: rows,
+                no_eni,
             }));
         }
     }

@@ -17,7 +17,7 @@ use multus_eni_proto::{AddressState, GateAddress, GateAnswer};
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
-use crate::plan::{DAD_IN_PROGRESS, Knowledge, PodNetns, address_state};
+use crate::plan::{DAD_IN_PROGRESS, InstanceEnis, Knowledge, PodNetns, address_state};
 
 /// One address of the node's table.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -40,6 +40,10 @@ pub struct NodeStatus {
     /// Changes with every published change of the table.
     pub generation: u64,
     pub addresses: Vec<Row>,
+    /// Addresses pods hold on interfaces that carry no ENI of this instance (macvlan, SR-IOV,
+    /// eth0): nothing to assign, nothing for the HTTP gate to wait for. Not in `/status`.
+    #[serde(skip)]
+    pub no_eni: BTreeSet<IpAddr>,
 }
 
 // === impl NodeStatus ===
@@ -55,6 +59,12 @@ impl NodeStatus {
                     state: r.state,
                     eni: r.eni.clone(),
                     reason: r.reason.clone(),
+                },
+                None if self.no_eni.contains(a) => GateAddress {
+                    address: *a,
+                    state: AddressState::NoEni,
+                    eni: None,
+                    reason: None,
                 },
                 None => GateAddress {
                     address: *a,
@@ -149,6 +159,18 @@ pub fn rows<'a>(pods: impl IntoIterator<Item = &'a PodNetns>, k: &Knowledge<'_>)
         }
     }
     rows
+}
+
+/// Addresses `pods` hold on interfaces whose MAC is none of this instance's ENIs.
+pub fn not_on_an_eni<'a>(
+    pods: impl IntoIterator<Item = &'a PodNetns>,
+    enis: &InstanceEnis,
+) -> BTreeSet<IpAddr> {
+    pods.into_iter()
+        .flat_map(|p| p.interfaces.iter())
+        .filter(|i| i.mac.is_none_or(|m| !enis.contains_key(&m)))
+        .flat_map(|i| i.addresses.iter().copied())
+        .collect()
 }
 
 /// The longest long poll of `/v1/addresses`.
@@ -300,6 +322,7 @@ mod tests {
                 row("10.0.1.20", AddressState::Routable),
                 row("10.0.1.21", AddressState::Pending),
             ],
+            no_eni: [ip("192.168.7.2")].into(),
         }
     }
 
@@ -313,6 +336,10 @@ mod tests {
         let unknown = s.gate(&[ip("10.0.1.99")]);
         assert!(!unknown.routable);
         assert_eq!(unknown.addresses[0].state, AddressState::Unknown);
+        // Held on a macvlan or SR-IOV interface: nothing to wait for.
+        let macvlan = s.gate(&[ip("10.0.1.20"), ip("192.168.7.2")]);
+        assert!(macvlan.routable);
+        assert_eq!(macvlan.addresses[1].state, AddressState::NoEni);
     }
 
     #[test]
