@@ -12,7 +12,7 @@ use multus_eni_proto::{AddressState, Answer};
 use tokio::sync::mpsc;
 
 use crate::connection::{ClaimHint, ConnId, Peer};
-use crate::metrics::{LimitLabels, Metrics, RefusalLabels};
+use crate::metrics::{LimitLabels, Metrics, ProtocolLabels, RefusalLabels};
 use crate::plan::{self, Knowledge, NOT_HELD, NOT_NO_MANAGE, NetnsId, PRIMARY};
 use crate::view::View;
 
@@ -187,6 +187,21 @@ impl Callers {
     /// Whether a sidecar of this pod namespace connected.
     pub fn has_sidecar(&self, id: NetnsId) -> bool {
         self.with_sidecar.contains(&id)
+    }
+
+    /// Publishes how many verified sidecars speak each protocol version.
+    pub fn count_versions(&self) {
+        for v in multus_eni_proto::OLDEST_VERSION..=multus_eni_proto::VERSION {
+            let n = self
+                .by_id
+                .values()
+                .filter(|c| c.verified && c.claim.as_ref().is_some_and(|(h, _)| h.v == v))
+                .count();
+            self.metrics
+                .sidecars
+                .get_or_create(&ProtocolLabels { protocol: v })
+                .set(n as i64);
+        }
     }
 
     /// The MACs claimed by sidecars.
@@ -440,9 +455,21 @@ mod answer_tests {
                 }],
             };
             callers.claim(1, hint);
+            callers.count_versions();
+            let connected = metrics
+                .sidecars
+                .get_or_create(&ProtocolLabels { protocol: 2 })
+                .get();
+            assert_eq!(connected, 1, "counted while connected");
             callers.answer(&view, &k);
         }
         assert_eq!(callers.netns_of(1), None, "still connected");
+        callers.count_versions();
+        let connected = metrics
+            .sidecars
+            .get_or_create(&ProtocolLabels { protocol: 2 })
+            .get();
+        assert_eq!(connected, 0);
         assert!(
             closed
                 .try_recv()

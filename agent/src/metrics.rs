@@ -38,6 +38,13 @@ pub struct LimitLabels {
     pub limit: &'static str,
 }
 
+/// Labels of the connected sidecars gauge.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ProtocolLabels {
+    /// The protocol version of the sidecar's latest claim (`1`: the previous release's).
+    pub protocol: u32,
+}
+
 /// Labels of `multus_eni_build_info`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct BuildLabels {
@@ -68,6 +75,7 @@ pub struct Metrics {
     pub ec2_auth_failing: Gauge<i64, AtomicI64>,
     pub watched_namespaces: Gauge<i64, AtomicI64>,
     pub oldest_pending_seconds: Gauge<f64, std::sync::atomic::AtomicU64>,
+    pub sidecars: Family<ProtocolLabels, Gauge>,
     ready: AtomicBool,
 }
 
@@ -171,6 +179,12 @@ impl Metrics {
             "Age of the oldest address wanted on an ENI and not on it yet",
             oldest_pending_seconds.clone(),
         );
+        let sidecars = Family::<ProtocolLabels, Gauge>::default();
+        registry.register(
+            "sidecars",
+            "Connected sidecars by the protocol version they speak (version skew at a glance)",
+            sidecars.clone(),
+        );
         Self {
             registry: root,
             calls,
@@ -186,6 +200,7 @@ impl Metrics {
             ec2_auth_failing,
             watched_namespaces,
             oldest_pending_seconds,
+            sidecars,
             ready: AtomicBool::new(false),
         }
     }

@@ -681,6 +681,7 @@ impl Node {
     fn publish(&mut self) {
         let now = Instant::now();
         let ready = self.enis.is_some() && self.view.complete() && !self.health.auth_failing();
+        self.callers.count_versions();
         self.metrics.set_ready(ready);
         self.metrics.pending.set(self.batches.queued() as i64);
         self.metrics
