@@ -459,6 +459,15 @@ def test_the_previous_release_sidecar_becomes_ready_against_this_agent(cluster, 
     assert cluster.holds(e.multus, v4, v6)
     assert [x["state"] for x in a.agent.status_of(v4)] == ["routable"]
     assert s.argv[0] == str(previous_sidecar_agent_mode_binary)
+    # Beside it, a sidecar of this release: the agent sees one of each version.
+    q = a.pod()
+    q.link("net1", e.multus.mac, w.v4(98))
+    current = q.start_sidecar(["net1"])
+    wait_for(lambda: current.probe() == 200, "this release's sidecar ready")
+    wait_for(lambda: a.agent.metric("multus_eni_agent_sidecars", 'protocol="2"') == 1, "one v2 sidecar counted")
+    assert a.agent.metric("multus_eni_agent_sidecars", 'protocol="1"') == 1
+    # The old sidecar's release (SIGTERM) is answered in its own version: it exits cleanly.
+    assert s.terminate() == 0
 
 
 # === the node's view and EC2's answers decide readiness ===
