@@ -83,6 +83,10 @@ def run(chain: Chain) -> None:
 
     step(5, "node agent: the DaemonSet's flags, in the node's network namespace (hostNetwork)")
     chain.start_agent()
+    # The agent manages every pod of its node: it assigns as soon as the pod's namespace appears,
+    # so the Assign is held from then on (to show the sidecar's 503 before it).
+    assert chain.proxy is not None
+    chain.proxy.hold(ASSIGN4)
     chain.link_pod_namespace()
     say(indent(" ".join(["multus-eni-agent", *chain.agent_argv[1:]])))
     say(f"   /readyz 200 on 127.0.0.1:{chain.agent_metrics_port}; it alone holds AWS settings "
