@@ -37,14 +37,15 @@ impl View {
                 return Some(pod.id);
             }
             Seen::PodUnreadable { name, error } => {
+                // What was last seen of it stays: a namespace the agent cannot read now is not
+                // a namespace that let go of its addresses.
                 if self
                     .unreadable
                     .insert(name.clone(), error.clone())
                     .is_none()
                 {
-                    tracing::warn!(action = "netns", outcome = "unreadable", netns = %name, error = %error, "an entry of --netns-dir is not a readable network namespace; no reclaim while it stays so");
+                    tracing::warn!(action = "netns", outcome = "unreadable", netns = %name, error = %error, "an entry of --netns-dir cannot be read; what it held stays wanted, and nothing is reclaimed while it stays so");
                 }
-                return self.pods.remove(&name).map(|p| p.id);
             }
             Seen::Host(interfaces) => self.host = interfaces,
             Seen::DirRead { entries } => {
@@ -115,6 +116,13 @@ mod tests {
             error: "not a netns".into(),
         });
         assert!(v.complete() && !v.every_namespace_read());
+        // A namespace read before and unreadable now keeps what it held.
+        let unreadable = Seen::PodUnreadable {
+            name: "a".into(),
+            error: "EIO".into(),
+        };
+        assert_eq!(v.apply(unreadable), None);
+        assert!(v.pod_by_id(NetnsId { dev: 4, ino: 1 }).is_some());
         assert_eq!(
             v.apply(Seen::PodGone { name: "a".into() }),
             Some(NetnsId { dev: 4, ino: 1 })
