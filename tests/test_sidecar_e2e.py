@@ -434,6 +434,8 @@ def test_an_address_added_after_a_rejected_one_is_assigned_without_waiting_for_i
     first_late = attempts(late6)[0]
     # Its first Assign named it alone: the rejected address was not retried with it.
     assert first_late.values("Ipv6Addresses") == [late6], first_late.values("Ipv6Addresses")
+    # The emulator may show the address on the ENI a moment before the proxy records its answer.
+    wait_for(lambda: first_late.status != 0, "the proxy's record of the answer")
     assert first_late.status == 200
     # The rejected address keeps being retried on its own backoff, and stays off the ENI.
     wait_for(lambda: len(attempts(bad6)) >= 2, "a second attempt of the rejected address")
