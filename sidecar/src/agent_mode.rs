@@ -21,7 +21,7 @@ use tracing::Instrument;
 
 use crate::addresses::{AddressWatcher, InterfaceTable, apply_events};
 use crate::cli::RunArgs;
-use crate::probe::{self, Readiness};
+use crate::probe;
 use crate::{Error, Result};
 
 /// First wait before reconnecting to the agent; doubles (with jitter) to [`RECONNECT_MAX`].
@@ -94,9 +94,7 @@ impl AgentConnection {
 pub async fn run(args: RunArgs, socket: PathBuf) -> Result<()> {
     let span = crate::pod_span();
     async move {
-        let readiness = Readiness::default();
-        let listener = probe::bind(args.probe_addr).await?;
-        probe::spawn(listener, readiness.clone());
+        let readiness = probe::serve(args.probe_addr).await?;
         let mut sigterm = signal(SignalKind::terminate()).map_err(Error::Signal)?;
         let mut sigint = signal(SignalKind::interrupt()).map_err(Error::Signal)?;
         tracing::info!(

@@ -30,7 +30,7 @@ use tracing::Instrument;
 
 use crate::addresses::{AddressWatcher, InterfaceTable, apply_events};
 use crate::cli::RunArgs;
-use crate::probe::{self, Readiness};
+use crate::probe;
 use crate::{Error, Result};
 
 /// How long the agent may hold a query when nothing changes (the contract allows ≤ 60 s).
@@ -398,9 +398,7 @@ type Query = BoxFuture<'static, std::result::Result<GateAnswer, GateError>>;
 pub async fn run(args: RunArgs, url: AgentUrl) -> Result<()> {
     let span = crate::pod_span();
     async move {
-        let readiness = Readiness::default();
-        let listener = probe::bind(args.probe_addr).await?;
-        probe::spawn(listener, readiness.clone());
+        let readiness = probe::serve(args.probe_addr).await?;
         let mut sigterm = signal(SignalKind::terminate()).map_err(Error::Signal)?;
         let mut sigint = signal(SignalKind::interrupt()).map_err(Error::Signal)?;
         tracing::info!(

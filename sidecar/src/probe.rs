@@ -103,6 +103,14 @@ pub async fn bind(addr: SocketAddr) -> Result<TcpListener> {
         .map_err(|source| Error::ProbeBind { addr, source })
 }
 
+/// Binds `addr` and serves the probe routes there until the process exits; the returned
+/// [`Readiness`] is what `/readyz` answers from. The start of every mode.
+pub async fn serve(addr: SocketAddr) -> Result<Readiness> {
+    let readiness = Readiness::default();
+    spawn(bind(addr).await?, readiness.clone());
+    Ok(readiness)
+}
+
 /// Serves the probe routes until the process exits.
 pub fn spawn(listener: TcpListener, readiness: Readiness) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {

@@ -85,9 +85,7 @@ fn backoff(min: Duration, max: Duration) -> ExponentialBackoff {
 pub async fn run(args: RunArgs) -> Result<()> {
     let span = crate::pod_span();
     async move {
-        let readiness = Readiness::default();
-        let listener = probe::bind(args.probe_addr).await?;
-        probe::spawn(listener, readiness.clone());
+        let readiness = probe::serve(args.probe_addr).await?;
         let mut sigterm = signal(SignalKind::terminate()).map_err(Error::Signal)?;
         let mut sigint = signal(SignalKind::interrupt()).map_err(Error::Signal)?;
         tracing::info!(
