@@ -22,6 +22,7 @@ use tracing::Instrument;
 use crate::addresses::{AddressWatcher, InterfaceTable, apply_events};
 use crate::cli::RunArgs;
 use crate::probe;
+use crate::sleep_until;
 use crate::{Error, Result};
 
 /// First wait before reconnecting to the agent; doubles (with jitter) to [`RECONNECT_MAX`].
@@ -206,13 +207,6 @@ pub async fn run(args: RunArgs, socket: PathBuf) -> Result<()> {
 async fn next_line(connection: &mut Option<AgentConnection>) -> Option<String> {
     match connection {
         Some(c) => c.lines.next_line().await.ok().flatten(),
-        None => std::future::pending().await,
-    }
-}
-
-async fn sleep_until(at: Option<Instant>) {
-    match at {
-        Some(at) => tokio::time::sleep_until(at).await,
         None => std::future::pending().await,
     }
 }

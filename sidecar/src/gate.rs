@@ -31,6 +31,7 @@ use tracing::Instrument;
 use crate::addresses::{AddressWatcher, InterfaceTable, apply_events};
 use crate::cli::RunArgs;
 use crate::probe;
+use crate::sleep_until;
 use crate::{Error, Result};
 
 /// How long the agent may hold a query when nothing changes (the contract allows ≤ 60 s).
@@ -531,13 +532,6 @@ fn log_answer(asked: &BTreeSet<IpAddr>, answer: &GateAnswer, open: bool) {
 async fn next_answer(query: &mut Option<Query>) -> std::result::Result<GateAnswer, GateError> {
     match query {
         Some(q) => q.await,
-        None => std::future::pending().await,
-    }
-}
-
-async fn sleep_until(at: Option<Instant>) {
-    match at {
-        Some(at) => tokio::time::sleep_until(at).await,
         None => std::future::pending().await,
     }
 }

@@ -86,5 +86,14 @@ pub(crate) fn pod_span() -> tracing::Span {
     )
 }
 
+/// Waits until `at`, or for ever when there is nothing to wait for: the timer arm of every
+/// mode's event loop (`select!` with `if at.is_some()`).
+pub(crate) async fn sleep_until(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
 /// Result with the sidecar's [`Error`].
 pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -17,6 +17,7 @@ use crate::cli::RunArgs;
 use crate::eni::{Ec2, ErrorKind, NO_MANAGE_TAG};
 use crate::probe::{self, Readiness};
 use crate::reconcile::{self, Change, DesiredInterface, EniId, EniLookup, Managed};
+use crate::sleep_until;
 use crate::{Error, Result};
 use multus_eni_ec2::model::Ipv6Holders;
 
@@ -925,13 +926,6 @@ impl NetlinkRetry {
 
     fn succeeded(&mut self) {
         *self = Self::default();
-    }
-}
-
-async fn sleep_until(at: Option<Instant>) {
-    match at {
-        Some(at) => tokio::time::sleep_until(at).await,
-        None => std::future::pending().await,
     }
 }
 
