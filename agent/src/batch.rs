@@ -159,22 +159,24 @@ fn changes_of(eni: &str, p: &Pending) -> Vec<Change> {
             .collect()
     };
     let eni = eni.to_string();
+    // Unassigns first: at the ENI's address limit, a released address makes room for a new one
+    // in the same batch instead of the next.
     [
-        Change::AssignIpv4 {
-            eni: eni.clone(),
-            addresses: v4(&p.assign),
-        },
-        Change::AssignIpv6 {
-            eni: eni.clone(),
-            addresses: v6(&p.assign),
-        },
         Change::UnassignIpv4 {
             eni: eni.clone(),
             addresses: v4(&p.unassign),
         },
         Change::UnassignIpv6 {
-            eni,
+            eni: eni.clone(),
             addresses: v6(&p.unassign),
+        },
+        Change::AssignIpv4 {
+            eni: eni.clone(),
+            addresses: v4(&p.assign),
+        },
+        Change::AssignIpv6 {
+            eni,
+            addresses: v6(&p.assign),
         },
     ]
     .into_iter()
@@ -272,9 +274,13 @@ mod tests {
         let batch = b.take_ready(Instant::now());
         let changes = &batch[0].1;
         assert_eq!(changes.len(), 2);
-        assert_eq!(changes[0].action(), "AssignPrivateIpAddresses");
-        assert_eq!(changes[0].addresses(), vec![ip("10.0.1.6")]);
-        assert_eq!(changes[1].action(), "UnassignPrivateIpAddresses");
-        assert_eq!(changes[1].addresses(), vec![ip("10.0.1.5")]);
+        assert_eq!(
+            changes[0].action(),
+            "UnassignPrivateIpAddresses",
+            "unassigns go first: they make room at the ENI's limit"
+        );
+        assert_eq!(changes[0].addresses(), vec![ip("10.0.1.5")]);
+        assert_eq!(changes[1].action(), "AssignPrivateIpAddresses");
+        assert_eq!(changes[1].addresses(), vec![ip("10.0.1.6")]);
     }
 }

@@ -7,7 +7,6 @@ use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
-use multus_eni_ec2::MacAddress;
 use multus_eni_proto::{AddressState, Answer};
 use tokio::sync::mpsc;
 
@@ -21,6 +20,9 @@ struct Caller {
     peer: Peer,
     /// Its namespace is one of the pods' (checked once the directory was read).
     verified: bool,
+    /// When it connected: a caller whose namespace the watcher has not read yet is held until
+    /// [`UNKNOWN_CALLER_WAIT`] after this, not refused at once.
+    connected_at: Instant,
     claim: Option<(ClaimHint, Instant)>,
     /// What it was last told.
     last: Option<Answer>,
@@ -43,6 +45,11 @@ pub struct Callers {
 /// How long a refused namespace stays quiet in the log.
 const LOG_EVERY: std::time::Duration = std::time::Duration::from_secs(60);
 
+/// How long a caller whose namespace is no pod namespace the agent has read is held before it
+/// is refused: a sidecar may connect before the watcher read its pod's new entry (the runtime
+/// creates the file, then mounts the namespace on it; opening it is retried for ~3 s).
+pub const UNKNOWN_CALLER_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
 impl Callers {
     pub fn new(metrics: Arc<Metrics>, max_per_pod: usize) -> Self {
         Self {
@@ -55,7 +62,7 @@ impl Callers {
     }
 
     /// A new connection; refused at once past `--max-connections-per-pod`.
-    pub fn connect(&mut self, conn: ConnId, peer: Peer, view: &View) {
+    pub fn connect(&mut self, conn: ConnId, peer: Peer, view: &View, now: Instant) {
         let same_pod = self
             .by_id
             .values()
@@ -68,7 +75,7 @@ impl Callers {
                     limit: "connections_per_pod",
                 })
                 .inc();
-            if self.first_in_a_while(peer.netns) {
+            if self.first_in_a_while(peer.netns, now) {
                 tracing::warn!(
                     action = "connect",
                     outcome = "refused",
@@ -90,24 +97,34 @@ impl Callers {
         let caller = Caller {
             peer,
             verified: false,
+            connected_at: now,
             claim: None,
             last: None,
             claimed_at: BTreeMap::new(),
         };
         self.by_id.insert(conn, caller);
-        self.verify(view);
+        self.verify(view, now);
     }
 
-    /// Refuses callers that are not in a pod namespace of `--netns-dir`, once the directory
-    /// has been read (a caller that came first is checked then).
-    pub fn verify(&mut self, view: &View) {
+    /// Accepts callers in a pod namespace of `--netns-dir`; refuses the others once the
+    /// directory has been read and they waited [`UNKNOWN_CALLER_WAIT`] for their namespace to
+    /// be read (a caller that came first is checked then).
+    pub fn verify(&mut self, view: &View, now: Instant) {
+        for c in self
+            .by_id
+            .values_mut()
+            .filter(|c| !c.verified && view.pod_by_id(c.peer.netns).is_some())
+        {
+            c.verified = true;
+            self.with_sidecar.insert(c.peer.netns);
+        }
         if !view.dir_read {
             return;
         }
         let refused: Vec<ConnId> = self
             .by_id
             .iter()
-            .filter(|(_, c)| !c.verified && view.pod_by_id(c.peer.netns).is_none())
+            .filter(|(_, c)| !c.verified && now >= c.connected_at + UNKNOWN_CALLER_WAIT)
             .map(|(id, _)| *id)
             .collect();
         for conn in refused {
@@ -118,7 +135,7 @@ impl Callers {
                         reason: "not_a_pod",
                     })
                     .inc();
-                if self.first_in_a_while(c.peer.netns) {
+                if self.first_in_a_while(c.peer.netns, now) {
                     tracing::warn!(
                         action = "connect",
                         outcome = "refused",
@@ -133,15 +150,19 @@ impl Callers {
                 );
             }
         }
-        for c in self.by_id.values_mut().filter(|c| !c.verified) {
-            c.verified = true;
-            self.with_sidecar.insert(c.peer.netns);
-        }
     }
 
-    /// Whether a refusal of `netns` is worth a log line now.
-    fn first_in_a_while(&mut self, netns: NetnsId) -> bool {
-        let now = Instant::now();
+    /// When the first held caller's wait ends (`None`: none is held).
+    pub fn verify_due(&self) -> Option<Instant> {
+        self.by_id
+            .values()
+            .filter(|c| !c.verified)
+            .map(|c| c.connected_at + UNKNOWN_CALLER_WAIT)
+            .min()
+    }
+
+    /// Whether a refusal of `netns` is worth a log line at `now`.
+    fn first_in_a_while(&mut self, netns: NetnsId, now: Instant) -> bool {
         self.logged
             .retain(|_, t| now.duration_since(*t) < LOG_EVERY);
         match self.logged.entry(netns) {
@@ -202,16 +223,6 @@ impl Callers {
                 .get_or_create(&ProtocolLabels { protocol: v })
                 .set(n as i64);
         }
-    }
-
-    /// The MACs claimed by sidecars.
-    pub fn claimed_macs(&self) -> BTreeSet<MacAddress> {
-        self.by_id
-            .values()
-            .filter_map(|c| c.claim.as_ref())
-            .flat_map(|(h, _)| h.interfaces.iter())
-            .filter_map(|i| multus_eni_ec2::node::parse_mac(&i.mac))
-            .collect()
     }
 
     /// Sends each verified caller its status when it changed; one that does not read its
@@ -308,6 +319,7 @@ mod tests {
     use super::*;
     use crate::plan::PodNetns;
     use crate::watch::Seen;
+    use std::time::Duration;
     use tokio::sync::oneshot;
 
     fn peer(ino: u64) -> (Peer, mpsc::Receiver<Answer>, oneshot::Receiver<()>) {
@@ -340,16 +352,23 @@ mod tests {
             interfaces: Vec::new(),
             read_at: Instant::now(),
         }));
+        let t0 = Instant::now();
         // Before the directory was read, nobody is judged.
         let (stranger, mut answers, mut closed) = peer(9);
-        callers.connect(1, stranger, &view);
+        callers.connect(1, stranger, &view, t0);
         assert!(
             closed
                 .try_recv()
                 .is_err_and(|e| e == oneshot::error::TryRecvError::Empty)
         );
-        view.apply(Seen::DirRead { entries: 1 });
-        callers.verify(&view);
+        view.apply(Seen::DirRead {
+            names: ["cni-1".to_string()].into(),
+        });
+        // Its namespace may be a pod's whose entry was not read yet: held, not refused.
+        callers.verify(&view, t0 + UNKNOWN_CALLER_WAIT / 2);
+        assert!(answers.try_recv().is_err(), "refused before its wait ended");
+        assert_eq!(callers.verify_due(), Some(t0 + UNKNOWN_CALLER_WAIT));
+        callers.verify(&view, t0 + UNKNOWN_CALLER_WAIT);
         assert!(matches!(answers.try_recv(), Ok(Answer::Error { .. })));
         assert!(
             closed
@@ -358,15 +377,23 @@ mod tests {
         );
         assert_eq!(refusals(&metrics, "not_a_pod"), 1);
         let (again, _answers, _closed) = peer(9);
-        callers.connect(2, again, &view);
+        let t1 = t0 + UNKNOWN_CALLER_WAIT;
+        callers.connect(2, again, &view, t1);
+        callers.verify(&view, t1 + UNKNOWN_CALLER_WAIT);
         assert_eq!(refusals(&metrics, "not_a_pod"), 2, "counted every time");
+        let stranger = NetnsId { dev: 4, ino: 9 };
         assert!(
-            !callers.first_in_a_while(NetnsId { dev: 4, ino: 9 }),
-            "logged once"
+            !callers.first_in_a_while(stranger, t1 + LOG_EVERY - Duration::from_secs(1)),
+            "logged once within a minute"
         );
+        assert!(
+            callers.first_in_a_while(stranger, t1 + LOG_EVERY),
+            "logged again after a minute"
+        );
+        assert!(!callers.first_in_a_while(stranger, t1 + LOG_EVERY));
 
         let (pod, _answers, mut pod_closed) = peer(1);
-        callers.connect(3, pod, &view);
+        callers.connect(3, pod, &view, t1);
         assert_eq!(callers.netns_of(3), Some(NetnsId { dev: 4, ino: 1 }));
         assert!(callers.has_sidecar(NetnsId { dev: 4, ino: 1 }));
         assert!(
@@ -376,7 +403,7 @@ mod tests {
         );
         // --max-connections-per-pod=1: a second connection from the same pod is refused.
         let (second, mut second_answers, _c) = peer(1);
-        callers.connect(4, second, &view);
+        callers.connect(4, second, &view, t1);
         assert!(matches!(
             second_answers.try_recv(),
             Ok(Answer::Error { .. })
@@ -414,7 +441,9 @@ mod answer_tests {
             interfaces: Vec::new(),
             read_at: Instant::now(),
         }));
-        view.apply(Seen::DirRead { entries: 1 });
+        view.apply(Seen::DirRead {
+            names: ["cni-1".to_string()].into(),
+        });
         // Room for one answer, never read.
         let (answers, _unread) = mpsc::channel(1);
         let (close, mut closed) = oneshot::channel();
@@ -427,6 +456,7 @@ mod answer_tests {
                 close,
             },
             &view,
+            Instant::now(),
         );
         let (enis, foreign) = (InstanceEnis::new(), BTreeMap::new());
         let (wanted, rejected, conflicts) = (
@@ -438,6 +468,7 @@ mod answer_tests {
             instance_id: "i-1",
             enis: &enis,
             foreign: &foreign,
+            ignored: &[],
             wanted: &wanted,
             rejected: &rejected,
             conflicts: &conflicts,

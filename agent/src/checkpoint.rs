@@ -1,7 +1,10 @@
-//! The agent's record on the node (`--state-dir`): what it assigned on which of its instance's
-//! Multus ENIs, so that a restarted agent knows which missing addresses were taken from it (a
-//! conflict) rather than never assigned. It is a memory, never a source of truth: the ENIs
-//! come from EC2 (attached to this instance) and what is wanted from the pods' namespaces.
+//! The agent's record on the node (`--state-dir`): which addresses of its instance's Multus ENIs
+//! are its own (it assigned them, or saw them there while a pod of this node held them), and the
+//! conflict history. A restarted agent knows from it which missing addresses were taken from it
+//! (a conflict) rather than never assigned, and which addresses on its ENIs it may reclaim: an
+//! address no pod of this node ever held is not its own (`unowned`) and stays. It is a memory,
+//! never a source of truth: the ENIs come from EC2 (attached to this instance) and what is
+//! wanted from the pods' namespaces.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io;
@@ -10,8 +13,11 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-/// Version of the file's format.
-pub const FORMAT: u32 = 1;
+use crate::conflict::SavedConflict;
+
+/// Version of the file's format (2: `owned` replaced `assigned`, `conflicts` added; a version 1
+/// file loads, its `assigned` read as `owned`).
+pub const FORMAT: u32 = 2;
 
 /// The file's contents.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -19,8 +25,13 @@ pub struct Checkpoint {
     pub version: u32,
     /// ENI id by MAC (`0e:..`): this instance's Multus ENIs at the last read (for humans).
     pub enis: BTreeMap<String, String>,
-    /// Addresses this agent assigned and has not unassigned, by ENI id.
-    pub assigned: BTreeMap<String, BTreeSet<IpAddr>>,
+    /// Addresses that are this agent's own, by ENI id: it assigned them, or saw them on the
+    /// ENI while a pod of this node held them there; until it unassigned them.
+    #[serde(alias = "assigned")]
+    pub owned: BTreeMap<String, BTreeSet<IpAddr>>,
+    /// The conflict history by address ([`crate::conflict`]).
+    #[serde(default)]
+    pub conflicts: BTreeMap<IpAddr, SavedConflict>,
 }
 
 impl Checkpoint {
@@ -60,22 +71,29 @@ impl Checkpoint {
         std::fs::File::open(dir)?.sync_all()
     }
 
-    pub fn record_assigned(&mut self, eni: &str, addresses: impl IntoIterator<Item = IpAddr>) {
-        self.assigned
-            .entry(eni.to_string())
-            .or_default()
-            .extend(addresses);
+    /// Records addresses as this agent's own on `eni`; returns whether one is new.
+    pub fn record_owned(&mut self, eni: &str, addresses: impl IntoIterator<Item = IpAddr>) -> bool {
+        let set = self.owned.entry(eni.to_string()).or_default();
+        let before = set.len();
+        set.extend(addresses);
+        set.len() != before
     }
 
+    /// Forgets addresses this agent unassigned from `eni` (or that left it while released).
     pub fn record_unassigned(&mut self, eni: &str, addresses: impl IntoIterator<Item = IpAddr>) {
-        if let Some(set) = self.assigned.get_mut(eni) {
+        if let Some(set) = self.owned.get_mut(eni) {
             for a in addresses {
                 set.remove(&a);
             }
             if set.is_empty() {
-                self.assigned.remove(eni);
+                self.owned.remove(eni);
             }
         }
+    }
+
+    /// Whether `address` on `eni` is this agent's own.
+    pub fn owns(&self, eni: &str, address: IpAddr) -> bool {
+        self.owned.get(eni).is_some_and(|s| s.contains(&address))
     }
 }
 
@@ -91,14 +109,28 @@ mod tests {
         let mut c = Checkpoint::default();
         c.enis.insert("0e:00:00:00:00:01".into(), "eni-1".into());
         let a: IpAddr = "10.0.1.5".parse().unwrap_or(IpAddr::from([0, 0, 0, 0]));
-        c.record_assigned("eni-1", [a]);
+        assert!(c.record_owned("eni-1", [a]));
+        assert!(!c.record_owned("eni-1", [a]), "already owned: nothing new");
         c.save(&path).unwrap_or_else(|e| panic!("{e}"));
         let back = Checkpoint::load(&path).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(back.version, FORMAT);
         assert_eq!(back.enis, c.enis);
-        assert_eq!(back.assigned, c.assigned);
+        assert_eq!(back.owned, c.owned);
+        assert!(back.owns("eni-1", a));
         let mut back = back;
         back.record_unassigned("eni-1", [a]);
-        assert!(back.assigned.is_empty());
+        assert!(back.owned.is_empty());
+    }
+
+    #[test]
+    fn a_version_1_checkpoint_reads_its_assigned_addresses_as_owned() {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let path = Checkpoint::path(dir.path());
+        let v1 = r#"{"version":1,"enis":{},"assigned":{"eni-1":["10.0.1.5"]}}"#;
+        std::fs::write(&path, v1).unwrap_or_else(|e| panic!("{e}"));
+        let c = Checkpoint::load(&path).unwrap_or_else(|e| panic!("{e}"));
+        let a: IpAddr = "10.0.1.5".parse().unwrap_or(IpAddr::from([0, 0, 0, 0]));
+        assert!(c.owns("eni-1", a));
+        assert!(c.conflicts.is_empty());
     }
 }

@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand, ValueEnum};
+use ipnet::IpNet;
 use tracing_subscriber::EnvFilter;
 
 use crate::plan::Pods;
@@ -21,7 +22,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Watch this node's pods and serve their sidecars until SIGTERM.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Print a running agent's table of the node (run it in the agent's pod).
     Status(StatusArgs),
 }
@@ -56,9 +57,24 @@ pub struct RunArgs {
     )]
     pub socket: PathBuf,
 
-    /// Plain HTTP address for `/metrics`, `/healthz` and `/readyz`.
-    #[arg(long, env = "MULTUS_ENI_METRICS_ADDR", default_value = "0.0.0.0:9812")]
+    /// Plain HTTP address for `/metrics`, `/healthz`, `/readyz`, `/v1/addresses` (the HTTP
+    /// gate) and `/status` (loopback callers only). `[::]` is dual-stack (IPv4 callers too); on
+    /// a host without IPv6 it falls back to `0.0.0.0`.
+    #[arg(long, env = "MULTUS_ENI_METRICS_ADDR", default_value = "[::]:9812")]
     pub metrics_addr: SocketAddr,
+
+    /// Most HTTP connections at once; more are closed at accept.
+    #[arg(long, env = "MULTUS_ENI_MAX_HTTP_CONNECTIONS", default_value_t = 1024)]
+    pub max_http_connections: usize,
+
+    /// Most `/v1/addresses` requests waiting for a change at once; more are answered at once.
+    #[arg(long, env = "MULTUS_ENI_MAX_LONG_POLLS", default_value_t = 768)]
+    pub max_long_polls: usize,
+
+    /// An HTTP connection whose request headers have not arrived within this is closed, idle
+    /// keep-alive connections included.
+    #[arg(long, env = "MULTUS_ENI_HTTP_HEADER_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    pub http_header_timeout: Duration,
 
     /// Directory of the node's pod network namespaces, watched: what they hold on this
     /// instance's Multus ENIs is assigned, what they let go of is released, and only callers in
@@ -105,9 +121,28 @@ pub struct RunArgs {
     pub state_dir: PathBuf,
 
     /// How long an address on the instance's Multus ENIs that no namespace of the node holds
-    /// (a leak from while the agent was down) waits before it is unassigned.
+    /// (a leak from while the agent was down) waits before it is unassigned. Only the agent's
+    /// own addresses (it assigned them, or saw a pod of this node hold them) are reclaimed.
     #[arg(long, env = "MULTUS_ENI_RECLAIM_AFTER", default_value = "5m", value_parser = parse_duration)]
     pub reclaim_after: Duration,
+
+    /// Reclaim `unowned` addresses too: on the instance's Multus ENIs, but no pod of this node
+    /// was ever seen holding them (left by a tool migrated from, a DPDK pod without a netdev, a
+    /// runtime that keeps namespaces elsewhere). Off by default: counted and shown, never
+    /// unassigned. For a one-off clean-up (docs/install.md, migrations).
+    #[arg(long, env = "MULTUS_ENI_RECLAIM_UNOWNED")]
+    pub reclaim_unowned: bool,
+
+    /// Addresses inside these ranges are never assigned, released or reclaimed: floating IPs a
+    /// CNF moves itself. Comma-separated CIDRs.
+    #[arg(long, env = "MULTUS_ENI_IGNORE_CIDRS", value_delimiter = ',')]
+    pub ignore_cidrs: Vec<IpNet>,
+
+    /// Most `DescribeNetworkInterfaces` calls per resync interval that look up MACs of the
+    /// node's pod interfaces that are none of this instance's ENIs (the Describe bucket is the
+    /// account's, shared with the VPC CNI). What is left waits for the next interval.
+    #[arg(long, env = "MULTUS_ENI_MAX_MAC_LOOKUPS", default_value_t = 10)]
+    pub max_mac_lookups: usize,
 
     /// Period of the re-read of the instance's ENIs (one Describe) and of every namespace (a
     /// safety net: changes are seen as events).
@@ -172,7 +207,7 @@ impl Cli {
                     .enable_all()
                     .build()
                     .map_err(Error::Runtime)?;
-                runtime.block_on(crate::server::run(args))
+                runtime.block_on(crate::server::run(*args))
             }
         }
     }
@@ -200,7 +235,7 @@ mod tests {
 
     fn parse(args: &[&str]) -> std::result::Result<RunArgs, clap::Error> {
         match Cli::try_parse_from(args)?.command {
-            Command::Run(a) => Ok(a),
+            Command::Run(a) => Ok(*a),
             Command::Status(_) => panic!("not run"),
         }
     }
@@ -209,7 +244,14 @@ mod tests {
     fn run_alone_uses_the_contract_defaults() {
         let a = parse(&["multus-eni-agent", "run"]).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(a.socket, PathBuf::from("/run/multus-eni/agent.sock"));
-        assert_eq!(a.metrics_addr.to_string(), "0.0.0.0:9812");
+        assert_eq!(a.metrics_addr.to_string(), "[::]:9812");
+        assert!(!a.reclaim_unowned);
+        assert!(a.ignore_cidrs.is_empty());
+        assert_eq!(
+            (a.max_http_connections, a.max_long_polls, a.max_mac_lookups),
+            (1024, 768, 10)
+        );
+        assert_eq!(a.http_header_timeout, Duration::from_secs(30));
         assert_eq!(a.netns_dir, PathBuf::from("/var/run/netns"));
         assert_eq!(a.state_dir, PathBuf::from("/var/lib/multus-eni"));
         assert_eq!(a.reclaim_after, Duration::from_secs(300));
@@ -227,6 +269,18 @@ mod tests {
             ),
             (65536, 4096, 8, 64, 8)
         );
+    }
+
+    #[test]
+    fn ignore_cidrs_take_a_comma_separated_list() {
+        let a = parse(&[
+            "multus-eni-agent",
+            "run",
+            "--ignore-cidrs=10.0.9.0/24,2001:db8:9::/64",
+        ])
+        .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(a.ignore_cidrs.len(), 2);
+        assert!(parse(&["multus-eni-agent", "run", "--ignore-cidrs=10.0.9.0"]).is_err());
     }
 
     #[test]

@@ -1,33 +1,56 @@
 //! Conflicts: the same address wanted on two ENIs (a pod on each of two nodes holds it). EC2
 //! lets either node move it, so two agents that each take it back as soon as they see it gone
-//! move it back and forth for ever. After an address this agent assigned was taken away while
-//! its pod still holds it, the agent takes it back once; if it is taken away again it waits
-//! [`FIRST_WAIT`], doubling each time, and shows the conflict (gauge, status `conflict`).
+//! move it back and forth for ever. This agent takes an address from another Multus ENI once;
+//! each later take waits [`FIRST_WAIT`] after the previous one, doubling, and the conflict shows
+//! (gauge, status `conflict`).
+//!
+//! The history is kept per address, not per pod: a pod that lets go of the address and takes it
+//! again, or an agent restart (the history is in the checkpoint), does not reset it. It decays
+//! once it has been calm (the address not seen taken away) for its current wait. Taking an
+//! address nobody holds (an exclusive assign) is never a take and never waits.
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use multus_eni_ec2::model::EniId;
+use serde::{Deserialize, Serialize};
 
-/// The wait after the second time an address is taken away.
+/// The wait after the first take before the next one.
 pub const FIRST_WAIT: Duration = Duration::from_secs(300);
 /// The longest wait (5 min · 2⁶ ≈ 5 h).
 const MAX_DOUBLINGS: u32 = 6;
 
-/// One address that was taken away from this agent's ENI.
+/// The wait after `takes` takes.
+fn wait_after(takes: u32) -> Duration {
+    FIRST_WAIT * 2u32.pow(takes.saturating_sub(1).min(MAX_DOUBLINGS))
+}
+
+/// One address this agent took from another ENI, or that was taken from it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Conflict {
     /// Our ENI.
     pub eni: EniId,
-    /// How often this agent took it back.
+    /// How often this agent took it from another ENI.
     pub takes: u32,
-    /// Not before then; `None`: may be taken back now.
-    pub retry_at: Option<Instant>,
-    /// The ENI it was taken back from, when known.
+    /// When this agent last took it (`None`: never; it was only seen taken away).
+    pub last_take: Option<Instant>,
+    /// The ENI it was taken from, when known.
     pub other: Option<EniId>,
-    /// Away from our ENI now.
+    /// Seen away from our ENI while a pod of this node wants it there.
     away: bool,
+}
+
+/// A conflict as the checkpoint keeps it: wall-clock time survives a restart, `Instant` does
+/// not.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SavedConflict {
+    pub eni: EniId,
+    pub takes: u32,
+    /// Seconds since the Unix epoch.
+    pub last_take_unix: Option<u64>,
+    pub other: Option<EniId>,
+    pub away: bool,
 }
 
 /// The conflicts of the node, by address.
@@ -36,46 +59,66 @@ pub struct Conflicts {
     by_address: BTreeMap<IpAddr, Conflict>,
 }
 
+// === impl Conflict ===
+
+impl Conflict {
+    /// Until when a take must wait (`None`: it may go now).
+    pub fn retry_at(&self) -> Option<Instant> {
+        (self.takes > 0)
+            .then(|| self.last_take.map(|t| t + wait_after(self.takes)))
+            .flatten()
+    }
+}
+
+// === impl Conflicts ===
+
 impl Conflicts {
-    /// `address`, assigned by this agent on `eni` and still wanted there, is not on it now.
-    /// Returns true when this is news (it was on the ENI at the last look): worth one log line.
-    pub fn away(&mut self, eni: &str, address: IpAddr, now: Instant) -> bool {
-        let c = self.by_address.entry(address).or_insert_with(|| Conflict {
-            eni: eni.to_string(),
-            takes: 0,
-            retry_at: None,
-            other: None,
-            away: false,
-        });
-        if c.away {
-            return false;
-        }
-        c.away = true;
-        c.retry_at = (c.takes > 0).then(|| {
-            let doublings = (c.takes - 1).min(MAX_DOUBLINGS);
-            now + FIRST_WAIT * 2u32.pow(doublings)
-        });
-        true
+    /// `address`, ours on `eni` and still wanted there, is not on it now. Returns true when
+    /// this is news (it was on the ENI at the last look): worth one log line.
+    pub fn away(&mut self, eni: &str, address: IpAddr) -> bool {
+        let c = self.entry(eni, address);
+        !std::mem::replace(&mut c.away, true)
     }
 
     /// The address is on our ENI again (taken back, or never really gone).
     pub fn back(&mut self, address: IpAddr) {
         if let Some(c) = self.by_address.get_mut(&address) {
             c.away = false;
-            c.retry_at = None;
         }
     }
 
-    /// This agent assigned it again, taking it from `other`.
-    pub fn took_back(&mut self, address: IpAddr, other: Option<EniId>) {
-        if let Some(c) = self.by_address.get_mut(&address) {
-            c.takes += 1;
-            c.away = false;
-            c.retry_at = None;
-            if other.is_some() {
-                c.other = other;
-            }
+    /// This agent took `address` onto `eni` from `other` (a move), at `now`.
+    pub fn took(&mut self, eni: &str, address: IpAddr, other: Option<EniId>, now: Instant) {
+        let c = self.entry(eni, address);
+        c.takes += 1;
+        c.last_take = Some(now);
+        c.away = false;
+        if other.is_some() {
+            c.other = other;
         }
+    }
+
+    /// Another Multus ENI (`other`) holds `address` and this agent may not take it now: the
+    /// address is away for us, a conflict while the wait lasts.
+    pub fn held_by(&mut self, eni: &str, address: IpAddr, other: EniId) {
+        let c = self.entry(eni, address);
+        c.away = true;
+        c.other = Some(other);
+    }
+
+    fn entry(&mut self, eni: &str, address: IpAddr) -> &mut Conflict {
+        let c = self.by_address.entry(address).or_insert_with(|| Conflict {
+            eni: eni.to_string(),
+            takes: 0,
+            last_take: None,
+            other: None,
+            away: false,
+        });
+        if c.eni != eni {
+            // The address is wanted on another of our ENIs now: the history is the address's.
+            c.eni = eni.to_string();
+        }
+        c
     }
 
     /// Whether `address` was seen away from this agent's ENI (another ENI holds it).
@@ -83,16 +126,16 @@ impl Conflicts {
         self.by_address.get(&address).is_some_and(|c| c.away)
     }
 
-    /// Whether an assign of `address` may go out now.
-    pub fn may_assign(&self, address: IpAddr, now: Instant) -> bool {
+    /// Whether this agent may take `address` from another ENI now.
+    pub fn may_take(&self, address: IpAddr, now: Instant) -> bool {
         self.waiting(address, now).is_none()
     }
 
-    /// The conflict of `address` while it waits.
+    /// The conflict of `address` while a take of it must wait and it is away from our ENI.
     pub fn waiting(&self, address: IpAddr, now: Instant) -> Option<&Conflict> {
         self.by_address
             .get(&address)
-            .filter(|c| c.away && c.retry_at.is_some_and(|t| t > now))
+            .filter(|c| c.away && c.retry_at().is_some_and(|t| t > now))
     }
 
     /// Addresses in conflict now: away and waiting.
@@ -103,17 +146,79 @@ impl Conflicts {
             .count()
     }
 
-    /// When the first wait ends.
+    /// When the first wait of an address that is away ends.
     pub fn next_retry(&self, now: Instant) -> Option<Instant> {
         self.by_address
             .values()
-            .filter_map(|c| c.retry_at.filter(|t| *t > now && c.away))
+            .filter(|c| c.away)
+            .filter_map(Conflict::retry_at)
+            .filter(|t| *t > now)
             .min()
     }
 
-    /// The pod let go of the address: nothing to fight over any more.
-    pub fn forget(&mut self, address: IpAddr) {
-        self.by_address.remove(&address);
+    /// Forgets the history of addresses that stayed calm (not away) for their whole wait.
+    /// Returns whether anything was forgotten.
+    pub fn decay(&mut self, now: Instant) -> bool {
+        let before = self.by_address.len();
+        self.by_address.retain(|_, c| {
+            c.away
+                || c.last_take
+                    .is_some_and(|t| now < t + wait_after(c.takes.max(1)))
+        });
+        self.by_address.len() != before
+    }
+
+    /// The history as the checkpoint keeps it.
+    pub fn save(&self, now: Instant, wall: SystemTime) -> BTreeMap<IpAddr, SavedConflict> {
+        self.by_address
+            .iter()
+            .map(|(a, c)| {
+                let last_take_unix = c.last_take.map(|t| {
+                    let ago = now.saturating_duration_since(t);
+                    wall.checked_sub(ago)
+                        .unwrap_or(SystemTime::UNIX_EPOCH)
+                        .duration_since(SystemTime::UNIX_EPOCH)
+                        .map(|d| d.as_secs())
+                        .unwrap_or_default()
+                });
+                let saved = SavedConflict {
+                    eni: c.eni.clone(),
+                    takes: c.takes,
+                    last_take_unix,
+                    other: c.other.clone(),
+                    away: c.away,
+                };
+                (*a, saved)
+            })
+            .collect()
+    }
+
+    /// The history read back from the checkpoint; a take "in the future" (the clock was set
+    /// back) counts as now.
+    pub fn restore(
+        saved: &BTreeMap<IpAddr, SavedConflict>,
+        now: Instant,
+        wall: SystemTime,
+    ) -> Self {
+        let by_address = saved
+            .iter()
+            .map(|(a, s)| {
+                let last_take = s.last_take_unix.map(|secs| {
+                    let at = SystemTime::UNIX_EPOCH + Duration::from_secs(secs);
+                    let ago = wall.duration_since(at).unwrap_or_default();
+                    now.checked_sub(ago).unwrap_or(now)
+                });
+                let c = Conflict {
+                    eni: s.eni.clone(),
+                    takes: s.takes,
+                    last_take,
+                    other: s.other.clone(),
+                    away: s.away,
+                };
+                (*a, c)
+            })
+            .collect();
+        Self { by_address }
     }
 }
 
@@ -121,36 +226,72 @@ impl Conflicts {
 mod tests {
     use super::*;
 
+    const A: IpAddr = IpAddr::V4(std::net::Ipv4Addr::new(10, 0, 1, 20));
+
     #[test]
-    fn taken_back_once_then_waits_five_minutes_doubling() {
-        let a: IpAddr = IpAddr::from([10, 0, 1, 20]);
+    fn taken_once_then_each_take_waits_five_minutes_doubling() {
         let mut c = Conflicts::default();
         let t0 = Instant::now();
-        assert!(c.away("eni-1", a, t0));
-        assert!(!c.away("eni-1", a, t0), "seen away again: not news");
-        assert!(
-            c.may_assign(a, t0),
-            "the first time it is taken back at once"
-        );
-        c.took_back(a, Some("eni-other".into()));
-        assert_eq!(c.count(t0), 0);
-        assert!(c.away("eni-1", a, t0));
-        assert!(!c.may_assign(a, t0));
+        assert!(c.may_take(A, t0), "the first take goes at once");
+        c.took("eni-1", A, Some("eni-other".into()), t0);
+        assert_eq!(c.count(t0), 0, "ours now: no conflict");
+        assert!(c.away("eni-1", A), "taken away again: news");
+        assert!(!c.away("eni-1", A), "seen away again: not news");
+        assert!(!c.may_take(A, t0));
         assert_eq!(c.count(t0), 1);
         assert_eq!(c.next_retry(t0), Some(t0 + FIRST_WAIT));
         assert_eq!(
-            c.waiting(a, t0).and_then(|x| x.other.clone()).as_deref(),
+            c.waiting(A, t0).and_then(|x| x.other.clone()).as_deref(),
             Some("eni-other")
         );
         let t1 = t0 + FIRST_WAIT;
-        assert!(c.may_assign(a, t1));
-        c.took_back(a, None);
-        c.away("eni-1", a, t1);
+        assert!(c.may_take(A, t1));
+        c.took("eni-1", A, None, t1);
+        c.away("eni-1", A);
         assert_eq!(c.next_retry(t1), Some(t1 + FIRST_WAIT * 2), "doubling");
-        c.back(a);
+        c.back(A);
         assert_eq!(c.count(t1), 0);
-        c.forget(a);
-        assert!(c.away("eni-1", a, t1));
-        assert!(c.may_assign(a, t1), "forgotten: a fresh start");
+    }
+
+    #[test]
+    fn the_history_survives_a_release_and_decays_only_once_calm_for_its_wait() {
+        let mut c = Conflicts::default();
+        let t0 = Instant::now();
+        c.took("eni-1", A, Some("eni-b".into()), t0);
+        // The pod lets go and takes the address again: another ENI holds it by then.
+        c.held_by("eni-1", A, "eni-b".into());
+        assert!(!c.may_take(A, t0 + Duration::from_secs(10)));
+        assert!(
+            !c.decay(t0 + FIRST_WAIT * 3),
+            "away: kept whatever the time"
+        );
+        c.back(A);
+        assert!(!c.decay(t0 + FIRST_WAIT - Duration::from_secs(1)));
+        assert!(c.decay(t0 + FIRST_WAIT), "calm for its wait: forgotten");
+        assert!(c.may_take(A, t0 + FIRST_WAIT));
+    }
+
+    #[test]
+    fn the_history_survives_a_restart_through_the_checkpoint() {
+        let mut c = Conflicts::default();
+        let t0 = Instant::now();
+        let wall = SystemTime::now();
+        c.took("eni-1", A, Some("eni-b".into()), t0);
+        c.away("eni-1", A);
+        let saved = c.save(t0 + Duration::from_secs(60), wall + Duration::from_secs(60));
+        let json = serde_json::to_string(&saved).unwrap_or_default();
+        let back: BTreeMap<IpAddr, SavedConflict> = serde_json::from_str(&json).unwrap_or_default();
+        // A new process: another Instant base, two minutes of wall time later.
+        let t9 = Instant::now() + Duration::from_secs(1000);
+        let restored = Conflicts::restore(&back, t9, wall + Duration::from_secs(120));
+        let w = restored.waiting(A, t9).cloned();
+        assert_eq!(w.as_ref().map(|w| w.takes), Some(1));
+        let retry = w.and_then(|w| w.retry_at()).unwrap_or(t9);
+        let left = retry.saturating_duration_since(t9);
+        assert!(
+            left > FIRST_WAIT - Duration::from_secs(122)
+                && left <= FIRST_WAIT - Duration::from_secs(119),
+            "{left:?} left of the wait after two minutes"
+        );
     }
 }

@@ -181,8 +181,14 @@ pub async fn serve(
                 }
                 Ok(Request::Release { v }) => match answer_version(v) {
                     Some(v) => {
-                        let _ = events.send(Event::Release { conn });
+                        let (done, taken) = oneshot::channel();
+                        if events.send(Event::Release { conn, done }).is_err() {
+                            return;
+                        }
                         let _ = own_answers.try_send(Answer::Released { v });
+                        // The same backpressure as a claim: a flood of releases slows only
+                        // this connection.
+                        let _ = taken.await;
                     }
                     None => {
                         let _ = own_answers.try_send(unsupported(v));

@@ -145,6 +145,7 @@ mod tests {
             action: "DescribeNetworkInterfaces",
             kind,
             message: "x".into(),
+            code: None,
         }
     }
 

@@ -6,10 +6,10 @@
 //! unassigned when the pod lets go of it. Sidecars connect over a Unix socket to be told when
 //! their pod is routable: their claims are hints that make the agent look, never facts.
 //!
-//! Pure decisions: [`plan`], [`batch`], [`reclaim`], [`conflict`], [`retry`], [`checkpoint`].
-//! Edges: [`watch`] (inotify, setns + netlink), [`connection`] (socket), [`calls`] (one
-//! ENI's EC2 calls), [`node`] (the task
-//! that owns the state and calls EC2), [`status`] (the node's table over HTTP), [`server`]
+//! Pure decisions: [`plan`], [`batch`], [`reclaim`], [`conflict`], [`retry`], [`checkpoint`],
+//! [`macs`]. Edges: [`watch`] (inotify, setns + netlink), [`connection`] (socket), [`calls`]
+//! (one ENI's EC2 calls), [`node`] (the task that owns the state and calls EC2), [`status`]
+//! (the node's table over HTTP), [`http`] (the bounded, dual-stack HTTP port), [`server`]
 //! (wiring), [`metrics`].
 
 pub mod batch;
@@ -20,6 +20,8 @@ pub mod cli;
 pub mod conflict;
 pub mod connection;
 pub mod health;
+pub mod http;
+pub mod macs;
 pub mod metrics;
 pub mod node;
 pub mod plan;

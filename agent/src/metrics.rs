@@ -72,6 +72,7 @@ pub struct Metrics {
     pub refusals: Family<RefusalLabels, Counter>,
     pub limit_hits: Family<LimitLabels, Counter>,
     pub address_conflicts: Gauge<i64, AtomicI64>,
+    pub unowned_addresses: Gauge<i64, AtomicI64>,
     pub ec2_auth_failing: Gauge<i64, AtomicI64>,
     pub watched_namespaces: Gauge<i64, AtomicI64>,
     pub oldest_pending_seconds: Gauge<f64, std::sync::atomic::AtomicU64>,
@@ -161,6 +162,12 @@ impl Metrics {
             "Addresses wanted on another ENI too and waiting before they are taken back",
             address_conflicts.clone(),
         );
+        let unowned_addresses = Gauge::<i64, AtomicI64>::default();
+        registry.register(
+            "unowned_addresses",
+            "Addresses on this instance's Multus ENIs that no pod of this node was ever seen holding: kept unless --reclaim-unowned",
+            unowned_addresses.clone(),
+        );
         let ec2_auth_failing = Gauge::<i64, AtomicI64>::default();
         registry.register(
             "ec2_auth_failing",
@@ -197,6 +204,7 @@ impl Metrics {
             refusals,
             limit_hits,
             address_conflicts,
+            unowned_addresses,
             ec2_auth_failing,
             watched_namespaces,
             oldest_pending_seconds,

@@ -8,8 +8,9 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
+use ipnet::IpNet;
 use multus_eni_ec2::MacAddress;
 use multus_eni_ec2::eni::{Ec2, ErrorKind};
 use multus_eni_ec2::model::{Change, EniAddresses, EniId};
@@ -17,16 +18,18 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::batch::Batches;
 use crate::callers::Callers;
-use crate::calls::{BatchOutcome, call_batch};
+use crate::calls::{BatchOutcome, Permissions, call_batch};
 use crate::checkpoint::Checkpoint;
 use crate::conflict::Conflicts;
 use crate::connection::{ClaimHint, ConnId, Peer};
 use crate::health::Ec2Health;
+use crate::macs::MacBook;
 use crate::metrics::{Metrics, RefusalLabels, ReleaseLabels};
 use crate::plan::{self, InstanceEnis, Knowledge, NetnsId, PodNetns, Pods, Refusal, Wanted};
 use crate::reclaim::{UnheldSince, unheld};
 use crate::retry::RetryBook;
 use crate::status::NodeStatus;
+use crate::status::Unowned;
 use crate::view::View;
 use crate::watch::{Ask, Seen, WatchHandle};
 
@@ -43,7 +46,11 @@ pub enum Event {
         done: oneshot::Sender<()>,
     },
     /// The sidecar said "release": look at its namespace again.
-    Release { conn: ConnId },
+    Release {
+        conn: ConnId,
+        /// Dropped once taken: the connection reads its next line.
+        done: oneshot::Sender<()>,
+    },
     /// The connection closed.
     Disconnected { conn: ConnId },
     /// The watcher saw something.
@@ -72,6 +79,12 @@ pub struct NodeConfig {
     pub reclaim_after: Duration,
     pub batch_interval: Duration,
     pub max_connections_per_pod: usize,
+    /// `--reclaim-unowned`: reclaim addresses no pod of this node was ever seen holding too.
+    pub reclaim_unowned: bool,
+    /// `--ignore-cidrs`.
+    pub ignored: Vec<IpNet>,
+    /// `--max-mac-lookups` per resync interval.
+    pub max_mac_lookups: usize,
 }
 
 pub struct Node {
@@ -82,8 +95,7 @@ pub struct Node {
     watch: WatchHandle,
     view: View,
     enis: Option<InstanceEnis>,
-    foreign: BTreeMap<MacAddress, Option<EniId>>,
-    foreign_asked: BTreeSet<MacAddress>,
+    macs: MacBook,
     callers: Callers,
     batches: Batches,
     rejected: RetryBook,
@@ -99,6 +111,17 @@ pub struct Node {
     wanted: Wanted,
     /// Since when each wanted address has been missing from its ENI.
     pending_since: BTreeMap<IpAddr, Instant>,
+    /// Addresses on this instance's Multus ENIs that are not this agent's own (last resync).
+    unowned: BTreeSet<(EniId, IpAddr)>,
+    /// Addresses whose take waits (a conflict) that may get one exclusive assign (it takes
+    /// nothing): filled at each resync, so one whose other holder let go is not kept waiting.
+    exclusive_tries: BTreeSet<IpAddr>,
+    /// ENIs that refused an assign for their address limit since their last unassign: no
+    /// address is moved onto them.
+    full: BTreeSet<EniId>,
+    /// Changes EC2 accepted while a Describe of the instance was running: applied again to its
+    /// answer, which may predate them.
+    applied_during_read: Vec<(Change, BTreeMap<IpAddr, EniId>)>,
     wake_at: Option<Instant>,
     status: watch::Sender<Arc<NodeStatus>>,
 }
@@ -119,6 +142,9 @@ impl Node {
         let batches = Batches::with_interval(config.batch_interval);
         let callers = Callers::new(metrics.clone(), config.max_connections_per_pod);
         let health = Ec2Health::new(metrics.clone());
+        let conflicts =
+            Conflicts::restore(&checkpoint.conflicts, Instant::now(), SystemTime::now());
+        let macs = MacBook::new(config.max_mac_lookups);
         Self {
             ec2,
             metrics,
@@ -127,12 +153,11 @@ impl Node {
             watch,
             view: View::default(),
             enis: None,
-            foreign: BTreeMap::new(),
-            foreign_asked: BTreeSet::new(),
+            macs,
             callers,
             batches,
             rejected: RetryBook::default(),
-            conflicts: Conflicts::default(),
+            conflicts,
             unheld: UnheldSince::default(),
             checkpoint,
             health,
@@ -141,6 +166,10 @@ impl Node {
             resync_waiting: false,
             wanted: Wanted::default(),
             pending_since: BTreeMap::new(),
+            unowned: BTreeSet::new(),
+            exclusive_tries: BTreeSet::new(),
+            full: BTreeSet::new(),
+            applied_during_read: Vec::new(),
             wake_at: None,
             status,
         }
@@ -155,6 +184,7 @@ impl Node {
                 self.handle(event);
             }
             self.plan();
+            self.look_up_macs();
             self.dispatch();
             self.answer();
             self.publish();
@@ -163,28 +193,33 @@ impl Node {
 
     fn handle(&mut self, event: Event) {
         match event {
-            Event::Connected { conn, peer } => self.callers.connect(conn, peer, &self.view),
+            Event::Connected { conn, peer } => {
+                self.callers.connect(conn, peer, &self.view, Instant::now())
+            }
             Event::Claim { conn, hint, done } => {
                 drop(done);
                 if let Some(netns) = self.callers.claim(conn, hint) {
                     self.look_at(netns);
                 }
-                self.look_up_foreign_macs(false);
             }
-            Event::Release { conn } | Event::Disconnected { conn } => {
+            Event::Release { conn, done } => {
+                drop(done);
                 // Only a look: the pod's namespace says what it still holds.
                 if let Some(netns) = self.callers.netns_of(conn) {
                     self.look_at(netns);
                 }
-                if matches!(event, Event::Disconnected { .. }) {
-                    self.callers.remove(conn);
+            }
+            Event::Disconnected { conn } => {
+                if let Some(netns) = self.callers.netns_of(conn) {
+                    self.look_at(netns);
                 }
+                self.callers.remove(conn);
             }
             Event::Seen(seen) => {
                 if let Some(gone) = self.view.apply(seen) {
                     self.callers.pod_gone(gone);
                 }
-                self.callers.verify(&self.view);
+                self.callers.verify(&self.view, Instant::now());
                 self.metrics
                     .watched_namespaces
                     .set(self.view.pods.len() as i64);
@@ -193,7 +228,21 @@ impl Node {
                 self.resync_waiting = true;
                 self.watch.ask(Ask::Rescan);
                 self.read();
-                self.look_up_foreign_macs(true);
+                self.full.clear();
+                if let Some(enis) = &self.enis {
+                    self.macs.resync(&self.pod_macs(), enis);
+                }
+                let now = Instant::now();
+                self.exclusive_tries = self
+                    .wanted
+                    .pairs()
+                    .into_iter()
+                    .map(|(_, a)| a)
+                    .filter(|a| self.conflicts.waiting(*a, now).is_some())
+                    .collect();
+                if self.conflicts.decay(now) {
+                    self.save_checkpoint();
+                }
             }
             Event::Read(result) => self.on_read(result),
             Event::Foreign { macs, found } => self.on_foreign(macs, found),
@@ -203,6 +252,7 @@ impl Node {
                 if self.wake_at.is_some_and(|w| w <= now) {
                     self.wake_at = None;
                 }
+                self.callers.verify(&self.view, now);
                 if self.health.wake(now) && std::mem::take(&mut self.read_again) {
                     self.read();
                 }
@@ -237,8 +287,14 @@ impl Node {
 
     fn on_read(&mut self, result: multus_eni_ec2::Result<InstanceEnis>) {
         self.reading = false;
+        let applied = std::mem::take(&mut self.applied_during_read);
         match result {
-            Ok(enis) => {
+            Ok(mut enis) => {
+                // The answer may predate calls that returned while it ran: never let it
+                // overwrite their results.
+                for (change, moved) in &applied {
+                    apply_to(&mut enis, change, moved);
+                }
                 self.health.success("DescribeNetworkInterfaces");
                 let before: BTreeSet<EniId> = self
                     .enis
@@ -255,9 +311,7 @@ impl Node {
                     .filter(|(_, e)| e.no_manage)
                     .map(|(m, e)| (m.to_string(), e.id.clone()))
                     .collect();
-                self.checkpoint
-                    .assigned
-                    .retain(|eni, _| now_ids.contains(eni));
+                self.checkpoint.owned.retain(|eni, _| now_ids.contains(eni));
                 self.save_checkpoint();
                 self.enis = Some(enis);
                 self.notice_taken_away();
@@ -277,14 +331,14 @@ impl Node {
         }
     }
 
-    /// Addresses this agent assigned, still wanted, and no longer on their ENI: someone
+    /// Addresses that are this agent's own, still wanted, and no longer on their ENI: someone
     /// moved them (another node's pod holds the same address, or an operator).
     fn notice_taken_away(&mut self) {
         let Some(enis) = &self.enis else {
             return;
         };
         let now = Instant::now();
-        for (eni_id, addresses) in &self.checkpoint.assigned {
+        for (eni_id, addresses) in &self.checkpoint.owned {
             let Some(eni) = enis.values().find(|e| &e.id == eni_id) else {
                 continue;
             };
@@ -294,7 +348,7 @@ impl Node {
                 }
                 if eni.holds(a) {
                     self.conflicts.back(a);
-                } else if self.conflicts.away(eni_id, a, now) {
+                } else if self.conflicts.away(eni_id, a) {
                     let waiting = self.conflicts.waiting(a, now).is_some();
                     tracing::warn!(
                         action = "resync",
@@ -310,8 +364,9 @@ impl Node {
     }
 
     /// Unassigns addresses on this instance's Multus ENIs that nothing on the node has held
-    /// for `--reclaim-after` (leaks from while the agent was down). Only when every namespace
-    /// of the node could be read.
+    /// for `--reclaim-after` (leaks from while the agent was down), if they are this agent's
+    /// own (or `--reclaim-unowned`). Only when every namespace of the node could be read. An
+    /// address no pod of this node was ever seen holding is `unowned`: counted, shown, kept.
     fn reclaim(&mut self) {
         let Some(enis) = &self.enis else {
             return;
@@ -328,7 +383,22 @@ impl Node {
         );
         held.extend(self.wanted.pairs().into_iter().map(|(_, a)| a));
         let mut candidates = unheld(enis.values(), &held);
-        candidates.retain(|(eni, a)| !self.batches.is_flying(eni, *a));
+        candidates.retain(|(eni, a)| {
+            !self.batches.is_flying(eni, *a) && !plan::is_ignored(&self.config.ignored, *a)
+        });
+        let unowned: BTreeSet<(EniId, IpAddr)> = candidates
+            .iter()
+            .filter(|(eni, a)| !self.checkpoint.owns(eni, *a))
+            .cloned()
+            .collect();
+        for (eni, address) in unowned.difference(&self.unowned) {
+            tracing::warn!(action = "reclaim", outcome = "unowned", eni = %eni, address = %address, reclaim = self.config.reclaim_unowned, "an address on a Multus ENI of this instance that no pod of this node was ever seen holding (not this agent's): kept unless --reclaim-unowned");
+        }
+        if !self.config.reclaim_unowned {
+            candidates.retain(|c| !unowned.contains(c));
+        }
+        self.metrics.unowned_addresses.set(unowned.len() as i64);
+        self.unowned = unowned;
         let due = self
             .unheld
             .observe(candidates, Instant::now(), self.config.reclaim_after);
@@ -340,28 +410,31 @@ impl Node {
         }
     }
 
-    /// Looks up the MACs claimed by sidecars that are not this instance's (new ones, or all of
-    /// them again at a resync): another instance's ENI is refused, no ENI at all (macvlan,
-    /// SR-IOV) is left alone. MACs no sidecar claims any more are forgotten.
-    fn look_up_foreign_macs(&mut self, again: bool) {
+    /// The MACs of every pod interface of the node.
+    fn pod_macs(&self) -> BTreeSet<MacAddress> {
+        self.view
+            .pods
+            .values()
+            .flat_map(|p| p.interfaces.iter())
+            .filter_map(|i| i.mac)
+            .collect()
+    }
+
+    /// Looks up the MACs of the node's pod interfaces that are none of this instance's ENIs
+    /// ([`MacBook`]): another instance's ENI is refused, no ENI at all (macvlan, SR-IOV) is left
+    /// alone, and until EC2 said which, an address on it is pending. Never while the node backs
+    /// off.
+    fn look_up_macs(&mut self) {
         let Some(enis) = &self.enis else {
             return;
         };
-        let claimed: BTreeSet<MacAddress> = self
-            .callers
-            .claimed_macs()
-            .into_iter()
-            .filter(|m| !enis.contains_key(m))
-            .collect();
-        self.foreign.retain(|m, _| claimed.contains(m));
-        let macs: Vec<MacAddress> = claimed
-            .into_iter()
-            .filter(|m| (again || !self.foreign.contains_key(m)) && !self.foreign_asked.contains(m))
-            .collect();
-        if macs.is_empty() {
+        if self.health.waiting() {
             return;
         }
-        self.foreign_asked.extend(macs.iter().copied());
+        let seen = self.pod_macs();
+        let Some(macs) = self.macs.to_ask(seen, enis) else {
+            return;
+        };
         let ec2 = self.ec2.clone();
         let events = self.events.clone();
         tokio::spawn(async move {
@@ -375,30 +448,28 @@ impl Node {
         macs: Vec<MacAddress>,
         found: multus_eni_ec2::Result<BTreeMap<MacAddress, EniAddresses>>,
     ) {
-        for m in &macs {
-            self.foreign_asked.remove(m);
-        }
         match found {
-            Ok(mut found) => {
+            Ok(found) => {
                 self.health.success("DescribeNetworkInterfaces");
-                for mac in macs {
-                    let eni = found.remove(&mac).map(|e| e.id);
-                    if let Some(id) = &eni {
-                        self.metrics
-                            .refusals
-                            .get_or_create(&RefusalLabels {
-                                reason: "not_this_instance",
-                            })
-                            .inc();
-                        tracing::warn!(action = "claim", outcome = "refused", mac = %mac, eni = %id, "a claimed interface carries the MAC of an ENI that is not attached to this instance");
-                    }
-                    self.foreign.insert(mac, eni);
+                let found = self.macs.answered(&macs, found, &self.config.instance_id);
+                for (mac, id) in found.other_instance {
+                    self.metrics
+                        .refusals
+                        .get_or_create(&RefusalLabels {
+                            reason: "not_this_instance",
+                        })
+                        .inc();
+                    tracing::warn!(action = "lookup", outcome = "refused", mac = %mac, eni = %id, "a pod interface carries the MAC of an ENI that is not attached to this instance");
                 }
-                // An ENI attached since the last read would be in the instance's read now.
-                self.read();
+                if found.ours_unread {
+                    // Attached since the last read: read now, not at the next resync.
+                    self.read();
+                }
             }
             Err(e) => {
+                self.macs.failed(&macs);
                 self.health.failure("DescribeNetworkInterfaces", &e);
+                tracing::warn!(action = "lookup", outcome = %e.kind, error = %e.message, "cannot look up the MACs of pod interfaces; they stay pending");
                 self.retry_later(e.kind);
             }
         }
@@ -418,7 +489,7 @@ impl Node {
         let Some(enis) = &self.enis else {
             return;
         };
-        let wanted = plan::wanted(self.managed_pods(), enis);
+        let wanted = plan::wanted(self.managed_pods(), enis, &self.config.ignored);
         let now = Instant::now();
         for (address, refusal) in &wanted.refused {
             if !self.wanted.refused.contains_key(address) {
@@ -426,16 +497,24 @@ impl Node {
             }
         }
         let released: Vec<(EniId, IpAddr)> = if self.view.complete() {
-            let held_elsewhere = plan::held(self.view.host.iter());
+            // Still held somewhere on the node (the host, or a pod's address back in DAD):
+            // not let go of.
+            let held_still = plan::held(
+                self.view
+                    .host
+                    .iter()
+                    .chain(self.view.pods.values().flat_map(|p| p.interfaces.iter())),
+            );
             self.wanted
                 .pairs()
                 .difference(&wanted.pairs())
-                .filter(|(_, a)| !held_elsewhere.contains(a))
+                .filter(|(_, a)| !held_still.contains(a))
                 .cloned()
                 .collect()
         } else {
             Vec::new()
         };
+        let mut newly_owned = false;
         for (eni_id, addresses) in &wanted.by_eni {
             let Some(eni) = enis.values().find(|e| &e.id == eni_id) else {
                 continue;
@@ -444,13 +523,15 @@ impl Node {
                 if eni.holds(a) {
                     self.batches.cancel_unassign(eni_id, a);
                     self.pending_since.remove(&a);
+                    // A pod of this node holds it on this ENI: the agent's own from now on.
+                    newly_owned |= self.checkpoint.record_owned(eni_id, [a]);
                     continue;
                 }
                 self.pending_since.entry(a).or_insert(now);
-                if self.batches.is_flying(eni_id, a)
-                    || !self.rejected.may_try(a, now)
-                    || !self.conflicts.may_assign(a, now)
-                {
+                if self.batches.is_flying(eni_id, a) || !self.rejected.may_try(a, now) {
+                    continue;
+                }
+                if !self.conflicts.may_take(a, now) && !self.exclusive_tries.remove(&a) {
                     continue;
                 }
                 self.batches.assign(eni_id, a);
@@ -464,11 +545,15 @@ impl Node {
         for (eni, address) in released {
             self.release(&eni, address);
         }
+        if newly_owned {
+            self.save_checkpoint();
+        }
     }
 
-    /// A pod let go of `address`: unassign it from `eni` if it is there (or on its way).
+    /// A pod let go of `address`: unassign it from `eni` if it is there (or on its way). The
+    /// conflict history stays: a pod that lets go of an address and takes it again does not
+    /// start a new fight.
     fn release(&mut self, eni_id: &str, address: IpAddr) {
-        self.conflicts.forget(address);
         self.rejected.forget(address);
         let on_eni = self
             .enis
@@ -501,16 +586,25 @@ impl Node {
                     .enis
                     .as_ref()
                     .and_then(|e| e.values().find(|e| e.id == eni).cloned());
-                // Addresses taken from this ENI: their holder is looked up before the assign.
-                let elsewhere: BTreeSet<IpAddr> = changes
-                    .iter()
-                    .flat_map(Change::addresses)
-                    .filter(|a| self.conflicts.is_away(*a))
-                    .collect();
+                let named: Vec<IpAddr> = changes.iter().flat_map(Change::addresses).collect();
+                let allowed = Permissions {
+                    // Taken from this ENI: their holder is looked up before the assign.
+                    elsewhere: named
+                        .iter()
+                        .copied()
+                        .filter(|a| self.conflicts.is_away(*a))
+                        .collect(),
+                    may_take: named
+                        .iter()
+                        .copied()
+                        .filter(|a| self.conflicts.may_take(*a, now))
+                        .collect(),
+                    room: !self.full.contains(&eni),
+                };
                 let ec2 = self.ec2.clone();
                 let events = self.events.clone();
                 tokio::spawn(async move {
-                    let outcome = call_batch(&ec2, ours.as_ref(), changes, &elsewhere).await;
+                    let outcome = call_batch(&ec2, ours.as_ref(), changes, &allowed).await;
                     let _ = events.send(Event::Called { eni, outcome });
                 });
             }
@@ -519,6 +613,7 @@ impl Node {
             self.batches.next_due(now),
             self.rejected.next_due(now),
             self.conflicts.next_retry(now),
+            self.callers.verify_due(),
         ]
         .into_iter()
         .flatten()
@@ -543,6 +638,19 @@ impl Node {
             self.count_refusal(&refusal, address);
             self.rejected.rejected(address, refusal.reason, now);
         }
+        for (address, other) in &outcome.left_with {
+            self.conflicts.held_by(eni_id, *address, other.clone());
+            if self.conflicts.waiting(*address, now).is_none() {
+                // Not moved although no conflict waits: the move could not land here (another
+                // subnet, no room). Its own backoff, not a call per plan.
+                tracing::warn!(action = "assign", outcome = "not_moved", eni = %eni_id, address = %address, holder = %other, "held by another Multus ENI and a move could not land on this ENI (another subnet, or no free slot): left there");
+                self.rejected.rejected(
+                    *address,
+                    format!("held by {other}, another Multus ENI; a move cannot land on {eni_id} (another subnet, or no free address slot): left there"),
+                    now,
+                );
+            }
+        }
         let wanted: BTreeSet<IpAddr> = self.wanted.pairs().into_iter().map(|(_, a)| a).collect();
         let mut checkpoint_changed = false;
         for (change, result) in outcome.results {
@@ -559,24 +667,21 @@ impl Node {
                     self.metrics.batch_addresses.observe(n as f64);
                     tracing::info!(action = change.action(), outcome = "success", eni = %change.eni(), addresses = n, "batch applied");
                     if let Some(enis) = self.enis.as_mut() {
-                        for e in enis.values_mut() {
-                            e.apply(&change);
-                            if assign && e.id != change.eni() {
-                                // EC2 moved the IPv4 addresses from where they were.
-                                for a in change.addresses() {
-                                    if let (IpAddr::V4(v4), true) =
-                                        (a, outcome.moved.contains_key(&a))
-                                    {
-                                        e.ipv4.remove(&v4);
-                                    }
-                                }
-                            }
-                        }
+                        apply_to(enis, &change, &outcome.moved);
+                    }
+                    if self.reading {
+                        self.applied_during_read
+                            .push((change.clone(), outcome.moved.clone()));
                     }
                     for a in change.addresses() {
                         self.rejected.forget(a);
                         if assign {
-                            self.conflicts.took_back(a, outcome.moved.get(&a).cloned());
+                            match outcome.moved.get(&a) {
+                                Some(other) => {
+                                    self.conflicts.took(eni_id, a, Some(other.clone()), now)
+                                }
+                                None => self.conflicts.back(a),
+                            }
                             if !wanted.contains(&a) {
                                 // Released while the assign was in flight.
                                 self.batches.unassign(eni_id, a);
@@ -584,8 +689,9 @@ impl Node {
                         }
                     }
                     if assign {
-                        self.checkpoint.record_assigned(eni_id, change.addresses());
+                        self.checkpoint.record_owned(eni_id, change.addresses());
                     } else {
+                        self.full.remove(change.eni());
                         self.checkpoint
                             .record_unassigned(change.eni(), change.addresses());
                     }
@@ -593,6 +699,9 @@ impl Node {
                 }
                 Some(Err(e)) if e.kind == ErrorKind::Rejected => {
                     self.health.failure(e.action, &e);
+                    if assign && e.is_address_limit() {
+                        self.full.insert(change.eni().to_string());
+                    }
                     tracing::warn!(action = change.action(), outcome = "rejected", eni = %change.eni(), addresses = ?change.addresses(), error = %e.message, "EC2 refused the call; the address waits its own backoff");
                     for a in change.addresses() {
                         self.rejected.rejected(a, e.message.clone(), now);
@@ -652,7 +761,8 @@ impl Node {
         Knowledge {
             instance_id: &self.config.instance_id,
             enis,
-            foreign: &self.foreign,
+            foreign: self.macs.known(),
+            ignored: &self.config.ignored,
             wanted: &self.wanted,
             rejected: &self.rejected,
             conflicts: &self.conflicts,
@@ -668,7 +778,8 @@ impl Node {
         let k = Knowledge {
             instance_id: &self.config.instance_id,
             enis,
-            foreign: &self.foreign,
+            foreign: self.macs.known(),
+            ignored: &self.config.ignored,
             wanted: &self.wanted,
             rejected: &self.rejected,
             conflicts: &self.conflicts,
@@ -680,7 +791,8 @@ impl Node {
     /// Publishes the node's table (for `/status`, the HTTP gate, readiness and gauges).
     fn publish(&mut self) {
         let now = Instant::now();
-        let ready = self.enis.is_some() && self.view.complete() && !self.health.auth_failing();
+        let ready =
+            self.enis.is_some() && self.view.every_entry_seen() && !self.health.auth_failing();
         self.callers.count_versions();
         self.metrics.set_ready(ready);
         self.metrics.pending.set(self.batches.queued() as i64);
@@ -696,14 +808,23 @@ impl Node {
         let (rows, no_eni) = match &self.enis {
             Some(enis) => (
                 crate::status::rows(self.managed_pods(), &self.knowledge(enis, now)),
-                crate::status::not_on_an_eni(self.managed_pods(), enis),
+                crate::status::not_on_an_eni(self.managed_pods(), enis, self.macs.known()),
             ),
             None => Default::default(),
         };
+        let unowned: Vec<Unowned> = self
+            .unowned
+            .iter()
+            .map(|(eni, address)| Unowned {
+                eni: eni.clone(),
+                address: *address,
+            })
+            .collect();
         let previous = self.status.borrow().clone();
         let changed = previous.ready != ready
             || previous.addresses != rows
             || previous.no_eni != no_eni
+            || previous.unowned != unowned
             || previous.last_ec2_error.as_ref() != self.health.last_error();
         if changed {
             self.status.send_replace(Arc::new(NodeStatus {
@@ -712,14 +833,35 @@ impl Node {
                 last_ec2_error: self.health.last_error().cloned(),
                 generation: previous.generation + 1,
                 addresses: rows,
+                unowned,
                 no_eni,
             }));
         }
     }
 
-    fn save_checkpoint(&self) {
+    fn save_checkpoint(&mut self) {
+        self.checkpoint.conflicts = self.conflicts.save(Instant::now(), SystemTime::now());
         if let Err(e) = self.checkpoint.save(&self.config.checkpoint) {
             tracing::error!(action = "checkpoint", outcome = "failed", path = %self.config.checkpoint.display(), error = %e, "cannot write the checkpoint: a restart may miss a conflict");
+        }
+    }
+}
+
+/// Records a change EC2 accepted in `enis`: on its ENI, and, for the addresses it `moved`
+/// (IPv4 by reassignment), off the ENIs that held them.
+fn apply_to(enis: &mut InstanceEnis, change: &Change, moved: &BTreeMap<IpAddr, EniId>) {
+    let assign = matches!(
+        change,
+        Change::AssignIpv4 { .. } | Change::AssignIpv6 { .. }
+    );
+    for e in enis.values_mut() {
+        e.apply(change);
+        if assign && e.id != change.eni() {
+            for a in change.addresses() {
+                if let (IpAddr::V4(v4), true) = (a, moved.contains_key(&a)) {
+                    e.ipv4.remove(&v4);
+                }
+            }
         }
     }
 }

@@ -2,13 +2,16 @@
 //! which of this instance's ENIs, what the node's pods hold (never reclaimed), and where one
 //! address stands (routable, pending, refused, conflict, no ENI).
 //!
-//! Inputs are the pod network namespaces read by [`crate::watch`] and the ENIs attached to
-//! this instance; a sidecar's claim is only a hint and is never an input here.
+//! Inputs are the pod network namespaces read by [`crate::watch`], the ENIs attached to this
+//! instance and what EC2 said of the other MACs; a sidecar's claim is only a hint and is never
+//! an input here. What the agent has not seen yet is a state of its own: a MAC not looked up is
+//! `pending`, never `no_eni`.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 use std::time::Instant;
 
+use ipnet::IpNet;
 use multus_eni_ec2::MacAddress;
 use multus_eni_ec2::eni::NO_MANAGE_TAG;
 use multus_eni_ec2::model::{EniAddresses, EniId};
@@ -40,6 +43,20 @@ pub struct PodNetns {
 
 /// This instance's ENIs, by MAC, as the last `DescribeNetworkInterfaces` saw them.
 pub type InstanceEnis = BTreeMap<MacAddress, EniAddresses>;
+
+/// What EC2 said of a MAC that is none of this instance's ENIs. A MAC without an entry has not
+/// been looked up (or the lookup failed): it is unknown, and an address on it is `pending`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MacLookup {
+    /// The ENI of another instance (or of none): never called on, its addresses refused.
+    OtherInstance(EniId),
+    /// EC2 answered that no ENI has this MAC (macvlan, SR-IOV, a veth): nothing to assign and
+    /// nothing for the pod to wait for.
+    NoEni,
+}
+
+/// What EC2 said of the MACs that are none of this instance's ENIs.
+pub type ForeignMacs = BTreeMap<MacAddress, MacLookup>;
 
 /// Which pod namespaces the agent manages (`--pods`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -83,6 +100,14 @@ pub const PRIMARY: &str = "the ENI's primary address is never managed";
 /// Reason: the claimed address is not on an interface with that MAC in the caller's namespace.
 pub const NOT_HELD: &str =
     "not configured on an interface with this MAC in the caller's network namespace";
+/// Reason: the address is inside `--ignore-cidrs`.
+pub const IGNORED: &str =
+    "inside --ignore-cidrs: left to the workload (never assigned, released or reclaimed)";
+/// Reason: the MAC is being looked up.
+pub const LOOKING_UP_MAC: &str =
+    "looking up the interface's MAC: not one of this instance's ENIs as last read";
+/// Prefix of a reason that carries EC2's own error text (served on `/status` only).
+pub const EC2_SAID: &str = "EC2 refused it: ";
 
 /// The refusal of an address that `holder` (an ENI without `no_manage`) holds.
 pub fn held_by_not_no_manage(holder: &str) -> Refusal {
@@ -114,12 +139,25 @@ impl Wanted {
     }
 }
 
+/// Whether `address` is inside one of `ignored` (`--ignore-cidrs`).
+pub fn is_ignored(ignored: &[IpNet], address: IpAddr) -> bool {
+    ignored.iter().any(|n| n.contains(&address))
+}
+
 /// What `pods` want: every usable address on an interface whose MAC is one of this
-/// instance's Multus (`no_manage`) ENIs, except that ENI's primary address and addresses that
-/// an ENI of this instance without `no_manage` holds. A MAC that is not this instance's is
-/// ignored: another node's ENI is never called on.
-pub fn wanted<'a>(pods: impl IntoIterator<Item = &'a PodNetns>, enis: &InstanceEnis) -> Wanted {
+/// instance's Multus (`no_manage`) ENIs, except that ENI's primary address, addresses inside
+/// `ignored`, and addresses that an ENI of this instance without `no_manage` holds. A MAC that
+/// is not this instance's is ignored: another node's ENI is never called on. One address
+/// wanted on two ENIs of this instance is wanted on one only (the one that holds it, else the
+/// first seen): it is never moved between them, and [`address_state`] calls the other a
+/// conflict.
+pub fn wanted<'a>(
+    pods: impl IntoIterator<Item = &'a PodNetns>,
+    enis: &InstanceEnis,
+    ignored: &[IpNet],
+) -> Wanted {
     let mut out = Wanted::default();
+    let mut candidates: BTreeMap<IpAddr, Vec<(&EniAddresses, Holder)>> = BTreeMap::new();
     for pod in pods {
         for iface in &pod.interfaces {
             let Some(eni) = iface.mac.and_then(|m| enis.get(&m)) else {
@@ -129,7 +167,8 @@ pub fn wanted<'a>(pods: impl IntoIterator<Item = &'a PodNetns>, enis: &InstanceE
                 continue;
             }
             for &address in &iface.addresses {
-                if eni.primary_ipv4.map(IpAddr::V4) == Some(address) {
+                if eni.primary_ipv4.map(IpAddr::V4) == Some(address) || is_ignored(ignored, address)
+                {
                     continue;
                 }
                 if let Some(other) = enis
@@ -140,15 +179,23 @@ pub fn wanted<'a>(pods: impl IntoIterator<Item = &'a PodNetns>, enis: &InstanceE
                         .insert(address, held_by_not_no_manage(&other.id));
                     continue;
                 }
-                out.by_eni.entry(eni.id.clone()).or_default().insert(
-                    address,
+                candidates.entry(address).or_default().push((
+                    eni,
                     Holder {
                         netns: pod.name.clone(),
                         interface: iface.name.clone(),
                     },
-                );
+                ));
             }
         }
+    }
+    for (address, mut on) in candidates {
+        let pick = on.iter().position(|(e, _)| e.holds(address)).unwrap_or(0);
+        let (eni, holder) = on.swap_remove(pick);
+        out.by_eni
+            .entry(eni.id.clone())
+            .or_default()
+            .insert(address, holder);
     }
     out
 }
@@ -171,9 +218,10 @@ pub fn held<'a>(interfaces: impl IntoIterator<Item = &'a DesiredInterface>) -> B
 pub struct Knowledge<'a> {
     pub instance_id: &'a str,
     pub enis: &'a InstanceEnis,
-    /// MACs that are not this instance's, looked up: `Some(eni)` another instance's ENI,
-    /// `None` no ENI at all (macvlan, SR-IOV).
-    pub foreign: &'a BTreeMap<MacAddress, Option<EniId>>,
+    /// What EC2 said of MACs that are not this instance's; a MAC missing here is unknown.
+    pub foreign: &'a ForeignMacs,
+    /// `--ignore-cidrs`.
+    pub ignored: &'a [IpNet],
     pub wanted: &'a Wanted,
     pub rejected: &'a RetryBook,
     pub conflicts: &'a Conflicts,
@@ -186,9 +234,12 @@ pub fn address_state(
     address: IpAddr,
     k: &Knowledge<'_>,
 ) -> (AddressState, Option<EniId>, Option<String>) {
+    if is_ignored(k.ignored, address) {
+        return (AddressState::NoEni, None, Some(IGNORED.into()));
+    }
     let Some(eni) = k.enis.get(&mac) else {
         return match k.foreign.get(&mac) {
-            Some(Some(other)) => (
+            Some(MacLookup::OtherInstance(other)) => (
                 AddressState::Refused,
                 Some(other.clone()),
                 Some(format!(
@@ -196,12 +247,8 @@ pub fn address_state(
                     k.instance_id
                 )),
             ),
-            Some(None) => (AddressState::NoEni, None, None),
-            None => (
-                AddressState::Pending,
-                None,
-                Some("looking up the interface's MAC".into()),
-            ),
+            Some(MacLookup::NoEni) => (AddressState::NoEni, None, None),
+            None => (AddressState::Pending, None, Some(LOOKING_UP_MAC.into())),
         };
     };
     let id = Some(eni.id.clone());
@@ -214,21 +261,28 @@ pub fn address_state(
     if let Some(r) = k.wanted.refused.get(&address) {
         return (AddressState::Refused, r.eni.clone(), Some(r.reason.clone()));
     }
+    if let Some(chosen) = k.wanted.eni_of(address).filter(|e| **e != eni.id) {
+        let reason = format!(
+            "also held on an interface of {chosen}, another ENI of this instance: an address is on one ENI only, and is never moved between this instance's ENIs"
+        );
+        return (AddressState::Conflict, Some(chosen.clone()), Some(reason));
+    }
     if eni.holds(address) {
         return (AddressState::Routable, id, None);
     }
     if let Some(c) = k.conflicts.waiting(address, k.now) {
         let other = c.other.clone();
         let reason = format!(
-            "also wanted on {} (another node?): taken back once, next try in {}s",
+            "also wanted on {} (another node?): taken once, next try in {}s",
             other.as_deref().unwrap_or("another ENI"),
-            c.retry_at
+            c.retry_at()
                 .map(|t| t.saturating_duration_since(k.now).as_secs())
                 .unwrap_or_default()
         );
         return (AddressState::Conflict, other, Some(reason));
     }
-    (AddressState::Pending, id, k.rejected.reason(address))
+    let rejected = k.rejected.reason(address).map(|r| format!("{EC2_SAID}{r}"));
+    (AddressState::Pending, id, rejected)
 }
 
 /// The answer to a sidecar's claim (`v`, `seq`, `interfaces`, received at `at`), from the
@@ -246,10 +300,11 @@ pub fn claim_status(
     let mut addresses = Vec::new();
     for iface in interfaces {
         let mac = multus_eni_ec2::node::parse_mac(&iface.mac);
+        // Name and MAC: two ipvlan children of one master carry the same MAC.
         let seen = pod.and_then(|p| {
             p.interfaces
                 .iter()
-                .find(|i| i.mac.is_some() && i.mac == mac)
+                .find(|i| i.name == iface.name && i.mac.is_some() && i.mac == mac)
         });
         for &address in &iface.addresses {
             let (state, eni, reason) = match (mac, seen) {
@@ -344,7 +399,7 @@ mod tests {
             pod("b", CNI, &["10.0.1.31"]),
             pod("c", ELSEWHERE, &["10.0.1.40"]),
         ];
-        let w = wanted(&pods, &enis());
+        let w = wanted(&pods, &enis(), &[]);
         assert_eq!(
             w.pairs(),
             [
@@ -363,7 +418,7 @@ mod tests {
 
     #[test]
     fn an_address_the_vpc_cnis_eni_holds_is_refused_not_wanted() {
-        let w = wanted(&[pod("a", MULTUS, &["10.0.1.30"])], &enis());
+        let w = wanted(&[pod("a", MULTUS, &["10.0.1.30"])], &enis(), &[]);
         assert!(w.pairs().is_empty());
         let r = &w.refused[&ip("10.0.1.30")];
         assert_eq!(r.eni.as_deref(), Some("eni-cni"));
@@ -395,13 +450,14 @@ mod tests {
                 .unwrap_or(std::net::Ipv6Addr::UNSPECIFIED),
         );
         p.read_at = t0;
-        let w = wanted([&p], &enis);
+        let w = wanted([&p], &enis, &[]);
         let (rejected, conflicts, foreign) =
             (RetryBook::default(), Conflicts::default(), BTreeMap::new());
         let k = Knowledge {
             instance_id: "i-1",
             enis: &enis,
             foreign: &foreign,
+            ignored: &[],
             wanted: &w,
             rejected: &rejected,
             conflicts: &conflicts,
@@ -453,18 +509,18 @@ mod tests {
         let enis = enis();
         let now = Instant::now();
         let pods = [pod("a", MULTUS, &["10.0.1.20", "10.0.1.21", "10.0.1.22"])];
-        let w = wanted(&pods, &enis);
+        let w = wanted(&pods, &enis, &[]);
         let mut rejected = RetryBook::default();
         rejected.rejected(ip("10.0.1.22"), "InvalidParameterValue".into(), now);
         let mut conflicts = Conflicts::default();
-        conflicts.away("eni-multus", ip("10.0.1.21"), now);
-        conflicts.took_back(ip("10.0.1.21"), Some("eni-other".into()));
-        conflicts.away("eni-multus", ip("10.0.1.21"), now);
-        let foreign = [(ELSEWHERE, Some("eni-far".to_string()))].into();
+        conflicts.took("eni-multus", ip("10.0.1.21"), Some("eni-other".into()), now);
+        conflicts.away("eni-multus", ip("10.0.1.21"));
+        let foreign = [(ELSEWHERE, MacLookup::OtherInstance("eni-far".to_string()))].into();
         let k = Knowledge {
             instance_id: "i-1",
             enis: &enis,
             foreign: &foreign,
+            ignored: &[],
             wanted: &w,
             rejected: &rejected,
             conflicts: &conflicts,
@@ -478,7 +534,10 @@ mod tests {
         assert!(reason.is_some_and(|r| r.contains("next try in 300s")));
         let (s, _, reason) = state(MULTUS, "10.0.1.22");
         assert_eq!(s, AddressState::Pending);
-        assert_eq!(reason.as_deref(), Some("InvalidParameterValue"));
+        assert_eq!(
+            reason.as_deref(),
+            Some("EC2 refused it: InvalidParameterValue")
+        );
         assert_eq!(state(MULTUS, "10.0.1.4").2.as_deref(), Some(PRIMARY));
         assert_eq!(state(CNI, "10.0.1.31").0, AddressState::Refused);
         let (s, eni, reason) = state(ELSEWHERE, "10.0.1.40");
@@ -488,7 +547,11 @@ mod tests {
         );
         assert!(reason.is_some_and(|r| r.contains("not attached to this instance (i-1)")));
         let unknown_mac = MacAddress([2, 0, 0, 0, 0, 7]);
-        assert_eq!(state(unknown_mac, "10.0.1.50").0, AddressState::Pending);
+        assert_eq!(
+            state(unknown_mac, "10.0.1.50"),
+            (AddressState::Pending, None, Some(LOOKING_UP_MAC.into())),
+            "a MAC not looked up yet is pending, never no_eni"
+        );
         let later = Knowledge {
             now: now + Duration::from_secs(301),
             ..k
@@ -498,5 +561,153 @@ mod tests {
             AddressState::Pending,
             "the conflict's wait is over: it is tried again"
         );
+    }
+
+    #[test]
+    fn one_address_on_two_enis_of_this_instance_is_wanted_on_one_and_a_conflict_on_the_other() {
+        const SECOND: MacAddress = MacAddress([0x0e, 0, 0, 0, 0, 3]);
+        let mut enis = enis();
+        enis.insert(SECOND, eni("eni-second", true, "10.0.1.5", &[]));
+        let pods = [
+            pod("a", MULTUS, &["10.0.1.60"]),
+            pod("b", SECOND, &["10.0.1.60"]),
+        ];
+        let w = wanted(&pods, &enis, &[]);
+        assert_eq!(
+            w.pairs(),
+            [("eni-multus".to_string(), ip("10.0.1.60"))].into()
+        );
+        // The ENI that already holds it keeps it, whichever pod comes first.
+        let mut holding = enis.clone();
+        if let Some(e) = holding.get_mut(&SECOND) {
+            e.ipv4.insert(
+                "10.0.1.60"
+                    .parse()
+                    .unwrap_or(std::net::Ipv4Addr::UNSPECIFIED),
+            );
+        }
+        let held = wanted(&pods, &holding, &[]);
+        assert_eq!(
+            held.pairs(),
+            [("eni-second".to_string(), ip("10.0.1.60"))].into()
+        );
+        let (rejected, conflicts, foreign) = (
+            RetryBook::default(),
+            Conflicts::default(),
+            ForeignMacs::new(),
+        );
+        let k = Knowledge {
+            instance_id: "i-1",
+            enis: &enis,
+            foreign: &foreign,
+            ignored: &[],
+            wanted: &w,
+            rejected: &rejected,
+            conflicts: &conflicts,
+            now: Instant::now(),
+        };
+        let (s, eni, _) = address_state(SECOND, ip("10.0.1.60"), &k);
+        assert_eq!(
+            (s, eni.as_deref()),
+            (AddressState::Conflict, Some("eni-multus"))
+        );
+        assert_eq!(
+            address_state(MULTUS, ip("10.0.1.60"), &k).0,
+            AddressState::Pending
+        );
+    }
+
+    #[test]
+    fn addresses_inside_ignore_cidrs_are_never_wanted_and_do_not_hold_the_pod_back() {
+        let ignored: Vec<IpNet> =
+            ["10.0.1.128/25".parse().unwrap_or_else(|e| panic!("{e}"))].into();
+        let pods = [pod("a", MULTUS, &["10.0.1.20", "10.0.1.200"])];
+        let w = wanted(&pods, &enis(), &ignored);
+        assert_eq!(
+            w.pairs(),
+            [("eni-multus".to_string(), ip("10.0.1.20"))].into()
+        );
+        let (enis, rejected, conflicts, foreign) = (
+            enis(),
+            RetryBook::default(),
+            Conflicts::default(),
+            ForeignMacs::new(),
+        );
+        let k = Knowledge {
+            instance_id: "i-1",
+            enis: &enis,
+            foreign: &foreign,
+            ignored: &ignored,
+            wanted: &w,
+            rejected: &rejected,
+            conflicts: &conflicts,
+            now: Instant::now(),
+        };
+        let (s, _, reason) = address_state(MULTUS, ip("10.0.1.200"), &k);
+        assert_eq!((s, reason.as_deref()), (AddressState::NoEni, Some(IGNORED)));
+    }
+
+    #[test]
+    fn two_interfaces_on_one_mac_are_answered_each_by_its_own_name() {
+        let enis = enis();
+        let t0 = Instant::now();
+        let mut p = pod("a", MULTUS, &["10.0.1.20"]);
+        p.interfaces.push(DesiredInterface {
+            name: "net2".into(),
+            mac: Some(MULTUS),
+            addresses: [ip("10.0.1.21")].into(),
+            tentative: BTreeSet::new(),
+        });
+        let mut enis_holding = enis.clone();
+        if let Some(e) = enis_holding.get_mut(&MULTUS) {
+            e.ipv4.insert(
+                "10.0.1.21"
+                    .parse()
+                    .unwrap_or(std::net::Ipv4Addr::UNSPECIFIED),
+            );
+        }
+        let w = wanted([&p], &enis_holding, &[]);
+        let (rejected, conflicts, foreign) = (
+            RetryBook::default(),
+            Conflicts::default(),
+            ForeignMacs::new(),
+        );
+        let k = Knowledge {
+            instance_id: "i-1",
+            enis: &enis_holding,
+            foreign: &foreign,
+            ignored: &[],
+            wanted: &w,
+            rejected: &rejected,
+            conflicts: &conflicts,
+            now: t0,
+        };
+        let claim = [
+            InterfaceClaim {
+                name: "net1".into(),
+                mac: MULTUS.to_string(),
+                addresses: vec![ip("10.0.1.20")],
+            },
+            InterfaceClaim {
+                name: "net2".into(),
+                mac: MULTUS.to_string(),
+                addresses: vec![ip("10.0.1.21")],
+            },
+        ];
+        match claim_status(2, 1, &claim, t0, Some(&p), &k) {
+            Answer::Status {
+                routable,
+                addresses,
+                ..
+            } => {
+                assert!(routable, "{addresses:?}");
+                assert!(
+                    addresses
+                        .iter()
+                        .all(|a| a.reason.as_deref() != Some(NOT_HELD))
+                );
+            }
+            other => panic!("{other:?}"),
+        }
     }
 }

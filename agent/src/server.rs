@@ -13,6 +13,7 @@ use tokio::sync::{Semaphore, mpsc, watch};
 use crate::checkpoint::Checkpoint;
 use crate::cli::RunArgs;
 use crate::connection::Limits;
+use crate::http::HttpLimits;
 use crate::metrics::{self, LimitLabels, Metrics};
 use crate::node::{Event, Node, NodeConfig};
 use crate::status::{self, NodeStatus};
@@ -35,8 +36,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
     });
     let mut sigterm = signal(SignalKind::terminate()).map_err(Error::Signal)?;
     let mut sigint = signal(SignalKind::interrupt()).map_err(Error::Signal)?;
-    let http = tokio::net::TcpListener::bind(args.metrics_addr)
-        .await
+    let http = crate::http::bind(args.metrics_addr)
         .map_err(|e| Error::io(format!("binding {}", args.metrics_addr), e))?;
     let (listener, socket_id) = bind_socket(&args.socket)?;
     tracing::info!(
@@ -53,12 +53,21 @@ pub async fn run(args: RunArgs) -> Result<()> {
         instance_id: instance_id.clone(),
         ..NodeStatus::default()
     }));
-    let router = metrics::router(metrics.clone()).merge(status::router(status_rx));
-    tokio::spawn(async move {
-        if let Err(e) = axum::serve(http, router).await {
-            tracing::error!(action = "http", outcome = "failed", error = %e, "HTTP server stopped");
-        }
-    });
+    let router = metrics::router(metrics.clone()).merge(status::router(
+        status_rx,
+        args.max_long_polls,
+        metrics.clone(),
+    ));
+    let http_limits = HttpLimits {
+        max_connections: args.max_http_connections,
+        header_timeout: args.http_header_timeout,
+    };
+    tokio::spawn(crate::http::serve(
+        http,
+        router,
+        http_limits,
+        metrics.clone(),
+    ));
     let ec2 = Arc::new(Ec2::from_env().await);
     let (events, inbox) = mpsc::unbounded_channel();
     let seen = events.clone();
@@ -80,6 +89,9 @@ pub async fn run(args: RunArgs) -> Result<()> {
             reclaim_after: args.reclaim_after,
             batch_interval: args.batch_interval,
             max_connections_per_pod: args.max_connections_per_pod,
+            reclaim_unowned: args.reclaim_unowned,
+            ignored: args.ignore_cidrs.clone(),
+            max_mac_lookups: args.max_mac_lookups,
         },
         checkpoint,
         events.clone(),

@@ -1,23 +1,30 @@
 //! The node's table for humans and for the HTTP startup gate: every address of the node's pods
 //! on this instance's ENIs with where it stands, published by the node task after each change
-//! and served read-only on the agent's HTTP port (`/status`, `/v1/addresses`), and printed by
-//! `multus-eni-agent status`.
+//! and served read-only on the agent's HTTP port, and printed by `multus-eni-agent status`.
+//! `/status` (every namespace, ENI, the instance id and EC2's error text) answers loopback
+//! callers only: the `status` command runs in the agent's pod. `/v1/addresses` (the gate) is
+//! open to the node's pods, answers only about the addresses asked, never with EC2's text, and
+//! holds at most `--max-long-polls` waiting requests.
 
 use std::collections::BTreeSet;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::Router;
-use axum::extract::{RawQuery, State};
+use axum::extract::{ConnectInfo, RawQuery, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Json, Response};
 use axum::routing::get;
+use axum::{Extension, Router};
 use multus_eni_proto::{AddressState, GateAddress, GateAnswer};
 use serde::{Deserialize, Serialize};
-use tokio::sync::watch;
+use tokio::sync::{Semaphore, watch};
 
-use crate::plan::{DAD_IN_PROGRESS, InstanceEnis, Knowledge, PodNetns, address_state};
+use crate::metrics::{LimitLabels, Metrics};
+use crate::plan::{
+    DAD_IN_PROGRESS, EC2_SAID, ForeignMacs, InstanceEnis, Knowledge, MacLookup, PodNetns,
+    address_state,
+};
 
 /// One address of the node's table.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -31,6 +38,14 @@ pub struct Row {
     pub reason: Option<String>,
 }
 
+/// An address on one of this instance's Multus ENIs that no pod of this node was ever seen
+/// holding and that this agent never assigned: never unassigned unless `--reclaim-unowned`.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct Unowned {
+    pub eni: String,
+    pub address: IpAddr,
+}
+
 /// The node's table as last published.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NodeStatus {
@@ -40,11 +55,19 @@ pub struct NodeStatus {
     /// Changes with every published change of the table.
     pub generation: u64,
     pub addresses: Vec<Row>,
-    /// Addresses pods hold on interfaces that carry no ENI of this instance (macvlan, SR-IOV,
-    /// eth0): nothing to assign, nothing for the HTTP gate to wait for. Not in `/status`.
+    /// Addresses on this instance's Multus ENIs that are not this agent's own.
+    #[serde(default)]
+    pub unowned: Vec<Unowned>,
+    /// Addresses pods hold on interfaces that EC2 said carry no ENI (macvlan, SR-IOV, eth0's
+    /// veth) or have no MAC: nothing to assign, nothing for the HTTP gate to wait for. Not in
+    /// `/status`.
     #[serde(skip)]
     pub no_eni: BTreeSet<IpAddr>,
 }
+
+/// Reason served by the gate instead of EC2's own text.
+const EC2_REFUSED_PUBLIC: &str =
+    "EC2 refused it; retried with backoff (details: multus-eni-agent status on the node)";
 
 // === impl NodeStatus ===
 
@@ -58,7 +81,13 @@ impl NodeStatus {
                     address: *a,
                     state: r.state,
                     eni: r.eni.clone(),
-                    reason: r.reason.clone(),
+                    reason: r.reason.as_ref().map(|reason| {
+                        if reason.starts_with(EC2_SAID) {
+                            EC2_REFUSED_PUBLIC.to_string()
+                        } else {
+                            reason.clone()
+                        }
+                    }),
                 },
                 None if self.no_eni.contains(a) => GateAddress {
                     address: *a,
@@ -126,19 +155,30 @@ impl NodeStatus {
             out.push_str(cells.join("  ").trim_end());
             out.push('\n');
         }
+        if !self.unowned.is_empty() {
+            out.push_str(&format!(
+                "\nunowned (on this instance's Multus ENIs, no pod of this node ever held them; kept unless --reclaim-unowned): {}\n",
+                self.unowned.len()
+            ));
+            for u in &self.unowned {
+                out.push_str(&format!("  {}  {}\n", u.eni, u.address));
+            }
+        }
         out
     }
 }
 
 /// The table's rows: every address of `pods` on an interface whose MAC is one of this
-/// instance's ENIs, or another instance's ENI a sidecar claimed (shown refused).
+/// instance's ENIs, another instance's ENI (refused), or not looked up yet (pending): all but
+/// those EC2 said carry no ENI.
 pub fn rows<'a>(pods: impl IntoIterator<Item = &'a PodNetns>, k: &Knowledge<'_>) -> Vec<Row> {
     let mut rows = Vec::new();
     for pod in pods {
         for iface in &pod.interfaces {
-            let Some(mac) = iface.mac.filter(|m| {
-                k.enis.contains_key(m) || k.foreign.get(m).is_some_and(Option::is_some)
-            }) else {
+            let Some(mac) = iface
+                .mac
+                .filter(|m| k.foreign.get(m) != Some(&MacLookup::NoEni))
+            else {
                 continue;
             };
             let row = |address, (state, eni, reason)| Row {
@@ -161,14 +201,19 @@ pub fn rows<'a>(pods: impl IntoIterator<Item = &'a PodNetns>, k: &Knowledge<'_>)
     rows
 }
 
-/// Addresses `pods` hold on interfaces whose MAC is none of this instance's ENIs.
+/// Addresses `pods` hold on interfaces that EC2 said carry no ENI, or that have no MAC.
 pub fn not_on_an_eni<'a>(
     pods: impl IntoIterator<Item = &'a PodNetns>,
     enis: &InstanceEnis,
+    foreign: &ForeignMacs,
 ) -> BTreeSet<IpAddr> {
     pods.into_iter()
         .flat_map(|p| p.interfaces.iter())
-        .filter(|i| i.mac.is_none_or(|m| !enis.contains_key(&m)))
+        .filter(|i| {
+            i.mac.is_none_or(|m| {
+                !enis.contains_key(&m) && foreign.get(&m) == Some(&MacLookup::NoEni)
+            })
+        })
         .flat_map(|i| i.addresses.iter().copied())
         .collect()
 }
@@ -226,28 +271,79 @@ pub fn parse_gate_query(query: &str) -> Result<GateQuery, String> {
     Ok(q)
 }
 
-/// `/status` and `/v1/addresses`, read from the published table.
-pub fn router(status: watch::Receiver<Arc<NodeStatus>>) -> Router {
+/// What the table's handlers share.
+#[derive(Clone)]
+struct Served {
+    status: watch::Receiver<Arc<NodeStatus>>,
+    /// Permits for requests that wait (`--max-long-polls`).
+    long_polls: Arc<Semaphore>,
+    metrics: Arc<Metrics>,
+}
+
+/// `/status` and `/v1/addresses`, read from the published table; at most `max_long_polls`
+/// gate requests wait at once (more are answered at once, counted in `limit_hits_total`).
+pub fn router(
+    status: watch::Receiver<Arc<NodeStatus>>,
+    max_long_polls: usize,
+    metrics: Arc<Metrics>,
+) -> Router {
     Router::new()
         .route("/status", get(full))
         .route("/v1/addresses", get(gate))
-        .with_state(status)
+        .with_state(Served {
+            status,
+            long_polls: Arc::new(Semaphore::new(max_long_polls)),
+            metrics,
+        })
 }
 
-async fn full(State(status): State<watch::Receiver<Arc<NodeStatus>>>) -> Json<NodeStatus> {
-    let current = status.borrow().clone();
-    Json((*current).clone())
+/// Whether `peer` is this host itself (an IPv4 caller of a dual-stack listener arrives as
+/// `::ffff:127.0.0.1`).
+fn is_loopback(peer: SocketAddr) -> bool {
+    match peer.ip() {
+        IpAddr::V4(v4) => v4.is_loopback(),
+        IpAddr::V6(v6) => {
+            v6.is_loopback() || v6.to_ipv4_mapped().is_some_and(|v4| v4.is_loopback())
+        }
+    }
 }
 
-async fn gate(
-    State(mut status): State<watch::Receiver<Arc<NodeStatus>>>,
-    RawQuery(query): RawQuery,
+async fn full(
+    State(served): State<Served>,
+    peer: Option<Extension<ConnectInfo<SocketAddr>>>,
 ) -> Response {
+    if !peer.is_some_and(|Extension(ConnectInfo(p))| is_loopback(p)) {
+        return (
+            StatusCode::FORBIDDEN,
+            "/status answers loopback callers only: run `multus-eni-agent status` in the agent's pod\n",
+        )
+            .into_response();
+    }
+    let current = served.status.borrow().clone();
+    Json((*current).clone()).into_response()
+}
+
+async fn gate(State(served): State<Served>, RawQuery(query): RawQuery) -> Response {
     let q = match parse_gate_query(query.as_deref().unwrap_or_default()) {
         Ok(q) => q,
         Err(e) => return (StatusCode::BAD_REQUEST, format!("{e}\n")).into_response(),
     };
+    let mut status = served.status.clone();
+    let permit = match served.long_polls.clone().try_acquire_owned() {
+        Ok(p) => Some(p),
+        Err(_) => {
+            served
+                .metrics
+                .limit_hits
+                .get_or_create(&LimitLabels {
+                    limit: "long_polls",
+                })
+                .inc();
+            None
+        }
+    };
     if let Some(since) = q.since
+        && permit.is_some()
         && status.borrow_and_update().generation == since
     {
         let _ = tokio::time::timeout(q.wait, async {
@@ -321,8 +417,36 @@ mod tests {
             addresses: vec![
                 row("10.0.1.20", AddressState::Routable),
                 row("10.0.1.21", AddressState::Pending),
+                Row {
+                    reason: Some(format!("{EC2_SAID}InvalidParameterValue: secret detail")),
+                    ..row("10.0.1.22", AddressState::Pending)
+                },
             ],
+            unowned: Vec::new(),
             no_eni: [ip("192.168.7.2")].into(),
+        }
+    }
+
+    #[test]
+    fn the_gate_never_serves_ec2s_own_text() {
+        let answer = status().gate(&[ip("10.0.1.22")]);
+        let reason = answer.addresses[0].reason.clone().unwrap_or_default();
+        assert!(!reason.contains("secret detail"), "{reason}");
+        assert_eq!(reason, EC2_REFUSED_PUBLIC);
+    }
+
+    #[test]
+    fn status_is_for_loopback_callers_only() {
+        for (peer, ok) in [
+            ("127.0.0.1:5000", true),
+            ("[::1]:5000", true),
+            ("[::ffff:127.0.0.1]:5000", true),
+            ("10.0.1.9:5000", false),
+            ("[::ffff:10.0.1.9]:5000", false),
+            ("[2001:db8::9]:5000", false),
+        ] {
+            let peer: SocketAddr = peer.parse().unwrap_or_else(|e| panic!("{peer}: {e}"));
+            assert_eq!(is_loopback(peer), ok, "{peer}");
         }
     }
 
@@ -367,7 +491,7 @@ mod tests {
     fn the_table_has_one_line_per_address() {
         let text = status().table();
         let lines: Vec<&str> = text.lines().collect();
-        assert_eq!(lines.len(), 4, "{text}");
+        assert_eq!(lines.len(), 5, "{text}");
         assert!(lines[1].starts_with("NETNS"));
         assert!(lines[2].contains("10.0.1.20") && lines[2].contains("routable"));
     }

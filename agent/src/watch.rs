@@ -15,7 +15,7 @@ use std::fs::File;
 use std::io;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
@@ -36,13 +36,15 @@ pub enum Seen {
     Pod(PodNetns),
     /// A pod namespace's entry left the directory.
     PodGone { name: String },
-    /// An entry that is not (yet) a readable network namespace.
+    /// A network namespace the agent cannot read (now).
     PodUnreadable { name: String, error: String },
+    /// An entry that is no network namespace (a stale regular file): no pod.
+    NotANamespace { name: String, error: String },
     /// The host namespace was read.
     Host(Vec<DesiredInterface>),
-    /// The directory was read in full: every entry is known to the watcher (at start and each
-    /// rescan).
-    DirRead { entries: usize },
+    /// The directory was read in full: its entries, each watched from now on (at start and
+    /// each rescan).
+    DirRead { names: BTreeSet<String> },
     /// The directory cannot be read: the node's pods are unknown (not an empty node).
     DirFailed { error: String },
 }
@@ -93,6 +95,9 @@ type SeenFn = Arc<dyn Fn(Seen) + Send + Sync>;
 struct PodTask {
     look: mpsc::UnboundedSender<()>,
     task: JoinHandle<()>,
+    /// The namespace's identity once opened: an entry whose device/inode changed (renamed over
+    /// without an inotify event reaching us) is another pod.
+    id: Arc<OnceLock<NetnsId>>,
 }
 
 impl Drop for PodTask {
@@ -114,11 +119,7 @@ struct DirWatcher {
 
 impl DirWatcher {
     async fn run(mut self, mut asks: mpsc::UnboundedReceiver<Ask>) {
-        let host = self.spawn_namespace(
-            String::new(),
-            PathBuf::from("/proc/self/ns/net"),
-            Kind::Host,
-        );
+        let mut host = self.spawn_host();
         let mut inotify = None;
         loop {
             if inotify.is_none() {
@@ -159,6 +160,11 @@ impl DirWatcher {
                     Some(Ask::Rescan) => {
                         if inotify.is_some() {
                             self.rescan();
+                        }
+                        if host.task.is_finished() {
+                            // Its socket failed: the host's addresses are watched anew.
+                            tracing::warn!(action = "netns", outcome = "restarted", "the host namespace's watch had stopped: restarted");
+                            host = self.spawn_host();
                         }
                         let _ = host.look.send(());
                         for pod in self.pods.values() {
@@ -222,13 +228,33 @@ impl DirWatcher {
             (self.seen)(Seen::PodGone { name });
         }
         for name in &names {
+            let replaced = self.pods.get(name).is_some_and(|p| {
+                let now = std::fs::metadata(self.dir.join(name))
+                    .ok()
+                    .map(|m| NetnsId {
+                        dev: m.dev(),
+                        ino: m.ino(),
+                    });
+                matches!((p.id.get(), now), (Some(was), Some(now)) if *was != now)
+            });
+            if replaced {
+                // Another namespace under the same name: the old pod is gone.
+                self.pods.remove(name);
+                (self.seen)(Seen::PodGone { name: name.clone() });
+            }
             if self.pods.get(name).is_none_or(|p| p.task.is_finished()) {
                 self.start_pod(name.clone());
             }
         }
-        (self.seen)(Seen::DirRead {
-            entries: names.len(),
-        });
+        (self.seen)(Seen::DirRead { names });
+    }
+
+    fn spawn_host(&self) -> PodTask {
+        self.spawn_namespace(
+            String::new(),
+            PathBuf::from("/proc/self/ns/net"),
+            Kind::Host,
+        )
     }
 
     fn start_pod(&mut self, name: String) {
@@ -239,6 +265,7 @@ impl DirWatcher {
 
     fn spawn_namespace(&self, name: String, path: PathBuf, kind: Kind) -> PodTask {
         let (look, looks) = mpsc::unbounded_channel();
+        let id = Arc::new(OnceLock::new());
         let watch = NamespaceWatch {
             name,
             path,
@@ -246,10 +273,12 @@ impl DirWatcher {
             reads: self.reads.clone(),
             metrics: self.metrics.clone(),
             seen: self.seen.clone(),
+            id: id.clone(),
         };
         PodTask {
             look,
             task: tokio::spawn(watch.run(looks)),
+            id,
         }
     }
 }
@@ -291,6 +320,7 @@ struct NamespaceWatch {
     reads: Arc<Semaphore>,
     metrics: Arc<Metrics>,
     seen: SeenFn,
+    id: Arc<OnceLock<NetnsId>>,
 }
 
 /// Attempts to open an entry that is not a network namespace yet (the runtime creates the
@@ -312,9 +342,11 @@ impl NamespaceWatch {
             match opened {
                 Ok(opened) => break opened,
                 Err(e) if attempt >= OPEN_ATTEMPTS => {
-                    (self.seen)(Seen::PodUnreadable {
-                        name: self.name.clone(),
-                        error: e.to_string(),
+                    let (name, error) = (self.name.clone(), e.to_string());
+                    (self.seen)(if e.kind() == io::ErrorKind::InvalidData {
+                        Seen::NotANamespace { name, error }
+                    } else {
+                        Seen::PodUnreadable { name, error }
                     });
                     return;
                 }
@@ -324,6 +356,7 @@ impl NamespaceWatch {
                 }
             }
         };
+        let _ = self.id.set(id);
         let mut table = InterfaceTable::every_interface();
         loop {
             // A full dump: at the start, when asked, after a dropped event.
@@ -419,8 +452,20 @@ pub fn netns_id(file: &File) -> io::Result<NetnsId> {
     })
 }
 
+/// Whether `file` is a network namespace (a file of nsfs); `InvalidData` when it is not.
+fn check_nsfs(file: &File) -> io::Result<()> {
+    let fs = nix::sys::statfs::fstatfs(file).map_err(io::Error::from)?;
+    if fs.filesystem_type() != nix::sys::statfs::NSFS_MAGIC {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "not a network namespace (not a file of nsfs)",
+        ));
+    }
+    Ok(())
+}
+
 /// On a thread of its own: enters the namespace at `path` and opens a netlink socket there,
-/// served by the agent's runtime.
+/// served by the agent's runtime. An entry that is no namespace fails with `InvalidData`.
 async fn open_in(path: PathBuf) -> io::Result<(NetnsId, AddressWatcher)> {
     let runtime = tokio::runtime::Handle::current();
     let (tx, rx) = tokio::sync::oneshot::channel();
@@ -429,6 +474,7 @@ async fn open_in(path: PathBuf) -> io::Result<(NetnsId, AddressWatcher)> {
         .spawn(move || {
             let opened = (|| {
                 let file = File::open(&path)?;
+                check_nsfs(&file)?;
                 let id = netns_id(&file)?;
                 setns(&file, CloneFlags::CLONE_NEWNET).map_err(io::Error::from)?;
                 let _entered = runtime.enter();

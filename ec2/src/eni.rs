@@ -190,6 +190,7 @@ where
             action,
             kind,
             message: error_message(err.code(), err.message(), status, request_id, &chain),
+            code: err.code().map(str::to_string),
         },
         code: err.code().map(str::to_string),
         status,
@@ -691,6 +692,10 @@ pub(crate) fn eni_addresses(n: &NetworkInterface) -> EniAddresses {
             t.key() == Some(NO_MANAGE_TAG)
                 && t.value().is_some_and(|v| v.eq_ignore_ascii_case("true"))
         }),
+        instance_id: n
+            .attachment()
+            .and_then(|a| a.instance_id())
+            .map(str::to_string),
     }
 }
 
@@ -867,6 +872,7 @@ mod tests {
             action: "AssignPrivateIpAddresses",
             kind,
             message: String::new(),
+            code: None,
         };
         assert!(worth_splitting(&error(ErrorKind::Rejected), &change(2)));
         assert!(!worth_splitting(&error(ErrorKind::Rejected), &change(1)));

@@ -11,6 +11,8 @@ pub struct Error {
     pub action: &'static str,
     pub kind: ErrorKind,
     pub message: String,
+    /// EC2's error code (`PrivateIpAddressLimitExceeded`), when it answered one.
+    pub code: Option<String>,
 }
 
 impl Error {
@@ -18,6 +20,14 @@ impl Error {
     /// know of the ENI still holds.
     pub fn is_throttled(&self) -> bool {
         self.kind == ErrorKind::Throttled
+    }
+
+    /// EC2 refused an assign because the ENI has no free address slot.
+    pub fn is_address_limit(&self) -> bool {
+        matches!(
+            self.code.as_deref(),
+            Some("PrivateIpAddressLimitExceeded" | "AddressLimitExceeded")
+        )
     }
 }
 

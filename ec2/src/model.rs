@@ -20,6 +20,8 @@ pub struct EniAddresses {
     pub ipv6: BTreeSet<Ipv6Addr>,
     /// Tag `node.k8s.amazonaws.com/no_manage=true` present: the VPC CNI leaves the ENI alone.
     pub no_manage: bool,
+    /// The instance it is attached to, as read (`None`: detached, or not said).
+    pub instance_id: Option<String>,
 }
 
 /// What EC2 said about the MAC of an interface.

@@ -978,6 +978,7 @@ mod tests {
             action: "AssignIpv6Addresses",
             kind,
             message: String::new(),
+            code: None,
         };
         let assign = Change::AssignIpv6 {
             eni: "eni-a".into(),
@@ -1004,6 +1005,7 @@ mod tests {
                 action: "AssignPrivateIpAddresses",
                 kind,
                 message: String::new(),
+                code: None,
             })
         };
         assert!(worst(Vec::new()).is_none());
