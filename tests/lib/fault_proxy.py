@@ -205,6 +205,12 @@ class FaultProxy:
             ready.set()
             loop.run_forever()
             self._server.close()
+            # Clients' keep-alive connections are still open: end their handlers while the loop
+            # can still close their sockets (else "Event loop is closed" at garbage collection).
+            handlers = asyncio.all_tasks(loop)
+            for task in handlers:
+                task.cancel()
+            loop.run_until_complete(asyncio.gather(*handlers, return_exceptions=True))
             loop.run_until_complete(self._server.wait_closed())
             loop.close()
 
