@@ -329,6 +329,15 @@ def test_an_ipv6_unassign_naming_an_address_not_held_fails_as_a_whole(emulator, 
     assert not emulator.eni(a.id).holds(held)
 
 
+def test_an_enis_primary_address_is_not_unassigned(emulator, world):
+    a, _ = world.enis
+    code, message = refusal(
+        emulator, lambda ec2: ec2.unassign_private_ip_addresses(NetworkInterfaceId=a.id, PrivateIpAddresses=[a.primary_ip])
+    )
+    assert code == INVALID and "primary" in message
+    assert emulator.eni(a.id).holds(a.primary_ip), "moto alone removes it"
+
+
 # === prefixes ===
 
 

@@ -22,7 +22,8 @@ per call made moto the bottleneck of every benchmark. The index is read from mot
 first mutating call), then kept up to date from the calls the proxy forwards and from every
 DescribeNetworkInterfaces answer it passes on (filtered ones too). A write that bypasses the
 proxy (a test's boto3 client straight to moto, `tests/lib/moto.client`) marks it stale, and the
-next mutating call reads moto again. Mutating calls are serialized per ENI and per address
+next mutating call reads moto again; a write that bypasses both (raw HTTP to moto) is seen once
+a DescribeNetworkInterfaces through the proxy shows the ENI. Mutating calls are serialized per ENI and per address
 block (/28, /80), not globally: EC2 carries out one change of an address at a time, so two
 Assigns of one address racing through the proxy cannot both succeed.
 
@@ -30,7 +31,8 @@ Where moto is laxer than EC2 the proxy answers as EC2 does:
 - an UnassignPrivateIpAddresses or UnassignIpv6Addresses that names an address (or prefix) not
   on the ENI fails as a whole with `InvalidParameterValue`, "Some of the specified addresses are
   not assigned to interface eni-…" (moto drops the unknown address silently and unassigns the
-  rest);
+  rest); an Unassign of the ENI's primary address fails with `InvalidParameterValue` (moto
+  removes it);
 - an AssignPrivateIpAddresses with `AllowReassignment=true` MOVES an address another ENI holds
   as a secondary (moto copies it: the proxy unassigns it from the other holder after moto
   answered); without `AllowReassignment`, or when the address is another ENI's primary, it fails
@@ -45,7 +47,8 @@ Where moto is laxer than EC2 the proxy answers as EC2 does:
   (`attachment.instance-id`, `subnet-id`, `mac-address` and tag filters moto answers as EC2.)
 - `page_size` (default None: one page, as EC2 without `MaxResults`) cuts DescribeNetworkInterfaces
   answers into pages of that many ENIs with a `nextToken`, to exercise a caller's pagination.
-- prefixes (moto has none; this state is the proxy's own, `prefixes(eni_id)` reads it):
+- prefixes (moto has none; this state is the proxy's own, `prefixes(eni_id)` reads it; it lives
+  as long as the proxy, and `reset()` keeps it as moto keeps addresses):
   `Ipv4Prefix.N` / `Ipv4PrefixCount` on Assign/UnassignPrivateIpAddresses (/28) and
   `Ipv6Prefix.N` / `Ipv6PrefixCount` on Assign/UnassignIpv6Addresses (/80) are answered by the
   proxy itself (`assignedIpv4PrefixSet`, `assignedIpv6PrefixSet`, `unassignedIpv6PrefixSet`), and
@@ -54,7 +57,8 @@ Where moto is laxer than EC2 the proxy answers as EC2 does:
   (`InvalidParameterCombination`); a prefix of the wrong length or not on its boundary, outside
   the ENI's subnet, held by another ENI, or holding an individually assigned address of any ENI
   (`InvalidParameterValue`); an individual address inside any ENI's prefix
-  (`InvalidParameterValue`); no free block for a `PrefixCount` (`InsufficientCidrBlocks`).
+  (`InvalidParameterValue`); no free block for a `PrefixCount` (`InsufficientCidrBlocks`); an
+  Unassign of a prefix the ENI does not hold, as for an address (same code and message).
 - address slots: with `address_limit[eni_id]` (or `default_address_limit`) set, an Assign that
   would put more IPv4 addresses + IPv4 prefixes (primary included), or more IPv6 addresses + IPv6
   prefixes, on the ENI fails with `PrivateIpAddressLimitExceeded` (each prefix takes one slot, as
@@ -476,8 +480,7 @@ class FaultProxy:
             if refused:
                 return _refusal(INVALID, f"Address {refused[0]} is not in the subnet's CIDR block")
             return self._address_refusal(change) or self._slot_refusal(change)
-        holder = next((self._index.holder(a) for a in change.addresses if self._index.holds(change.eni_id, a)), None)
-        if holder is not None and holder.primary:
+        if any(self._index.holder(a) == _Holder(change.eni_id, primary=True) for a in change.addresses):
             return _refusal(INVALID, f"The primary IP address of interface {change.eni_id} cannot be unassigned.")
         missing = self._index.not_held(change.eni_id, change.addresses, change.prefixes)
         if missing:
