@@ -13,7 +13,8 @@ benchmarks that run the agent at 1,000 addresses are only as good as this figure
 docs/scale.md, "The emulator".
 
 Run as root: `.venv/bin/python bench/emulator_throughput.py [--enis 50] [--addresses 1000]
-[--clients 32] [--rounds 2] [--batch 1]`.
+[--clients 32] [--rounds 2] [--batch 1] [--timeout 300]`; ~1 min at the defaults. Every
+namespace and process it made is removed on exit, Ctrl-C, SIGTERM or timeout.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import ipaddress
 import multiprocessing
 import os
 import queue
+import signal
 import statistics
 import sys
 import tempfile
@@ -141,14 +143,18 @@ def main() -> int:
     parser.add_argument("--clients", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--batch", type=int, default=1, help="addresses per call")
+    parser.add_argument("--timeout", type=float, default=300, help="seconds before the run is abandoned")
     args = parser.parse_args()
     if os.geteuid() != 0:
         print("needs root (network namespaces)", file=sys.stderr)
         return 2
 
+    # SIGTERM ends the run like Ctrl-C: through `finally`, which removes what it made.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     logs = Path(tempfile.mkdtemp(prefix="mne-emu-bench-"))
     ns = NetNS()
-    server = proxy = None
+    server = proxy = worker = None
+    deadline = time.monotonic() + args.timeout
     try:
         server = motolib.MotoServer(ns, log_path=str(logs / "moto.log")).start()
         proxy = FaultProxy(ns, server.port).start()
@@ -169,8 +175,8 @@ def main() -> int:
             target=client_process, args=(ns.path, proxy.host, proxy.port, args.clients, phases, out)
         )
         worker.start()
-        results = [out.get() for _ in phases]
-        worker.join()
+        results = [out.get(timeout=max(1.0, deadline - time.monotonic())) for _ in phases]
+        worker.join(10)
         wall = time.monotonic() - started
         moto_cpu, proxy_cpu = cpu_seconds(moto_stat) - moto_before, cpu_seconds(proxy_stat) - proxy_before
 
@@ -191,6 +197,8 @@ def main() -> int:
               f"proxy thread {proxy_cpu:.2f} s ({100 * proxy_cpu / wall:.0f}%)")
         return 1 if refused else 0
     finally:
+        if worker is not None and worker.is_alive():
+            worker.kill()
         if proxy is not None:
             proxy.stop()
         if server is not None:

@@ -396,6 +396,10 @@ class FaultProxy:
                     return
         except Exception:  # a broken client connection must not kill the proxy
             return
+        except asyncio.CancelledError:
+            # stop() ends open connections; a handler that ends cancelled makes Python 3.11's
+            # stream callback log a traceback, so it ends normally instead.
+            return
         finally:
             writer.close()
 
