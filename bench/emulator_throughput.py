@@ -7,7 +7,8 @@ in a separate process (raw HTTP, no boto3: signing would cost more CPU than the 
 proxy's CPU share is its own thread's and not the clients'.
 
 Prints mutating calls/s sustained, p50/p99 latency, the calls EC2 refused (must be 0: every
-address is free when assigned and held when unassigned), and the CPU share of moto's process
+address is free when assigned and held when unassigned), the addresses left on the ENIs at the
+end (must be 0), and the CPU share of moto's process
 and of the proxy's thread over the run (utime + stime from /proc, over wall time). The
 benchmarks that run the agent at 1,000 addresses are only as good as this figure: see
 docs/scale.md, "The emulator".
@@ -180,6 +181,10 @@ def main() -> int:
         wall = time.monotonic() - started
         moto_cpu, proxy_cpu = cpu_seconds(moto_stat) - moto_before, cpu_seconds(proxy_stat) - proxy_before
 
+        left = ns.call(lambda: sum(
+            len(n["PrivateIpAddresses"]) - 1
+            for n in motolib.client(server.endpoint).describe_network_interfaces(NetworkInterfaceIds=enis)["NetworkInterfaces"]
+        ))
         latencies = [x for _, lat, _, _ in results for x in lat]
         refused = [x for _, _, ref, _ in results for x in ref]
         busy = sum(w for *_, w in results)
@@ -193,9 +198,10 @@ def main() -> int:
         print(f"latency p50 {percentile(latencies, 0.5) * 1000:.1f} ms, p99 {percentile(latencies, 0.99) * 1000:.1f} ms, "
               f"mean {statistics.mean(latencies) * 1000:.1f} ms")
         print(f"refused by EC2 (must be 0): {len(refused)}" + (f", first: {refused[0]}" if refused else ""))
+        print(f"secondary addresses left on the ENIs in moto after the last Unassign (must be 0): {left}")
         print(f"CPU over {wall:.2f} s: moto {moto_cpu:.2f} s ({100 * moto_cpu / wall:.0f}% of one core), "
               f"proxy thread {proxy_cpu:.2f} s ({100 * proxy_cpu / wall:.0f}%)")
-        return 1 if refused else 0
+        return 1 if refused or left else 0
     finally:
         if worker is not None and worker.is_alive():
             worker.kill()
