@@ -586,7 +586,8 @@ class FaultProxy:
             busy = self._changes.busy
             change.picked = self._index.free_blocks(subnet, length, change.prefix_count, lambda b: busy(f"block {b}"))
             if len(change.picked) < change.prefix_count:
-                return _refusal(NO_FREE_BLOCK, "There are not enough free cidr blocks in the specified subnet to satisfy the request.")
+                message = "There are not enough free cidr blocks in the specified subnet to satisfy the request."
+                return _refusal(NO_FREE_BLOCK, message)
         return None
 
     def _change_prefixes(self, change: _Change) -> Answer:
