@@ -16,7 +16,7 @@ import pytest
 from botocore.exceptions import ClientError
 
 from lib import moto
-from lib.fault_proxy import COMBINATION, IN_USE, INVALID, LIMIT_EXCEEDED, NOT_ASSIGNED
+from lib.fault_proxy import COMBINATION, IN_USE, INVALID, LIMIT_EXCEEDED, NO_FREE_BLOCK, NOT_ASSIGNED
 
 
 @pytest.fixture
@@ -375,6 +375,15 @@ def test_an_ipv4_prefix_count_picks_free_aligned_blocks_of_the_subnet(emulator, 
         net = ipaddress.IPv4Network(p)  # strict: raises if not on its boundary
         assert net.prefixlen == 28 and net.subnet_of(subnet) and p != taken
         assert ipaddress.IPv4Address(held) not in net and ipaddress.IPv4Address(a.primary_ip) not in net
+
+
+def test_a_prefix_count_the_subnet_cannot_hold_is_refused(emulator, world):
+    """The /24 has 16 blocks of /28; the first and the last hold addresses EC2 reserves."""
+    a, _ = world.enis
+    code, _ = refusal(emulator, lambda ec2: ec2.assign_private_ip_addresses(NetworkInterfaceId=a.id, Ipv4PrefixCount=15))
+    assert code == NO_FREE_BLOCK and emulator.proxy.prefixes(a.id) == set()
+    answer = via_proxy(emulator, lambda ec2: ec2.assign_private_ip_addresses(NetworkInterfaceId=a.id, Ipv4PrefixCount=14))
+    assert len(answer["AssignedIpv4Prefixes"]) == 14
 
 
 def test_an_ipv6_prefix_is_assigned_described_and_unassigned(emulator, world):
