@@ -3,23 +3,28 @@
 Known moto 5.2.x gaps (never designed around in the product): assigning an address held by
 another ENI copies it instead of moving it (or refusing it); addresses are not validated; filter
 `ipv6-addresses.ipv6-address` answers HTTP 500; `addresses.private-ip-address` matches only
-primaries; DescribeNetworkInterfaces has no pages; the first call takes ~1.5 s. The fault proxy
-(tests/lib/fault_proxy.py) answers as EC2 for each of these but validation and speed, from
-moto's own data; tests/test_fault_proxy.py checks it. `attachment.instance-id` moto answers as
+primaries; DescribeNetworkInterfaces has no pages; there are no prefixes; the first call takes
+~1.5 s. The fault proxy (tests/lib/fault_proxy.py) answers as EC2 for each of these but
+validation and speed; tests/test_fault_proxy.py checks it. Writes made with `client()` straight
+to moto are reported to the proxy (`watch_direct_writes`), whose index of who holds what they
+change. `attachment.instance-id` moto answers as
 EC2 (the ENIs attached to that instance, none after a detach).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import ipaddress
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
+import urllib.parse
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from .netns import NetNS
 
@@ -89,10 +94,43 @@ def _http_get(url: str) -> int:
 
 
 def client(endpoint: str) -> Any:
-    """A boto3 EC2 client; use it only on a thread inside the emulator's namespace."""
+    """A boto3 EC2 client; use it only on a thread inside the emulator's namespace. Its writes
+    are reported to `watch_direct_writes` watchers of the endpoint's port."""
     import boto3
 
-    return boto3.client("ec2", region_name=REGION, endpoint_url=endpoint, **CREDENTIALS)
+    ec2 = boto3.client("ec2", region_name=REGION, endpoint_url=endpoint, **CREDENTIALS)
+    port = urllib.parse.urlsplit(endpoint).port
+    ec2.meta.events.register("after-call.ec2", functools.partial(_report_write, port))
+    return ec2
+
+
+# Watchers of writes made straight to a moto server (by port), not through the fault proxy: the
+# proxy keeps an index of who holds which address and must read moto again after them.
+_watchers: dict[int | None, list[Callable[[], None]]] = {}
+_watchers_lock = threading.Lock()
+
+
+def watch_direct_writes(port: int, callback: Callable[[], None]) -> Callable[[], None]:
+    """Call `callback` (on the writer's thread) after every write a `client()` sends to a server
+    on `port`; returns the function that stops watching. Keyed by port only: a server of another
+    namespace on the same port costs a watcher a spurious re-read, never a missed write."""
+    with _watchers_lock:
+        _watchers.setdefault(port, []).append(callback)
+
+    def stop() -> None:
+        with _watchers_lock:
+            _watchers.get(port, []).remove(callback)
+
+    return stop
+
+
+def _report_write(port: int | None, model: Any = None, **_: Any) -> None:
+    if model is None or model.name.startswith(("Describe", "Get")):
+        return
+    with _watchers_lock:
+        callbacks = list(_watchers.get(port, ()))
+    for callback in callbacks:
+        callback()
 
 
 @dataclasses.dataclass
