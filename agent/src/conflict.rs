@@ -20,6 +20,9 @@ use serde::{Deserialize, Serialize};
 pub const FIRST_WAIT: Duration = Duration::from_secs(300);
 /// The longest wait (5 min · 2⁶ ≈ 5 h).
 const MAX_DOUBLINGS: u32 = 6;
+/// While a take waits, how often the agent asks whether the other holder let go (a Describe,
+/// then an assign that takes nothing only if nobody holds the address).
+pub const EXCLUSIVE_EVERY: Duration = Duration::from_secs(60);
 
 /// The wait after `takes` takes.
 fn wait_after(takes: u32) -> Duration {
@@ -39,6 +42,8 @@ pub struct Conflict {
     pub other: Option<EniId>,
     /// Seen away from our ENI while a pod of this node wants it there.
     away: bool,
+    /// When an assign that takes nothing was last tried while the take waited.
+    last_exclusive: Option<Instant>,
 }
 
 /// A conflict as the checkpoint keeps it: wall-clock time survives a restart, `Instant` does
@@ -113,6 +118,7 @@ impl Conflicts {
             last_take: None,
             other: None,
             away: false,
+            last_exclusive: None,
         });
         if c.eni != eni {
             // The address is wanted on another of our ENIs now: the history is the address's.
@@ -126,9 +132,14 @@ impl Conflicts {
         self.by_address.get(&address).is_some_and(|c| c.away)
     }
 
-    /// Whether this agent may take `address` from another ENI now.
+    /// Whether this agent may take `address` from another ENI now: never taken, or its last
+    /// take is older than its wait (whether or not the address was seen away since: a pod that
+    /// let go of it and holds it again does not start a new fight).
     pub fn may_take(&self, address: IpAddr, now: Instant) -> bool {
-        self.waiting(address, now).is_none()
+        self.by_address
+            .get(&address)
+            .and_then(Conflict::retry_at)
+            .is_none_or(|t| now >= t)
     }
 
     /// The conflict of `address` while a take of it must wait and it is away from our ENI.
@@ -136,6 +147,31 @@ impl Conflicts {
         self.by_address
             .get(&address)
             .filter(|c| c.away && c.retry_at().is_some_and(|t| t > now))
+    }
+
+    /// Whether an assign that takes nothing may go out for `address` while its take waits
+    /// (every [`EXCLUSIVE_EVERY`]): the other holder may have let go of it.
+    pub fn may_try_exclusive(&self, address: IpAddr, now: Instant) -> bool {
+        self.by_address
+            .get(&address)
+            .is_none_or(|c| c.last_exclusive.is_none_or(|t| now >= t + EXCLUSIVE_EVERY))
+    }
+
+    /// An assign that takes nothing was queued for `address` at `now`.
+    pub fn tried_exclusive(&mut self, address: IpAddr, now: Instant) {
+        if let Some(c) = self.by_address.get_mut(&address) {
+            c.last_exclusive = Some(now);
+        }
+    }
+
+    /// When the next assign that takes nothing may go for an address whose take waits.
+    pub fn next_exclusive(&self, now: Instant) -> Option<Instant> {
+        self.by_address
+            .iter()
+            .filter(|(a, _)| self.waiting(**a, now).is_some())
+            .filter_map(|(_, c)| c.last_exclusive.map(|t| t + EXCLUSIVE_EVERY))
+            .filter(|t| *t > now)
+            .min()
     }
 
     /// Addresses in conflict now: away and waiting.
@@ -214,6 +250,7 @@ impl Conflicts {
                     last_take,
                     other: s.other.clone(),
                     away: s.away,
+                    last_exclusive: None,
                 };
                 (*a, c)
             })
@@ -254,10 +291,27 @@ mod tests {
     }
 
     #[test]
+    fn while_a_take_waits_an_assign_that_takes_nothing_goes_once_a_minute() {
+        let mut c = Conflicts::default();
+        let t0 = Instant::now();
+        c.took("eni-1", A, Some("eni-b".into()), t0);
+        c.away("eni-1", A);
+        assert!(c.may_try_exclusive(A, t0));
+        c.tried_exclusive(A, t0);
+        assert!(!c.may_try_exclusive(A, t0 + EXCLUSIVE_EVERY - Duration::from_secs(1)));
+        assert_eq!(c.next_exclusive(t0), Some(t0 + EXCLUSIVE_EVERY));
+        assert!(c.may_try_exclusive(A, t0 + EXCLUSIVE_EVERY));
+    }
+
+    #[test]
     fn the_history_survives_a_release_and_decays_only_once_calm_for_its_wait() {
         let mut c = Conflicts::default();
         let t0 = Instant::now();
         c.took("eni-1", A, Some("eni-b".into()), t0);
+        assert!(
+            !c.may_take(A, t0 + Duration::from_secs(10)),
+            "a second take waits"
+        );
         // The pod lets go and takes the address again: another ENI holds it by then.
         c.held_by("eni-1", A, "eni-b".into());
         assert!(!c.may_take(A, t0 + Duration::from_secs(10)));

@@ -5,9 +5,12 @@
 //! Only MACs seen on an interface of a pod namespace of this node are ever looked up, never
 //! one a caller merely names; at most one lookup is in flight (what appears meanwhile goes in
 //! the next); each costs one `DescribeNetworkInterfaces` of the account's bucket (shared with
-//! the VPC CNI), so at most `--max-mac-lookups` go out per resync interval. Answers are kept
-//! until the next resync, then asked again (the old answer stands meanwhile), and a MAC no pod
-//! shows any more is forgotten.
+//! the VPC CNI), so at most `--max-mac-lookups` go out per resync interval. A MAC no pod shows
+//! any more is forgotten. "No ENI" is kept while a pod shows the MAC (a veth's or macvlan's MAC
+//! does not become an ENI's): a resync of a steady node costs its one Describe of the
+//! instance, nothing more. "Another instance's ENI" is asked again at each resync (the ENI may
+//! have been detached; the old answer stands meanwhile). The all-zero MAC (loopback, tunnels)
+//! is no ENI without asking.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -15,6 +18,9 @@ use multus_eni_ec2::MacAddress;
 use multus_eni_ec2::model::{EniAddresses, EniId};
 
 use crate::plan::{ForeignMacs, InstanceEnis, MacLookup};
+
+/// The MAC of links without an Ethernet address of their own (loopback, tunnels).
+const ZERO: MacAddress = MacAddress([0; 6]);
 
 /// What a lookup found, for the node task.
 #[derive(Debug, Default, PartialEq, Eq)]
@@ -65,6 +71,10 @@ impl MacBook {
     ) -> Option<Vec<MacAddress>> {
         if !self.asking.is_empty() || self.calls_left == 0 {
             return None;
+        }
+        let seen: BTreeSet<MacAddress> = seen.into_iter().collect();
+        if seen.contains(&ZERO) {
+            self.known.insert(ZERO, MacLookup::NoEni);
         }
         let ask: Vec<MacAddress> = seen
             .into_iter()
@@ -120,13 +130,19 @@ impl MacBook {
         }
     }
 
-    /// A resync: the budget is refilled, every answer is to be asked again (it stands until
-    /// then), and MACs that no pod shows (`seen`) or that are this instance's now are forgotten.
+    /// A resync: the budget is refilled, another instance's ENI is to be asked again (it stands
+    /// until then), and MACs that no pod shows (`seen`) or that are this instance's now are
+    /// forgotten.
     pub fn resync(&mut self, seen: &BTreeSet<MacAddress>, enis: &InstanceEnis) {
         self.calls_left = self.budget;
         self.known
             .retain(|m, _| seen.contains(m) && !enis.contains_key(m));
-        self.stale = self.known.keys().copied().collect();
+        self.stale = self
+            .known
+            .iter()
+            .filter(|(_, l)| matches!(l, MacLookup::OtherInstance(_)))
+            .map(|(m, _)| *m)
+            .collect();
     }
 }
 
@@ -187,6 +203,13 @@ mod tests {
             None,
             "cached until the resync"
         );
+        book.resync(&[A, B].into(), &enis());
+        assert_eq!(
+            book.to_ask([A, B], &enis()),
+            Some(vec![A]),
+            "another instance's ENI is asked again, no ENI is not"
+        );
+        book.answered(&[A], [(A, eni("eni-far", "i-other"))].into(), "i-me");
         book.resync(&[A].into(), &enis());
         assert!(book.known().get(&B).is_none(), "no pod shows B any more");
         assert_eq!(book.to_ask([A], &enis()), Some(vec![A]));
@@ -196,6 +219,13 @@ mod tests {
         );
         let again = book.answered(&[A], [(A, eni("eni-far", "i-other"))].into(), "i-me");
         assert!(again.other_instance.is_empty(), "not news");
+    }
+
+    #[test]
+    fn the_zero_mac_is_no_eni_without_asking() {
+        let mut book = MacBook::new(5);
+        assert_eq!(book.to_ask([ZERO], &enis()), None);
+        assert_eq!(book.known().get(&ZERO), Some(&MacLookup::NoEni));
     }
 
     #[test]

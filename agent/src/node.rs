@@ -113,9 +113,6 @@ pub struct Node {
     pending_since: BTreeMap<IpAddr, Instant>,
     /// Addresses on this instance's Multus ENIs that are not this agent's own (last resync).
     unowned: BTreeSet<(EniId, IpAddr)>,
-    /// Addresses whose take waits (a conflict) that may get one exclusive assign (it takes
-    /// nothing): filled at each resync, so one whose other holder let go is not kept waiting.
-    exclusive_tries: BTreeSet<IpAddr>,
     /// ENIs that refused an assign for their address limit since their last unassign: no
     /// address is moved onto them.
     full: BTreeSet<EniId>,
@@ -167,7 +164,6 @@ impl Node {
             wanted: Wanted::default(),
             pending_since: BTreeMap::new(),
             unowned: BTreeSet::new(),
-            exclusive_tries: BTreeSet::new(),
             full: BTreeSet::new(),
             applied_during_read: Vec::new(),
             wake_at: None,
@@ -232,15 +228,7 @@ impl Node {
                 if let Some(enis) = &self.enis {
                     self.macs.resync(&self.pod_macs(), enis);
                 }
-                let now = Instant::now();
-                self.exclusive_tries = self
-                    .wanted
-                    .pairs()
-                    .into_iter()
-                    .map(|(_, a)| a)
-                    .filter(|a| self.conflicts.waiting(*a, now).is_some())
-                    .collect();
-                if self.conflicts.decay(now) {
+                if self.conflicts.decay(Instant::now()) {
                     self.save_checkpoint();
                 }
             }
@@ -531,8 +519,13 @@ impl Node {
                 if self.batches.is_flying(eni_id, a) || !self.rejected.may_try(a, now) {
                     continue;
                 }
-                if !self.conflicts.may_take(a, now) && !self.exclusive_tries.remove(&a) {
-                    continue;
+                if !self.conflicts.may_take(a, now) {
+                    // The take waits; whether the other holder let go is asked now and then
+                    // (the batch looks it up and assigns it only if nobody holds it).
+                    if !self.conflicts.may_try_exclusive(a, now) {
+                        continue;
+                    }
+                    self.conflicts.tried_exclusive(a, now);
                 }
                 self.batches.assign(eni_id, a);
             }
@@ -613,6 +606,7 @@ impl Node {
             self.batches.next_due(now),
             self.rejected.next_due(now),
             self.conflicts.next_retry(now),
+            self.conflicts.next_exclusive(now),
             self.callers.verify_due(),
         ]
         .into_iter()

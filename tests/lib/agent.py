@@ -67,6 +67,9 @@ class Agent:
         self.state_dir = workdir / "state"
         self.netns_dir.mkdir(parents=True, exist_ok=True)
         self.metrics_port = next(_ports)
+        # What `--metrics-addr` binds ("[::]" for the DaemonSet's dual-stack default); the
+        # tests reach it at 127.0.0.1 either way.
+        self.metrics_host = "127.0.0.1"
         self.binary = binary or binary_path()
         self.args = list(args or [])
         self.proc: subprocess.Popen[bytes] | None = None
@@ -82,7 +85,7 @@ class Agent:
             str(self.binary),
             "run",
             f"--socket={self.socket}",
-            f"--metrics-addr=127.0.0.1:{self.metrics_port}",
+            f"--metrics-addr={self.metrics_host}:{self.metrics_port}",
             f"--netns-dir={self.netns_dir}",
             f"--state-dir={self.state_dir}",
             *self._instance_args(),

@@ -7,6 +7,8 @@ Prints one JSON object on stdout: {"answers": [...], "closed": bool, "sent": byt
 
     claim_client.py SOCKET claim JSON_LINE      send one line, read until a final answer
     claim_client.py SOCKET flood BYTES          send BYTES of 'x' without a newline, then read
+    claim_client.py SOCKET repeat JSON_LINE     send the line again and again until TIMEOUT
+                                                (answers are read and dropped as they come)
 """
 
 from __future__ import annotations
@@ -74,6 +76,26 @@ def main() -> None:
                 out["closed"] = True  # EPIPE / ECONNRESET: the agent cut the connection off
             if not out["closed"]:
                 out["answers"], out["closed"] = read_answers(s, time.monotonic() + 5)
+        elif mode == "repeat":
+            line = arg.encode() + b"\n"
+            s.settimeout(0.05)
+            while time.monotonic() < deadline:
+                try:
+                    out["sent"] += s.send(line)
+                except socket.timeout:
+                    pass  # the agent reads the next claim once it took this one
+                except OSError:
+                    out["closed"] = True
+                    break
+                try:
+                    if not s.recv(65536):
+                        out["closed"] = True
+                        break
+                except socket.timeout:
+                    pass
+                except OSError:
+                    out["closed"] = True
+                    break
         else:
             raise SystemExit(f"unknown mode {mode}")
     print(json.dumps(out))

@@ -216,6 +216,46 @@ def create_multus_eni(ec2: Any, subnet_id: str, instance_id: str, device_index: 
     return e
 
 
+@dataclasses.dataclass
+class Subnet:
+    """Another dual-stack subnet of a world's VPC."""
+
+    id: str
+    cidr: str
+    ipv6_prefix: str
+
+    def v4(self, host: int) -> str:
+        return self.cidr.rsplit(".", 1)[0] + f".{host}"
+
+    def v6(self, host: int) -> str:
+        return str(ipaddress.IPv6Address(f"{self.ipv6_prefix}{host:x}"))
+
+
+def add_subnet(ns: NetNS, world: World, index: int = 1) -> Subnet:
+    """Subnet `index` of `world`'s VPC besides its first: `10.n.<1 + index>.0/24` and the
+    `index`-th /64 after the world's."""
+    first = ipaddress.IPv6Network(world.ipv6_prefix + "/64")
+    v6 = ipaddress.IPv6Network((int(first.network_address) + (index << 64), 64))
+    cidr = world.subnet_cidr.rsplit(".", 2)[0] + f".{1 + index}.0/24"
+
+    def make() -> Subnet:
+        ec2 = client(world.endpoint)
+        sub = ec2.create_subnet(VpcId=world.vpc_id, CidrBlock=cidr, Ipv6CidrBlock=str(v6))["Subnet"]
+        return Subnet(sub["SubnetId"], sub["CidrBlock"], str(v6.network_address))
+
+    return ns.call(make)
+
+
+def attach_multus_eni(ns: NetNS, endpoint: str, subnet_id: str, instance_id: str, device_index: int, private_ip: str) -> Eni:
+    """`create_multus_eni` from the test's thread: another Multus ENI attached to an instance."""
+
+    def make() -> Eni:
+        e = create_multus_eni(client(endpoint), subnet_id, instance_id, device_index, private_ip)
+        return Eni(e["NetworkInterfaceId"], e["MacAddress"], e["PrivateIpAddress"])
+
+    return ns.call(make)
+
+
 @dataclasses.dataclass(frozen=True)
 class EniState:
     ipv4: frozenset[str]
