@@ -11,7 +11,11 @@ namespaces created before the agent starts, none with a sidecar (`--pods all`):
   proxy's, on the same clock. One change per `--batch-interval` (the first change after a quiet
   period goes at once);
 - idle: RSS with 110 watched namespaces and `--connections` idle socket connections (opened by
-  one process in each pod namespace), CPU over `--idle` seconds, EC2 calls meanwhile;
+  one process in each pod namespace), CPU over `--idle` seconds, EC2 calls meanwhile, and the
+  DescribeNetworkInterfaces calls per resync (issue 21: 1, the instance's read; MAC lookups of
+  the pods' veths are answered once and kept);
+- idle HTTP: RSS with `--http-connections` idle TCP connections to the agent's HTTP port, and how
+  many are still open after the header timeout (`--http-header-timeout`);
 - release: a pod's namespace deleted → the UnassignPrivateIpAddresses of its addresses.
 
 Run as root through scripts/bench-agent.sh; prints a Markdown table.
@@ -56,6 +60,8 @@ def main() -> int:
     ap.add_argument("--deletes", type=int, default=20)
     ap.add_argument("--connections", type=int, default=2000)
     ap.add_argument("--idle", type=float, default=65.0, help="idle window (covers one 60 s resync)")
+    ap.add_argument("--http-connections", type=int, default=3000)
+    ap.add_argument("--http-header-timeout", default="10s")
     ap.add_argument("--batch-interval", default="1s")
     ap.add_argument("--keep-logs", action="store_true")
     args = ap.parse_args()
@@ -83,7 +89,12 @@ def main() -> int:
             cluster.create_pod(emu, p)
         proxy = ThrottlingProxy(emu.ns, cluster.MOTO_PORT, cluster.BRIDGE_IP, BucketModel()).start()
         per_pod = math.ceil(args.connections / len(pods))
-        extra = [f"--batch-interval={args.batch_interval}", f"--max-connections-per-pod={per_pod + 1}"]
+        extra = [
+            f"--batch-interval={args.batch_interval}",
+            f"--max-connections-per-pod={per_pod + 1}",
+            f"--max-http-connections={args.http_connections + 16}",
+            f"--http-header-timeout={args.http_header_timeout}",
+        ]
         t_start = time.monotonic()
         agents = start_agents(emu, proxy.endpoint, pods, log_dir, extra)
         (agent,) = agents.values()
@@ -132,11 +143,16 @@ def main() -> int:
         if s0 is None or s1 is None:
             raise RuntimeError("the agent exited")
         idle_calls = proxy_counts(proxy, t_idle)
+        resyncs = max(1, round(args.idle / 60.0))
         refused = agent.metric("multus_eni_agent_limit_hits_total", 'limit="connections_per_pod"')
         for h in holders:
             h.kill()
             h.wait()
         holders.clear()
+
+        # --- idle HTTP connections: RSS while they are open, then the header timeout cuts them.
+        http = emu.ns.call(idle_http, agent.metrics_port, args.http_connections, agent.proc.pid,
+                           float(args.http_header_timeout.rstrip("s")))
 
         # --- release: a pod's namespace is deleted.
         rel_ms = []
@@ -183,6 +199,11 @@ def main() -> int:
             f"- {lookups} (an assign goes out without AllowReassignment first)",
             f"- idle CPU over {args.idle:.0f} s: {idle_cpu_ms:.0f} ms ({idle_cpu_ms / 10 / args.idle:.3f} % of one core); "
             f"EC2 calls meanwhile: {', '.join(f'{k} {v}' for k, v in sorted(idle_calls.items())) or 'none'}",
+            f"- DescribeNetworkInterfaces per resync with {len(pods)} pods: "
+            f"{idle_calls.get('DescribeNetworkInterfaces', 0) / resyncs:.1f} (over {resyncs} resync(s))",
+            f"- {http['opened']} idle HTTP connections: RSS {http['rss_kib'] / 1024:.1f} MiB (RssAnon "
+            f"{http['anon_kib'] / 1024:.1f} MiB) while open; {http['open_after']} still open "
+            f"{http['waited']:.0f} s later (--http-header-timeout={args.http_header_timeout})",
         ]
         print("\n".join(lines))
         return 0
@@ -209,6 +230,44 @@ def main() -> int:
             print(f"agent_watch: logs kept in {log_dir}", file=sys.stderr)
         else:
             shutil.rmtree(log_dir, ignore_errors=True)
+
+
+def idle_http(port: int, count: int, pid: int, timeout: float) -> dict[str, float]:
+    """Opens `count` TCP connections to the agent's HTTP port that never send a request; the
+    agent's RSS while they are open, and how many are still open after the header timeout."""
+    import resource
+    import socket
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < count + 256:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, count + 256), hard))
+    conns = []
+    try:
+        for _ in range(count):
+            conns.append(socket.create_connection(("127.0.0.1", port), timeout=5))
+        time.sleep(1.0)
+        stats = cluster.proc_stats(pid)
+        waited = timeout + 5
+        time.sleep(waited)
+        still = 0
+        for c in conns:
+            c.setblocking(False)
+            try:
+                still += c.recv(1) != b""
+            except BlockingIOError:
+                still += 1
+            except OSError:
+                pass
+        return {
+            "opened": len(conns),
+            "rss_kib": stats.rss_kib if stats else 0,
+            "anon_kib": stats.anon_kib if stats else 0,
+            "open_after": still,
+            "waited": waited,
+        }
+    finally:
+        for c in conns:
+            c.close()
 
 
 def proxy_counts(proxy: ThrottlingProxy, since: float) -> dict[str, int]:
