@@ -1,7 +1,8 @@
 //! Group commit per ENI: everything queued for one ENI while its previous call was in flight
-//! goes out together, paced: a call starts no sooner than the batch interval after the ENI's
-//! previous one. The first change after a quiet period goes at once (no added wait at low
-//! load); under load everything that arrives within the interval shares one call.
+//! goes out together, paced: a call starts no sooner than the interval after the ENI's previous
+//! one ([`Pacing`]: the batch interval, longer while EC2 throttles, jittered; releases alone
+//! keep the batch interval). The first change after a quiet period goes at once (no added wait
+//! at low load); under load everything that arrives within the interval shares one call.
 //!
 //! Why a pace and not only group commit: EC2 answers in milliseconds, so a node whose pods
 //! start one every half second would make one call per pod, and the account's Assign bucket
@@ -16,6 +17,8 @@ use std::time::{Duration, Instant};
 
 use multus_eni_ec2::model::{Change, EniId};
 
+use crate::pacing::Pacing;
+
 /// What is queued for one ENI.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Pending {
@@ -23,26 +26,73 @@ pub struct Pending {
     unassign: BTreeSet<IpAddr>,
 }
 
+/// When an ENI's last call started, and the gaps before its next one.
+#[derive(Debug, Clone, Copy)]
+struct LastCall {
+    started: Instant,
+    /// Before a batch with assigns: the paced interval, jittered.
+    paced: Duration,
+    /// Before a batch of releases only: the batch interval.
+    release: Duration,
+}
+
 /// The queued changes of every ENI of the node, and which ENIs have a call in flight.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Batches {
     pending: BTreeMap<EniId, Pending>,
     /// ENIs with a call in flight, and the addresses it names.
     in_flight: BTreeMap<EniId, BTreeSet<IpAddr>>,
-    /// When each ENI's last call started.
-    last_call: BTreeMap<EniId, Instant>,
-    /// Shortest time between the starts of two calls for one ENI.
-    interval: Duration,
+    /// ENIs whose calls wait for a fresh read of the instance (an outcome EC2 did not tell).
+    held: BTreeSet<EniId>,
+    last_call: BTreeMap<EniId, LastCall>,
+    /// The pace of calls per ENI.
+    pub pacing: Pacing,
+    rng: fastrand::Rng,
+}
+
+impl Default for Batches {
+    fn default() -> Self {
+        Self::with_interval(Duration::ZERO)
+    }
 }
 
 impl Batches {
     /// Batches whose calls for one ENI start at least `interval` apart (zero: group commit
-    /// alone).
+    /// alone), more while EC2 throttles.
     pub fn with_interval(interval: Duration) -> Self {
         Self {
-            interval,
-            ..Self::default()
+            pending: BTreeMap::new(),
+            in_flight: BTreeMap::new(),
+            held: BTreeSet::new(),
+            last_call: BTreeMap::new(),
+            pacing: Pacing::new(interval),
+            rng: fastrand::Rng::new(),
         }
+    }
+
+    /// Holds `eni`'s calls until [`Batches::unhold`]: the node does not know what its last call
+    /// did (a timeout, or EC2 said an address is not there) and reads the ENI first.
+    pub fn hold(&mut self, eni: &str) {
+        self.held.insert(eni.to_string());
+    }
+
+    /// `eni`'s calls may go again; queued unassigns of addresses it does not `hold` any more
+    /// are dropped (returned: already off the ENI).
+    pub fn unhold(&mut self, eni: &str, holds: impl Fn(IpAddr) -> bool) -> Vec<IpAddr> {
+        self.held.remove(eni);
+        let Some(p) = self.pending.get_mut(eni) else {
+            return Vec::new();
+        };
+        let gone: Vec<IpAddr> = p.unassign.iter().copied().filter(|a| !holds(*a)).collect();
+        for a in &gone {
+            p.unassign.remove(a);
+        }
+        gone
+    }
+
+    /// The ENIs whose calls are held.
+    pub fn held(&self) -> &BTreeSet<EniId> {
+        &self.held
     }
 
     /// Queues an assign; cancels a queued unassign of the same address.
@@ -95,7 +145,7 @@ impl Batches {
         let ready: Vec<EniId> = self
             .pending
             .keys()
-            .filter(|e| !self.in_flight.contains_key(*e))
+            .filter(|e| !self.in_flight.contains_key(*e) && !self.held.contains(*e))
             .filter(|e| self.due_at(e).is_none_or(|due| due <= now))
             .cloned()
             .collect();
@@ -108,12 +158,25 @@ impl Batches {
             if !changes.is_empty() {
                 let names = changes.iter().flat_map(Change::addresses).collect();
                 self.in_flight.insert(eni.clone(), names);
-                self.last_call.insert(eni.clone(), now);
+                // Jittered only while slowed: at the base pace nodes are not in lockstep on
+                // an empty bucket, and the batch interval stays exact.
+                let interval = self.pacing.interval();
+                let paced = if interval > self.pacing.base() {
+                    Pacing::jittered(interval, self.rng.f64())
+                } else {
+                    interval
+                };
+                let last = LastCall {
+                    started: now,
+                    paced,
+                    release: self.pacing.base(),
+                };
+                self.last_call.insert(eni.clone(), last);
                 out.push((eni, changes));
             }
         }
         self.last_call
-            .retain(|_, started| now.saturating_duration_since(*started) < self.interval);
+            .retain(|_, l| now.saturating_duration_since(l.started) < l.paced.max(l.release));
         out
     }
 
@@ -121,18 +184,26 @@ impl Batches {
     pub fn next_due(&self, now: Instant) -> Option<Instant> {
         self.pending
             .keys()
-            .filter(|e| !self.in_flight.contains_key(*e))
+            .filter(|e| !self.in_flight.contains_key(*e) && !self.held.contains(*e))
             .filter_map(|e| self.due_at(e))
             .filter(|due| *due > now)
             .min()
     }
 
     /// The earliest start of the ENI's next call; `None` when it may start now (never
-    /// called, or quiet for longer than the interval).
+    /// called, or quiet for longer than the interval). A batch of releases only waits the
+    /// batch interval, not the paced one.
     fn due_at(&self, eni: &str) -> Option<Instant> {
-        self.last_call
-            .get(eni)
-            .map(|started| *started + self.interval)
+        let last = self.last_call.get(eni)?;
+        let releases_only = self.pending.get(eni).is_some_and(|p| p.assign.is_empty());
+        Some(
+            last.started
+                + if releases_only {
+                    last.release
+                } else {
+                    last.paced
+                },
+        )
     }
 
     /// The ENI's call returned: its next batch may go.
@@ -282,5 +353,44 @@ mod tests {
         assert_eq!(changes[0].addresses(), vec![ip("10.0.1.5")]);
         assert_eq!(changes[1].action(), "AssignPrivateIpAddresses");
         assert_eq!(changes[1].addresses(), vec![ip("10.0.1.6")]);
+    }
+
+    #[test]
+    fn under_throttling_assigns_wait_longer_and_releases_do_not() {
+        let interval = Duration::from_secs(3);
+        let mut b = Batches::with_interval(interval);
+        b.pacing.throttled();
+        b.pacing.throttled();
+        let t0 = Instant::now();
+        b.assign("eni-1", ip("10.0.1.5"));
+        assert_eq!(b.take_ready(t0).len(), 1);
+        b.done("eni-1");
+        b.unassign("eni-1", ip("10.0.1.6"));
+        assert_eq!(
+            b.next_due(t0),
+            Some(t0 + interval),
+            "a release waits the batch interval only"
+        );
+        b.assign("eni-1", ip("10.0.1.7"));
+        let due = b.next_due(t0).unwrap_or(t0);
+        let paced = due - t0;
+        assert!(
+            paced >= Duration::from_secs_f64(12.0 * 0.8)
+                && paced <= Duration::from_secs_f64(12.0 * 1.2),
+            "{paced:?}: the paced interval (12 s after two throttles, ±20 %)"
+        );
+    }
+
+    #[test]
+    fn a_held_eni_calls_nothing_until_unheld_and_drops_releases_of_what_is_gone() {
+        let mut b = Batches::default();
+        b.unassign("eni-1", ip("10.0.1.5"));
+        b.unassign("eni-1", ip("10.0.1.6"));
+        b.hold("eni-1");
+        assert!(b.take_ready(Instant::now()).is_empty());
+        let gone = b.unhold("eni-1", |a| a == ip("10.0.1.6"));
+        assert_eq!(gone, vec![ip("10.0.1.5")]);
+        let batch = b.take_ready(Instant::now());
+        assert_eq!(batch[0].1[0].addresses(), vec![ip("10.0.1.6")]);
     }
 }

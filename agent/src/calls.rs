@@ -48,7 +48,9 @@ pub struct Permissions {
 ///   exclusive assign now.
 ///
 /// After a throttled or failed call the rest is not attempted: the node backs off first. A
-/// rejected call naming several addresses is split by the shared [`Ec2::apply_splitting`].
+/// rejected call naming several addresses is split by the shared [`Ec2::apply_splitting`]
+/// (unassigns by [`Ec2::apply_unassign`]: one refused because an address is gone is not split,
+/// the node reads the ENI instead).
 pub async fn call_batch(
     ec2: &Ec2,
     ours: Option<&EniAddresses>,
@@ -63,7 +65,7 @@ pub async fn call_batch(
             continue;
         }
         let (Some(ours), true) = (ours, is_assign(&change)) else {
-            stopped |= apply(ec2.apply_splitting(&change).await, &mut out);
+            stopped |= apply(ec2.apply_unassign(&change).await, &mut out);
             continue;
         };
         let (known, fresh): (Vec<IpAddr>, Vec<IpAddr>) = change

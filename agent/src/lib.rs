@@ -24,6 +24,7 @@ pub mod http;
 pub mod macs;
 pub mod metrics;
 pub mod node;
+pub mod pacing;
 pub mod plan;
 pub mod reclaim;
 pub mod retry;

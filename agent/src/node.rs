@@ -57,8 +57,11 @@ pub enum Event {
     Seen(Seen),
     /// Time for a resync: read the instance's ENIs, rescan `--netns-dir`.
     Resync,
-    /// The instance's ENIs were read.
-    Read(multus_eni_ec2::Result<InstanceEnis>),
+    /// The instance's ENIs were read (the `seq`-th read started).
+    Read {
+        seq: u64,
+        result: multus_eni_ec2::Result<InstanceEnis>,
+    },
     /// MACs that are not this instance's were looked up.
     Foreign {
         macs: Vec<MacAddress>,
@@ -119,6 +122,11 @@ pub struct Node {
     /// Changes EC2 accepted while a Describe of the instance was running: applied again to its
     /// answer, which may predate them.
     applied_during_read: Vec<(Change, BTreeMap<IpAddr, EniId>)>,
+    /// Reads of the instance started so far.
+    reads_started: u64,
+    /// ENIs whose calls are held until the read of this number (or a later one) returned: the
+    /// outcome of their last call is unknown (a timeout) or EC2 said an address is not there.
+    unsure: BTreeMap<EniId, u64>,
     wake_at: Option<Instant>,
     status: watch::Sender<Arc<NodeStatus>>,
 }
@@ -166,6 +174,8 @@ impl Node {
             unowned: BTreeSet::new(),
             full: BTreeSet::new(),
             applied_during_read: Vec::new(),
+            reads_started: 0,
+            unsure: BTreeMap::new(),
             wake_at: None,
             status,
         }
@@ -232,7 +242,7 @@ impl Node {
                     self.save_checkpoint();
                 }
             }
-            Event::Read(result) => self.on_read(result),
+            Event::Read { seq, result } => self.on_read(seq, result),
             Event::Foreign { macs, found } => self.on_foreign(macs, found),
             Event::Called { eni, outcome } => self.on_called(&eni, outcome),
             Event::Wake => {
@@ -264,16 +274,27 @@ impl Node {
             return;
         }
         self.reading = true;
+        self.reads_started += 1;
+        let seq = self.reads_started;
         let ec2 = self.ec2.clone();
         let events = self.events.clone();
         let instance = self.config.instance_id.clone();
         tokio::spawn(async move {
             let result = ec2.instance_enis(&instance).await;
-            let _ = events.send(Event::Read(result));
+            let _ = events.send(Event::Read { seq, result });
         });
     }
 
-    fn on_read(&mut self, result: multus_eni_ec2::Result<InstanceEnis>) {
+    /// The outcome of `eni`'s last call is unknown: its calls wait for a read of the instance
+    /// that starts after now, and nothing else is decided for its addresses before.
+    fn unsure_of(&mut self, eni: &str) {
+        self.batches.hold(eni);
+        let next = self.reads_started + 1;
+        self.unsure.insert(eni.to_string(), next);
+        self.read();
+    }
+
+    fn on_read(&mut self, seq: u64, result: multus_eni_ec2::Result<InstanceEnis>) {
         self.reading = false;
         let applied = std::mem::take(&mut self.applied_during_read);
         match result {
@@ -300,8 +321,9 @@ impl Node {
                     .map(|(m, e)| (m.to_string(), e.id.clone()))
                     .collect();
                 self.checkpoint.owned.retain(|eni, _| now_ids.contains(eni));
-                self.save_checkpoint();
                 self.enis = Some(enis);
+                self.settle_unsure(seq);
+                self.save_checkpoint();
                 self.notice_taken_away();
                 if std::mem::take(&mut self.resync_waiting) {
                     self.reclaim();
@@ -316,6 +338,31 @@ impl Node {
         }
         if !self.health.waiting() && std::mem::take(&mut self.read_again) {
             self.read();
+        }
+    }
+
+    /// ENIs whose calls waited for this read may call again; queued unassigns of what the read
+    /// shows gone are done (the address is off the ENI already).
+    fn settle_unsure(&mut self, seq: u64) {
+        let settled: Vec<EniId> = self
+            .unsure
+            .iter()
+            .filter(|(_, needed)| **needed <= seq)
+            .map(|(eni, _)| eni.clone())
+            .collect();
+        for eni_id in settled {
+            self.unsure.remove(&eni_id);
+            let eni = self
+                .enis
+                .as_ref()
+                .and_then(|e| e.values().find(|e| e.id == eni_id).cloned());
+            let gone = self
+                .batches
+                .unhold(&eni_id, |a| eni.as_ref().is_some_and(|e| e.holds(a)));
+            if !gone.is_empty() {
+                tracing::info!(action = "release", outcome = "already_gone", eni = %eni_id, addresses = ?gone, "read again: these addresses are off the ENI already");
+                self.checkpoint.record_unassigned(&eni_id, gone);
+            }
         }
     }
 
@@ -510,6 +557,8 @@ impl Node {
             for &a in addresses.keys() {
                 if eni.holds(a) {
                     self.batches.cancel_unassign(eni_id, a);
+                    // An assign whose outcome was unknown may have landed after all.
+                    self.batches.cancel_assign(eni_id, a);
                     self.pending_since.remove(&a);
                     // A pod of this node holds it on this ENI: the agent's own from now on.
                     newly_owned |= self.checkpoint.record_owned(eni_id, [a]);
@@ -658,6 +707,7 @@ impl Node {
                 Some(Ok(())) => {
                     let n = change.addresses().len();
                     self.health.success(change.action());
+                    self.batches.pacing.succeeded();
                     self.metrics.batch_addresses.observe(n as f64);
                     tracing::info!(action = change.action(), outcome = "success", eni = %change.eni(), addresses = n, "batch applied");
                     if let Some(enis) = self.enis.as_mut() {
@@ -691,6 +741,16 @@ impl Node {
                     }
                     checkpoint_changed = true;
                 }
+                Some(Err(e)) if !assign && !from_holder && e.is_not_assigned() => {
+                    // EC2 refuses the whole call for the address that is gone (released
+                    // already) without naming it: read the ENI, then unassign what is there,
+                    // with no backoff of its own.
+                    tracing::info!(action = change.action(), outcome = "not_assigned", eni = %change.eni(), addresses = change.addresses().len(), "an address of the unassign is off the ENI already: reading the ENI, then unassigning the rest");
+                    for a in change.addresses() {
+                        self.batches.unassign(eni_id, a);
+                    }
+                    self.unsure_of(eni_id);
+                }
                 Some(Err(e)) if e.kind == ErrorKind::Rejected => {
                     self.health.failure(e.action, &e);
                     if assign && e.is_address_limit() {
@@ -708,10 +768,17 @@ impl Node {
                 Some(Err(e)) => {
                     self.health.failure(e.action, &e);
                     tracing::warn!(action = change.action(), outcome = %e.kind, eni = %change.eni(), addresses = change.addresses().len(), error = %e.message, hint = e.kind.hint(), "batch failed; requeued");
+                    if e.is_throttled() {
+                        self.batches.pacing.throttled();
+                    }
                     if !from_holder && !assign {
                         for a in change.addresses() {
                             self.batches.unassign(eni_id, a);
                         }
+                    }
+                    if e.kind == ErrorKind::Timeout && !from_holder {
+                        // EC2 may have carried it out: read before deciding anything more.
+                        self.unsure_of(eni_id);
                     }
                     self.retry_later(e.kind);
                 }

@@ -566,7 +566,19 @@ impl Ec2 {
     /// that was settled, in address order. A bad address among `n` costs about
     /// `2·log2(n)` extra calls; a batch without one costs nothing extra.
     pub async fn apply_splitting(&self, change: &Change) -> Vec<ChangeOutcome> {
-        self.split_and_apply(change, Reassignment::Allowed).await
+        self.split_and_apply(change, Reassignment::Allowed, worth_splitting)
+            .await
+    }
+
+    /// [`Ec2::apply_splitting`] for the node agent's unassigns: one EC2 refuses because an
+    /// address is no longer on the ENI ([`Error::is_not_assigned`]) is not split. EC2 refuses
+    /// the whole call without naming the address; halving it would spend `2·log2(n)` calls of
+    /// the account's bucket on what one read of the ENI tells, and the agent reads it.
+    pub async fn apply_unassign(&self, change: &Change) -> Vec<ChangeOutcome> {
+        self.split_and_apply(change, Reassignment::Allowed, |e, c| {
+            worth_splitting(e, c) && !e.is_not_assigned()
+        })
+        .await
     }
 
     /// [`Ec2::apply_splitting`] with an IPv4 assign that never moves an address: without
@@ -574,16 +586,22 @@ impl Ec2 {
     /// moved by an assign). The node agent's first try: nothing is taken, and no lookup is
     /// spent on the addresses nobody holds.
     pub async fn apply_splitting_exclusive(&self, change: &Change) -> Vec<ChangeOutcome> {
-        self.split_and_apply(change, Reassignment::Refused).await
+        self.split_and_apply(change, Reassignment::Refused, worth_splitting)
+            .await
     }
 
-    async fn split_and_apply(&self, change: &Change, reassign: Reassignment) -> Vec<ChangeOutcome> {
+    async fn split_and_apply(
+        &self,
+        change: &Change,
+        reassign: Reassignment,
+        split: fn(&Error, &Change) -> bool,
+    ) -> Vec<ChangeOutcome> {
         let mut outcomes = Vec::new();
         let mut pending = vec![change.clone()];
         while let Some(part) = pending.pop() {
             let result = self.call(&part, reassign).await;
             match (&result, part.halves()) {
-                (Err(e), Some((left, right))) if worth_splitting(e, &part) => {
+                (Err(e), Some((left, right))) if split(e, &part) => {
                     tracing::info!(
                         action = part.action(),
                         eni = part.eni(),

@@ -22,6 +22,13 @@ impl Error {
         self.kind == ErrorKind::Throttled
     }
 
+    /// EC2 refused an unassign because an address it names is not on the ENI (any more). EC2
+    /// refuses the whole call and does not say which address.
+    pub fn is_not_assigned(&self) -> bool {
+        self.code.as_deref() == Some("InvalidParameterValue")
+            && self.message.contains("not assigned")
+    }
+
     /// EC2 refused an assign because the ENI has no free address slot.
     pub fn is_address_limit(&self) -> bool {
         matches!(
@@ -78,5 +85,38 @@ impl ErrorKind {
             }
             ErrorKind::Rejected => "EC2 refused the request; retrying with backoff",
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn error(code: &str, message: &str) -> Error {
+        Error {
+            action: "UnassignPrivateIpAddresses",
+            kind: ErrorKind::Rejected,
+            message: message.into(),
+            code: Some(code.into()),
+        }
+    }
+
+    #[test]
+    fn refusals_are_told_apart_by_code_and_text() {
+        let gone = error(
+            "InvalidParameterValue",
+            "InvalidParameterValue: Some of the specified addresses are not assigned to interface eni-1",
+        );
+        assert!(gone.is_not_assigned() && !gone.is_address_limit());
+        let subnet = error(
+            "InvalidParameterValue",
+            "Address 10.9.0.1 is not in the subnet",
+        );
+        assert!(!subnet.is_not_assigned());
+        let full = error(
+            "PrivateIpAddressLimitExceeded",
+            "Number of private addresses exceeds limit",
+        );
+        assert!(full.is_address_limit() && !full.is_not_assigned());
     }
 }
