@@ -509,7 +509,11 @@ def test_agent_flags_follow_the_contract(rendered):
     documented = dict(re.findall(r"^\|\s*`--([a-z-]+)[^`]*`\s*\|[^|]*\|\s*`([^`]*)`", section[1].split("\n## ", 1)[0], re.M))
     assert set(args) <= set(documented), set(args) - set(documented)
     for flag, value in args.items():
-        if flag != "log-format":
+        if flag == "metrics-addr":
+            # The DaemonSet listens on both families ([::], test_every_port_listens_on_both_
+            # address_families); the contract fixes the port.
+            assert port_of(value) == port_of(documented[flag]), (flag, value, documented[flag])
+        elif flag != "log-format":
             assert value == documented[flag], (flag, value, documented[flag])
     webhook = settings(webhook_container(rendered["default"]))
     assert str(Path(args["socket"]).parent) == webhook["agent-socket-dir"]
@@ -517,6 +521,25 @@ def test_agent_flags_follow_the_contract(rendered):
     service = only(rendered["default"], "Service", AGENT)
     [port] = service["spec"]["ports"]
     assert port["name"] == "metrics" and container_port(container, port["targetPort"]) == port_of(args["metrics-addr"])
+
+
+# Flags that name an address to listen on, per container of the shipped manifests.
+LISTEN_FLAGS = {"webhook": ("addr", "metrics-addr"), "agent": ("metrics-addr",)}
+
+
+def test_every_port_listens_on_both_address_families(rendered):
+    """IPv6-only EKS: the API server, the kubelet's probes, Prometheus and the gate's sidecars
+    reach the webhook and the agent over IPv6; IPv4 clusters over IPv4. `[::]` serves both (the
+    binaries fall back to 0.0.0.0 on a host without IPv6), so one manifest fits every cluster.
+    Every containerPort is one of those listeners."""
+    docs = rendered["default"]
+    for name, container in (("webhook", webhook_container(docs)), ("agent", agent_container(docs))):
+        args = flags(container)
+        listening = set()
+        for flag in LISTEN_FLAGS[name]:
+            assert args[flag].startswith("[::]:"), f"{name} --{flag}={args[flag]} is not dual-stack"
+            listening.add(port_of(args[flag]))
+        assert {p["containerPort"] for p in container["ports"]} == listening, (name, container["ports"])
 
 
 # Node labels as EKS sets them, for the agent's node affinity.
@@ -1399,9 +1422,9 @@ def test_image_override_overlay_in_docs_renders(tmp_path):
     docs = render(tmp_path)
     container = webhook_container(docs)
     registry = "123456789012.dkr.ecr.eu-west-1.amazonaws.com"
-    assert container["image"] == f"{registry}/multus-eni-webhook:0.1.0"
-    assert settings(container)["sidecar-image"] == f"{registry}/multus-eni-sidecar:0.1.0"
-    assert agent_container(docs)["image"] == f"{registry}/multus-eni-agent:0.1.0"
+    assert container["image"] == f"{registry}/multus-eni-webhook:0.2.0"
+    assert settings(container)["sidecar-image"] == f"{registry}/multus-eni-sidecar:0.2.0"
+    assert agent_container(docs)["image"] == f"{registry}/multus-eni-agent:0.2.0"
 
 
 def test_direct_mode_overlay_in_docs_renders(tmp_path):
@@ -1571,3 +1594,133 @@ def test_certs_script_applies_in_a_working_order(tmp_path):
         env=env, capture_output=True, text=True, check=False,
     )
     assert proc.returncode == 2 and "not a kustomization directory" in proc.stderr
+
+
+# === GitOps ===
+
+SYNC_WAVE = "argocd.argoproj.io/sync-wave"
+GITOPS_OVERLAY = MANIFESTS / "overlays" / "gitops-no-cert-manager"
+
+
+def wave(doc: dict) -> int:
+    return int(doc["metadata"].get("annotations", {}).get(SYNC_WAVE, "0"))
+
+
+@pytest.mark.parametrize("kustomization", sorted(KUSTOMIZATIONS))
+def test_argo_cd_sync_waves_follow_the_upgrade_order(rendered, kustomization):
+    """Argo CD applies one wave at a time and waits for it to be healthy: the agent DaemonSet
+    before the webhook Deployment (whose image is the sidecar new pods get, and whose new
+    sidecars need the new agent), the MutatingWebhookConfiguration after everything (so no pod
+    is sent to a webhook that is not serving yet). Everything the Deployment needs (namespace,
+    Secret source, Service) is in an earlier wave."""
+    docs = rendered[kustomization]
+    mwcs = all_of(docs, "MutatingWebhookConfiguration")
+    if not mwcs:
+        return  # samples
+    [mwc] = mwcs
+    deployment = only(docs, "Deployment", SERVICE)
+    others = [d for d in docs if d is not mwc]
+    assert wave(mwc) > max(wave(d) for d in others), "the webhook configuration is not the last wave"
+    daemonsets = all_of(docs, "DaemonSet")
+    for daemonset in daemonsets:
+        assert wave(daemonset) < wave(deployment), "the agent must be rolled out before the webhook"
+    before = [d for d in others if d["kind"] not in ("Deployment", "DaemonSet")]
+    assert all(wave(d) < min(wave(deployment), *(wave(d) for d in daemonsets)) for d in before), [
+        (d["kind"], d["metadata"]["name"], wave(d)) for d in before
+    ]
+
+
+def test_sync_wave_check_can_fail(rendered):
+    docs = copy.deepcopy(rendered["default"])
+    only(docs, "DaemonSet", AGENT)["metadata"]["annotations"][SYNC_WAVE] = "2"
+    with pytest.raises(AssertionError):
+        test_argo_cd_sync_waves_follow_the_upgrade_order({"x": docs}, "x")
+
+
+def gitops_overlay_copy(tmp_path: Path) -> Path:
+    """The GitOps overlay as an operator copies it into their repository, with
+    `cabundle-patch.json` replaced by what `multus-eni-webhook certs` wrote."""
+    webhook = binary("multus-eni-webhook")
+    assert webhook is not None, f"{BIN_DIR}/multus-eni-webhook is missing: cargo build -p multus-eni-webhook"
+    certs = tmp_path / "certs"
+    proc = subprocess.run([str(webhook), "certs", "--out-dir", str(certs)], capture_output=True, text=True, check=False)
+    assert proc.returncode == 0, proc.stderr
+    overlay = tmp_path / "my-multus-eni"
+    shutil.copytree(GITOPS_OVERLAY, overlay)
+    kustomization = yaml.safe_load((overlay / "kustomization.yaml").read_text())
+    kustomization["resources"] = [
+        os.path.relpath(GITOPS_OVERLAY / r, overlay) if r.startswith("..") else r for r in kustomization["resources"]
+    ]
+    (overlay / "kustomization.yaml").write_text(yaml.safe_dump(kustomization))
+    shutil.copy(certs / "cabundle-patch.json", overlay / "cabundle-patch.json")
+    return certs
+
+
+def test_gitops_overlay_keeps_tls_in_git(tmp_path):
+    """No cert-manager and no imperative step: the caBundle of every entry is the CA that
+    `certs` wrote, the TLS Secret comes from an ExternalSecret that makes exactly the Secret the
+    Deployment mounts, and nothing needs cert-manager's CRDs."""
+    import base64
+
+    certs = gitops_overlay_copy(tmp_path)
+    docs = render(tmp_path / "my-multus-eni")
+    assert not [d for d in docs if d["apiVersion"].startswith("cert-manager.io/")]
+    mwc = only(docs, "MutatingWebhookConfiguration")
+    assert "cert-manager.io/inject-ca-from" not in mwc["metadata"].get("annotations", {})
+    ca = (certs / "ca.crt").read_bytes()
+    for hook in mwc["webhooks"]:
+        assert base64.b64decode(hook["clientConfig"]["caBundle"]) == ca, hook["name"]
+    deployment = only(docs, "Deployment", SERVICE)
+    [tls_volume] = [v for v in deployment["spec"]["template"]["spec"]["volumes"] if "secret" in v]
+    external = only(docs, "ExternalSecret")
+    assert external["apiVersion"].startswith("external-secrets.io/")
+    assert external["metadata"]["namespace"] == NAMESPACE
+    target = external["spec"]["target"]
+    assert target["name"] == tls_volume["secret"]["secretName"]
+    assert target["template"]["type"] == "kubernetes.io/tls"
+    assert sorted(d["secretKey"] for d in external["spec"]["data"]) == ["tls.crt", "tls.key"]
+    assert wave(external) < wave(deployment)
+    for doc in docs:
+        if doc["kind"] != "ExternalSecret":
+            for version in kubernetes_versions():
+                kubernetes_validate.validate(doc, version, strict=True)
+
+
+def test_gitops_overlay_placeholder_covers_every_entry_and_cannot_be_applied(rendered):
+    """The committed cabundle-patch.json names every entry (so a new entry is not left without
+    a caBundle) and its value is not base64: applied unchanged, the API server refuses the
+    webhook configuration rather than register one no one can call."""
+    import base64
+    import binascii
+
+    placeholder = json.loads((GITOPS_OVERLAY / "cabundle-patch.json").read_text())
+    entries = only(rendered["default"], "MutatingWebhookConfiguration")["webhooks"]
+    assert sorted(op["path"] for op in placeholder) == sorted(
+        f"/webhooks/{i}/clientConfig/caBundle" for i in range(len(entries))
+    )
+    for op in placeholder:
+        with pytest.raises(binascii.Error):
+            base64.b64decode(op["value"], validate=True)
+
+
+def test_argo_cd_application_in_docs_ignores_what_cert_manager_injects(rendered):
+    """The docs' Application ignores the caBundle the cainjector writes (and respects that on
+    sync), names the objects the install really renders, and syncs with pruning."""
+    text = (REPO / "docs" / "install.md").read_text()
+    [block] = re.findall(r"```yaml\n# Argo CD Application\n(.*?)```", text, re.S)
+    app = yaml.safe_load(block)
+    assert app["kind"] == "Application"
+    assert "RespectIgnoreDifferences=true" in app["spec"]["syncPolicy"]["syncOptions"]
+    mwc = only(rendered["default"], "MutatingWebhookConfiguration")
+    [ignored] = [i for i in app["spec"]["ignoreDifferences"] if i["kind"] == "MutatingWebhookConfiguration"]
+    assert ignored["name"] == mwc["metadata"]["name"]
+    assert ignored["group"] == "admissionregistration.k8s.io"
+    jq = shutil.which("jq")
+    assert jq, "jq is missing: scripts/setup-test-env.sh installs it"
+    injected = copy.deepcopy(mwc)
+    for hook in injected["webhooks"]:
+        hook["clientConfig"]["caBundle"] = "Q0E="
+    for expression in ignored["jqPathExpressions"]:
+        proc = subprocess.run([jq, "-c", f"[{expression}]"], input=json.dumps(injected), capture_output=True, text=True, check=False)
+        assert proc.returncode == 0, proc.stderr
+        assert json.loads(proc.stdout) == ["Q0E="] * len(mwc["webhooks"]), expression
