@@ -6,6 +6,7 @@ from __future__ import annotations
 import fnmatch
 import os
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 from typing import Iterator
@@ -44,7 +45,11 @@ def sidecar_agent_mode_binary(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return private_binary(sidecar.binary_path(sidecar.AGENT_MODE), tmp_path_factory, sidecar.AGENT_MODE)
 
 
-PREVIOUS_RELEASE = "db67960"  # the last main before issue 17's agent (protocol v1)
+# The release the version-skew tests run beside this one, and the commit
+# scripts/build-previous-sidecar.sh builds it from (CHANGELOG.md names both; tests/test_versions.py
+# checks that the commit is that release).
+PREVIOUS_RELEASE = "0.1.0"  # protocol v1
+PREVIOUS_RELEASE_COMMIT = "db67960"
 
 
 @pytest.fixture(scope="session")
@@ -55,10 +60,18 @@ def previous_sidecar_agent_mode_binary(tmp_path_factory: pytest.TempPathFactory)
     base = Path(os.environ.get("MULTUS_ENI_PREV_BIN_DIR", sidecar.REPO / "target" / "prev-release"))
     path = base / sidecar.AGENT_MODE
     if not path.exists():
-        message = f"{path} missing: run scripts/build-previous-sidecar.sh (builds {PREVIOUS_RELEASE})"
+        message = (
+            f"{path} missing: run scripts/build-previous-sidecar.sh (builds {PREVIOUS_RELEASE} "
+            f"from {PREVIOUS_RELEASE_COMMIT})"
+        )
         if os.environ.get("CI") == "true":
             pytest.fail(message)
         pytest.skip(message)
+    # The binary must be that release, not a leftover of another build.
+    version = subprocess.run([str(path), "--version"], capture_output=True, text=True, check=False).stdout
+    assert version.split()[-1:] == [PREVIOUS_RELEASE], (
+        f"{path} says {version.strip()!r}, not {PREVIOUS_RELEASE}: run scripts/build-previous-sidecar.sh"
+    )
     return private_binary(path, tmp_path_factory, sidecar.AGENT_MODE)
 
 

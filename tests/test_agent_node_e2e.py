@@ -447,8 +447,9 @@ def test_the_nodes_enis_are_read_over_every_page(cluster):
 
 
 def test_the_previous_release_sidecar_becomes_ready_against_this_agent(cluster, previous_sidecar_agent_mode_binary):
-    """Issue 18 item 4: a sidecar of the previous release (protocol v1, `--agent-socket`) already
-    running in pods keeps working after the agent is upgraded."""
+    """Issue 18 item 4: a sidecar of the previous release (0.1.0, protocol v1, `--agent-socket`;
+    conftest.PREVIOUS_RELEASE, whose fixture checks the binary's --version) already running in
+    pods keeps working after the agent is upgraded."""
     a = cluster.node()
     e, w = a.enis, cluster.world
     p = a.pod(sidecar_binary=previous_sidecar_agent_mode_binary)

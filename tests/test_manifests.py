@@ -1724,3 +1724,96 @@ def test_argo_cd_application_in_docs_ignores_what_cert_manager_injects(rendered)
         proc = subprocess.run([jq, "-c", f"[{expression}]"], input=json.dumps(injected), capture_output=True, text=True, check=False)
         assert proc.returncode == 0, proc.stderr
         assert json.loads(proc.stdout) == ["Q0E="] * len(mwc["webhooks"]), expression
+
+
+# === telco install ===
+
+
+def pod_spec(docs: list[dict], kind: str, name: str) -> dict:
+    return only(docs, kind, name)["spec"]["template"]["spec"]
+
+
+def test_tainted_node_groups_and_private_registry_overlay_in_docs(tmp_path):
+    """components/tainted-node-groups and components/private-registry on the default install,
+    as the docs show them: the webhook tolerates the taint it selects, its spread can never
+    strand a replica, both ServiceAccounts and every injected pod get the pull secret."""
+    docs = docs_overlay(tmp_path, "tainted node groups and a private registry")
+    spec = pod_spec(docs, "Deployment", SERVICE)
+    [(label, value)] = spec["nodeSelector"].items()
+    assert {"key": label, "operator": "Equal", "value": value, "effect": "NoSchedule"} in spec["tolerations"]
+    for constraint in spec["topologySpreadConstraints"]:
+        assert constraint["whenUnsatisfiable"] == "ScheduleAnyway", constraint
+    for name, namespace in ((SERVICE, NAMESPACE), (AGENT, AGENT_NAMESPACE)):
+        account = only(docs, "ServiceAccount", name)
+        assert account["metadata"]["namespace"] == namespace
+        assert account["imagePullSecrets"] == [{"name": "multus-eni-registry"}], name
+    assert flags(webhook_container(docs))["image-pull-secret"] == "multus-eni-registry"
+    # The agent already tolerates every taint.
+    assert {"operator": "Exists"} in pod_spec(docs, "DaemonSet", AGENT)["tolerations"]
+    for doc in docs:
+        if (doc["apiVersion"], doc["kind"]) not in CRD_KINDS:
+            for version in kubernetes_versions():
+                kubernetes_validate.validate(doc, version, strict=True)
+
+
+def test_private_registry_pull_secret_reaches_the_injected_sample(tmp_path):
+    """The Deployment's flags with the private-registry component, given to `inject` on the
+    sample: the pod template lists the pull secret (the webhook's unit tests cover every entry)."""
+    webhook = binary("multus-eni-webhook")
+    assert webhook is not None, f"{BIN_DIR}/multus-eni-webhook is missing: cargo build -p multus-eni-webhook"
+    docs = docs_overlay(tmp_path, "tainted node groups and a private registry")
+    inject_flags = set(re.findall(r"--([a-z][a-z0-9-]*)", help_text("multus-eni-webhook", "inject") or ""))
+    assert "image-pull-secret" in inject_flags, "multus-eni-webhook inject has no --image-pull-secret"
+    args = [f"--{k}={v}" for k, v in settings(webhook_container(docs)).items() if k in inject_flags]
+    sample = yaml.safe_dump_all(render(MANIFESTS / "samples"))
+    proc = subprocess.run([str(webhook), "inject", "-f", "-", *args], input=sample, capture_output=True, text=True, check=False)
+    assert proc.returncode == 0, proc.stderr
+    injected = only([d for d in yaml.safe_load_all(proc.stdout) if d], "Deployment")
+    assert {"name": "multus-eni-registry"} in injected["spec"]["template"]["spec"]["imagePullSecrets"]
+
+
+def test_topology_spread_patch_fails_loudly_if_the_constraint_moves(tmp_path):
+    """The component's `test` operation pins the hostname constraint it relaxes: a reordered
+    Deployment makes the overlay fail instead of relaxing the zone constraint."""
+    base = tmp_path / "base"
+    shutil.copytree(MANIFESTS, base / "manifests")
+    deployment = base / "manifests" / "core" / "deployment.yaml"
+    doc = yaml.safe_load(deployment.read_text())
+    doc["spec"]["template"]["spec"]["topologySpreadConstraints"].reverse()
+    deployment.write_text(yaml.safe_dump(doc))
+    overlay = tmp_path / "overlay"
+    overlay.mkdir()
+    (overlay / "kustomization.yaml").write_text(yaml.safe_dump({
+        "resources": ["../base/manifests"],
+        "components": ["../base/manifests/components/tainted-node-groups"],
+    }))
+    proc = subprocess.run([kubectl(), "kustomize", str(overlay)], capture_output=True, text=True, check=False)
+    assert proc.returncode != 0 and "test" in proc.stderr.lower(), proc.stderr
+
+
+def test_agent_aws_environment_overlay_in_docs(tmp_path):
+    docs = docs_overlay(tmp_path, "agent AWS environment")
+    env = {e["name"]: e.get("value") for e in agent_container(docs)["env"]}
+    assert {"AWS_REGION", "AWS_ENDPOINT_URL_EC2", "AWS_ENDPOINT_URL_STS", "HTTPS_PROXY", "NO_PROXY"} <= set(env)
+    assert "NODE_NAME" in env, "the overlay must add to the env, not replace it"
+    # IMDS must never go through the proxy, on either family.
+    assert {"169.254.169.254", "fd00:ec2::254"} <= set(env["NO_PROXY"].split(","))
+    for version in kubernetes_versions():
+        kubernetes_validate.validate(only(docs, "DaemonSet", AGENT), version, strict=True)
+
+
+def test_agent_irsa_trust_policy_in_docs_names_the_agents_service_account(rendered):
+    text = (REPO / "docs" / "install.md").read_text()
+    section = text.split("**IRSA for the agent**", 1)[1]
+    [block] = re.findall(r"```json\n(.*?)```", section, re.S)[:1]
+    policy = json.loads(block)
+    [statement] = policy["Statement"]
+    assert statement["Action"] == "sts:AssumeRoleWithWebIdentity"
+    conditions = statement["Condition"]["StringEquals"]
+    [sub] = [v for k, v in conditions.items() if k.endswith(":sub")]
+    [aud] = [v for k, v in conditions.items() if k.endswith(":aud")]
+    account = only(rendered["default"], "ServiceAccount", AGENT)["metadata"]
+    assert sub == f"system:serviceaccount:{account['namespace']}:{account['name']}"
+    assert aud == "sts.amazonaws.com"
+    provider = statement["Principal"]["Federated"].split("oidc-provider/", 1)[1]
+    assert all(k.startswith(provider + ":") for k in conditions), "the conditions name another provider"

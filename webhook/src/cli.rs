@@ -379,7 +379,7 @@ mod tests {
         let Command::Serve(args) = cli.command else {
             panic!("expected serve");
         };
-        assert_eq!(args.metrics_addr.to_string(), "0.0.0.0:8080");
+        assert_eq!(args.metrics_addr.to_string(), "[::]:8080");
         assert_eq!(args.log_format, LogFormat::Json);
         assert_eq!(args.shutdown_delay, Duration::from_secs(10));
         let config = args.sidecar.config().unwrap_or_else(|e| panic!("{e}"));
