@@ -354,6 +354,8 @@ def test_an_ec2_rejection_leaves_the_other_addresses_assigned_and_is_retried_wit
     tried = len(cluster.calls(ASSIGNS, bad))
     cluster.resyncs(a, 6)
     retries = len(cluster.calls(ASSIGNS, bad)) - tried
+    # Retried (at least once in 6 resyncs), and with a backoff of its own (not every resync).
+    assert retries >= 1, "a rejected address was never tried again over 6 resyncs"
     assert retries < 4, f"{retries} retries of a rejected address over 6 resyncs: no backoff of its own"
     assert cluster.lacks(e.multus, bad) and cluster.holds(e.multus, good)
 

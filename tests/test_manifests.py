@@ -33,6 +33,7 @@ import yaml
 from kubernetes_validate.utils import SchemaNotFoundError, ValidationError
 
 from lib.apiserver import label_selector_matches as selector_matches
+from lib.pod_security import restricted_violations
 
 REPO = Path(__file__).resolve().parent.parent
 MANIFESTS = REPO / "manifests"
@@ -1550,6 +1551,29 @@ def test_sample_injected_with_the_deployment_flags_fits_the_sidecar_image(render
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
         if probe in sidecar:
             assert sidecar[probe]["httpGet"]["port"] == probe_port, probe
+
+    # What each mode needs from the node agent of the shipped DaemonSet, and nothing more.
+    agent_args = flags(agent_container(rendered["default"]))
+    env = {e["name"]: e for e in sidecar.get("env", [])}
+    host_paths = [v for v in spec.get("volumes", []) if "hostPath" in v]
+    assert not [n for n in env if n.startswith("AWS_")] or ec2_access == "direct", env
+    if ec2_access == "agent":
+        assert sidecar_flags["agent-socket"] == agent_args["socket"]
+        [volume] = host_paths
+        assert volume["hostPath"]["path"] == str(Path(agent_args["socket"]).parent)
+        [mount] = [m for m in sidecar["volumeMounts"] if m["name"] == volume["name"]]
+        assert mount["readOnly"] is True and mount["mountPath"] == str(Path(agent_args["socket"]).parent)
+    elif ec2_access == "gate":
+        # The node's address from the downward API and the agent's HTTP port, no volume at all:
+        # what lets the gate serve Pod Security baseline/restricted namespaces.
+        assert "agent-socket" not in sidecar_flags
+        assert sidecar_flags["agent-url"] == f"http://$(HOST_IP):{port_of(agent_args['metrics-addr'])}"
+        assert env["HOST_IP"]["valueFrom"]["fieldRef"]["fieldPath"] == "status.hostIP"
+        assert not host_paths and not sidecar.get("volumeMounts")
+        assert restricted_violations({"securityContext": {}, "containers": [sidecar], "volumes": []}) == []
+    else:
+        assert "agent-socket" not in sidecar_flags and "agent-url" not in sidecar_flags
+        assert not host_paths
 
 
 def test_certs_script_applies_in_a_working_order(tmp_path):
