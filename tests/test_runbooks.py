@@ -175,3 +175,20 @@ def test_the_fake_kubectl_refuses_what_it_does_not_know(fake_bin, tmp_path):
     proc = subprocess.run(["bash", "-c", "kubectl delete namespace multus-eni"], env=fake_bin, cwd=tmp_path,
                           capture_output=True, text=True, check=False)
     assert proc.returncode == 97
+
+
+def test_the_fail_open_patch_covers_every_webhook_entry():
+    """`Pod creation is failing`, way A: the one-line patch sets failurePolicy Ignore on every
+    entry the rendered configuration has (a fifth entry would otherwise stay Fail)."""
+    import json
+
+    from test_manifests import MANIFESTS, only, render
+
+    text = INSTALL_MD.read_text()
+    [patch] = re.findall(
+        r"kubectl patch mutatingwebhookconfiguration multus-eni-webhook --type=json -p '(\[.*?\])'", text
+    )
+    operations = json.loads(patch)
+    entries = only(render(MANIFESTS), "MutatingWebhookConfiguration")["webhooks"]
+    assert sorted(op["path"] for op in operations) == sorted(f"/webhooks/{i}/failurePolicy" for i in range(len(entries)))
+    assert {(op["op"], op["value"]) for op in operations} == {("replace", "Ignore")}
