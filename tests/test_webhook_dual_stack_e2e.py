@@ -16,14 +16,16 @@ import copy
 import http.client
 import json
 import os
+import re
 import subprocess
 import time
+import tomllib
 
 import pytest
 
 from lib.apiserver import WebhookClient, create_review
 from lib.netns import NetNS
-from test_manifests import BIN_DIR, MANIFESTS, flags, only, port_of, render, webhook_container
+from test_manifests import BIN_DIR, MANIFESTS, REPO, flags, only, port_of, render, webhook_container
 
 TLS_DIR = "/etc/multus-eni/tls"
 
@@ -33,6 +35,15 @@ def http_get(host: str, port: int, path: str) -> int:
     try:
         conn.request("GET", path)
         return conn.getresponse().status
+    finally:
+        conn.close()
+
+
+def http_body(host: str, port: int, path: str) -> str:
+    conn = http.client.HTTPConnection(host, port, timeout=5)
+    try:
+        conn.request("GET", path)
+        return conn.getresponse().read().decode()
     finally:
         conn.close()
 
@@ -102,8 +113,16 @@ def test_the_webhook_answers_on_ipv6_loopback_with_its_deployments_flags(tmp_pat
                     added = [op for op in result.patch or [] if op["path"] == "/spec/initContainers"]
                     assert added and added[0]["value"][0]["name"] == "multus-eni-sidecar", (hook["name"], address, result.patch)
                     assert added[0]["value"][0]["image"] == env["MULTUS_ENI_SIDECAR_IMAGE"]
-            # The metrics listener takes IPv4 as well (Prometheus in an IPv4 cluster).
+            # The metrics listener takes IPv4 as well (Prometheus in an IPv4 cluster), and names
+            # the release and the commit it was built from.
             assert ns.call(http_get, "127.0.0.1", metrics_port, "/readyz") == 200
+            metrics = ns.call(http_body, "::1", metrics_port, "/metrics")
+            version = tomllib.loads((REPO / "Cargo.toml").read_text())["workspace"]["package"]["version"]
+            assert re.search(
+                rf'^multus_eni_build_info{{component="webhook",version="{re.escape(version)}",git_commit="([0-9a-f]{{7,}}|unknown)"}} 1$',
+                metrics,
+                re.M,
+            ), [line for line in metrics.splitlines() if "build_info" in line]
         finally:
             # Not SIGTERM: the drain (--shutdown-delay, 10 s) is tests/lifecycle.rs's subject.
             server.kill()
