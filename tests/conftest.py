@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 from typing import Iterator
 
@@ -18,6 +19,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from lib import moto, sidecar  # noqa: E402
 from lib.fault_proxy import FaultProxy  # noqa: E402
 from lib.netns import NetNS  # noqa: E402
+
+
+# The release the version-skew tests run beside this one, and the commit
+# scripts/build-previous-sidecar.sh builds it from (CHANGELOG.md names both; tests/test_versions.py
+# checks that the commit is that release).
+PREVIOUS_RELEASE = "0.1.0"  # protocol v1
+# This release, as Cargo.toml's [workspace.package] says.
+CURRENT_RELEASE = tomllib.loads((Path(__file__).resolve().parent.parent / "Cargo.toml").read_text())["workspace"][
+    "package"
+]["version"]
+PREVIOUS_RELEASE_COMMIT = "db67960"
 
 
 def private_binary(path: Path, tmp_path_factory: pytest.TempPathFactory, package: str) -> Path:
@@ -41,15 +53,17 @@ def sidecar_binary(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def sidecar_agent_mode_binary(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """`multus-eni-sidecar-agent-mode`: what the webhook injects in agent mode."""
-    return private_binary(sidecar.binary_path(sidecar.AGENT_MODE), tmp_path_factory, sidecar.AGENT_MODE)
-
-
-# The release the version-skew tests run beside this one, and the commit
-# scripts/build-previous-sidecar.sh builds it from (CHANGELOG.md names both; tests/test_versions.py
-# checks that the commit is that release).
-PREVIOUS_RELEASE = "0.1.0"  # protocol v1
-PREVIOUS_RELEASE_COMMIT = "db67960"
+    """`multus-eni-sidecar-agent-mode`: what the webhook injects in agent mode. It must be this
+    release's: scripts/build-previous-sidecar.sh builds the previous one in the same target
+    directory, and a version-skew test run with two old sidecars would time out, not fail."""
+    path = sidecar.binary_path(sidecar.AGENT_MODE)
+    if path.exists():
+        version = subprocess.run([str(path), "--version"], capture_output=True, text=True, check=False).stdout
+        assert version.split()[-1:] == [CURRENT_RELEASE], (
+            f"{path} says {version.strip()!r}, not {CURRENT_RELEASE}: "
+            f"run `cargo build -p {sidecar.AGENT_MODE}` (the previous release's build replaced it)"
+        )
+    return private_binary(path, tmp_path_factory, sidecar.AGENT_MODE)
 
 
 @pytest.fixture(scope="session")
