@@ -501,10 +501,10 @@ mod tests {
         assert_eq!(config.image_pull_secrets, ["ecr-a", "ecr-b"]);
         use clap::CommandFactory;
         let command = Cli::command();
-        let inject = command
+        let serve = command
             .find_subcommand("serve")
             .unwrap_or_else(|| panic!("no serve"));
-        let arg = inject
+        let arg = serve
             .get_arguments()
             .find(|a| a.get_id() == "image_pull_secrets")
             .unwrap_or_else(|| panic!("no --image-pull-secret"));
