@@ -3,6 +3,8 @@
 #   docker buildx build --target webhook -t REGISTRY/multus-eni-webhook:TAG .
 #   docker buildx build --target sidecar -t REGISTRY/multus-eni-sidecar:TAG .
 #   docker buildx build --target agent   -t REGISTRY/multus-eni-agent:TAG .
+# Add --build-arg MULTUS_ENI_GIT_COMMIT=$(git rev-parse --short HEAD) so that
+# multus_eni_build_info names the commit (without it: "unknown").
 # Multi-arch (amd64 + arm64/Graviton): add --platform linux/amd64,linux/arm64 --push
 # (docs/install.md "Build the images"). Each platform compiles natively in its own build stage
 # (QEMU or a native builder node); no cross toolchain is involved.
@@ -14,10 +16,14 @@ ARG RUST_VERSION=1.95
 ARG DEBIAN_RELEASE=bookworm
 
 FROM docker.io/library/rust:${RUST_VERSION}-${DEBIAN_RELEASE} AS source
+# The commit for multus_eni_build_info{git_commit}: the build context has no .git, so build.rs
+# reads it from here (`--build-arg MULTUS_ENI_GIT_COMMIT=$(git rev-parse --short HEAD)`).
+ARG MULTUS_ENI_GIT_COMMIT=unknown
 WORKDIR /src
 COPY . .
 ENV CARGO_TERM_COLOR=never \
-    CARGO_PROFILE_RELEASE_STRIP=symbols
+    CARGO_PROFILE_RELEASE_STRIP=symbols \
+    MULTUS_ENI_GIT_COMMIT=${MULTUS_ENI_GIT_COMMIT}
 
 FROM source AS build-webhook
 ARG TARGETPLATFORM

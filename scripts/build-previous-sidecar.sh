@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Builds the previous release's `multus-eni-sidecar-agent-mode` (protocol v1) into
+# Builds the previous release's `multus-eni-sidecar-agent-mode` (0.1.0, protocol v1) into
 # target/prev-release/, for the version-skew e2e test (a sidecar already running in pods keeps
 # working after the agent is upgraded; docs/contract.md). Built from git in a temporary
 # worktree with this repo's own target dir, so registry crates are reused and only the
@@ -8,6 +8,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+# 0.1.0 (CHANGELOG.md); tests/conftest.py's PREVIOUS_RELEASE_COMMIT, checked by tests/test_versions.py.
 commit="${MULTUS_ENI_PREV_RELEASE:-db67960}"
 out=target/prev-release
 stamp="$out/commit"

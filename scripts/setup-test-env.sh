@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs what the tests need on a fresh Debian machine (run as root; CI runs it from
 # scripts/test.sh): iproute2 (network namespaces), binutils (`nm`, the sidecar's symbol test),
-# g++ (libFuzzer), promtool (the alert rule tests), and a Python venv at .venv with the EC2 emulator, schema validator and CEL
+# g++ (libFuzzer), jq (the runbooks' filters), promtool (the alert rule tests), and a Python venv at .venv with the EC2 emulator, schema validator and CEL
 # evaluator pinned in tests/requirements.txt; checks that kubectl (with kustomize) is there.
 # Idempotent: a second run only checks.
 set -euo pipefail
@@ -29,6 +29,11 @@ fi
 if ! command -v g++ >/dev/null 2>&1; then
   echo "setup: installing g++ (cargo-fuzz builds libFuzzer from C++ sources)"
   apt_install g++
+fi
+
+if ! command -v jq >/dev/null 2>&1; then
+  echo "setup: installing jq (the runbooks' filters in docs/install.md are run on sample pods)"
+  apt_install jq
 fi
 
 # kubectl (with its built-in kustomize) comes with the machine image: only package registries are
@@ -65,4 +70,4 @@ if ! command -v promtool >/dev/null 2>&1 && [ ! -x .venv/bin/promtool ]; then
 fi
 promtool=$(command -v promtool || echo .venv/bin/promtool)
 
-echo "setup: ready (ip, nm, g++, kubectl $(kubectl version --client -o json 2>/dev/null | sed -n 's/.*"gitVersion": "\(v[^"]*\)".*/\1/p' | head -1), $("$promtool" --version 2>&1 | head -1 | cut -d' ' -f1-3), .venv)"
+echo "setup: ready (ip, nm, g++, jq, kubectl $(kubectl version --client -o json 2>/dev/null | sed -n 's/.*"gitVersion": "\(v[^"]*\)".*/\1/p' | head -1), $("$promtool" --version 2>&1 | head -1 | cut -d' ' -f1-3), .venv)"

@@ -6,7 +6,9 @@ from __future__ import annotations
 import fnmatch
 import os
 import shutil
+import subprocess
 import sys
+import tomllib
 from pathlib import Path
 from typing import Iterator
 
@@ -17,6 +19,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from lib import moto, sidecar  # noqa: E402
 from lib.fault_proxy import FaultProxy  # noqa: E402
 from lib.netns import NetNS  # noqa: E402
+
+
+# The release the version-skew tests run beside this one, and the commit
+# scripts/build-previous-sidecar.sh builds it from (CHANGELOG.md names both; tests/test_versions.py
+# checks that the commit is that release).
+PREVIOUS_RELEASE = "0.1.0"  # protocol v1
+# This release, as Cargo.toml's [workspace.package] says.
+CURRENT_RELEASE = tomllib.loads((Path(__file__).resolve().parent.parent / "Cargo.toml").read_text())["workspace"][
+    "package"
+]["version"]
+PREVIOUS_RELEASE_COMMIT = "db67960"
 
 
 def private_binary(path: Path, tmp_path_factory: pytest.TempPathFactory, package: str) -> Path:
@@ -40,11 +53,17 @@ def sidecar_binary(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def sidecar_agent_mode_binary(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """`multus-eni-sidecar-agent-mode`: what the webhook injects in agent mode."""
-    return private_binary(sidecar.binary_path(sidecar.AGENT_MODE), tmp_path_factory, sidecar.AGENT_MODE)
-
-
-PREVIOUS_RELEASE = "db67960"  # the last main before issue 17's agent (protocol v1)
+    """`multus-eni-sidecar-agent-mode`: what the webhook injects in agent mode. It must be this
+    release's: scripts/build-previous-sidecar.sh builds the previous one in the same target
+    directory, and a version-skew test run with two old sidecars would time out, not fail."""
+    path = sidecar.binary_path(sidecar.AGENT_MODE)
+    if path.exists():
+        version = subprocess.run([str(path), "--version"], capture_output=True, text=True, check=False).stdout
+        assert version.split()[-1:] == [CURRENT_RELEASE], (
+            f"{path} says {version.strip()!r}, not {CURRENT_RELEASE}: "
+            f"run `cargo build -p {sidecar.AGENT_MODE}` (the previous release's build replaced it)"
+        )
+    return private_binary(path, tmp_path_factory, sidecar.AGENT_MODE)
 
 
 @pytest.fixture(scope="session")
@@ -55,10 +74,18 @@ def previous_sidecar_agent_mode_binary(tmp_path_factory: pytest.TempPathFactory)
     base = Path(os.environ.get("MULTUS_ENI_PREV_BIN_DIR", sidecar.REPO / "target" / "prev-release"))
     path = base / sidecar.AGENT_MODE
     if not path.exists():
-        message = f"{path} missing: run scripts/build-previous-sidecar.sh (builds {PREVIOUS_RELEASE})"
+        message = (
+            f"{path} missing: run scripts/build-previous-sidecar.sh (builds {PREVIOUS_RELEASE} "
+            f"from {PREVIOUS_RELEASE_COMMIT})"
+        )
         if os.environ.get("CI") == "true":
             pytest.fail(message)
         pytest.skip(message)
+    # The binary must be that release, not a leftover of another build.
+    version = subprocess.run([str(path), "--version"], capture_output=True, text=True, check=False).stdout
+    assert version.split()[-1:] == [PREVIOUS_RELEASE], (
+        f"{path} says {version.strip()!r}, not {PREVIOUS_RELEASE}: run scripts/build-previous-sidecar.sh"
+    )
     return private_binary(path, tmp_path_factory, sidecar.AGENT_MODE)
 
 

@@ -228,6 +228,8 @@ def test_an_ec2_rejection_leaves_the_other_addresses_assigned_and_is_retried_wit
     tried = len(cluster.calls(ASSIGNS, bad))
     cluster.resyncs(a, 6)
     retries = len(cluster.calls(ASSIGNS, bad)) - tried
+    # Retried (at least once in 6 resyncs), and with a backoff of its own (not every resync).
+    assert retries >= 1, "a rejected address was never tried again over 6 resyncs"
     assert retries < 4, f"{retries} retries of a rejected address over 6 resyncs: no backoff of its own"
     assert cluster.lacks(e.multus, bad) and cluster.holds(e.multus, good)
 
@@ -324,8 +326,9 @@ def test_the_nodes_enis_are_read_over_every_page(cluster):
 
 
 def test_the_previous_release_sidecar_becomes_ready_against_this_agent(cluster, previous_sidecar_agent_mode_binary):
-    """Issue 18 item 4: a sidecar of the previous release (protocol v1, `--agent-socket`) already
-    running in pods keeps working after the agent is upgraded."""
+    """Issue 18 item 4: a sidecar of the previous release (0.1.0, protocol v1, `--agent-socket`;
+    conftest.PREVIOUS_RELEASE, whose fixture checks the binary's --version) already running in
+    pods keeps working after the agent is upgraded."""
     a = cluster.node()
     e, w = a.enis, cluster.world
     p = a.pod(sidecar_binary=previous_sidecar_agent_mode_binary)

@@ -8,7 +8,13 @@ checked the way Prometheus would run them:
 - a direct-mode install (the docs' overlay plus components/monitoring) carries no agent rule,
   and the agent's rules are only in components/monitoring-agent;
 - the metric names the rules read are the ones the webhook and agent export (their sources and
-  docs/contract.md).
+  docs/contract.md);
+- a rule that names webhook entries fires for every entry of the rendered
+  MutatingWebhookConfiguration (a new entry that a rule misses fails here);
+- every rule has a `runbook_url` whose anchor is a heading of docs/install.md;
+- every sidecar rule that reads an init container's series (native mode) also reads the regular
+  container's (legacy mode);
+- the kube-prometheus-stack overlay in docs/install.md labels the monitoring objects only.
 
 Needs promtool (Debian's `prometheus` package; scripts/setup-test-env.sh unpacks it into
 .venv/bin). Without it these tests skip locally and fail under CI=true (tests/conftest.py).
@@ -157,6 +163,8 @@ def test_the_expected_alerts_exist(monitoring):
         assert "multus_eni_webhook_tls_cert_expiry_timestamp_seconds" in alerts[name]["expr"]
         assert "certmanager_" not in alerts[name]["expr"]
     assert "> 120" in alerts["MultusEniAgentAddressesPending"]["expr"]
+    # A node without a ready agent blocks every new Multus pod there: that pages.
+    assert alerts["MultusEniAgentUnavailable"]["labels"]["severity"] == "critical"
     assert "histogram_quantile(0.99" in alerts["MultusEniAgentSlowClaims"]["expr"]
     assert alerts["MultusEniWebhookDegraded"]["for"] == "10m"
 
@@ -234,3 +242,152 @@ def test_rules_read_only_metrics_that_exist(monitoring):
             registered = re.sub(r"_total$", "", family)  # prometheus-client adds _total to counters
             assert registered in exported, f"{name} reads {metric}, which the code does not register"
             assert family in documented, f"{name} reads {metric}, which docs/contract.md does not name"
+
+
+# === every webhook entry ===
+
+# Series whose `name` label is a MutatingWebhookConfiguration entry (the API server's metrics).
+ENTRY_METRIC = re.compile(r"\b(apiserver_admission_webhook_[a-z_]+)\b")
+
+
+def webhook_entries() -> list[str]:
+    """The entry names an operator's API server reports, from the rendered default install."""
+    names = [hook["name"] for hook in only(render(MANIFESTS), "MutatingWebhookConfiguration")["webhooks"]]
+    assert len(names) >= 4, names
+    return names
+
+
+def entry_rules(docs: list[dict]) -> dict[str, dict]:
+    return {a: r for a, r in rules_of(docs).items() if ENTRY_METRIC.search(r["expr"])}
+
+
+def entry_unit_test(alert: str, rule: dict, entry: str) -> dict:
+    """A promtool test where only `entry` fails (one call a minute) and `alert` must fire.
+    Annotations are left out: this checks which series the rule selects, not its text."""
+    [metric] = set(ENTRY_METRIC.findall(rule["expr"]))
+    labels = {"severity": rule["labels"]["severity"]}
+    grouped = re.search(r"by \(([^)]*)\)", rule["expr"])
+    if grouped and "name" in [g.strip() for g in grouped.group(1).split(",")]:
+        labels["name"] = entry
+    return {
+        "rule_files": ["entries.rules.yaml"],
+        "evaluation_interval": "1m",
+        "tests": [{
+            "interval": "1m",
+            "input_series": [{
+                "series": f'{metric}{{name="{entry}",type="admit",operation="CREATE",'
+                          f'error_type="calling_webhook_error",rejection_code="500"}}',
+                "values": "0+1x60",
+            }],
+            "alert_rule_test": [{"eval_time": "40m", "alertname": alert, "exp_alerts": [{"exp_labels": labels}]}],
+        }],
+    }
+
+
+def run_entry_test(alert: str, rule: dict, entry: str, directory: Path) -> subprocess.CompletedProcess:
+    bare = {k: v for k, v in rule.items() if k != "annotations"}
+    (directory / "entries.rules.yaml").write_text(yaml.safe_dump({"groups": [{"name": "entries", "rules": [bare]}]}))
+    (directory / "entries.test.yaml").write_text(yaml.safe_dump(entry_unit_test(alert, rule, entry)))
+    return run(promtool(), "test", "rules", "entries.test.yaml", cwd=directory)
+
+
+def test_rules_naming_webhook_entries_fire_for_every_entry(monitoring, tmp_path):
+    """The entry names come from the rendered MutatingWebhookConfiguration, so an entry added
+    there and missed by a rule's `name` matcher fails here (the gate entries once were)."""
+    rules = entry_rules(monitoring)
+    assert "MultusEniAdmissionsFailing" in rules, sorted(rules)
+    entries = webhook_entries()
+    assert {"inject-gate.multus-eni.io", "inject-gate-label.multus-eni.io"} <= set(entries)
+    for alert, rule in rules.items():
+        for entry in entries:
+            proc = run_entry_test(alert, rule, entry, tmp_path)
+            assert proc.returncode == 0, f"{alert} misses webhook entry {entry}:\n{proc.stdout}{proc.stderr}"
+
+
+def test_entry_coverage_check_can_fail(monitoring, tmp_path):
+    """The matcher this rule had before the gate entries were counted fails the check above."""
+    rule = copy.deepcopy(entry_rules(monitoring)["MultusEniAdmissionsFailing"])
+    rule["expr"] = re.sub(r'name=~"[^"]*"', r'name=~"inject(-direct)?\\\\.multus-eni\\\\.io"', rule["expr"])
+    assert run_entry_test("MultusEniAdmissionsFailing", rule, "inject.multus-eni.io", tmp_path).returncode == 0
+    assert run_entry_test("MultusEniAdmissionsFailing", rule, "inject-gate.multus-eni.io", tmp_path).returncode != 0
+
+
+# === runbooks ===
+
+RUNBOOK_BASE = "https://github.com/multus-eni/multus-eni/blob/main/docs/install.md#"
+
+
+def github_anchor(heading: str) -> str:
+    """The anchor GitHub gives a Markdown heading: lower case, punctuation dropped, spaces to
+    hyphens (so `Agent mode → direct mode` is `agent-mode--direct-mode`)."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def install_md_anchors() -> set[str]:
+    text = re.sub(r"```.*?```", "", (REPO / "docs" / "install.md").read_text(), flags=re.S)
+    return {github_anchor(h) for h in re.findall(r"^#{1,6} (.+)$", text, re.M)}
+
+
+def test_github_anchor_model():
+    assert github_anchor("Agent mode → direct mode") == "agent-mode--direct-mode"
+    assert github_anchor("Direct mode (`--ec2-access direct`, or namespaces labelled `multus-eni.io/ec2-access=direct`)") == (
+        "direct-mode---ec2-access-direct-or-namespaces-labelled-multus-eniioec2-accessdirect"
+    )
+    assert github_anchor("MultusEniAdmissionsFailing") == "multuseniadmissionsfailing"
+
+
+def test_every_rule_links_a_runbook_in_install_md(monitoring):
+    """runbook_url on every rule (Alertmanager templates and Grafana show it), pointing at the
+    heading of docs/install.md that says what to do, and that heading exists."""
+    anchors = install_md_anchors()
+    for name, rule in rules_of(monitoring).items():
+        url = rule["annotations"].get("runbook_url", "")
+        assert url.startswith(RUNBOOK_BASE), f"{name}: runbook_url {url!r}"
+        anchor = url.removeprefix(RUNBOOK_BASE)
+        assert anchor in anchors, f"{name}: docs/install.md has no heading for #{anchor}"
+
+
+def test_install_md_links_only_to_its_own_headings():
+    """Every `(#anchor)` link inside docs/install.md lands on a heading (a renamed heading broke
+    two of them once)."""
+    text = (REPO / "docs" / "install.md").read_text()
+    anchors = install_md_anchors()
+    broken = sorted({a for a in re.findall(r"\]\(#([^)]+)\)", text) if a not in anchors})
+    assert not broken, f"docs/install.md links to missing headings: {broken}"
+
+
+# === legacy-mode sidecars ===
+
+
+def test_sidecar_rules_cover_legacy_mode_sidecars(monitoring):
+    """A native sidecar is an init container, a legacy one (--sidecar-mode legacy) a regular
+    container: kube-state-metrics reports them in different series, and a rule reading only
+    the init container's would be blind to every legacy-mode pod."""
+    sidecar_rules = {a: r for a, r in rules_of(monitoring).items() if "multus-eni-sidecar" in r["expr"]}
+    assert {"MultusEniSidecarNotRoutable", "MultusEniSidecarRestarting"} <= set(sidecar_rules)
+    for name, rule in sidecar_rules.items():
+        for series in set(re.findall(r"kube_pod_init_container_(\w+)", rule["expr"])):
+            assert f"kube_pod_container_{series}" in rule["expr"], f"{name}: no legacy-mode kube_pod_container_{series}"
+
+
+# === kube-prometheus-stack ===
+
+
+def test_kube_prometheus_stack_overlay_in_docs_labels_only_the_monitoring_objects(tmp_path):
+    """kube-prometheus-stack's Prometheus selects PodMonitors and PrometheusRules by the Helm
+    release's `release` label by default; the docs' overlay adds it to those objects alone
+    (labels on Deployments or Services would be harmless, in selectors they would not)."""
+    text = (REPO / "docs" / "install.md").read_text()
+    [block] = re.findall(r"```yaml\n# my-multus-eni/kustomization.yaml, kube-prometheus-stack\n(.*?)```", text, re.S)
+    overlay = yaml.safe_load(block)
+    prefix = "../multus-eni/manifests"
+    overlay["resources"] = [os.path.relpath(MANIFESTS / r.removeprefix(prefix).lstrip("/"), tmp_path) for r in overlay["resources"]]
+    overlay["components"] = [os.path.relpath(MANIFESTS / c.removeprefix(prefix).lstrip("/"), tmp_path) for c in overlay.get("components", [])]
+    (tmp_path / "kustomization.yaml").write_text(yaml.safe_dump(overlay))
+    docs = render(tmp_path)
+    monitoring_kinds = {"PodMonitor", "PrometheusRule"}
+    labelled = {(d["kind"], d["metadata"]["name"]) for d in docs if d["metadata"].get("labels", {}).get("release")}
+    expected = {(d["kind"], d["metadata"]["name"]) for d in docs if d["kind"] in monitoring_kinds}
+    assert expected and labelled == expected, (labelled, expected)
+    for monitor in all_of(docs, "PodMonitor"):
+        assert "release" not in monitor["spec"]["selector"].get("matchLabels", {}), monitor["metadata"]["name"]

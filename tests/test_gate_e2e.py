@@ -132,7 +132,8 @@ def test_the_gate_opens_when_the_agent_says_routable(node):
     wait_for(lambda: s.probe() == 200, "gate /readyz 200 once the agent says routable")
     # The gate only asked: every EC2 call is the agent's, the gate has no AWS settings.
     assert s.running()
-    assert all(q.startswith("GET /v1/addresses?") for q in relay.queries())
+    # Every request the gate sent (unfiltered: relay.queries() keeps only these already).
+    assert relay.requests and all(r.startswith("GET /v1/addresses?") for r in relay.requests), relay.requests
     # After the first answer the gate long-polls with the agent's generation.
     wait_for(lambda: any("since=" in q and "wait=" in q for q in relay.queries()), "a long poll with since=")
 

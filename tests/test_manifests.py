@@ -33,6 +33,7 @@ import yaml
 from kubernetes_validate.utils import SchemaNotFoundError, ValidationError
 
 from lib.apiserver import label_selector_matches as selector_matches
+from lib.pod_security import restricted_violations
 
 REPO = Path(__file__).resolve().parent.parent
 MANIFESTS = REPO / "manifests"
@@ -509,7 +510,11 @@ def test_agent_flags_follow_the_contract(rendered):
     documented = dict(re.findall(r"^\|\s*`--([a-z-]+)[^`]*`\s*\|[^|]*\|\s*`([^`]*)`", section[1].split("\n## ", 1)[0], re.M))
     assert set(args) <= set(documented), set(args) - set(documented)
     for flag, value in args.items():
-        if flag != "log-format":
+        if flag == "metrics-addr":
+            # The DaemonSet listens on both families ([::], test_every_port_listens_on_both_
+            # address_families); the contract fixes the port.
+            assert port_of(value) == port_of(documented[flag]), (flag, value, documented[flag])
+        elif flag != "log-format":
             assert value == documented[flag], (flag, value, documented[flag])
     webhook = settings(webhook_container(rendered["default"]))
     assert str(Path(args["socket"]).parent) == webhook["agent-socket-dir"]
@@ -517,6 +522,25 @@ def test_agent_flags_follow_the_contract(rendered):
     service = only(rendered["default"], "Service", AGENT)
     [port] = service["spec"]["ports"]
     assert port["name"] == "metrics" and container_port(container, port["targetPort"]) == port_of(args["metrics-addr"])
+
+
+# Flags that name an address to listen on, per container of the shipped manifests.
+LISTEN_FLAGS = {"webhook": ("addr", "metrics-addr"), "agent": ("metrics-addr",)}
+
+
+def test_every_port_listens_on_both_address_families(rendered):
+    """IPv6-only EKS: the API server, the kubelet's probes, Prometheus and the gate's sidecars
+    reach the webhook and the agent over IPv6; IPv4 clusters over IPv4. `[::]` serves both (the
+    binaries fall back to 0.0.0.0 on a host without IPv6), so one manifest fits every cluster.
+    Every containerPort is one of those listeners."""
+    docs = rendered["default"]
+    for name, container in (("webhook", webhook_container(docs)), ("agent", agent_container(docs))):
+        args = flags(container)
+        listening = set()
+        for flag in LISTEN_FLAGS[name]:
+            assert args[flag].startswith("[::]:"), f"{name} --{flag}={args[flag]} is not dual-stack"
+            listening.add(port_of(args[flag]))
+        assert {p["containerPort"] for p in container["ports"]} == listening, (name, container["ports"])
 
 
 # Node labels as EKS sets them, for the agent's node affinity.
@@ -1399,9 +1423,9 @@ def test_image_override_overlay_in_docs_renders(tmp_path):
     docs = render(tmp_path)
     container = webhook_container(docs)
     registry = "123456789012.dkr.ecr.eu-west-1.amazonaws.com"
-    assert container["image"] == f"{registry}/multus-eni-webhook:0.1.0"
-    assert settings(container)["sidecar-image"] == f"{registry}/multus-eni-sidecar:0.1.0"
-    assert agent_container(docs)["image"] == f"{registry}/multus-eni-agent:0.1.0"
+    assert container["image"] == f"{registry}/multus-eni-webhook:0.2.0"
+    assert settings(container)["sidecar-image"] == f"{registry}/multus-eni-sidecar:0.2.0"
+    assert agent_container(docs)["image"] == f"{registry}/multus-eni-agent:0.2.0"
 
 
 def test_direct_mode_overlay_in_docs_renders(tmp_path):
@@ -1528,6 +1552,29 @@ def test_sample_injected_with_the_deployment_flags_fits_the_sidecar_image(render
         if probe in sidecar:
             assert sidecar[probe]["httpGet"]["port"] == probe_port, probe
 
+    # What each mode needs from the node agent of the shipped DaemonSet, and nothing more.
+    agent_args = flags(agent_container(rendered["default"]))
+    env = {e["name"]: e for e in sidecar.get("env", [])}
+    host_paths = [v for v in spec.get("volumes", []) if "hostPath" in v]
+    assert not [n for n in env if n.startswith("AWS_")] or ec2_access == "direct", env
+    if ec2_access == "agent":
+        assert sidecar_flags["agent-socket"] == agent_args["socket"]
+        [volume] = host_paths
+        assert volume["hostPath"]["path"] == str(Path(agent_args["socket"]).parent)
+        [mount] = [m for m in sidecar["volumeMounts"] if m["name"] == volume["name"]]
+        assert mount["readOnly"] is True and mount["mountPath"] == str(Path(agent_args["socket"]).parent)
+    elif ec2_access == "gate":
+        # The node's address from the downward API and the agent's HTTP port, no volume at all:
+        # what lets the gate serve Pod Security baseline/restricted namespaces.
+        assert "agent-socket" not in sidecar_flags
+        assert sidecar_flags["agent-url"] == f"http://$(HOST_IP):{port_of(agent_args['metrics-addr'])}"
+        assert env["HOST_IP"]["valueFrom"]["fieldRef"]["fieldPath"] == "status.hostIP"
+        assert not host_paths and not sidecar.get("volumeMounts")
+        assert restricted_violations({"securityContext": {}, "containers": [sidecar], "volumes": []}) == []
+    else:
+        assert "agent-socket" not in sidecar_flags and "agent-url" not in sidecar_flags
+        assert not host_paths
+
 
 def test_certs_script_applies_in_a_working_order(tmp_path):
     """`generate.sh --apply`: overlay first (namespace), then the Secret, then the caBundle patch.
@@ -1571,3 +1618,226 @@ def test_certs_script_applies_in_a_working_order(tmp_path):
         env=env, capture_output=True, text=True, check=False,
     )
     assert proc.returncode == 2 and "not a kustomization directory" in proc.stderr
+
+
+# === GitOps ===
+
+SYNC_WAVE = "argocd.argoproj.io/sync-wave"
+GITOPS_OVERLAY = MANIFESTS / "overlays" / "gitops-no-cert-manager"
+
+
+def wave(doc: dict) -> int:
+    return int(doc["metadata"].get("annotations", {}).get(SYNC_WAVE, "0"))
+
+
+@pytest.mark.parametrize("kustomization", sorted(KUSTOMIZATIONS))
+def test_argo_cd_sync_waves_follow_the_upgrade_order(rendered, kustomization):
+    """Argo CD applies one wave at a time and waits for it to be healthy: the agent DaemonSet
+    before the webhook Deployment (whose image is the sidecar new pods get, and whose new
+    sidecars need the new agent), the MutatingWebhookConfiguration after everything (so no pod
+    is sent to a webhook that is not serving yet). Everything the Deployment needs (namespace,
+    Secret source, Service) is in an earlier wave."""
+    docs = rendered[kustomization]
+    mwcs = all_of(docs, "MutatingWebhookConfiguration")
+    if not mwcs:
+        return  # samples
+    [mwc] = mwcs
+    deployment = only(docs, "Deployment", SERVICE)
+    others = [d for d in docs if d is not mwc]
+    assert wave(mwc) > max(wave(d) for d in others), "the webhook configuration is not the last wave"
+    daemonsets = all_of(docs, "DaemonSet")
+    for daemonset in daemonsets:
+        assert wave(daemonset) < wave(deployment), "the agent must be rolled out before the webhook"
+    before = [d for d in others if d["kind"] not in ("Deployment", "DaemonSet")]
+    assert all(wave(d) < min(wave(deployment), *(wave(d) for d in daemonsets)) for d in before), [
+        (d["kind"], d["metadata"]["name"], wave(d)) for d in before
+    ]
+
+
+def test_sync_wave_check_can_fail(rendered):
+    docs = copy.deepcopy(rendered["default"])
+    only(docs, "DaemonSet", AGENT)["metadata"]["annotations"][SYNC_WAVE] = "2"
+    with pytest.raises(AssertionError):
+        test_argo_cd_sync_waves_follow_the_upgrade_order({"x": docs}, "x")
+
+
+def gitops_overlay_copy(tmp_path: Path) -> Path:
+    """The GitOps overlay as an operator copies it into their repository, with
+    `cabundle-patch.json` replaced by what `multus-eni-webhook certs` wrote."""
+    webhook = binary("multus-eni-webhook")
+    assert webhook is not None, f"{BIN_DIR}/multus-eni-webhook is missing: cargo build -p multus-eni-webhook"
+    certs = tmp_path / "certs"
+    proc = subprocess.run([str(webhook), "certs", "--out-dir", str(certs)], capture_output=True, text=True, check=False)
+    assert proc.returncode == 0, proc.stderr
+    overlay = tmp_path / "my-multus-eni"
+    shutil.copytree(GITOPS_OVERLAY, overlay)
+    kustomization = yaml.safe_load((overlay / "kustomization.yaml").read_text())
+    kustomization["resources"] = [
+        os.path.relpath(GITOPS_OVERLAY / r, overlay) if r.startswith("..") else r for r in kustomization["resources"]
+    ]
+    (overlay / "kustomization.yaml").write_text(yaml.safe_dump(kustomization))
+    shutil.copy(certs / "cabundle-patch.json", overlay / "cabundle-patch.json")
+    return certs
+
+
+def test_gitops_overlay_keeps_tls_in_git(tmp_path):
+    """No cert-manager and no imperative step: the caBundle of every entry is the CA that
+    `certs` wrote, the TLS Secret comes from an ExternalSecret that makes exactly the Secret the
+    Deployment mounts, and nothing needs cert-manager's CRDs."""
+    import base64
+
+    certs = gitops_overlay_copy(tmp_path)
+    docs = render(tmp_path / "my-multus-eni")
+    assert not [d for d in docs if d["apiVersion"].startswith("cert-manager.io/")]
+    mwc = only(docs, "MutatingWebhookConfiguration")
+    assert "cert-manager.io/inject-ca-from" not in mwc["metadata"].get("annotations", {})
+    ca = (certs / "ca.crt").read_bytes()
+    for hook in mwc["webhooks"]:
+        assert base64.b64decode(hook["clientConfig"]["caBundle"]) == ca, hook["name"]
+    deployment = only(docs, "Deployment", SERVICE)
+    [tls_volume] = [v for v in deployment["spec"]["template"]["spec"]["volumes"] if "secret" in v]
+    external = only(docs, "ExternalSecret")
+    assert external["apiVersion"].startswith("external-secrets.io/")
+    assert external["metadata"]["namespace"] == NAMESPACE
+    target = external["spec"]["target"]
+    assert target["name"] == tls_volume["secret"]["secretName"]
+    assert target["template"]["type"] == "kubernetes.io/tls"
+    assert sorted(d["secretKey"] for d in external["spec"]["data"]) == ["tls.crt", "tls.key"]
+    assert wave(external) < wave(deployment)
+    for doc in docs:
+        if doc["kind"] != "ExternalSecret":
+            for version in kubernetes_versions():
+                kubernetes_validate.validate(doc, version, strict=True)
+
+
+def test_gitops_overlay_placeholder_covers_every_entry_and_cannot_be_applied(rendered):
+    """The committed cabundle-patch.json names every entry (so a new entry is not left without
+    a caBundle) and its value is not base64: applied unchanged, the API server refuses the
+    webhook configuration rather than register one no one can call."""
+    import base64
+    import binascii
+
+    placeholder = json.loads((GITOPS_OVERLAY / "cabundle-patch.json").read_text())
+    entries = only(rendered["default"], "MutatingWebhookConfiguration")["webhooks"]
+    assert sorted(op["path"] for op in placeholder) == sorted(
+        f"/webhooks/{i}/clientConfig/caBundle" for i in range(len(entries))
+    )
+    for op in placeholder:
+        with pytest.raises(binascii.Error):
+            base64.b64decode(op["value"], validate=True)
+
+
+def test_argo_cd_application_in_docs_ignores_what_cert_manager_injects(rendered):
+    """The docs' Application ignores the caBundle the cainjector writes (and respects that on
+    sync), names the objects the install really renders, and syncs with pruning."""
+    text = (REPO / "docs" / "install.md").read_text()
+    [block] = re.findall(r"```yaml\n# Argo CD Application\n(.*?)```", text, re.S)
+    app = yaml.safe_load(block)
+    assert app["kind"] == "Application"
+    assert "RespectIgnoreDifferences=true" in app["spec"]["syncPolicy"]["syncOptions"]
+    mwc = only(rendered["default"], "MutatingWebhookConfiguration")
+    [ignored] = [i for i in app["spec"]["ignoreDifferences"] if i["kind"] == "MutatingWebhookConfiguration"]
+    assert ignored["name"] == mwc["metadata"]["name"]
+    assert ignored["group"] == "admissionregistration.k8s.io"
+    jq = shutil.which("jq")
+    assert jq, "jq is missing: scripts/setup-test-env.sh installs it"
+    injected = copy.deepcopy(mwc)
+    for hook in injected["webhooks"]:
+        hook["clientConfig"]["caBundle"] = "Q0E="
+    for expression in ignored["jqPathExpressions"]:
+        proc = subprocess.run([jq, "-c", f"[{expression}]"], input=json.dumps(injected), capture_output=True, text=True, check=False)
+        assert proc.returncode == 0, proc.stderr
+        assert json.loads(proc.stdout) == ["Q0E="] * len(mwc["webhooks"]), expression
+
+
+# === telco install ===
+
+
+def pod_spec(docs: list[dict], kind: str, name: str) -> dict:
+    return only(docs, kind, name)["spec"]["template"]["spec"]
+
+
+def test_tainted_node_groups_and_private_registry_overlay_in_docs(tmp_path):
+    """components/tainted-node-groups and components/private-registry on the default install,
+    as the docs show them: the webhook tolerates the taint it selects, its spread can never
+    strand a replica, both ServiceAccounts and every injected pod get the pull secret."""
+    docs = docs_overlay(tmp_path, "tainted node groups and a private registry")
+    spec = pod_spec(docs, "Deployment", SERVICE)
+    [(label, value)] = spec["nodeSelector"].items()
+    assert {"key": label, "operator": "Equal", "value": value, "effect": "NoSchedule"} in spec["tolerations"]
+    for constraint in spec["topologySpreadConstraints"]:
+        assert constraint["whenUnsatisfiable"] == "ScheduleAnyway", constraint
+    for name, namespace in ((SERVICE, NAMESPACE), (AGENT, AGENT_NAMESPACE)):
+        account = only(docs, "ServiceAccount", name)
+        assert account["metadata"]["namespace"] == namespace
+        assert account["imagePullSecrets"] == [{"name": "multus-eni-registry"}], name
+    assert flags(webhook_container(docs))["image-pull-secret"] == "multus-eni-registry"
+    # The agent already tolerates every taint.
+    assert {"operator": "Exists"} in pod_spec(docs, "DaemonSet", AGENT)["tolerations"]
+    for doc in docs:
+        if (doc["apiVersion"], doc["kind"]) not in CRD_KINDS:
+            for version in kubernetes_versions():
+                kubernetes_validate.validate(doc, version, strict=True)
+
+
+def test_private_registry_pull_secret_reaches_the_injected_sample(tmp_path):
+    """The Deployment's flags with the private-registry component, given to `inject` on the
+    sample: the pod template lists the pull secret (the webhook's unit tests cover every entry)."""
+    webhook = binary("multus-eni-webhook")
+    assert webhook is not None, f"{BIN_DIR}/multus-eni-webhook is missing: cargo build -p multus-eni-webhook"
+    docs = docs_overlay(tmp_path, "tainted node groups and a private registry")
+    inject_flags = set(re.findall(r"--([a-z][a-z0-9-]*)", help_text("multus-eni-webhook", "inject") or ""))
+    assert "image-pull-secret" in inject_flags, "multus-eni-webhook inject has no --image-pull-secret"
+    args = [f"--{k}={v}" for k, v in settings(webhook_container(docs)).items() if k in inject_flags]
+    sample = yaml.safe_dump_all(render(MANIFESTS / "samples"))
+    proc = subprocess.run([str(webhook), "inject", "-f", "-", *args], input=sample, capture_output=True, text=True, check=False)
+    assert proc.returncode == 0, proc.stderr
+    injected = only([d for d in yaml.safe_load_all(proc.stdout) if d], "Deployment")
+    assert {"name": "multus-eni-registry"} in injected["spec"]["template"]["spec"]["imagePullSecrets"]
+
+
+def test_topology_spread_patch_fails_loudly_if_the_constraint_moves(tmp_path):
+    """The component's `test` operation pins the hostname constraint it relaxes: a reordered
+    Deployment makes the overlay fail instead of relaxing the zone constraint."""
+    base = tmp_path / "base"
+    shutil.copytree(MANIFESTS, base / "manifests")
+    deployment = base / "manifests" / "core" / "deployment.yaml"
+    doc = yaml.safe_load(deployment.read_text())
+    doc["spec"]["template"]["spec"]["topologySpreadConstraints"].reverse()
+    deployment.write_text(yaml.safe_dump(doc))
+    overlay = tmp_path / "overlay"
+    overlay.mkdir()
+    (overlay / "kustomization.yaml").write_text(yaml.safe_dump({
+        "resources": ["../base/manifests"],
+        "components": ["../base/manifests/components/tainted-node-groups"],
+    }))
+    proc = subprocess.run([kubectl(), "kustomize", str(overlay)], capture_output=True, text=True, check=False)
+    assert proc.returncode != 0 and "test" in proc.stderr.lower(), proc.stderr
+
+
+def test_agent_aws_environment_overlay_in_docs(tmp_path):
+    docs = docs_overlay(tmp_path, "agent AWS environment")
+    env = {e["name"]: e.get("value") for e in agent_container(docs)["env"]}
+    assert {"AWS_REGION", "AWS_ENDPOINT_URL_EC2", "AWS_ENDPOINT_URL_STS", "HTTPS_PROXY", "NO_PROXY"} <= set(env)
+    assert "NODE_NAME" in env, "the overlay must add to the env, not replace it"
+    # IMDS must never go through the proxy, on either family.
+    assert {"169.254.169.254", "fd00:ec2::254"} <= set(env["NO_PROXY"].split(","))
+    for version in kubernetes_versions():
+        kubernetes_validate.validate(only(docs, "DaemonSet", AGENT), version, strict=True)
+
+
+def test_agent_irsa_trust_policy_in_docs_names_the_agents_service_account(rendered):
+    text = (REPO / "docs" / "install.md").read_text()
+    section = text.split("**IRSA for the agent**", 1)[1]
+    [block] = re.findall(r"```json\n(.*?)```", section, re.S)[:1]
+    policy = json.loads(block)
+    [statement] = policy["Statement"]
+    assert statement["Action"] == "sts:AssumeRoleWithWebIdentity"
+    conditions = statement["Condition"]["StringEquals"]
+    [sub] = [v for k, v in conditions.items() if k.endswith(":sub")]
+    [aud] = [v for k, v in conditions.items() if k.endswith(":aud")]
+    account = only(rendered["default"], "ServiceAccount", AGENT)["metadata"]
+    assert sub == f"system:serviceaccount:{account['namespace']}:{account['name']}"
+    assert aud == "sts.amazonaws.com"
+    provider = statement["Principal"]["Federated"].split("oidc-provider/", 1)[1]
+    assert all(k.startswith(provider + ":") for k in conditions), "the conditions name another provider"

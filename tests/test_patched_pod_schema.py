@@ -10,6 +10,7 @@ The binary is read from $MULTUS_ENI_BIN_DIR (default <repo>/target/debug); pytes
 
 from __future__ import annotations
 
+import copy
 import os
 import subprocess
 from pathlib import Path
@@ -170,12 +171,20 @@ def test_the_gate_keeps_a_restricted_pod_restricted() -> None:
 @pytest.mark.parametrize("fixture", FIXTURES, ids=[f.stem for f in FIXTURES])
 def test_the_sidecar_adds_nothing_restricted_forbids(fixture: Path, mode: str) -> None:
     """Whatever the application does, what the gate and direct mode add (the sidecar container
-    and its volumes) passes `restricted`: those are the modes of namespaces without hostPath."""
+    and its volumes) passes `restricted`: those are the modes of namespaces without hostPath.
+    A workload the golden file says is injected must come out with a sidecar: a mutation that
+    injected nothing would otherwise pass here by checking nothing."""
     original = [doc for doc in yaml.safe_load_all(fixture.read_text()) if doc is not None]
+    injected = '"skip"' not in fixture.with_suffix(".patch.json").read_text()
     for before, obj in zip(original, inject(fixture, mode)):
         template = pod_template(obj)
-        sidecar = sidecar_of(template) if template is not None else None
-        if sidecar is None or sidecar_of(pod_template(before)) is not None:
+        if template is None or sidecar_of(pod_template(before)) is not None:
+            continue  # not a workload, or already injected (reinvocation)
+        run_to_completion = template["spec"].get("restartPolicy") in {"Never", "OnFailure"}
+        sidecar = sidecar_of(template)
+        if injected and not (mode.startswith("legacy") and run_to_completion):
+            assert sidecar is not None, f"{fixture.name} ({mode}): nothing was injected"
+        if sidecar is None:
             continue
         added_volumes = [v for v in template["spec"].get("volumes") or [] if v not in (pod_template(before)["spec"].get("volumes") or [])]
         alone = {
@@ -184,3 +193,41 @@ def test_the_sidecar_adds_nothing_restricted_forbids(fixture: Path, mode: str) -
             "volumes": added_volumes,
         }
         assert restricted_violations(alone) == [], f"{fixture.name} ({mode})"
+
+
+def test_the_pod_security_model_refuses_what_the_standards_refuse() -> None:
+    """tests/lib/pod_security.py must be able to say no, rule by rule, or the Pod Security tests
+    above prove nothing: a restricted pod, then one change at a time that the standards forbid."""
+    ok = {
+        "securityContext": {"runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}},
+        "containers": [{
+            "name": "app",
+            "securityContext": {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}},
+        }],
+        "volumes": [{"name": "data", "emptyDir": {}}],
+    }
+    assert restricted_violations(ok) == []
+    baseline_cases = {
+        "pod appArmorProfile Unconfined": ("securityContext", "appArmorProfile", {"type": "Unconfined"}),
+        "hostNetwork: true": (None, "hostNetwork", True),
+        "volume host: hostPath": (None, "volumes", [{"name": "host", "hostPath": {"path": "/"}}]),
+        "pod seccompProfile Unconfined": ("securityContext", "seccompProfile", {"type": "Unconfined"}),
+    }
+    for expected, (parent, key, value) in baseline_cases.items():
+        spec = copy.deepcopy(ok)
+        (spec[parent] if parent else spec)[key] = value
+        assert expected in baseline_violations(spec), expected
+        assert expected in restricted_violations(spec), expected
+    container_cases = {
+        "app: appArmorProfile Unconfined": ("appArmorProfile", {"type": "Unconfined"}),
+        "app: privileged": ("privileged", True),
+    }
+    for expected, (key, value) in container_cases.items():
+        spec = copy.deepcopy(ok)
+        spec["containers"][0]["securityContext"][key] = value
+        assert expected in baseline_violations(spec), expected
+    # RuntimeDefault and Localhost AppArmor are allowed at both levels.
+    spec = copy.deepcopy(ok)
+    spec["securityContext"]["appArmorProfile"] = {"type": "RuntimeDefault"}
+    spec["containers"][0]["securityContext"]["appArmorProfile"] = {"type": "Localhost", "localhostProfile": "p"}
+    assert restricted_violations(spec) == []

@@ -50,6 +50,9 @@ pub struct ProtocolLabels {
 struct BuildLabels {
     component: &'static str,
     version: &'static str,
+    /// The commit (build.rs: git, else `MULTUS_ENI_GIT_COMMIT`, else `unknown`): two builds of
+    /// one version are told apart.
+    git_commit: &'static str,
 }
 
 /// Labels of the releases counter.
@@ -94,6 +97,7 @@ impl Metrics {
             .get_or_create(&BuildLabels {
                 component: "agent",
                 version: env!("CARGO_PKG_VERSION"),
+                git_commit: env!("MULTUS_ENI_GIT_COMMIT"),
             })
             .set(1);
         root.register(
@@ -258,5 +262,27 @@ async fn render(State(metrics): State<Arc<Metrics>>) -> Response {
         )
             .into_response(),
         Err(_) => StatusCode::INTERNAL_SERVER_ERROR.into_response(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn build_info_names_the_version_and_the_commit() {
+        let mut text = String::new();
+        let metrics = Metrics::new();
+        prometheus_client::encoding::text::encode(&mut text, &metrics.registry)
+            .unwrap_or_else(|e| panic!("{e}"));
+        let line = format!(
+            r#"multus_eni_build_info{{component="agent",version="{}",git_commit="{}"}} 1"#,
+            env!("CARGO_PKG_VERSION"),
+            env!("MULTUS_ENI_GIT_COMMIT")
+        );
+        assert!(
+            text.lines().any(|l| l == line),
+            "{line} missing from:\n{text}"
+        );
     }
 }

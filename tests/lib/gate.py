@@ -12,6 +12,7 @@ answer, like a node whose agent pod is down.
 from __future__ import annotations
 
 import itertools
+import re
 import select
 import socket
 import threading
@@ -20,6 +21,9 @@ from dataclasses import dataclass
 from .netns import NetNS
 
 _links = itertools.count(1)
+
+# An HTTP/1.x request line (`GET /v1/addresses?... HTTP/1.1`).
+REQUEST_LINE = re.compile(rb"[A-Z]+ \S+ HTTP/1\.[01]")
 
 
 @dataclass
@@ -47,7 +51,7 @@ def connect_pod_to_node(pod_ns: NetNS, node_ns: NetNS) -> PodLink:
 
 class Relay:
     """Listens on `listen` inside `ns` and forwards every connection to `upstream` (also inside
-    `ns`). `requests` holds the first line of what each forwarded connection sent; `accepted`
+    `ns`). `requests` holds every request line the client sent over a forwarded connection; `accepted`
     counts connections, forwarded or not."""
 
     def __init__(self, ns: NetNS, listen: tuple[str, int], upstream: tuple[str, int]):
@@ -110,7 +114,6 @@ class Relay:
             conn.close()
             return
         up.settimeout(None)
-        first = True
         try:
             while not self._stop.is_set():
                 readable, _, _ = select.select([conn, up], [], [], 0.5)
@@ -118,11 +121,16 @@ class Relay:
                     data = src.recv(65536)
                     if not data:
                         return
-                    if src is conn and first:
-                        first = False
-                        line = data.split(b"\r\n", 1)[0].decode(errors="replace")
+                    if src is conn:
+                        # Every request line the client sends, not only a connection's first:
+                        # a request on a kept-alive connection is a request too.
+                        lines = [
+                            line.decode(errors="replace")
+                            for line in data.split(b"\r\n")
+                            if REQUEST_LINE.fullmatch(line)
+                        ]
                         with self._lock:
-                            self.requests.append(line)
+                            self.requests.extend(lines)
                     (up if src is conn else conn).sendall(data)
         except OSError:
             return

@@ -49,6 +49,10 @@ def baseline_violations(spec: dict[str, Any]) -> list[str]:
         out.append("pod seLinuxOptions")
     if (psc.get("seccompProfile") or {}).get("type") == "Unconfined":
         out.append("pod seccompProfile Unconfined")
+    # AppArmor at pod level (Kubernetes >= 1.30) binds every container that sets none itself.
+    pod_apparmor = (psc.get("appArmorProfile") or {}).get("type")
+    if pod_apparmor not in (None, "RuntimeDefault", "Localhost"):
+        out.append(f"pod appArmorProfile {pod_apparmor}")
     for s in psc.get("sysctls") or []:
         if s.get("name") not in SAFE_SYSCTLS:
             out.append(f"sysctl {s.get('name')}")

@@ -289,6 +289,51 @@ mod tests {
         }
     }
 
+    #[tokio::test]
+    async fn every_path_adds_the_image_pull_secrets() {
+        use crate::handler::{AppState, DIRECT_PATH, GATE_PATH, build_router};
+        use crate::metrics::Metrics;
+        use axum::body::Body;
+        use axum::http::Request;
+        use std::sync::Arc;
+        use tower::ServiceExt;
+        let mut config = Config::new("img");
+        config.image_pull_secrets = vec!["private-registry".into()];
+        let router = build_router(AppState {
+            config: Arc::new(config),
+            metrics: Arc::new(Metrics::new()),
+        });
+        for path in ["/mutate", GATE_PATH, DIRECT_PATH] {
+            let request = Request::post(path)
+                .header("content-type", "application/json")
+                .body(Body::from(body("CREATE", pod())))
+                .unwrap_or_else(|e| panic!("{e}"));
+            let response = router
+                .clone()
+                .oneshot(request)
+                .await
+                .unwrap_or_else(|e| panic!("{e}"));
+            let bytes = axum::body::to_bytes(response.into_body(), MAX_BODY_BYTES)
+                .await
+                .unwrap_or_default();
+            let review: Value = serde_json::from_slice(&bytes).unwrap_or_default();
+            let patch = STANDARD
+                .decode(review["response"]["patch"].as_str().unwrap_or_default())
+                .unwrap_or_default();
+            let ops: Vec<Value> = serde_json::from_slice(&patch).unwrap_or_default();
+            let added: Vec<&Value> = ops
+                .iter()
+                .filter(|op| op["path"] == "/spec/imagePullSecrets")
+                .map(|op| &op["value"])
+                .collect();
+            assert_eq!(
+                added,
+                [&json!([{ "name": "private-registry" }])],
+                "{path}: {ops:?}"
+            );
+        }
+    }
+
     #[test]
     fn ignored_overrides_are_admission_warnings() {
         let mut p = pod();

@@ -120,12 +120,53 @@ pub struct SidecarArgs {
     /// Direct mode: AWS_ENDPOINT_URL_EC2 for the sidecar (an EC2 interface VPC endpoint).
     #[arg(long, env = "MULTUS_ENI_SIDECAR_EC2_ENDPOINT")]
     pub sidecar_ec2_endpoint: Option<String>,
+    /// A Secret (type kubernetes.io/dockerconfigjson) added to the imagePullSecrets of every
+    /// injected pod, so the sidecar image can come from a private registry. Repeatable; the
+    /// env variable takes a comma list. The Secret must exist in each opted-in namespace.
+    #[arg(
+        long = "image-pull-secret",
+        value_name = "NAME",
+        env = "MULTUS_ENI_IMAGE_PULL_SECRETS",
+        value_delimiter = ','
+    )]
+    pub image_pull_secrets: Vec<String>,
 }
 
 /// Accepts a humantime duration (`60s`, `5m`) and keeps the operator's spelling, so the sidecar
 /// is given exactly what was configured and a typo fails at start-up, not in every pod.
 fn duration_text(text: &str) -> std::result::Result<String, humantime::DurationError> {
     humantime::parse_duration(text).map(|_| text.to_owned())
+}
+
+/// The `--image-pull-secret` names, blanks dropped and each kept once in the given order. A
+/// name the API server would refuse (not a DNS subdomain) fails at start-up, not in every pod.
+fn pull_secret_names(names: &[String]) -> Result<Vec<String>> {
+    let mut out: Vec<String> = Vec::new();
+    for name in names.iter().map(|n| n.trim()).filter(|n| !n.is_empty()) {
+        if !is_dns_subdomain(name) {
+            return Err(Error::Config(format!(
+                "--image-pull-secret {name:?} (env MULTUS_ENI_IMAGE_PULL_SECRETS) is not a \
+                 Secret name: lower-case letters, digits, '-' and '.', at most 253 characters"
+            )));
+        }
+        if !out.iter().any(|n| n == name) {
+            out.push(name.to_owned());
+        }
+    }
+    Ok(out)
+}
+
+/// RFC 1123 subdomain, what Kubernetes requires of a Secret's name.
+fn is_dns_subdomain(name: &str) -> bool {
+    name.len() <= 253
+        && name.split('.').all(|label| {
+            !label.is_empty()
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+        })
 }
 
 impl SidecarArgs {
@@ -158,6 +199,7 @@ impl SidecarArgs {
                 no_proxy: non_empty(&self.sidecar_no_proxy),
                 ec2_endpoint: non_empty(&self.sidecar_ec2_endpoint),
             },
+            image_pull_secrets: pull_secret_names(&self.image_pull_secrets)?,
         };
         if config.sidecar_role_arn.is_some() && config.aws_region.is_none() {
             // With IRSA the sidecar has no other source for the region: IMDS is out of reach
@@ -183,8 +225,9 @@ impl SidecarArgs {
 
 #[derive(Debug, Clone, Args)]
 pub struct ServeArgs {
-    /// HTTPS listen address for POST /mutate.
-    #[arg(long, env = "MULTUS_ENI_ADDR", default_value = "0.0.0.0:8443")]
+    /// HTTPS listen address for POST /mutate. `[::]` listens on IPv4 and IPv6 (IPv4 only on a
+    /// host without IPv6), so one manifest serves IPv4, dual-stack and IPv6-only clusters.
+    #[arg(long, env = "MULTUS_ENI_ADDR", default_value = "[::]:8443")]
     pub addr: SocketAddr,
     /// PEM certificate chain; reloaded when the file (or the Secret volume) changes.
     #[arg(long, env = "MULTUS_ENI_TLS_CERT")]
@@ -192,8 +235,8 @@ pub struct ServeArgs {
     /// PEM private key matching --tls-cert.
     #[arg(long, env = "MULTUS_ENI_TLS_KEY")]
     pub tls_key: PathBuf,
-    /// Plain-HTTP listen address for /healthz, /readyz and /metrics.
-    #[arg(long, env = "MULTUS_ENI_METRICS_ADDR", default_value = "0.0.0.0:8080")]
+    /// Plain-HTTP listen address for /healthz, /readyz and /metrics (dual-stack like --addr).
+    #[arg(long, env = "MULTUS_ENI_METRICS_ADDR", default_value = "[::]:8080")]
     pub metrics_addr: SocketAddr,
     /// Log output.
     #[arg(
@@ -336,7 +379,7 @@ mod tests {
         let Command::Serve(args) = cli.command else {
             panic!("expected serve");
         };
-        assert_eq!(args.metrics_addr.to_string(), "0.0.0.0:8080");
+        assert_eq!(args.metrics_addr.to_string(), "[::]:8080");
         assert_eq!(args.log_format, LogFormat::Json);
         assert_eq!(args.shutdown_delay, Duration::from_secs(10));
         let config = args.sidecar.config().unwrap_or_else(|e| panic!("{e}"));
@@ -412,6 +455,78 @@ mod tests {
                 ec2_endpoint: Some("https://ec2.example".into()),
             }
         );
+    }
+
+    #[test]
+    fn listeners_default_to_both_address_families() {
+        let cli = Cli::try_parse_from([
+            "multus-eni-webhook",
+            "serve",
+            "--tls-cert=/tls/tls.crt",
+            "--tls-key=/tls/tls.key",
+            "--sidecar-image=img:1",
+        ])
+        .unwrap_or_else(|e| panic!("{e}"));
+        let Command::Serve(args) = cli.command else {
+            panic!("expected serve");
+        };
+        assert_eq!(args.addr.to_string(), "[::]:8443");
+        assert_eq!(args.metrics_addr.to_string(), "[::]:8080");
+    }
+
+    #[test]
+    fn image_pull_secrets_repeat_and_keep_their_order_once_each() {
+        let args = inject_args(&[
+            "--image-pull-secret=registry-a",
+            "--image-pull-secret",
+            "registry.b",
+            "--image-pull-secret=registry-a",
+        ])
+        .unwrap_or_else(|e| panic!("{e}"));
+        let config = args.config().unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(config.image_pull_secrets, ["registry-a", "registry.b"]);
+        // None by default: pods keep exactly their own pull secrets.
+        let args = inject_args(&[]).unwrap_or_else(|e| panic!("{e}"));
+        let config = args.config().unwrap_or_else(|e| panic!("{e}"));
+        assert!(config.image_pull_secrets.is_empty());
+    }
+
+    #[test]
+    fn a_comma_list_is_several_pull_secrets_as_the_env_variable_gives_them() {
+        // clap applies the same delimiter to MULTUS_ENI_IMAGE_PULL_SECRETS; the environment is
+        // process-wide, so the parse is shown on the flag, which shares the value parser.
+        let args =
+            inject_args(&["--image-pull-secret=ecr-a, ecr-b,,"]).unwrap_or_else(|e| panic!("{e}"));
+        let config = args.config().unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(config.image_pull_secrets, ["ecr-a", "ecr-b"]);
+        use clap::CommandFactory;
+        let command = Cli::command();
+        let serve = command
+            .find_subcommand("serve")
+            .unwrap_or_else(|| panic!("no serve"));
+        let arg = serve
+            .get_arguments()
+            .find(|a| a.get_id() == "image_pull_secrets")
+            .unwrap_or_else(|| panic!("no --image-pull-secret"));
+        assert_eq!(
+            arg.get_env().and_then(|e| e.to_str()),
+            Some("MULTUS_ENI_IMAGE_PULL_SECRETS")
+        );
+        assert_eq!(arg.get_value_delimiter(), Some(','));
+    }
+
+    #[test]
+    fn a_pull_secret_the_api_server_would_refuse_fails_at_start_up() {
+        for bad in ["Registry", "-reg", "reg_1", "a..b"] {
+            let args = inject_args(&[&format!("--image-pull-secret={bad}")])
+                .unwrap_or_else(|e| panic!("{e}"));
+            let err = args
+                .config()
+                .err()
+                .map(|e| e.to_string())
+                .unwrap_or_default();
+            assert!(err.contains("--image-pull-secret"), "{bad}: {err}");
+        }
     }
 
     #[test]

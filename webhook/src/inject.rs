@@ -156,6 +156,9 @@ pub struct Config {
     pub startup_timeout: std::time::Duration,
     /// Settings passed on to a sidecar that calls EC2 itself; unset keeps the sidecar's default.
     pub direct: DirectSettings,
+    /// Secrets added to every injected pod's `imagePullSecrets` (the sidecar image in a private
+    /// registry); in every mode, since the sidecar's image is pulled in all of them.
+    pub image_pull_secrets: Vec<String>,
 }
 
 /// What a direct-mode sidecar is told beyond its interfaces. In agent mode these belong to the
@@ -192,6 +195,7 @@ impl Config {
             agent_port: 9812,
             startup_timeout: std::time::Duration::from_secs(300),
             direct: DirectSettings::default(),
+            image_pull_secrets: Vec::new(),
         }
     }
 
@@ -501,6 +505,16 @@ fn build_patch(
             spec_additions.insert("volumes".into(), Value::Array(vec![volume]));
         }
     }
+    let pull_secrets = missing_pull_secrets(config, spec);
+    if !pull_secrets.is_empty() {
+        if list_exists("imagePullSecrets") {
+            for secret in pull_secrets {
+                ops.push(add(&["spec", "imagePullSecrets", "-"], secret));
+            }
+        } else {
+            spec_additions.insert("imagePullSecrets".into(), Value::Array(pull_secrets));
+        }
+    }
     if !spec_additions.is_empty() {
         if spec_exists {
             for (key, value) in spec_additions {
@@ -511,6 +525,26 @@ fn build_patch(
         }
     }
     Patch(ops)
+}
+
+/// The `--image-pull-secret` references the pod does not list yet (`{"name": ...}` each): the
+/// pod's own pull secrets stay as they are, and a name already there is not added twice.
+fn missing_pull_secrets(config: &Config, spec: Option<&Value>) -> Vec<Value> {
+    let listed: Vec<&str> = spec
+        .and_then(|s| s.get("imagePullSecrets"))
+        .and_then(Value::as_array)
+        .map(|refs| {
+            refs.iter()
+                .filter_map(|r| r.get("name").and_then(Value::as_str))
+                .collect()
+        })
+        .unwrap_or_default();
+    config
+        .image_pull_secrets
+        .iter()
+        .filter(|name| !listed.contains(&name.as_str()))
+        .map(|name| json!({ "name": name }))
+        .collect()
 }
 
 /// The `eks.amazonaws.com/skip-containers` value with the sidecar added to what is there;
@@ -782,6 +816,60 @@ mod tests {
             Decision::Skip(reason) => Some(reason),
             Decision::Inject(_) | Decision::MoveSidecarFirst(_) => None,
         }
+    }
+
+    fn pull_secret_names(pod: &Value) -> Vec<String> {
+        pod["spec"]["imagePullSecrets"]
+            .as_array()
+            .map(|refs| {
+                refs.iter()
+                    .filter_map(|r| r["name"].as_str().map(str::to_owned))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    #[test]
+    fn image_pull_secrets_reach_every_injected_pod_in_every_mode() {
+        let mut base = config();
+        base.image_pull_secrets = vec!["private-registry".into(), "mirror".into()];
+        let p = pod(json!({ NETWORKS_ANNOTATION: "ipvlan" }), app_spec());
+        for access in [Ec2Access::Agent, Ec2Access::Gate, Ec2Access::Direct] {
+            for mode in [SidecarMode::Native, SidecarMode::Legacy] {
+                let mut config = base.with_ec2_access(access);
+                config.mode = mode;
+                let out = apply(&p, &mutate_pod(&config, &p));
+                assert_eq!(
+                    pull_secret_names(&out),
+                    ["private-registry", "mirror"],
+                    "{access:?} {mode:?}"
+                );
+            }
+        }
+        // Without the flag nothing is added.
+        let out = apply(&p, &mutate_pod(&config(), &p));
+        assert!(out["spec"].get("imagePullSecrets").is_none());
+    }
+
+    #[test]
+    fn image_pull_secrets_keep_the_pods_own_and_never_repeat_one() {
+        let mut config = config();
+        config.image_pull_secrets = vec!["private-registry".into(), "app-registry".into()];
+        let mut spec = app_spec();
+        spec["imagePullSecrets"] = json!([{ "name": "app-registry" }]);
+        let p = pod(json!({ NETWORKS_ANNOTATION: "ipvlan" }), spec);
+        let out = apply(&p, &mutate_pod(&config, &p));
+        assert_eq!(
+            pull_secret_names(&out),
+            ["app-registry", "private-registry"]
+        );
+        // A template without a spec gets the list with the rest of the spec.
+        let bare = json!({ "metadata": { "annotations": { NETWORKS_ANNOTATION: "ipvlan" } } });
+        let out = apply(&bare, &mutate_pod(&config, &bare));
+        assert_eq!(
+            pull_secret_names(&out),
+            ["private-registry", "app-registry"]
+        );
     }
 
     #[test]

@@ -11,6 +11,7 @@ pub mod certs;
 pub mod cli;
 pub mod handler;
 pub mod inject;
+pub mod listen;
 pub mod manifest;
 pub mod metrics;
 pub mod networks;

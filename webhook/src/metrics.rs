@@ -49,10 +49,15 @@ pub struct HandshakeLabels {
 pub struct BuildInfoLabels {
     pub component: &'static str,
     pub version: &'static str,
+    pub git_commit: &'static str,
 }
 
 /// This crate's version, as `multus_eni_build_info` reports it.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// The commit this binary was built from (build.rs: git, else `MULTUS_ENI_GIT_COMMIT`, else
+/// `unknown`).
+pub const GIT_COMMIT: &str = env!("MULTUS_ENI_GIT_COMMIT");
 
 /// Labels of the certificate reload counter.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -93,6 +98,7 @@ impl Metrics {
             .get_or_create(&BuildInfoLabels {
                 component: "webhook",
                 version: VERSION,
+                git_commit: GIT_COMMIT,
             })
             .set(1);
         root.register(
@@ -265,7 +271,10 @@ mod tests {
     #[test]
     fn build_info_names_the_component_and_version_without_a_prefix() {
         let text = Metrics::new().encode().unwrap_or_default();
-        let line = format!(r#"multus_eni_build_info{{component="webhook",version="{VERSION}"}} 1"#);
+        let line = format!(
+            r#"multus_eni_build_info{{component="webhook",version="{VERSION}",git_commit="{GIT_COMMIT}"}} 1"#
+        );
+        assert!(!GIT_COMMIT.is_empty());
         assert!(
             text.lines().any(|l| l == line),
             "{line} missing from:\n{text}"

@@ -110,11 +110,9 @@ pub async fn run(config: ServeConfig) -> Result<()> {
     let _watcher = store.watch()?;
     let _rereads = store.reread_every(crate::tls::REREAD_INTERVAL);
     let tls = server_config(store)?;
-    let https = TcpListener::bind(config.addr)
-        .await
+    let (https, https_addr) = crate::listen::bind(config.addr)
         .map_err(|e| Error::io(format!("binding {}", config.addr), e))?;
-    let plain = TcpListener::bind(config.metrics_addr)
-        .await
+    let (plain, plain_addr) = crate::listen::bind(config.metrics_addr)
         .map_err(|e| Error::io(format!("binding {}", config.metrics_addr), e))?;
     let injection = Arc::new(config.injection);
     let router = build_router(AppState {
@@ -138,8 +136,8 @@ pub async fn run(config: ServeConfig) -> Result<()> {
     });
     readiness.set(true);
     tracing::info!(
-        addr = %config.addr,
-        metrics_addr = %config.metrics_addr,
+        addr = %https_addr,
+        metrics_addr = %plain_addr,
         sidecar_image = %injection.sidecar_image,
         mode = injection.mode.as_str(),
         "serving /mutate"
