@@ -490,6 +490,8 @@ def test_agent_daemonset_runs_everywhere_with_only_the_privileges_it_needs(rende
     netns = mounts[args["netns-dir"]]
     assert netns["readOnly"] is True and netns["mountPropagation"] == "HostToContainer"
     assert volumes[netns["name"]]["path"] == "/var/run/netns"
+    # Never created by the kubelet: an empty directory would be a node without pods.
+    assert volumes[netns["name"]]["type"] == "Directory"
     state = mounts[args["state-dir"]]
     assert volumes[state["name"]] == {"path": "/var/lib/multus-eni", "type": "DirectoryOrCreate"}
     assert not state.get("readOnly")
