@@ -15,6 +15,7 @@ import urllib.parse
 
 from lib import moto
 from lib.agent import claim_from, claim_line
+from lib.netns import run
 from lib.nodes import ASSIGNS, DESCRIBE, UNASSIGNS, UNASSIGN6, Cluster
 from lib.nodes import cluster  # noqa: F401 (the fixture)
 from lib.sidecar import wait_for
@@ -279,3 +280,24 @@ def test_the_http_port_is_dual_stack_cuts_idle_connections_and_serves_status_to_
         assert a.agent.metric("multus_eni_agent_limit_hits_total", 'limit="http_header_timeout"') >= 30
     finally:
         ns.del_link(link)
+
+
+def test_an_address_back_in_duplicate_address_detection_keeps_its_assignment(cluster: Cluster):
+    """An IPv6 address that goes through DAD again (its link went down and up, the address
+    kept) is still the pod's: it stays assigned while tentative (it was released at once)."""
+    a = cluster.node()
+    e, w = a.enis, cluster.world
+    address = w.v6(0xB0)
+    p = a.pod()
+    p.link("net1", e.multus.mac)
+    run(["ip", "netns", "exec", p.ns.name, "sysctl", "-qw", "net.ipv6.conf.net1.dad_transmits=4",
+         "net.ipv6.conf.net1.accept_dad=1", "net.ipv6.conf.net1.keep_addr_on_down=1"])
+    p.add("net1", address, nodad=False)
+    wait_for(lambda: cluster.holds(e.multus, address), "assigned once DAD passed")
+    p.ns.ip("link", "set", "net1", "down")
+    p.ns.ip("link", "set", "net1", "up")
+    shown = p.ns.ip("-6", "addr", "show", "dev", "net1").stdout
+    assert "tentative" in shown, f"not back in DAD: {shown}"
+    wait_for(lambda: "tentative" not in p.ns.ip("-6", "addr", "show", "dev", "net1").stdout, "DAD passed again")
+    assert not cluster.calls(UNASSIGNS, address), "released while in DAD again"
+    assert cluster.holds(e.multus, address)
