@@ -50,7 +50,7 @@ pub struct ProtocolLabels {
 struct BuildLabels {
     component: &'static str,
     version: &'static str,
-    /// The commit (build.rs: git, else `MULTUS_ENI_GIT_COMMIT`, else `unknown`): two builds of
+    /// The commit (build-support/git_commit.rs: git, else `MULTUS_ENI_GIT_COMMIT`, else `unknown`): two builds of
     /// one version are told apart.
     git_commit: &'static str,
 }

@@ -55,7 +55,7 @@ pub struct BuildInfoLabels {
 /// This crate's version, as `multus_eni_build_info` reports it.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 
-/// The commit this binary was built from (build.rs: git, else `MULTUS_ENI_GIT_COMMIT`, else
+/// The commit this binary was built from (build-support/git_commit.rs: git, else `MULTUS_ENI_GIT_COMMIT`, else
 /// `unknown`).
 pub const GIT_COMMIT: &str = env!("MULTUS_ENI_GIT_COMMIT");
 

@@ -1,5 +1,6 @@
-//! Records the commit this binary is built from, for `multus_eni_build_info{git_commit}`: two
-//! builds of one version (a rebuilt tag, a branch) are then told apart on `/metrics`.
+//! The build script of the webhook and the agent (both Cargo.toml name this file): records the
+//! commit the binary is built from, for `multus_eni_build_info{git_commit}`: two builds of one
+//! version (a rebuilt tag, a branch) are then told apart on `/metrics`.
 //! `git rev-parse --short HEAD` when the source is a checkout; else `MULTUS_ENI_GIT_COMMIT`
 //! (the Dockerfile passes it as a build argument: the build context has no `.git`); else
 //! `unknown`.
