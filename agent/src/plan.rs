@@ -391,6 +391,32 @@ mod tests {
         }
     }
 
+    /// What a test's [`Knowledge`] borrows.
+    #[derive(Default)]
+    struct Facts {
+        enis: InstanceEnis,
+        foreign: ForeignMacs,
+        ignored: Vec<IpNet>,
+        wanted: Wanted,
+        rejected: RetryBook,
+        conflicts: Conflicts,
+    }
+
+    impl Facts {
+        fn at(&self, now: Instant) -> Knowledge<'_> {
+            Knowledge {
+                instance_id: "i-1",
+                enis: &self.enis,
+                foreign: &self.foreign,
+                ignored: &self.ignored,
+                wanted: &self.wanted,
+                rejected: &self.rejected,
+                conflicts: &self.conflicts,
+                now,
+            }
+        }
+    }
+
     #[test]
     fn only_addresses_on_this_instances_multus_enis_are_wanted() {
         let pods = [
@@ -451,18 +477,13 @@ mod tests {
         );
         p.read_at = t0;
         let w = wanted([&p], &enis, &[]);
-        let (rejected, conflicts, foreign) =
-            (RetryBook::default(), Conflicts::default(), BTreeMap::new());
-        let k = Knowledge {
-            instance_id: "i-1",
-            enis: &enis,
-            foreign: &foreign,
-            ignored: &[],
-            wanted: &w,
-            rejected: &rejected,
-            conflicts: &conflicts,
-            now: t0,
+        let facts = Facts {
+            enis: enis.clone(),
+            ignored: Vec::new(),
+            wanted: w,
+            ..Facts::default()
         };
+        let k = facts.at(t0);
         let claim = [InterfaceClaim {
             name: "net1".into(),
             mac: MULTUS.to_string(),
@@ -516,16 +537,15 @@ mod tests {
         conflicts.took("eni-multus", ip("10.0.1.21"), Some("eni-other".into()), now);
         conflicts.away("eni-multus", ip("10.0.1.21"));
         let foreign = [(ELSEWHERE, MacLookup::OtherInstance("eni-far".to_string()))].into();
-        let k = Knowledge {
-            instance_id: "i-1",
-            enis: &enis,
-            foreign: &foreign,
-            ignored: &[],
-            wanted: &w,
-            rejected: &rejected,
-            conflicts: &conflicts,
-            now,
+        let facts = Facts {
+            enis,
+            foreign,
+            wanted: w,
+            rejected,
+            conflicts,
+            ..Facts::default()
         };
+        let k = facts.at(now);
         let state = |mac, a: &str| address_state(mac, ip(a), &k);
         assert_eq!(state(MULTUS, "10.0.1.20").0, AddressState::Routable);
         let (s, eni, reason) = state(MULTUS, "10.0.1.21");
@@ -591,21 +611,13 @@ mod tests {
             held.pairs(),
             [("eni-second".to_string(), ip("10.0.1.60"))].into()
         );
-        let (rejected, conflicts, foreign) = (
-            RetryBook::default(),
-            Conflicts::default(),
-            ForeignMacs::new(),
-        );
-        let k = Knowledge {
-            instance_id: "i-1",
-            enis: &enis,
-            foreign: &foreign,
-            ignored: &[],
-            wanted: &w,
-            rejected: &rejected,
-            conflicts: &conflicts,
-            now: Instant::now(),
+        let facts = Facts {
+            enis: enis.clone(),
+            ignored: Vec::new(),
+            wanted: w,
+            ..Facts::default()
         };
+        let k = facts.at(Instant::now());
         let (s, eni, _) = address_state(SECOND, ip("10.0.1.60"), &k);
         assert_eq!(
             (s, eni.as_deref()),
@@ -627,22 +639,13 @@ mod tests {
             w.pairs(),
             [("eni-multus".to_string(), ip("10.0.1.20"))].into()
         );
-        let (enis, rejected, conflicts, foreign) = (
-            enis(),
-            RetryBook::default(),
-            Conflicts::default(),
-            ForeignMacs::new(),
-        );
-        let k = Knowledge {
-            instance_id: "i-1",
-            enis: &enis,
-            foreign: &foreign,
-            ignored: &ignored,
-            wanted: &w,
-            rejected: &rejected,
-            conflicts: &conflicts,
-            now: Instant::now(),
+        let facts = Facts {
+            enis: enis(),
+            ignored: ignored,
+            wanted: w,
+            ..Facts::default()
         };
+        let k = facts.at(Instant::now());
         let (s, _, reason) = address_state(MULTUS, ip("10.0.1.200"), &k);
         assert_eq!((s, reason.as_deref()), (AddressState::NoEni, Some(IGNORED)));
     }
@@ -667,21 +670,13 @@ mod tests {
             );
         }
         let w = wanted([&p], &enis_holding, &[]);
-        let (rejected, conflicts, foreign) = (
-            RetryBook::default(),
-            Conflicts::default(),
-            ForeignMacs::new(),
-        );
-        let k = Knowledge {
-            instance_id: "i-1",
-            enis: &enis_holding,
-            foreign: &foreign,
-            ignored: &[],
-            wanted: &w,
-            rejected: &rejected,
-            conflicts: &conflicts,
-            now: t0,
+        let facts = Facts {
+            enis: enis_holding.clone(),
+            ignored: Vec::new(),
+            wanted: w,
+            ..Facts::default()
         };
+        let k = facts.at(t0);
         let claim = [
             InterfaceClaim {
                 name: "net1".into(),
