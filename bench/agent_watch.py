@@ -14,7 +14,8 @@ namespaces created before the agent starts, none with a sidecar (`--pods all`):
   one process in each pod namespace), CPU over `--idle` seconds, EC2 calls meanwhile, and the
   DescribeNetworkInterfaces calls per resync (issue 21: 1, the instance's read; MAC lookups of
   the pods' veths are answered once and kept);
-- idle HTTP: RSS with `--http-connections` idle TCP connections to the agent's HTTP port, and how
+- idle HTTP: RSS with `--http-connections` idle TCP connections opened to the agent's HTTP port
+  (more than its default `--max-http-connections`, 1,024: the rest are closed at accept), and how
   many are still open after the header timeout (`--http-header-timeout`);
 - release: a pod's namespace deleted → the UnassignPrivateIpAddresses of its addresses.
 
@@ -92,7 +93,6 @@ def main() -> int:
         extra = [
             f"--batch-interval={args.batch_interval}",
             f"--max-connections-per-pod={per_pod + 1}",
-            f"--max-http-connections={args.http_connections + 16}",
             f"--http-header-timeout={args.http_header_timeout}",
         ]
         t_start = time.monotonic()
@@ -201,7 +201,8 @@ def main() -> int:
             f"EC2 calls meanwhile: {', '.join(f'{k} {v}' for k, v in sorted(idle_calls.items())) or 'none'}",
             f"- DescribeNetworkInterfaces per resync with {len(pods)} pods: "
             f"{idle_calls.get('DescribeNetworkInterfaces', 0) / resyncs:.1f} (over {resyncs} resync(s))",
-            f"- {http['opened']} idle HTTP connections: RSS {http['rss_kib'] / 1024:.1f} MiB (RssAnon "
+            f"- {http['opened']} idle HTTP connections ({http['refused']} closed at accept by --max-http-connections): "
+            f"RSS {http['rss_kib'] / 1024:.1f} MiB (RssAnon "
             f"{http['anon_kib'] / 1024:.1f} MiB) while open; {http['open_after']} still open "
             f"{http['waited']:.0f} s later (--http-header-timeout={args.http_header_timeout})",
         ]
@@ -246,12 +247,20 @@ def idle_http(port: int, count: int, pid: int, timeout: float) -> dict[str, floa
         for _ in range(count):
             conns.append(socket.create_connection(("127.0.0.1", port), timeout=5))
         time.sleep(1.0)
+        refused = 0
+        for c in conns:
+            c.setblocking(False)
+            try:
+                refused += c.recv(1) == b""
+            except BlockingIOError:
+                pass
+            except OSError:
+                refused += 1
         stats = cluster.proc_stats(pid)
         waited = timeout + 5
         time.sleep(waited)
         still = 0
         for c in conns:
-            c.setblocking(False)
             try:
                 still += c.recv(1) != b""
             except BlockingIOError:
@@ -263,6 +272,7 @@ def idle_http(port: int, count: int, pid: int, timeout: float) -> dict[str, floa
             "rss_kib": stats.rss_kib if stats else 0,
             "anon_kib": stats.anon_kib if stats else 0,
             "open_after": still,
+            "refused": refused,
             "waited": waited,
         }
     finally:

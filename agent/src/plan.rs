@@ -641,7 +641,7 @@ mod tests {
         );
         let facts = Facts {
             enis: enis(),
-            ignored: ignored,
+            ignored,
             wanted: w,
             ..Facts::default()
         };
