@@ -156,12 +156,13 @@ impl NodeStatus {
             out.push('\n');
         }
         if !self.unowned.is_empty() {
+            // One line each, with the word: `status | grep unowned` lists them (install.md).
             out.push_str(&format!(
-                "\nunowned (on this instance's Multus ENIs, no pod of this node ever held them; kept unless --reclaim-unowned): {}\n",
+                "\n{} unowned: on this instance's Multus ENIs, no pod of this node ever held them; kept unless --reclaim-unowned\n",
                 self.unowned.len()
             ));
             for u in &self.unowned {
-                out.push_str(&format!("  {}  {}\n", u.eni, u.address));
+                out.push_str(&format!("unowned  {}  {}\n", u.eni, u.address));
             }
         }
         out
@@ -485,6 +486,18 @@ mod tests {
         ] {
             assert!(parse_gate_query(bad).is_err(), "{bad:?} accepted");
         }
+    }
+
+    #[test]
+    fn unowned_addresses_are_listed_one_per_line_with_the_word() {
+        let mut s = status();
+        s.unowned = vec![Unowned {
+            eni: "eni-1".into(),
+            address: ip("10.0.1.99"),
+        }];
+        let text = s.table();
+        let listed: Vec<&str> = text.lines().filter(|l| l.starts_with("unowned")).collect();
+        assert_eq!(listed, ["unowned  eni-1  10.0.1.99"], "{text}");
     }
 
     #[test]
