@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import socket
 import sys
+import threading
 import time
 
 
@@ -77,25 +78,47 @@ def main() -> None:
             if not out["closed"]:
                 out["answers"], out["closed"] = read_answers(s, time.monotonic() + 5)
         elif mode == "repeat":
-            line = arg.encode() + b"\n"
-            s.settimeout(0.05)
-            while time.monotonic() < deadline:
+            # Answers are drained by a thread of their own: a claim naming 800 interfaces is
+            # answered with more bytes than it has, and a caller that reads less than it is sent
+            # is (rightly) closed by the agent (--max-queued-answers). The socket blocks (a
+            # timeout inside sendall would leave half a line, read as another claim); the deadline
+            # shuts it down, which ends both the send and the recv.
+            ended_by_us = threading.Event()
+            ended_by_agent = threading.Event()
+
+            def end() -> None:
+                ended_by_us.set()
                 try:
-                    out["sent"] += s.send(line)
-                except socket.timeout:
-                    pass  # the agent reads the next claim once it took this one
+                    s.shutdown(socket.SHUT_RDWR)
                 except OSError:
-                    out["closed"] = True
-                    break
-                try:
-                    if not s.recv(65536):
-                        out["closed"] = True
-                        break
-                except socket.timeout:
                     pass
+
+            def drain() -> None:
+                try:
+                    while s.recv(1 << 20):
+                        pass
                 except OSError:
-                    out["closed"] = True
-                    break
+                    pass
+                if not ended_by_us.is_set():
+                    ended_by_agent.set()
+
+            s.settimeout(None)
+            timer = threading.Timer(max(0.0, deadline - time.monotonic()), end)
+            reader = threading.Thread(target=drain, daemon=True)
+            timer.start()
+            reader.start()
+            line = arg.encode() + b"\n"
+            while not ended_by_us.is_set() and not ended_by_agent.is_set():
+                try:
+                    s.sendall(line)
+                    out["sent"] += len(line)
+                except OSError:
+                    if not ended_by_us.is_set():
+                        ended_by_agent.set()
+            timer.cancel()
+            end()
+            reader.join()
+            out["closed"] = ended_by_agent.is_set()
         else:
             raise SystemExit(f"unknown mode {mode}")
     print(json.dumps(out))
