@@ -36,4 +36,9 @@ echo "== fuzz (10 s per target, unoptimized, no sanitizer: panics only; with ASa
 FUZZ_PROFILE=dev FUZZ_SANITIZER=none scripts/fuzz.sh "${FUZZ_SECONDS:-10}"
 echo "== pytest (end-to-end)"
 export MULTUS_ENI_BIN_DIR="${MULTUS_ENI_BIN_DIR:-$PWD/target/debug}"
-.venv/bin/python -m pytest tests -ra
+# Two workers, each taking whole modules (pytest-xdist, --dist loadfile): every e2e module has its
+# own emulator and network namespaces (names carry the worker's pid), so modules run side by side;
+# the tests mostly wait on processes, not the CPU. The longest module (test_agent_node_e2e.py)
+# bounds the run, so more workers would gain little. The 25 slowest tests are listed at the end
+# (docs/benchmarks.md, "CI time").
+.venv/bin/python -m pytest tests -ra -n 2 --dist loadfile --durations=25

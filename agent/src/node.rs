@@ -72,6 +72,8 @@ pub struct NodeConfig {
     pub reclaim_after: Duration,
     pub batch_interval: Duration,
     pub max_connections_per_pod: usize,
+    /// First wait after EC2 refused the agent's credentials (`--auth-backoff`).
+    pub auth_backoff: Duration,
 }
 
 pub struct Node {
@@ -118,7 +120,7 @@ impl Node {
     ) -> Self {
         let batches = Batches::with_interval(config.batch_interval);
         let callers = Callers::new(metrics.clone(), config.max_connections_per_pod);
-        let health = Ec2Health::new(metrics.clone());
+        let health = Ec2Health::new(metrics.clone(), config.auth_backoff);
         Self {
             ec2,
             metrics,

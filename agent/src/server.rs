@@ -80,6 +80,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
             reclaim_after: args.reclaim_after,
             batch_interval: args.batch_interval,
             max_connections_per_pod: args.max_connections_per_pod,
+            auth_backoff: args.auth_backoff,
         },
         checkpoint,
         events.clone(),
