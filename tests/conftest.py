@@ -214,6 +214,8 @@ def pod(emulator: Emulator, sidecar_binary: Path, tmp_path: Path, request: pytes
 # consistent: under CI=true a skip of any of their tests (not root, a binary missing, a stripped
 # build, promtool missing) is a failure, so CI cannot pass with a feature untested.
 # Every `test_*_e2e.py` (agent, agent node, sidecar, chain) counts, present and future.
+# The hooks below run in pytest-xdist's workers too (scripts/test.sh): tests/test_ci_skips.py
+# checks both ways.
 MUST_NOT_SKIP = frozenset({"test_manifests.py", "test_alert_rules.py"})
 MUST_NOT_SKIP_PATTERN = "test_*_e2e.py"
 

@@ -17,9 +17,9 @@ import time
 
 import pytest
 
-from lib.agent import claim, claim_from
+from lib.agent import claim, claim_from, supports_flag
 from lib.netns import run
-from lib.nodes import ASSIGN4, ASSIGNS, DESCRIBE, UNASSIGN4, UNASSIGNS, metric_sum
+from lib.nodes import ASSIGN4, ASSIGNS, DESCRIBE, FAST, UNASSIGN4, UNASSIGNS, metric_sum
 from lib.nodes import cluster  # noqa: F401 (the fixture)
 from lib.sidecar import wait_for
 
@@ -385,11 +385,15 @@ def test_a_missing_netns_dir_is_an_unknown_node_not_an_empty_one(cluster):
 
 def test_credential_errors_make_the_agent_not_ready_until_ec2_accepts_it(cluster):
     """EC2 answers UnauthorizedOperation (no IAM policy on the node role): the agent is not
-    ready, says so in a gauge and in `status`, and backs off to tens of seconds, not a call per
-    resync; once EC2 accepts it again it becomes ready without a restart."""
+    ready, says so in a gauge and in `status`, and backs off (`--auth-backoff`: 30 s by default,
+    12 s here, then doubling), not a call per resync; once EC2 accepts it again it becomes ready
+    without a restart."""
     from lib.fault_proxy import UNAUTHORIZED
 
-    a = cluster.node(start=False)
+    # 12 s: longer than the 10 s window below (at most one call in it), and the test waits the
+    # first backoff (12-24 s with jitter) instead of the default's 30-60 s.
+    backoff = ["--auth-backoff=12s"] if supports_flag(cluster.agent_binary, "--auth-backoff") else []
+    a = cluster.node(*FAST, *backoff, start=False)
     cluster.proxy.inject(UNAUTHORIZED, 1000, DESCRIBE)
     a.agent.start()
     wait_for(lambda: a.agent.metric("multus_eni_agent_ec2_auth_failing") == 1, "the credentials gauge")

@@ -22,6 +22,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Watch this node's pods and serve their sidecars until SIGTERM.
+    // Boxed: `run`'s flags outgrow `status`'s many times over (clippy::large_enum_variant).
     Run(Box<RunArgs>),
     /// Print a running agent's table of the node (run it in the agent's pod).
     Status(StatusArgs),
@@ -156,6 +157,11 @@ pub struct RunArgs {
     #[arg(long, env = "MULTUS_ENI_BATCH_INTERVAL", default_value = "3s", value_parser = humantime::parse_duration)]
     pub batch_interval: Duration,
 
+    /// First wait after EC2 refuses the agent's credentials, region or permissions (the agent
+    /// is not ready then: an operator has to act); doubles, with jitter, up to 5 min.
+    #[arg(long, env = "MULTUS_ENI_AUTH_BACKOFF", default_value = "30s", value_parser = parse_duration)]
+    pub auth_backoff: Duration,
+
     /// Log output format.
     #[arg(long, env = "MULTUS_ENI_LOG_FORMAT", value_enum, default_value_t = LogFormat::Json)]
     pub log_format: LogFormat,
@@ -256,6 +262,7 @@ mod tests {
         assert_eq!(a.state_dir, PathBuf::from("/var/lib/multus-eni"));
         assert_eq!(a.reclaim_after, Duration::from_secs(300));
         assert_eq!(a.resync_interval, Duration::from_secs(60));
+        assert_eq!(a.auth_backoff, crate::health::AUTH_RETRY_MIN);
         assert_eq!(a.log_format, LogFormat::Json);
         assert_eq!(a.pods, Pods::All);
         assert_eq!(a.instance_id, None);

@@ -15,7 +15,8 @@ use crate::metrics::{CallLabels, Metrics};
 pub const RETRY_MIN: Duration = Duration::from_millis(500);
 /// Longest wait between two attempts (before jitter).
 pub const RETRY_MAX: Duration = Duration::from_secs(8);
-/// After a credential, region or permission error: minutes are fine.
+/// After a credential, region or permission error: minutes are fine. The first wait is
+/// `--auth-backoff` (default [`AUTH_RETRY_MIN`]).
 pub const AUTH_RETRY_MIN: Duration = Duration::from_secs(30);
 pub const AUTH_RETRY_MAX: Duration = Duration::from_secs(300);
 
@@ -34,17 +35,23 @@ pub struct Ec2Health {
     metrics: Arc<Metrics>,
     backoff: ExponentialBackoff,
     auth: ExponentialBackoff,
+    /// First and longest wait of `auth`.
+    auth_range: (Duration, Duration),
     until: Option<Instant>,
     auth_failing: bool,
     last_error: Option<String>,
 }
 
 impl Ec2Health {
-    pub fn new(metrics: Arc<Metrics>) -> Self {
+    /// `auth_first`: the first wait after a credential error (`--auth-backoff`); it doubles up
+    /// to [`AUTH_RETRY_MAX`], or stays at `auth_first` if that is longer.
+    pub fn new(metrics: Arc<Metrics>, auth_first: Duration) -> Self {
+        let auth_range = (auth_first, AUTH_RETRY_MAX.max(auth_first));
         Self {
             metrics,
             backoff: backoff(RETRY_MIN, RETRY_MAX),
-            auth: backoff(AUTH_RETRY_MIN, AUTH_RETRY_MAX),
+            auth: backoff(auth_range.0, auth_range.1),
+            auth_range,
             until: None,
             auth_failing: false,
             last_error: None,
@@ -70,7 +77,7 @@ impl Ec2Health {
         self.auth_failing = false;
         self.metrics.ec2_auth_failing.set(0);
         self.backoff = backoff(RETRY_MIN, RETRY_MAX);
-        self.auth = backoff(AUTH_RETRY_MIN, AUTH_RETRY_MAX);
+        self.auth = backoff(self.auth_range.0, self.auth_range.1);
     }
 
     /// A call failed.
@@ -104,7 +111,7 @@ impl Ec2Health {
             return None;
         }
         let wait = if kind == ErrorKind::AuthOrConfig {
-            self.auth.next().unwrap_or(AUTH_RETRY_MAX)
+            self.auth.next().unwrap_or(self.auth_range.1)
         } else {
             self.backoff.next().unwrap_or(RETRY_MAX)
         };
@@ -151,7 +158,7 @@ mod tests {
 
     #[test]
     fn credential_errors_make_the_agent_wait_minutes_until_a_call_succeeds() {
-        let mut h = Ec2Health::new(Arc::new(Metrics::new()));
+        let mut h = Ec2Health::new(Arc::new(Metrics::new()), AUTH_RETRY_MIN);
         let t0 = Instant::now();
         h.failure("DescribeNetworkInterfaces", &error(ErrorKind::AuthOrConfig));
         assert!(h.auth_failing());

@@ -88,6 +88,8 @@ pub struct NodeConfig {
     pub ignored: Vec<IpNet>,
     /// `--max-mac-lookups` per resync interval.
     pub max_mac_lookups: usize,
+    /// First wait after EC2 refused the agent's credentials (`--auth-backoff`).
+    pub auth_backoff: Duration,
 }
 
 pub struct Node {
@@ -146,7 +148,7 @@ impl Node {
     ) -> Self {
         let batches = Batches::with_interval(config.batch_interval);
         let callers = Callers::new(metrics.clone(), config.max_connections_per_pod);
-        let health = Ec2Health::new(metrics.clone());
+        let health = Ec2Health::new(metrics.clone(), config.auth_backoff);
         let conflicts =
             Conflicts::restore(&checkpoint.conflicts, Instant::now(), SystemTime::now());
         let macs = MacBook::new(config.max_mac_lookups);

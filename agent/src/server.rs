@@ -92,6 +92,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
             reclaim_unowned: args.reclaim_unowned,
             ignored: args.ignore_cidrs.clone(),
             max_mac_lookups: args.max_mac_lookups,
+            auth_backoff: args.auth_backoff,
         },
         checkpoint,
         events.clone(),
