@@ -25,6 +25,7 @@ pub mod macs;
 pub mod metrics;
 pub mod node;
 pub mod plan;
+pub mod prefix;
 pub mod reclaim;
 pub mod retry;
 pub mod server;

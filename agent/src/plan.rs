@@ -19,6 +19,7 @@ use multus_eni_proto::{AddressState, AddressStatus, Answer, InterfaceClaim};
 use multus_eni_sidecar::reconcile::DesiredInterface;
 
 use crate::conflict::Conflicts;
+use crate::prefix::PrefixBook;
 use crate::retry::RetryBook;
 
 /// A network namespace's identity: device and inode of its nsfs file, the same through
@@ -225,6 +226,8 @@ pub struct Knowledge<'a> {
     pub wanted: &'a Wanted,
     pub rejected: &'a RetryBook,
     pub conflicts: &'a Conflicts,
+    /// Prefix mode (`--prefix-ranges`): where an address inside a range stands.
+    pub prefixes: &'a PrefixBook,
     pub now: Instant,
 }
 
@@ -269,6 +272,9 @@ pub fn address_state(
     }
     if eni.holds(address) {
         return (AddressState::Routable, id, None);
+    }
+    if let Some(state) = k.prefixes.state(address, eni) {
+        return state;
     }
     if let Some(c) = k.conflicts.waiting(address, k.now) {
         let other = c.other.clone();
@@ -461,6 +467,7 @@ mod tests {
             wanted: &w,
             rejected: &rejected,
             conflicts: &conflicts,
+            prefixes: &crate::prefix::PrefixBook::default(),
             now: t0,
         };
         let claim = [InterfaceClaim {
@@ -524,6 +531,7 @@ mod tests {
             wanted: &w,
             rejected: &rejected,
             conflicts: &conflicts,
+            prefixes: &crate::prefix::PrefixBook::default(),
             now,
         };
         let state = |mac, a: &str| address_state(mac, ip(a), &k);
@@ -604,6 +612,7 @@ mod tests {
             wanted: &w,
             rejected: &rejected,
             conflicts: &conflicts,
+            prefixes: &crate::prefix::PrefixBook::default(),
             now: Instant::now(),
         };
         let (s, eni, _) = address_state(SECOND, ip("10.0.1.60"), &k);
@@ -641,6 +650,7 @@ mod tests {
             wanted: &w,
             rejected: &rejected,
             conflicts: &conflicts,
+            prefixes: &crate::prefix::PrefixBook::default(),
             now: Instant::now(),
         };
         let (s, _, reason) = address_state(MULTUS, ip("10.0.1.200"), &k);
@@ -680,6 +690,7 @@ mod tests {
             wanted: &w,
             rejected: &rejected,
             conflicts: &conflicts,
+            prefixes: &crate::prefix::PrefixBook::default(),
             now: t0,
         };
         let claim = [

@@ -92,6 +92,8 @@ pub async fn run(args: RunArgs) -> Result<()> {
             reclaim_unowned: args.reclaim_unowned,
             ignored: args.ignore_cidrs.clone(),
             max_mac_lookups: args.max_mac_lookups,
+            prefix_ranges: args.prefix_ranges.clone(),
+            prefix_release_after: args.prefix_release_after,
         },
         checkpoint,
         events.clone(),
