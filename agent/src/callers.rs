@@ -472,6 +472,7 @@ mod answer_tests {
             wanted: &wanted,
             rejected: &rejected,
             conflicts: &conflicts,
+            prefixes: &crate::prefix::PrefixBook::default(),
             now: Instant::now(),
         };
         for seq in 1..=2 {

@@ -257,9 +257,11 @@ async fn free_addresses(
         }
         let lands =
             allowed.room && holder.subnet_id.is_some() && holder.subnet_id == ours.subnet_id;
-        let (moving, staying): (Vec<IpAddr>, Vec<IpAddr>) = held
-            .into_iter()
-            .partition(|a| lands && allowed.may_take.contains(a));
+        // An address inside the holder's delegated prefix never moves: EC2 moves no part of a
+        // prefix, and the agent never forces one.
+        let (moving, staying): (Vec<IpAddr>, Vec<IpAddr>) = held.into_iter().partition(|a| {
+            lands && allowed.may_take.contains(a) && holder.prefix_over(*a).is_none()
+        });
         for a in staying {
             out.left_with.insert(a, holder.id.clone());
         }

@@ -11,13 +11,15 @@ use std::io;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 
+use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
 use crate::conflict::SavedConflict;
 
 /// Version of the file's format (2: `owned` replaced `assigned`, `conflicts` added; a version 1
-/// file loads, its `assigned` read as `owned`).
-pub const FORMAT: u32 = 2;
+/// file loads, its `assigned` read as `owned`. 3: `prefixes` added; older files load without
+/// any).
+pub const FORMAT: u32 = 3;
 
 /// The file's contents.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -32,6 +34,11 @@ pub struct Checkpoint {
     /// The conflict history by address ([`crate::conflict`]).
     #[serde(default)]
     pub conflicts: BTreeMap<IpAddr, SavedConflict>,
+    /// Delegated prefixes that are this agent's own, by ENI id (prefix mode): it assigned them,
+    /// or saw them on the ENI while a pod of this node held an address inside; until it
+    /// unassigned them. A restart keeps them, and their idle delay starts over.
+    #[serde(default)]
+    pub prefixes: BTreeMap<String, BTreeSet<IpNet>>,
 }
 
 impl Checkpoint {
@@ -132,5 +139,26 @@ mod tests {
         let a: IpAddr = "10.0.1.5".parse().unwrap_or(IpAddr::from([0, 0, 0, 0]));
         assert!(c.owns("eni-1", a));
         assert!(c.conflicts.is_empty());
+        assert!(c.prefixes.is_empty());
+    }
+
+    #[test]
+    fn prefixes_round_trip_and_a_version_2_checkpoint_loads_without_any() {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let path = Checkpoint::path(dir.path());
+        let v2 = r#"{"version":2,"enis":{},"owned":{"eni-1":["10.0.1.5"]},"conflicts":{}}"#;
+        std::fs::write(&path, v2).unwrap_or_else(|e| panic!("{e}"));
+        let mut c = Checkpoint::load(&path).unwrap_or_else(|e| panic!("{e}"));
+        assert!(c.prefixes.is_empty());
+        let p4: IpNet = "10.0.1.64/28".parse().unwrap_or_else(|e| panic!("{e}"));
+        let p6: IpNet = "2001:db8::7:0:0:0/80"
+            .parse()
+            .unwrap_or_else(|e| panic!("{e}"));
+        c.prefixes.insert("eni-1".into(), [p4, p6].into());
+        c.save(&path).unwrap_or_else(|e| panic!("{e}"));
+        let back = Checkpoint::load(&path).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(back.version, FORMAT);
+        assert_eq!(back.prefixes, c.prefixes);
+        assert_eq!(back.owned, c.owned);
     }
 }

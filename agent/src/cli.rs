@@ -139,6 +139,18 @@ pub struct RunArgs {
     #[arg(long, env = "MULTUS_ENI_IGNORE_CIDRS", value_delimiter = ',')]
     pub ignore_cidrs: Vec<IpNet>,
 
+    /// Prefix mode: ranges whose addresses the IPAM hands out in per-node aligned blocks
+    /// (whereabouts node slices, NVIDIA k8s IPAM). For a pod address inside one, the delegated
+    /// prefix containing it (/28 IPv4, /80 IPv6) is assigned to the ENI instead of the address:
+    /// one call per block, none per pod. Comma-separated CIDRs, each /28 (/80) or shorter.
+    #[arg(long, env = "MULTUS_ENI_PREFIX_RANGES", value_delimiter = ',', value_parser = crate::prefix::parse_range)]
+    pub prefix_ranges: Vec<IpNet>,
+
+    /// How long a prefix stays on its ENI after the last pod with an address in it left, so a
+    /// rollout reuses it without a call.
+    #[arg(long, env = "MULTUS_ENI_PREFIX_RELEASE_AFTER", default_value = "10m", value_parser = parse_duration)]
+    pub prefix_release_after: Duration,
+
     /// Most `DescribeNetworkInterfaces` calls per resync interval that look up MACs of the
     /// node's pod interfaces that are none of this instance's ENIs (the Describe bucket is the
     /// account's, shared with the VPC CNI). What is left waits for the next interval.
@@ -253,6 +265,8 @@ mod tests {
         assert_eq!(a.metrics_addr.to_string(), "[::]:9812");
         assert!(!a.reclaim_unowned);
         assert!(a.ignore_cidrs.is_empty());
+        assert!(a.prefix_ranges.is_empty());
+        assert_eq!(a.prefix_release_after, Duration::from_secs(600));
         assert_eq!(
             (a.max_http_connections, a.max_long_polls, a.max_mac_lookups),
             (1024, 768, 10)
@@ -288,6 +302,21 @@ mod tests {
         .unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(a.ignore_cidrs.len(), 2);
         assert!(parse(&["multus-eni-agent", "run", "--ignore-cidrs=10.0.9.0"]).is_err());
+    }
+
+    #[test]
+    fn prefix_ranges_take_a_comma_separated_list_of_whole_prefixes() {
+        let a = parse(&[
+            "multus-eni-agent",
+            "run",
+            "--prefix-ranges=10.0.8.0/24,2001:db8:8::/64",
+            "--prefix-release-after=3s",
+        ])
+        .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(a.prefix_ranges.len(), 2);
+        assert_eq!(a.prefix_release_after, Duration::from_secs(3));
+        assert!(parse(&["multus-eni-agent", "run", "--prefix-ranges=10.0.8.0/29"]).is_err());
+        assert!(parse(&["multus-eni-agent", "run", "--prefix-ranges=2001:db8::/96"]).is_err());
     }
 
     #[test]

@@ -30,6 +30,15 @@ fn backoff(min: Duration, max: Duration) -> ExponentialBackoff {
         .build()
 }
 
+/// The `kind` label of a call that is not a prefix call.
+fn kind_of(action: &str) -> &'static str {
+    if action.starts_with("Describe") {
+        "describe"
+    } else {
+        "address"
+    }
+}
+
 /// EC2's recent answers and the node's backoff.
 pub struct Ec2Health {
     metrics: Arc<Metrics>,
@@ -60,11 +69,21 @@ impl Ec2Health {
 
     /// A call succeeded: credentials work, the next failure starts the backoff over.
     pub fn success(&mut self, action: &'static str) {
+        self.succeeded(action, kind_of(action));
+    }
+
+    /// A prefix call (prefix mode) succeeded.
+    pub fn prefix_success(&mut self, action: &'static str) {
+        self.succeeded(action, "prefix");
+    }
+
+    fn succeeded(&mut self, action: &'static str, kind: &'static str) {
         self.metrics
             .calls
             .get_or_create(&CallLabels {
                 action,
                 outcome: "success",
+                kind,
             })
             .inc();
         if self.auth_failing {
@@ -82,6 +101,15 @@ impl Ec2Health {
 
     /// A call failed.
     pub fn failure(&mut self, action: &'static str, e: &multus_eni_ec2::Error) {
+        self.failed(action, kind_of(action), e);
+    }
+
+    /// A prefix call (prefix mode) failed.
+    pub fn prefix_failure(&mut self, action: &'static str, e: &multus_eni_ec2::Error) {
+        self.failed(action, "prefix", e);
+    }
+
+    fn failed(&mut self, action: &'static str, kind: &'static str, e: &multus_eni_ec2::Error) {
         let outcome = match e.kind {
             ErrorKind::Throttled => "throttled",
             ErrorKind::ServerError => "server_error",
@@ -100,7 +128,11 @@ impl Ec2Health {
         self.last_error = Some(e.to_string());
         self.metrics
             .calls
-            .get_or_create(&CallLabels { action, outcome })
+            .get_or_create(&CallLabels {
+                action,
+                outcome,
+                kind,
+            })
             .inc();
     }
 

@@ -26,6 +26,7 @@ pub mod metrics;
 pub mod node;
 pub mod pacing;
 pub mod plan;
+pub mod prefix;
 pub mod reclaim;
 pub mod retry;
 pub mod server;

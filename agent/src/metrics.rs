@@ -22,6 +22,8 @@ pub struct CallLabels {
     pub action: &'static str,
     /// `success`, or the error kind (`throttled`, `rejected`, ...).
     pub outcome: &'static str,
+    /// What the call names: `address`, `prefix` (prefix mode), or `describe`.
+    pub kind: &'static str,
 }
 
 /// Labels of the refusals counter.
@@ -76,6 +78,7 @@ pub struct Metrics {
     pub limit_hits: Family<LimitLabels, Counter>,
     pub address_conflicts: Gauge<i64, AtomicI64>,
     pub unowned_addresses: Gauge<i64, AtomicI64>,
+    pub prefixes: Gauge<i64, AtomicI64>,
     pub ec2_auth_failing: Gauge<i64, AtomicI64>,
     pub watched_namespaces: Gauge<i64, AtomicI64>,
     pub oldest_pending_seconds: Gauge<f64, std::sync::atomic::AtomicU64>,
@@ -172,6 +175,12 @@ impl Metrics {
             "Addresses on this instance's Multus ENIs that no pod of this node was ever seen holding: kept unless --reclaim-unowned",
             unowned_addresses.clone(),
         );
+        let prefixes = Gauge::<i64, AtomicI64>::default();
+        registry.register(
+            "prefixes",
+            "Delegated prefixes on this instance's Multus ENIs (prefix mode, --prefix-ranges)",
+            prefixes.clone(),
+        );
         let ec2_auth_failing = Gauge::<i64, AtomicI64>::default();
         registry.register(
             "ec2_auth_failing",
@@ -209,6 +218,7 @@ impl Metrics {
             limit_hits,
             address_conflicts,
             unowned_addresses,
+            prefixes,
             ec2_auth_failing,
             watched_namespaces,
             oldest_pending_seconds,

@@ -33,6 +33,12 @@ use crate::status::Unowned;
 use crate::view::View;
 use crate::watch::{Ask, Seen, WatchHandle};
 
+// --- prefix mode (issue 23): hooks in node/prefixes.rs ---
+mod prefixes;
+use crate::prefix::{self, PrefixBook};
+use multus_eni_ec2::eni::PrefixOutcome;
+// --- end prefix mode ---
+
 /// What the node task reacts to.
 #[derive(Debug)]
 pub enum Event {
@@ -71,6 +77,11 @@ pub enum Event {
     Called { eni: EniId, outcome: BatchOutcome },
     /// A timer fired.
     Wake,
+    /// An ENI's prefix calls returned (prefix mode).
+    PrefixCalled {
+        eni: EniId,
+        outcomes: Vec<PrefixOutcome>,
+    },
 }
 
 /// Settings of the node task.
@@ -90,6 +101,10 @@ pub struct NodeConfig {
     pub max_mac_lookups: usize,
     /// First wait after EC2 refused the agent's credentials (`--auth-backoff`).
     pub auth_backoff: Duration,
+    /// `--prefix-ranges` (empty: prefix mode off).
+    pub prefix_ranges: Vec<IpNet>,
+    /// `--prefix-release-after`.
+    pub prefix_release_after: Duration,
 }
 
 pub struct Node {
@@ -131,6 +146,8 @@ pub struct Node {
     unsure: BTreeMap<EniId, u64>,
     wake_at: Option<Instant>,
     status: watch::Sender<Arc<NodeStatus>>,
+    /// Prefix mode: the delegated prefixes ([`crate::prefix`]).
+    prefixes: PrefixBook,
 }
 
 // === impl Node ===
@@ -152,6 +169,11 @@ impl Node {
         let conflicts =
             Conflicts::restore(&checkpoint.conflicts, Instant::now(), SystemTime::now());
         let macs = MacBook::new(config.max_mac_lookups);
+        let prefixes = PrefixBook::new(
+            config.prefix_ranges.clone(),
+            config.prefix_release_after,
+            checkpoint.prefixes.clone(),
+        );
         Self {
             ec2,
             metrics,
@@ -180,6 +202,7 @@ impl Node {
             unsure: BTreeMap::new(),
             wake_at: None,
             status,
+            prefixes,
         }
     }
 
@@ -247,6 +270,7 @@ impl Node {
             Event::Read { seq, result } => self.on_read(seq, result),
             Event::Foreign { macs, found } => self.on_foreign(macs, found),
             Event::Called { eni, outcome } => self.on_called(&eni, outcome),
+            Event::PrefixCalled { eni, outcomes } => self.on_prefix_called(&eni, outcomes),
             Event::Wake => {
                 let now = Instant::now();
                 if self.wake_at.is_some_and(|w| w <= now) {
@@ -306,6 +330,7 @@ impl Node {
                 for (change, moved) in &applied {
                     apply_to(&mut enis, change, moved);
                 }
+                self.prefixes.read_returned(&mut enis);
                 self.health.success("DescribeNetworkInterfaces");
                 let before: BTreeSet<EniId> = self
                     .enis
@@ -323,6 +348,7 @@ impl Node {
                     .map(|(m, e)| (m.to_string(), e.id.clone()))
                     .collect();
                 self.checkpoint.owned.retain(|eni, _| now_ids.contains(eni));
+                self.prefixes.keep_enis(&now_ids);
                 self.enis = Some(enis);
                 self.settle_unsure(seq);
                 self.save_checkpoint();
@@ -526,7 +552,9 @@ impl Node {
         let Some(enis) = &self.enis else {
             return;
         };
-        let wanted = plan::wanted(self.managed_pods(), enis, &self.config.ignored);
+        let mut wanted = plan::wanted(self.managed_pods(), enis, &self.config.ignored);
+        // Prefix mode: addresses inside --prefix-ranges want their prefix, never themselves.
+        let wanted_prefixes = prefix::take_ranged(&mut wanted, self.prefixes.ranges(), enis);
         let now = Instant::now();
         for (address, refusal) in &wanted.refused {
             if !self.wanted.refused.contains_key(address) {
@@ -592,6 +620,7 @@ impl Node {
         if newly_owned {
             self.save_checkpoint();
         }
+        self.plan_prefixes(wanted_prefixes);
     }
 
     /// A pod let go of `address`: unassign it from `eni` if it is there (or on its way). The
@@ -652,6 +681,7 @@ impl Node {
                     let _ = events.send(Event::Called { eni, outcome });
                 });
             }
+            self.dispatch_prefixes();
         }
         let due = [
             self.batches.next_due(now),
@@ -659,6 +689,7 @@ impl Node {
             self.conflicts.next_retry(now),
             self.conflicts.next_exclusive(now),
             self.callers.verify_due(),
+            self.prefixes.next_due(now),
         ]
         .into_iter()
         .flatten()
@@ -829,6 +860,7 @@ impl Node {
             wanted: &self.wanted,
             rejected: &self.rejected,
             conflicts: &self.conflicts,
+            prefixes: &self.prefixes,
             now,
         }
     }
@@ -846,6 +878,7 @@ impl Node {
             wanted: &self.wanted,
             rejected: &self.rejected,
             conflicts: &self.conflicts,
+            prefixes: &self.prefixes,
             now: Instant::now(),
         };
         self.callers.answer(&self.view, &k);
@@ -883,8 +916,10 @@ impl Node {
                 address: *address,
             })
             .collect();
+        let prefixes = self.prefix_rows();
         let previous = self.status.borrow().clone();
         let changed = previous.ready != ready
+            || previous.prefixes != prefixes
             || previous.addresses != rows
             || previous.no_eni != no_eni
             || previous.unowned != unowned
@@ -897,6 +932,7 @@ impl Node {
                 generation: previous.generation + 1,
                 addresses: rows,
                 unowned,
+                prefixes,
                 no_eni,
             }));
         }
@@ -904,6 +940,7 @@ impl Node {
 
     fn save_checkpoint(&mut self) {
         self.checkpoint.conflicts = self.conflicts.save(Instant::now(), SystemTime::now());
+        self.checkpoint.prefixes = self.prefixes.owned().clone();
         if let Err(e) = self.checkpoint.save(&self.config.checkpoint) {
             tracing::error!(action = "checkpoint", outcome = "failed", path = %self.config.checkpoint.display(), error = %e, "cannot write the checkpoint: a restart may miss a conflict");
         }

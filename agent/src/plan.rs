@@ -19,6 +19,7 @@ use multus_eni_proto::{AddressState, AddressStatus, Answer, InterfaceClaim};
 use multus_eni_sidecar::reconcile::DesiredInterface;
 
 use crate::conflict::Conflicts;
+use crate::prefix::PrefixBook;
 use crate::retry::RetryBook;
 
 /// A network namespace's identity: device and inode of its nsfs file, the same through
@@ -225,6 +226,8 @@ pub struct Knowledge<'a> {
     pub wanted: &'a Wanted,
     pub rejected: &'a RetryBook,
     pub conflicts: &'a Conflicts,
+    /// Prefix mode (`--prefix-ranges`): where an address inside a range stands.
+    pub prefixes: &'a PrefixBook,
     pub now: Instant,
 }
 
@@ -269,6 +272,9 @@ pub fn address_state(
     }
     if eni.holds(address) {
         return (AddressState::Routable, id, None);
+    }
+    if let Some(state) = k.prefixes.state(address, eni) {
+        return state;
     }
     if let Some(c) = k.conflicts.waiting(address, k.now) {
         let other = c.other.clone();
@@ -400,6 +406,7 @@ mod tests {
         wanted: Wanted,
         rejected: RetryBook,
         conflicts: Conflicts,
+        prefixes: crate::prefix::PrefixBook,
     }
 
     impl Facts {
@@ -412,6 +419,7 @@ mod tests {
                 wanted: &self.wanted,
                 rejected: &self.rejected,
                 conflicts: &self.conflicts,
+                prefixes: &self.prefixes,
                 now,
             }
         }

@@ -18,15 +18,23 @@ struct Retry {
     reason: String,
 }
 
-/// Rejected addresses and when each may be tried again.
-#[derive(Debug, Default)]
-pub struct RetryBook {
-    by_address: BTreeMap<IpAddr, Retry>,
+/// Rejected addresses (or prefixes, in prefix mode) and when each may be tried again.
+#[derive(Debug)]
+pub struct RetryBook<K = IpAddr> {
+    by_address: BTreeMap<K, Retry>,
 }
 
-impl RetryBook {
+impl<K> Default for RetryBook<K> {
+    fn default() -> Self {
+        Self {
+            by_address: BTreeMap::new(),
+        }
+    }
+}
+
+impl<K: Ord + Copy> RetryBook<K> {
     /// EC2 rejected `address` with `reason`.
-    pub fn rejected(&mut self, address: IpAddr, reason: String, now: Instant) {
+    pub fn rejected(&mut self, address: K, reason: String, now: Instant) {
         let attempts = self.by_address.get(&address).map_or(0, |r| r.attempts) + 1;
         let wait = FIRST_RETRY
             .saturating_mul(2u32.saturating_pow(attempts - 1))
@@ -42,18 +50,23 @@ impl RetryBook {
     }
 
     /// Whether `address` may be tried now.
-    pub fn may_try(&self, address: IpAddr, now: Instant) -> bool {
+    pub fn may_try(&self, address: K, now: Instant) -> bool {
         self.by_address.get(&address).is_none_or(|r| r.until <= now)
     }
 
     /// The last rejection's reason.
-    pub fn reason(&self, address: IpAddr) -> Option<String> {
+    pub fn reason(&self, address: K) -> Option<String> {
         self.by_address.get(&address).map(|r| r.reason.clone())
     }
 
     /// Accepted, or no longer wanted.
-    pub fn forget(&mut self, address: IpAddr) {
+    pub fn forget(&mut self, address: K) {
         self.by_address.remove(&address);
+    }
+
+    /// Keeps only what `keep` says (what is still wanted).
+    pub fn retain(&mut self, mut keep: impl FnMut(K) -> bool) {
+        self.by_address.retain(|k, _| keep(*k));
     }
 
     /// When the first wait ends.

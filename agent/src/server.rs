@@ -93,6 +93,8 @@ pub async fn run(args: RunArgs) -> Result<()> {
             ignored: args.ignore_cidrs.clone(),
             max_mac_lookups: args.max_mac_lookups,
             auth_backoff: args.auth_backoff,
+            prefix_ranges: args.prefix_ranges.clone(),
+            prefix_release_after: args.prefix_release_after,
         },
         checkpoint,
         events.clone(),

@@ -20,11 +20,14 @@ use multus_eni_proto::{AddressState, GateAddress, GateAnswer};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{Semaphore, watch};
 
+use ipnet::IpNet;
+
 use crate::metrics::{LimitLabels, Metrics};
 use crate::plan::{
     DAD_IN_PROGRESS, EC2_SAID, ForeignMacs, InstanceEnis, Knowledge, MacLookup, PodNetns,
     address_state,
 };
+use crate::prefix::PrefixState;
 
 /// One address of the node's table.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -36,6 +39,17 @@ pub struct Row {
     pub eni: Option<String>,
     pub state: AddressState,
     pub reason: Option<String>,
+    /// The delegated prefix the address is routable through (prefix mode).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prefix: Option<IpNet>,
+}
+
+/// A delegated prefix on one of this instance's Multus ENIs, or wanted there (prefix mode).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PrefixRow {
+    pub eni: String,
+    pub prefix: IpNet,
+    pub state: PrefixState,
 }
 
 /// An address on one of this instance's Multus ENIs that no pod of this node was ever seen
@@ -58,6 +72,9 @@ pub struct NodeStatus {
     /// Addresses on this instance's Multus ENIs that are not this agent's own.
     #[serde(default)]
     pub unowned: Vec<Unowned>,
+    /// Delegated prefixes (prefix mode).
+    #[serde(default)]
+    pub prefixes: Vec<PrefixRow>,
     /// Addresses pods hold on interfaces that EC2 said carry no ENI (macvlan, SR-IOV, eth0's
     /// veth) or have no MAC: nothing to assign, nothing for the HTTP gate to wait for. Not in
     /// `/status`.
@@ -122,7 +139,7 @@ impl NodeStatus {
             self.ready,
             self.last_ec2_error.as_deref().unwrap_or("none")
         );
-        let rows: Vec<[String; 6]> = self
+        let rows: Vec<[String; 7]> = self
             .addresses
             .iter()
             .map(|r| {
@@ -135,11 +152,21 @@ impl NodeStatus {
                         .ok()
                         .and_then(|v| v.as_str().map(str::to_string))
                         .unwrap_or_default(),
+                    r.prefix.map_or_else(|| "-".into(), |p| p.to_string()),
                     r.reason.clone().unwrap_or_default(),
                 ]
             })
             .collect();
-        let header = ["NETNS", "INTERFACE", "ADDRESS", "ENI", "STATE", "WHY"].map(String::from);
+        let header = [
+            "NETNS",
+            "INTERFACE",
+            "ADDRESS",
+            "ENI",
+            "STATE",
+            "PREFIX",
+            "WHY",
+        ]
+        .map(String::from);
         let mut widths = header.clone().map(|h| h.len());
         for r in &rows {
             for (w, c) in widths.iter_mut().zip(r) {
@@ -154,6 +181,16 @@ impl NodeStatus {
                 .collect();
             out.push_str(cells.join("  ").trim_end());
             out.push('\n');
+        }
+        if !self.prefixes.is_empty() {
+            out.push_str(&format!("\nprefixes: {}\n", self.prefixes.len()));
+            for p in &self.prefixes {
+                let state = serde_json::to_value(p.state)
+                    .ok()
+                    .and_then(|v| v.as_str().map(str::to_string))
+                    .unwrap_or_default();
+                out.push_str(&format!("  {}  {}  {state}\n", p.eni, p.prefix));
+            }
         }
         if !self.unowned.is_empty() {
             // One line each, with the word: `status | grep unowned` lists them (install.md).
@@ -182,6 +219,7 @@ pub fn rows<'a>(pods: impl IntoIterator<Item = &'a PodNetns>, k: &Knowledge<'_>)
             else {
                 continue;
             };
+            let on = k.enis.get(&mac);
             let row = |address, (state, eni, reason)| Row {
                 netns: pod.name.clone(),
                 interface: iface.name.clone(),
@@ -189,6 +227,9 @@ pub fn rows<'a>(pods: impl IntoIterator<Item = &'a PodNetns>, k: &Knowledge<'_>)
                 eni,
                 state,
                 reason,
+                prefix: on
+                    .filter(|_| state == AddressState::Routable)
+                    .and_then(|e| e.prefix_over(address)),
             };
             for &address in &iface.addresses {
                 rows.push(row(address, address_state(mac, address, k)));
@@ -409,6 +450,7 @@ mod tests {
             eni: Some("eni-1".into()),
             state,
             reason: None,
+            prefix: None,
         };
         NodeStatus {
             instance_id: "i-1".into(),
@@ -424,6 +466,7 @@ mod tests {
                 },
             ],
             unowned: Vec::new(),
+            prefixes: Vec::new(),
             no_eni: [ip("192.168.7.2")].into(),
         }
     }

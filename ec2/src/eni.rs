@@ -27,7 +27,7 @@ use aws_sdk_ec2::types::{Filter, NetworkInterface};
 
 pub use crate::error::ErrorKind;
 use crate::mac::MacAddress;
-use crate::model::{Change, EniAddresses, EniId, Ipv6Holders};
+use crate::model::{Change, EniAddresses, EniId, Ipv6Holders, PrefixChange};
 use crate::{Error, Result};
 
 /// Tag that tells the VPC CNI to leave an ENI alone (else it may hand our IPs to pods).
@@ -273,6 +273,13 @@ enum Reassignment {
 pub struct ChangeOutcome {
     /// The addresses this outcome is about (the whole change, or a part of it).
     pub change: Change,
+    pub result: Result<()>,
+}
+
+/// What became of one part of a prefix change made by [`Ec2::apply_prefixes`].
+#[derive(Debug, Clone)]
+pub struct PrefixOutcome {
+    pub change: PrefixChange,
     pub result: Result<()>,
 }
 
@@ -621,6 +628,70 @@ impl Ec2 {
         outcomes
     }
 
+    /// Makes a prefix change; when EC2 rejects a call of several prefixes, halves it down to
+    /// single prefixes, so that one prefix EC2 refuses (another ENI's, an address inside in use,
+    /// no free slot) holds back only itself. An assign never moves anything: EC2 has no
+    /// reassignment of prefixes, and the agent wants none.
+    pub async fn apply_prefixes(&self, change: &PrefixChange) -> Vec<PrefixOutcome> {
+        let mut outcomes = Vec::new();
+        let mut pending = vec![change.clone()];
+        while let Some(part) = pending.pop() {
+            let result = self.call_prefixes(&part).await;
+            match (&result, part.halves()) {
+                (Err(e), Some((left, right))) if e.kind == ErrorKind::Rejected => {
+                    tracing::info!(action = part.action(), eni = part.eni(), outcome = "split", error = %e, "EC2 refused {part}; trying its halves");
+                    pending.push(right);
+                    pending.push(left);
+                }
+                _ => outcomes.push(PrefixOutcome {
+                    change: part,
+                    result,
+                }),
+            }
+        }
+        outcomes
+    }
+
+    async fn call_prefixes(&self, change: &PrefixChange) -> Result<()> {
+        let action = change.action();
+        let prefixes: Vec<String> = change.prefixes().iter().map(ToString::to_string).collect();
+        let client = self.client().await;
+        match change {
+            PrefixChange::AssignIpv4 { eni, .. } => client
+                .assign_private_ip_addresses()
+                .network_interface_id(eni)
+                .set_ipv4_prefixes(Some(prefixes))
+                .send()
+                .await
+                .map(drop)
+                .map_err(|e| sdk_error(action, e)),
+            PrefixChange::AssignIpv6 { eni, .. } => client
+                .assign_ipv6_addresses()
+                .network_interface_id(eni)
+                .set_ipv6_prefixes(Some(prefixes))
+                .send()
+                .await
+                .map(drop)
+                .map_err(|e| sdk_error(action, e)),
+            PrefixChange::UnassignIpv4 { eni, .. } => client
+                .unassign_private_ip_addresses()
+                .network_interface_id(eni)
+                .set_ipv4_prefixes(Some(prefixes))
+                .send()
+                .await
+                .map(drop)
+                .map_err(|e| sdk_error(action, e)),
+            PrefixChange::UnassignIpv6 { eni, .. } => client
+                .unassign_ipv6_addresses()
+                .network_interface_id(eni)
+                .set_ipv6_prefixes(Some(prefixes))
+                .send()
+                .await
+                .map(drop)
+                .map_err(|e| sdk_error(action, e)),
+        }
+    }
+
     /// Makes one mutating call (an IPv4 assign moves the address if another ENI holds it).
     pub async fn apply(&self, change: &Change) -> Result<()> {
         self.call(change, Reassignment::Allowed).await
@@ -705,6 +776,16 @@ pub(crate) fn eni_addresses(n: &NetworkInterface) -> EniAddresses {
             .ipv6_addresses()
             .iter()
             .filter_map(|a| a.ipv6_address()?.parse().ok())
+            .collect(),
+        ipv4_prefixes: n
+            .ipv4_prefixes()
+            .iter()
+            .filter_map(|p| p.ipv4_prefix()?.parse().ok())
+            .collect(),
+        ipv6_prefixes: n
+            .ipv6_prefixes()
+            .iter()
+            .filter_map(|p| p.ipv6_prefix()?.parse().ok())
             .collect(),
         no_manage: n.tag_set().iter().any(|t| {
             t.key() == Some(NO_MANAGE_TAG)

@@ -5,6 +5,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
+
 /// An ENI id such as `eni-0123456789abcdef0`.
 pub type EniId = String;
 
@@ -18,6 +20,10 @@ pub struct EniAddresses {
     /// All private IPv4 addresses, primary included.
     pub ipv4: BTreeSet<Ipv4Addr>,
     pub ipv6: BTreeSet<Ipv6Addr>,
+    /// Delegated IPv4 prefixes (/28): every address inside is routable to the ENI.
+    pub ipv4_prefixes: BTreeSet<Ipv4Net>,
+    /// Delegated IPv6 prefixes (/80).
+    pub ipv6_prefixes: BTreeSet<Ipv6Net>,
     /// Tag `node.k8s.amazonaws.com/no_manage=true` present: the VPC CNI leaves the ENI alone.
     pub no_manage: bool,
     /// The instance it is attached to, as read (`None`: detached, or not said).
@@ -60,14 +66,195 @@ pub enum Change {
     },
 }
 
+/// One mutating EC2 call that names prefixes only: EC2 refuses a request that mixes prefixes
+/// and addresses (`InvalidParameterCombination`), so the type cannot express one. The IAM
+/// actions are those of addresses.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PrefixChange {
+    /// `AssignPrivateIpAddresses` with `Ipv4Prefix.N` (never `AllowReassignment`: a prefix is
+    /// only assigned where nobody holds it).
+    AssignIpv4 { eni: EniId, prefixes: Vec<Ipv4Net> },
+    /// `AssignIpv6Addresses` with `Ipv6Prefix.N`.
+    AssignIpv6 { eni: EniId, prefixes: Vec<Ipv6Net> },
+    /// `UnassignPrivateIpAddresses` with `Ipv4Prefix.N`.
+    UnassignIpv4 { eni: EniId, prefixes: Vec<Ipv4Net> },
+    /// `UnassignIpv6Addresses` with `Ipv6Prefix.N`.
+    UnassignIpv6 { eni: EniId, prefixes: Vec<Ipv6Net> },
+}
+
+// === impl PrefixChange ===
+
+impl PrefixChange {
+    /// The calls that assign (or unassign) `prefixes` on `eni`: at most one per family.
+    pub fn of(eni: &str, assign: bool, prefixes: &BTreeSet<IpNet>) -> Vec<PrefixChange> {
+        let v4: Vec<Ipv4Net> = prefixes
+            .iter()
+            .filter_map(|p| match p {
+                IpNet::V4(p) => Some(*p),
+                IpNet::V6(_) => None,
+            })
+            .collect();
+        let v6: Vec<Ipv6Net> = prefixes
+            .iter()
+            .filter_map(|p| match p {
+                IpNet::V6(p) => Some(*p),
+                IpNet::V4(_) => None,
+            })
+            .collect();
+        let eni = eni.to_string();
+        let mut out = Vec::new();
+        if !v4.is_empty() {
+            out.push(if assign {
+                PrefixChange::AssignIpv4 {
+                    eni: eni.clone(),
+                    prefixes: v4,
+                }
+            } else {
+                PrefixChange::UnassignIpv4 {
+                    eni: eni.clone(),
+                    prefixes: v4,
+                }
+            });
+        }
+        if !v6.is_empty() {
+            out.push(if assign {
+                PrefixChange::AssignIpv6 { eni, prefixes: v6 }
+            } else {
+                PrefixChange::UnassignIpv6 { eni, prefixes: v6 }
+            });
+        }
+        out
+    }
+
+    /// The ENI the call changes.
+    pub fn eni(&self) -> &str {
+        match self {
+            PrefixChange::AssignIpv4 { eni, .. }
+            | PrefixChange::AssignIpv6 { eni, .. }
+            | PrefixChange::UnassignIpv4 { eni, .. }
+            | PrefixChange::UnassignIpv6 { eni, .. } => eni,
+        }
+    }
+
+    pub fn is_assign(&self) -> bool {
+        matches!(
+            self,
+            PrefixChange::AssignIpv4 { .. } | PrefixChange::AssignIpv6 { .. }
+        )
+    }
+
+    /// The EC2 action name, as in IAM policies and logs (the same as for addresses).
+    pub fn action(&self) -> &'static str {
+        match self {
+            PrefixChange::AssignIpv4 { .. } => "AssignPrivateIpAddresses",
+            PrefixChange::AssignIpv6 { .. } => "AssignIpv6Addresses",
+            PrefixChange::UnassignIpv4 { .. } => "UnassignPrivateIpAddresses",
+            PrefixChange::UnassignIpv6 { .. } => "UnassignIpv6Addresses",
+        }
+    }
+
+    /// The prefixes the call names.
+    pub fn prefixes(&self) -> Vec<IpNet> {
+        match self {
+            PrefixChange::AssignIpv4 { prefixes, .. }
+            | PrefixChange::UnassignIpv4 { prefixes, .. } => {
+                prefixes.iter().map(|p| IpNet::V4(*p)).collect()
+            }
+            PrefixChange::AssignIpv6 { prefixes, .. }
+            | PrefixChange::UnassignIpv6 { prefixes, .. } => {
+                prefixes.iter().map(|p| IpNet::V6(*p)).collect()
+            }
+        }
+    }
+
+    /// The same call split into two halves of its prefixes (`None` for a single prefix): a
+    /// refused request is narrowed down to the prefix EC2 refuses, the others go on.
+    pub fn halves(&self) -> Option<(PrefixChange, PrefixChange)> {
+        let all: BTreeSet<IpNet> = self.prefixes().into_iter().collect();
+        if all.len() < 2 {
+            return None;
+        }
+        let left: BTreeSet<IpNet> = all.iter().take(all.len() / 2).copied().collect();
+        let right: BTreeSet<IpNet> = all.difference(&left).copied().collect();
+        let l = PrefixChange::of(self.eni(), self.is_assign(), &left).pop()?;
+        let r = PrefixChange::of(self.eni(), self.is_assign(), &right).pop()?;
+        Some((l, r))
+    }
+}
+
+impl fmt::Display for PrefixChange {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let list: Vec<String> = self.prefixes().iter().map(ToString::to_string).collect();
+        write!(
+            f,
+            "{} {} prefixes [{}]",
+            self.action(),
+            self.eni(),
+            list.join(",")
+        )
+    }
+}
+
 // === impl EniAddresses ===
 
 impl EniAddresses {
-    /// Whether `address` is on this ENI (primary included).
+    /// Whether `address` is routable to this ENI: assigned to it (primary included) or inside
+    /// one of its delegated prefixes.
     pub fn holds(&self, address: IpAddr) -> bool {
         match address {
-            IpAddr::V4(v4) => self.ipv4.contains(&v4),
-            IpAddr::V6(v6) => self.ipv6.contains(&v6),
+            IpAddr::V4(v4) => {
+                self.ipv4.contains(&v4) || self.ipv4_prefixes.iter().any(|p| p.contains(&v4))
+            }
+            IpAddr::V6(v6) => {
+                self.ipv6.contains(&v6) || self.ipv6_prefixes.iter().any(|p| p.contains(&v6))
+            }
+        }
+    }
+
+    /// The delegated prefix `address` is routable through, if any.
+    pub fn prefix_over(&self, address: IpAddr) -> Option<IpNet> {
+        match address {
+            IpAddr::V4(v4) => self
+                .ipv4_prefixes
+                .iter()
+                .find(|p| p.contains(&v4))
+                .map(|p| IpNet::V4(*p)),
+            IpAddr::V6(v6) => self
+                .ipv6_prefixes
+                .iter()
+                .find(|p| p.contains(&v6))
+                .map(|p| IpNet::V6(*p)),
+        }
+    }
+
+    /// Whether `prefix` is delegated to this ENI.
+    pub fn has_prefix(&self, prefix: IpNet) -> bool {
+        match prefix {
+            IpNet::V4(p) => self.ipv4_prefixes.contains(&p),
+            IpNet::V6(p) => self.ipv6_prefixes.contains(&p),
+        }
+    }
+
+    /// Every prefix delegated to this ENI, both families.
+    pub fn prefixes(&self) -> impl Iterator<Item = IpNet> + '_ {
+        self.ipv4_prefixes
+            .iter()
+            .map(|p| IpNet::V4(*p))
+            .chain(self.ipv6_prefixes.iter().map(|p| IpNet::V6(*p)))
+    }
+
+    /// Records a prefix change that EC2 accepted.
+    pub fn apply_prefixes(&mut self, change: &PrefixChange) {
+        if change.eni() != self.id {
+            return;
+        }
+        for p in change.prefixes() {
+            match (change.is_assign(), p) {
+                (true, IpNet::V4(p)) => self.ipv4_prefixes.insert(p),
+                (true, IpNet::V6(p)) => self.ipv6_prefixes.insert(p),
+                (false, IpNet::V4(p)) => self.ipv4_prefixes.remove(&p),
+                (false, IpNet::V6(p)) => self.ipv6_prefixes.remove(&p),
+            };
         }
     }
 
@@ -263,6 +450,61 @@ mod tests {
 
     fn v6(s: &str) -> Ipv6Addr {
         s.parse().unwrap_or(Ipv6Addr::UNSPECIFIED)
+    }
+
+    #[test]
+    fn an_address_inside_a_delegated_prefix_is_held() {
+        let mut eni = EniAddresses {
+            id: "eni-a".into(),
+            ..Default::default()
+        };
+        let p4: IpNet = "10.0.0.64/28".parse().unwrap_or_else(|e| panic!("{e}"));
+        let p6: IpNet = "2001:db8:0:0:1::/80"
+            .parse()
+            .unwrap_or_else(|e| panic!("{e}"));
+        let inside = IpAddr::V4(v4("10.0.0.77"));
+        let inside6 = IpAddr::V6(v6("2001:db8::1:0:0:9"));
+        assert!(!eni.holds(inside));
+        for change in PrefixChange::of("eni-a", true, &[p4, p6].into()) {
+            eni.apply_prefixes(&change);
+        }
+        assert!(eni.holds(inside) && eni.holds(inside6));
+        assert!(!eni.holds(IpAddr::V4(v4("10.0.0.80"))), "past the /28");
+        assert_eq!(eni.prefix_over(inside), Some(p4));
+        assert_eq!(eni.prefixes().count(), 2);
+        eni.apply_prefixes(&PrefixChange::UnassignIpv4 {
+            eni: "eni-other".into(),
+            prefixes: vec!["10.0.0.64/28".parse().unwrap_or_else(|e| panic!("{e}"))],
+        });
+        assert!(eni.has_prefix(p4), "another ENI's change");
+        for change in PrefixChange::of("eni-a", false, &[p4].into()) {
+            assert_eq!(change.action(), "UnassignPrivateIpAddresses");
+            eni.apply_prefixes(&change);
+        }
+        assert!(!eni.holds(inside) && eni.holds(inside6));
+    }
+
+    #[test]
+    fn prefix_calls_are_one_per_family_and_halve_down_to_one_prefix() {
+        let ps: BTreeSet<IpNet> = [
+            "10.0.0.0/28",
+            "10.0.0.16/28",
+            "10.0.0.32/28",
+            "2001:db8::/80",
+        ]
+        .iter()
+        .map(|p| p.parse().unwrap_or_else(|e| panic!("{e}")))
+        .collect();
+        let calls = PrefixChange::of("eni-a", true, &ps);
+        assert_eq!(calls.len(), 2);
+        assert_eq!(calls[0].prefixes().len(), 3);
+        assert_eq!(calls[1].action(), "AssignIpv6Addresses");
+        let Some((l, r)) = calls[0].halves() else {
+            panic!("three prefixes split");
+        };
+        assert_eq!((l.prefixes().len(), r.prefixes().len()), (1, 2));
+        assert!(l.is_assign() && l.eni() == "eni-a");
+        assert_eq!(l.halves(), None);
     }
 
     #[test]
