@@ -8,6 +8,7 @@ resyncs.
 
 from __future__ import annotations
 
+import datetime
 import ipaddress
 import json
 import time
@@ -236,3 +237,30 @@ def test_ipv6_a_80_is_assigned_once_reused_and_given_back(cluster: Cluster):
     wait_for(lambda: prefix not in cluster.proxy.prefixes(e.multus.id), "the /80 given back", timeout=30)
     cluster.resyncs(a, 2)
     assert len(prefix_calls(cluster, (UNASSIGN6,), prefix)) == 1
+
+
+def test_a_prefix_assign_that_timed_out_is_read_back_before_it_is_sent_again(cluster: Cluster):
+    """EC2 carries out the prefix's Assign but the answer never comes (every SDK attempt times
+    out, 30 s): the agent reads the ENI before it sends anything more for it, finds the prefix,
+    and the pod is routable through it with that one call (it sent the prefix again at once)."""
+    w = cluster.world
+    # No resync during the 30 s: what the agent knows of the ENI comes from its own calls.
+    a = cluster.node(f"--prefix-ranges={w.v4(64)}/26", "--resync-interval=120s", "--batch-interval=500ms")
+    e = a.enis
+    address = w.v4(100)
+    prefix = block(address)
+    for _ in range(4):
+        cluster.proxy.hold_answer(ASSIGN4, 45)
+    a.pod().link("net1", e.multus.mac, address)
+    wait_for(lambda: prefix in cluster.proxy.prefixes(e.multus.id), "EC2 carried the prefix's Assign out")
+    timed_out = wait_for(
+        lambda: [x for x in a.agent.logs() if x.get("outcome") == "timeout"],
+        "the agent's prefix Assign timed out",
+        timeout=60,
+    )[0]
+    at = datetime.datetime.fromisoformat(timed_out["timestamp"].replace("Z", "+00:00")).timestamp()
+    wait_for(lambda: routable_through(a.agent, address, prefix), "routable through the prefix after the read")
+    time.sleep(3)  # the node-wide backoff after a timeout is 0.5 s: a prefix sent again is in
+    # The SDK's own attempts within its 30 s are before `at`; the agent's come after.
+    again = [r for r in prefix_calls(cluster, ASSIGNS, prefix) if r.arrived_wall > at]
+    assert not again, f"{len(again)} prefix Assign calls after the timeout, before reading what EC2 did"

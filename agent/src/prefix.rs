@@ -214,6 +214,11 @@ impl PrefixBook {
                 q.unassign.remove(p);
             }
             if eni.has_prefix(*p) {
+                // Queued before a read showed it there (an assign that timed out but was
+                // carried out): nothing left to send.
+                if let Some(q) = self.queued.get_mut(eni_id) {
+                    q.assign.remove(p);
+                }
                 // A pod of this node holds an address in it on this ENI: the agent's own.
                 owned_changed |= self.owned.entry(eni_id.clone()).or_default().insert(*p);
                 self.refused.forget(*p);
@@ -282,15 +287,15 @@ impl PrefixBook {
         self.flying.get(eni).is_some_and(|s| s.contains(&p))
     }
 
-    /// Takes the queued calls of every ENI without a prefix call in flight and marks them in
-    /// flight: unassigns first (a released prefix frees a slot for the next), at most one call
+    /// Takes the queued calls of every ENI without a prefix call in flight, and not `held` (the
+    /// outcome of its last call is unknown until a read), and marks them in flight: unassigns first (a released prefix frees a slot for the next), at most one call
     /// per family and direction. Prefix calls are rare (one per node block), so they are not
     /// paced like address batches.
-    pub fn take_ready(&mut self) -> Vec<(EniId, Vec<PrefixChange>)> {
+    pub fn take_ready(&mut self, held: impl Fn(&str) -> bool) -> Vec<(EniId, Vec<PrefixChange>)> {
         let ready: Vec<EniId> = self
             .queued
             .keys()
-            .filter(|e| !self.flying.contains_key(*e))
+            .filter(|e| !self.flying.contains_key(*e) && !held(e))
             .cloned()
             .collect();
         let mut out = Vec::new();
@@ -580,6 +585,37 @@ mod tests {
     }
 
     #[test]
+    fn an_assign_that_timed_out_waits_for_a_read_and_is_not_sent_again_when_it_shows() {
+        let mut book = PrefixBook::new(ranges(), HOUR, BTreeMap::new());
+        let t0 = Instant::now();
+        let mut e = enis(&[]);
+        plan(&mut book, &[("eni-a", "10.0.0.65")], &e, t0);
+        let calls = book.take_ready(|_| false);
+        let timed_out = PrefixOutcome {
+            change: calls[0].1[0].clone(),
+            result: Err(multus_eni_ec2::Error {
+                action: "AssignPrivateIpAddresses",
+                kind: ErrorKind::Timeout,
+                message: "operation timeout".into(),
+                code: None,
+            }),
+        };
+        book.done("eni-a", &[timed_out], Some(&mut e), false, t0);
+        // Planned again from what the agent knew before the call, but held (the node marks
+        // the ENI unsure until a read that started after the timeout).
+        plan(&mut book, &[("eni-a", "10.0.0.65")], &e, t0);
+        assert!(book.take_ready(|eni| eni == "eni-a").is_empty());
+        // The read shows EC2 carried it out: nothing is left to send.
+        if let Some(a) = e.get_mut(&MAC_A) {
+            a.ipv4_prefixes
+                .insert("10.0.0.64/28".parse().unwrap_or_else(|e| panic!("{e}")));
+        }
+        plan(&mut book, &[("eni-a", "10.0.0.65")], &e, t0);
+        assert!(book.take_ready(|_| false).is_empty());
+        assert_eq!(book.owned().get("eni-a").map(|s| s.len()), Some(1));
+    }
+
+    #[test]
     fn the_first_pod_of_a_block_costs_one_call_and_later_ones_none() {
         let mut book = PrefixBook::new(ranges(), HOUR, BTreeMap::new());
         let t0 = Instant::now();
@@ -590,7 +626,7 @@ mod tests {
             &e,
             t0,
         );
-        let calls = book.take_ready();
+        let calls = book.take_ready(|_| false);
         assert_eq!(
             calls,
             vec![(
@@ -603,7 +639,7 @@ mod tests {
         );
         // While it flies, nothing more goes out.
         plan(&mut book, &[("eni-a", "10.0.0.67")], &e, t0);
-        assert!(book.take_ready().is_empty());
+        assert!(book.take_ready(|_| false).is_empty());
         let outcomes: Vec<PrefixOutcome> = calls[0].1.iter().cloned().map(ok).collect();
         let done = book.done("eni-a", &outcomes, Some(&mut e), false, t0);
         assert!(done.checkpoint && !done.read);
@@ -615,7 +651,10 @@ mod tests {
             &e,
             t0,
         );
-        assert!(book.take_ready().is_empty(), "a later pod costs no call");
+        assert!(
+            book.take_ready(|_| false).is_empty(),
+            "a later pod costs no call"
+        );
         let a = e.get(&MAC_A).cloned().unwrap_or_default();
         assert_eq!(
             book.state(ip("10.0.0.78"), &a),
@@ -632,27 +671,30 @@ mod tests {
         let e = enis(&["10.0.0.64/28"]);
         let t0 = Instant::now();
         plan(&mut book, &[("eni-a", "10.0.0.65")], &e, t0);
-        assert!(book.take_ready().is_empty());
+        assert!(book.take_ready(|_| false).is_empty());
         // The last pod left: idle from now.
         let t1 = t0 + Duration::from_secs(5);
         plan(&mut book, &[], &e, t1);
-        assert!(book.take_ready().is_empty());
+        assert!(book.take_ready(|_| false).is_empty());
         assert_eq!(book.next_due(t1), Some(t1 + after));
         // A new pod within the delay reuses it without a call, and the clock starts over.
         let t2 = t1 + after - Duration::from_secs(1);
         plan(&mut book, &[("eni-a", "10.0.0.70")], &e, t2);
-        assert!(book.take_ready().is_empty());
+        assert!(book.take_ready(|_| false).is_empty());
         let t3 = t2 + Duration::from_secs(1);
         plan(&mut book, &[], &e, t3);
         plan(&mut book, &[], &e, t3 + after - Duration::from_millis(1));
-        assert!(book.take_ready().is_empty(), "not before the delay");
+        assert!(
+            book.take_ready(|_| false).is_empty(),
+            "not before the delay"
+        );
         plan(&mut book, &[], &e, t3 + after);
-        let calls = book.take_ready();
+        let calls = book.take_ready(|_| false);
         assert_eq!(calls.len(), 1);
         assert_eq!(calls[0].1[0].action(), "UnassignPrivateIpAddresses");
         plan(&mut book, &[], &e, t3 + after * 2);
         assert!(
-            book.take_ready().is_empty(),
+            book.take_ready(|_| false).is_empty(),
             "one unassign in flight at a time"
         );
     }
@@ -679,7 +721,7 @@ mod tests {
             false,
             later,
         );
-        assert!(book.take_ready().is_empty(), "unowned: kept");
+        assert!(book.take_ready(|_| false).is_empty(), "unowned: kept");
         let rows = book.rows(&e);
         assert!(rows.iter().all(|r| r.2 == PrefixState::Unowned), "{rows:?}");
         book.plan(
@@ -691,7 +733,7 @@ mod tests {
             later,
         );
         assert!(
-            book.take_ready().is_empty(),
+            book.take_ready(|_| false).is_empty(),
             "view incomplete: nothing released"
         );
         book.plan(
@@ -710,14 +752,14 @@ mod tests {
             true,
             later + HOUR,
         );
-        let calls = book.take_ready();
+        let calls = book.take_ready(|_| false);
         assert_eq!(calls[0].1.len(), 2, "--reclaim-unowned: both families");
         // An address held by a pod the agent does not manage keeps a prefix.
         let mut book = PrefixBook::new(ranges(), Duration::from_secs(1), BTreeMap::new());
         let held = [ip("10.0.0.65"), ip("2001:db8::7:0:0:1")].into();
         book.plan(WantedPrefixes::default(), &e, &held, true, true, t0);
         book.plan(WantedPrefixes::default(), &e, &held, true, true, later);
-        assert!(book.take_ready().is_empty());
+        assert!(book.take_ready(|_| false).is_empty());
     }
 
     #[test]
@@ -726,7 +768,7 @@ mod tests {
         let mut e = enis(&[]);
         let t0 = Instant::now();
         plan(&mut book, &[("eni-a", "2001:db8::7:0:0:9")], &e, t0);
-        let calls = book.take_ready();
+        let calls = book.take_ready(|_| false);
         let refusal = multus_eni_ec2::Error {
             action: "AssignIpv6Addresses",
             kind: ErrorKind::Rejected,
@@ -760,9 +802,13 @@ mod tests {
             &e,
             t0 + Duration::from_secs(1),
         );
-        assert!(book.take_ready().is_empty(), "waits its backoff");
+        assert!(book.take_ready(|_| false).is_empty(), "waits its backoff");
         plan(&mut book, &[("eni-a", "2001:db8::7:0:0:9")], &e, t0 + HOUR);
-        assert_eq!(book.take_ready().len(), 1, "tried again, exclusively");
+        assert_eq!(
+            book.take_ready(|_| false).len(),
+            1,
+            "tried again, exclusively"
+        );
     }
 
     #[test]
@@ -787,7 +833,7 @@ mod tests {
         let mut e = enis(&[]);
         let t0 = Instant::now();
         plan(&mut book, &[("eni-a", "10.0.0.65")], &e, t0);
-        let calls = book.take_ready();
+        let calls = book.take_ready(|_| false);
         let outcomes: Vec<PrefixOutcome> = calls[0].1.iter().cloned().map(ok).collect();
         book.done("eni-a", &outcomes, Some(&mut e), true, t0);
         let mut stale = enis(&[]);

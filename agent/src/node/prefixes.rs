@@ -45,7 +45,8 @@ impl Node {
 
     /// Sends the queued prefix calls, one task per ENI (the caller checked the node's backoff).
     pub(super) fn dispatch_prefixes(&mut self) {
-        for (eni, changes) in self.prefixes.take_ready() {
+        let unsure = &self.unsure;
+        for (eni, changes) in self.prefixes.take_ready(|e| unsure.contains_key(e)) {
             for c in &changes {
                 tracing::info!(action = c.action(), eni = %eni, prefixes = ?c.prefixes(), "sending prefix call");
             }
@@ -71,6 +72,7 @@ impl Node {
 
     /// An ENI's prefix calls returned.
     pub(super) fn on_prefix_called(&mut self, eni: &str, outcomes: Vec<PrefixOutcome>) {
+        let mut unsure = false;
         for o in &outcomes {
             match &o.result {
                 Ok(()) => {
@@ -84,6 +86,11 @@ impl Node {
                     } else {
                         tracing::warn!(action = o.change.action(), outcome = %e.kind, eni = %eni, error = %e.message, hint = e.kind.hint(), "prefix call failed; planned again");
                         self.retry_later(e.kind);
+                        if e.kind == ErrorKind::Timeout {
+                            // EC2 may have carried it out: nothing more for this ENI until a
+                            // read that started after now says what it holds.
+                            unsure = true;
+                        }
                     }
                 }
             }
@@ -98,7 +105,9 @@ impl Node {
         if done.checkpoint {
             self.save_checkpoint();
         }
-        if done.read {
+        if unsure {
+            self.unsure_of(eni);
+        } else if done.read {
             self.read();
         }
     }
