@@ -264,6 +264,14 @@ def proc_stats(pid: int) -> ProcStats | None:
     )
 
 
+def moto_cpu_seconds(emu: Emulator) -> float | None:
+    """CPU seconds moto (the EC2 emulator) used so far: its share of a phase says whether a
+    figure is the agents' or the emulator's."""
+    proc = emu.moto.proc
+    s = proc_stats(proc.pid) if proc is not None else None
+    return s.cpu_seconds if s else None
+
+
 def eni_addresses(emu: Emulator, subnet_id: str) -> dict[str, set[str]]:
     """Every ENI of the subnet → its private IPv4 addresses, straight from moto."""
 

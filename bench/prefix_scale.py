@@ -90,12 +90,14 @@ def run_mode(emu: Emulator, pods: list[Pod], log_dir: Path, tag: str, agent_args
                 unlink(agents, pods, "")
                 time.sleep(5)  # the agents saw the pods go (address mode releases)
             started = time.monotonic()
+            moto_before = cluster.moto_cpu_seconds(emu) or 0.0
             link(agents, pods, suffix)
             spawned = time.monotonic()
             deadline = started + timeout
             while not routable(agents, len(pods)) and time.monotonic() < deadline:
                 time.sleep(0.5)
             done = time.monotonic()
+            moto_share = ((cluster.moto_cpu_seconds(emu) or 0.0) - moto_before) / max(done - started, 1e-3)
             calls, throttled = mutating(proxy, started - (5 if phase == "second" else 0), done)
             out[phase] = {
                 "routable": done < deadline,
@@ -103,6 +105,7 @@ def run_mode(emu: Emulator, pods: list[Pod], log_dir: Path, tag: str, agent_args
                 "after_last_pod_s": round(done - spawned, 1),
                 "mutating_calls": calls,
                 "throttled": throttled,
+                "moto_cpu_share": round(100 * moto_share),
             }
             print(f"  {phase}: {out[phase]}", flush=True)
         out["prefixes_gauge"] = sum(a.metric("multus_eni_agent_prefixes") for a in agents.values())
@@ -149,13 +152,13 @@ def main() -> int:
         clean(emu, world, pods)
         print("prefix_scale: prefix mode", flush=True)
         results["prefix"] = run_mode(emu, pods, log_dir, "prefix", [*common, f"--prefix-ranges={BLOCKS}"], args.timeout)
-        print("| mode | rollout | all routable after the start (after the last pod) | mutating calls | throttled |")
-        print("| --- | --- | --- | --- | --- |")
+        print("| mode | rollout | all routable after the start (after the last pod) | mutating calls | throttled | moto CPU (of one core) |")
+        print("| --- | --- | --- | --- | --- | --- |")
         for mode, r in results.items():
             for phase in ("first", "second"):
                 p = r[phase]
                 ok = "" if p["routable"] else " (timed out)"
-                print(f"| {mode} | {phase} | {p['after_start_s']} s ({p['after_last_pod_s']} s){ok} | {p['mutating_calls']} | {p['throttled']} |")
+                print(f"| {mode} | {phase} | {p['after_start_s']} s ({p['after_last_pod_s']} s){ok} | {p['mutating_calls']} | {p['throttled']} | {p['moto_cpu_share']} % |")
         print(f"prefixes on the ENIs at the end (prefix mode): {results['prefix']['prefixes_gauge']:.0f}")
         return 0
     finally:

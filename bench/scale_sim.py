@@ -292,7 +292,7 @@ def run_sidecars(
         for ph in phases:
             ph.calls = summarize(proxy.requests(), ph.started, ph.ended)
         proxy.check_hooked()
-        extra["moto_cpu_seconds"] = _moto_cpu(emu)
+        extra["moto_cpu_seconds"] = cluster.moto_cpu_seconds(emu)
         waves = [r.arrived for r in proxy.requests(DESCRIBE) if idle.started <= r.arrived < idle.ended]
         extra["resync_wave"] = (len(waves), (max(waves) - min(waves)) if waves else 0.0)
     finally:
@@ -359,12 +359,6 @@ def run_baseline(
         fleet.stop()
         proxy.stop()
     return RunResult("baseline", [start, change, idle, release], extra)
-
-
-def _moto_cpu(emu: Emulator) -> float | None:
-    proc = emu.moto.proc
-    s = cluster.proc_stats(proc.pid) if proc is not None else None
-    return s.cpu_seconds if s else None
 
 
 # === moto's own capacity ===
