@@ -449,7 +449,7 @@ def test_throttling_and_server_errors_are_retried_once_per_node(node):
     assert node.on_eni(eni.id, *addresses)
     assert agent.metric("multus_eni_agent_throttles_total") == 2
     # The SDK retries the 5xx itself; throttled calls are retried by the agent only.
-    assert agent.metric("multus_eni_agent_ec2_calls_total", 'action="AssignPrivateIpAddresses",outcome="throttled"') == 2
+    assert agent.metric("multus_eni_agent_ec2_calls_total", 'action="AssignPrivateIpAddresses",outcome="throttled",kind="address"') == 2
     # Never more Assign calls than pods: the faulted ones are exactly the three injected.
     calls = node.calls_on(eni.id, ASSIGN4)
     assert len([c for c in calls if c.fault is None]) <= len(pods)

@@ -29,6 +29,8 @@ def run_samples(tmp_path: Path, ci: bool, samples: dict[str, str], *args: str) -
     root.mkdir()
     shutil.copy(TESTS / "conftest.py", root / "conftest.py")
     shutil.copytree(TESTS / "lib", root / "lib", ignore=shutil.ignore_patterns("__pycache__"))
+    # The conftest reads this release's version from the workspace's Cargo.toml, one level up.
+    shutil.copy(TESTS.parent / "Cargo.toml", tmp_path / "Cargo.toml")
     for name, text in samples.items():
         (root / name).write_text(text)
     report = tmp_path / "report.xml"
@@ -37,6 +39,7 @@ def run_samples(tmp_path: Path, ci: bool, samples: dict[str, str], *args: str) -
         [sys.executable, "-m", "pytest", str(root), "-p", "no:cacheprovider", f"--junitxml={report}", *args],
         cwd=root, env=env, capture_output=True, text=True, timeout=120,
     )
+    assert report.exists(), f"the nested pytest wrote no report:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     outcomes = {}
     for case in ET.parse(report).getroot().iter("testcase"):
         kinds = [child.tag for child in case if child.tag in ("failure", "error", "skipped")]
