@@ -48,9 +48,10 @@ stage "fuzz (10 s per target, unoptimized, no sanitizer: panics only; with ASan:
 FUZZ_PROFILE=dev FUZZ_SANITIZER=none scripts/fuzz.sh "${FUZZ_SECONDS:-10}"
 stage "pytest (end-to-end)"
 export MULTUS_ENI_BIN_DIR="${MULTUS_ENI_BIN_DIR:-$PWD/target/debug}"
-# Two workers, each taking whole modules (pytest-xdist, --dist loadfile): every e2e module has its
-# own emulator and network namespaces (names carry the worker's pid), so modules run side by side;
-# the tests mostly wait on processes, not the CPU. The longest module (test_agent_node_e2e.py)
-# bounds the run, so more workers would gain little. The 25 slowest tests are listed at the end
-# (docs/benchmarks.md, "CI time").
-.venv/bin/python -m pytest tests -ra -n 2 --dist loadfile --durations=25
+# Four workers, each taking whole modules (pytest-xdist, --dist loadfile): every e2e module has
+# its own emulator and network namespaces (names carry the worker's pid), so modules run side by
+# side; the tests mostly wait on processes and timers, not the CPU (about 75 % of one core with
+# four workers on 2 cores). The longest module (test_agent_node_e2e.py, ~160 s) bounds the run:
+# 3.9 min with three workers, 3.3 with four (docs/benchmarks.md, "CI time"). The 25 slowest tests
+# are listed at the end.
+.venv/bin/python -m pytest tests -ra -n 4 --dist loadfile --durations=25
