@@ -301,3 +301,23 @@ def test_an_address_back_in_duplicate_address_detection_keeps_its_assignment(clu
     wait_for(lambda: "tentative" not in p.ns.ip("-6", "addr", "show", "dev", "net1").stdout, "DAD passed again")
     assert not cluster.calls(UNASSIGNS, address), "released while in DAD again"
     assert cluster.holds(e.multus, address)
+
+
+def test_a_vpc_cni_pods_veth_is_never_looked_up(cluster: Cluster):
+    """A VPC CNI pod's eth0 is a veth with a random MAC, holding addresses of the VPC CNI's ENI of
+    this instance: the agent changes nothing for it whatever EC2 would say of that MAC, so it never
+    looks it up (it did, once per pod: 110 Describe calls for a full node, at most
+    --max-mac-lookups per resync), and the address reads `no_eni` through the VPC CNI's ENI. The
+    pod's Multus interface is served as before."""
+    a = cluster.node()
+    e, w = a.enis, cluster.world
+    veth = "0e:5a:00:00:00:09"
+    p = a.pod()
+    p.link("eth0", veth, e.vpc_cni_v4)
+    p.link("net1", e.multus.mac, w.v4(95))
+    wait_for(lambda: cluster.holds(e.multus, w.v4(95)), "the Multus address assigned")
+    cluster.resyncs(a, 3)
+    lookups = [r for r in cluster.proxy.requests(DESCRIBE) if veth in str(r.params).lower()]
+    assert not lookups, f"{len(lookups)} Describe calls for the veth's MAC"
+    rows = a.agent.status_of(e.vpc_cni_v4)
+    assert [(r["state"], r["eni"]) for r in rows] == [("no_eni", e.vpc_cni.id)], rows

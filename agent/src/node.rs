@@ -474,11 +474,17 @@ impl Node {
     }
 
     /// The MACs of every pod interface of the node.
+    /// The MACs of the node's pod interfaces that could be an ENI's the agent acts for
+    /// ([`plan::worth_a_lookup`]).
     fn pod_macs(&self) -> BTreeSet<MacAddress> {
+        let Some(enis) = &self.enis else {
+            return BTreeSet::new();
+        };
         self.view
             .pods
             .values()
             .flat_map(|p| p.interfaces.iter())
+            .filter(|i| plan::worth_a_lookup(i, enis))
             .filter_map(|i| i.mac)
             .collect()
     }

@@ -107,10 +107,30 @@ pub const IGNORED: &str =
 /// Reason: the MAC is being looked up.
 pub const LOOKING_UP_MAC: &str =
     "looking up the interface's MAC: not one of this instance's ENIs as last read";
+/// Reason: an interface whose MAC no read placed, holding an address of the VPC CNI's.
+pub const ON_VPC_CNI_ENI: &str = "on a VPC CNI ENI of this instance (the VPC routes it here; the agent never moves it): the interface's MAC is not looked up";
 /// Prefix of a reason that carries EC2's own error text (served on `/status` only).
 pub const EC2_SAID: &str = "EC2 refused it: ";
 
 /// The refusal of an address that `holder` (an ENI without `no_manage`) holds.
+/// The ENI of this instance without `no_manage` (the VPC CNI's) that holds `address`.
+pub fn vpc_cni_holder(enis: &InstanceEnis, address: IpAddr) -> Option<&EniAddresses> {
+    enis.values().find(|e| !e.no_manage && e.holds(address))
+}
+
+/// Whether the MAC of `iface` is worth a lookup when no read placed it: not when every address
+/// on it is held by a VPC CNI ENI of this instance (a VPC CNI pod's `eth0`, a veth with a
+/// random MAC): whatever EC2 answered, the agent would change nothing for it, and one lookup per
+/// pod and resync would spend the account's Describe bucket for nothing.
+pub fn worth_a_lookup(iface: &DesiredInterface, enis: &InstanceEnis) -> bool {
+    iface
+        .addresses
+        .iter()
+        .copied()
+        .chain(iface.tentative.iter().map(|a| IpAddr::V6(*a)))
+        .any(|a| vpc_cni_holder(enis, a).is_none())
+}
+
 pub fn held_by_not_no_manage(holder: &str) -> Refusal {
     Refusal {
         eni: Some(holder.to_string()),
@@ -172,10 +192,7 @@ pub fn wanted<'a>(
                 {
                     continue;
                 }
-                if let Some(other) = enis
-                    .values()
-                    .find(|e| e.id != eni.id && !e.no_manage && e.holds(address))
-                {
+                if let Some(other) = vpc_cni_holder(enis, address) {
                     out.refused
                         .insert(address, held_by_not_no_manage(&other.id));
                     continue;
@@ -251,7 +268,14 @@ pub fn address_state(
                 )),
             ),
             Some(MacLookup::NoEni) => (AddressState::NoEni, None, None),
-            None => (AddressState::Pending, None, Some(LOOKING_UP_MAC.into())),
+            None => match vpc_cni_holder(k.enis, address) {
+                Some(holder) => (
+                    AddressState::NoEni,
+                    Some(holder.id.clone()),
+                    Some(ON_VPC_CNI_ENI.into()),
+                ),
+                None => (AddressState::Pending, None, Some(LOOKING_UP_MAC.into())),
+            },
         };
     };
     let id = Some(eni.id.clone());
@@ -588,6 +612,40 @@ mod tests {
             address_state(MULTUS, ip("10.0.1.21"), &later).0,
             AddressState::Pending,
             "the conflict's wait is over: it is tried again"
+        );
+    }
+
+    #[test]
+    fn a_vpc_cni_pods_veth_is_not_looked_up_and_reads_no_eni_through_the_vpc_cni_eni() {
+        const VETH: MacAddress = MacAddress([0x0e, 0x5a, 0, 0, 0, 9]);
+        let enis = enis();
+        let eth0 = |addresses: &[&str]| pod("vpc-cni-pod", VETH, addresses).interfaces[0].clone();
+        assert!(
+            !worth_a_lookup(&eth0(&["10.0.1.30"]), &enis),
+            "every address on the VPC CNI's ENI: nothing to learn"
+        );
+        assert!(worth_a_lookup(&eth0(&["10.0.1.30", "10.0.1.77"]), &enis));
+        assert!(
+            worth_a_lookup(&eth0(&["10.0.1.20"]), &enis),
+            "held by a Multus ENI (another interface's MAC): looked up"
+        );
+        let facts = Facts {
+            enis,
+            ..Facts::default()
+        };
+        let k = facts.at(Instant::now());
+        assert_eq!(
+            address_state(VETH, ip("10.0.1.30"), &k),
+            (
+                AddressState::NoEni,
+                Some("eni-cni".to_string()),
+                Some(ON_VPC_CNI_ENI.into())
+            )
+        );
+        assert_eq!(
+            address_state(VETH, ip("10.0.1.77"), &k).0,
+            AddressState::Pending,
+            "an address no ENI of this instance holds waits for the lookup"
         );
     }
 

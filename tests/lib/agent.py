@@ -14,6 +14,7 @@ host's namespace).
 
 from __future__ import annotations
 
+import datetime
 import functools
 import itertools
 import json
@@ -25,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from . import sidecar as sidecar_lib
+from .sidecar import wait_for
 from .moto import CREDENTIALS, REGION, NodeEnis
 from .netns import NetNS
 
@@ -165,6 +167,16 @@ class Agent:
             if key in ("VmRSS", "VmHWM"):
                 out[key] = int(value.split()[0])
         return out
+
+    def first_timeout_at(self, what: str) -> float:
+        """Waits (60 s at most) for the agent's first log line with outcome `timeout` (an EC2
+        call whose answer never came) and returns its time (seconds since the epoch)."""
+        line = wait_for(
+            lambda: [x for x in self.logs() if x.get("outcome") == "timeout"],
+            f"the agent's {what} timed out",
+            timeout=60,
+        )[0]
+        return datetime.datetime.fromisoformat(line["timestamp"].replace("Z", "+00:00")).timestamp()
 
     def logs(self) -> list[dict[str, Any]]:
         out = []

@@ -204,8 +204,8 @@ mod tests {
         assert_eq!(outcome.decision, Decision::Skip(SkipReason::NotAPod));
     }
 
-    /// The sidecar each path injects, through the router as the apiserver calls it.
-    async fn sidecars_by_path(config: Config, paths: &[&str]) -> Vec<Value> {
+    /// The JSON patch each path answers, through the router as the apiserver calls it.
+    async fn patches_by_path(config: Config, paths: &[&str]) -> Vec<Vec<Value>> {
         use crate::handler::{AppState, build_router};
         use crate::metrics::Metrics;
         use axum::body::Body;
@@ -235,15 +235,23 @@ mod tests {
             let patch = STANDARD
                 .decode(review["response"]["patch"].as_str().unwrap_or_default())
                 .unwrap_or_default();
-            let ops: Vec<Value> = serde_json::from_slice(&patch).unwrap_or_default();
-            let sidecar = ops
-                .iter()
-                .find(|op| op["path"] == "/spec/initContainers")
-                .map(|op| op["value"][0].clone())
-                .unwrap_or_default();
-            seen.push(sidecar);
+            seen.push(serde_json::from_slice(&patch).unwrap_or_default());
         }
         seen
+    }
+
+    /// The sidecar each path injects.
+    async fn sidecars_by_path(config: Config, paths: &[&str]) -> Vec<Value> {
+        patches_by_path(config, paths)
+            .await
+            .into_iter()
+            .map(|ops| {
+                ops.iter()
+                    .find(|op| op["path"] == "/spec/initContainers")
+                    .map(|op| op["value"][0].clone())
+                    .unwrap_or_default()
+            })
+            .collect()
     }
 
     #[tokio::test]
@@ -291,36 +299,11 @@ mod tests {
 
     #[tokio::test]
     async fn every_path_adds_the_image_pull_secrets() {
-        use crate::handler::{AppState, DIRECT_PATH, GATE_PATH, build_router};
-        use crate::metrics::Metrics;
-        use axum::body::Body;
-        use axum::http::Request;
-        use std::sync::Arc;
-        use tower::ServiceExt;
+        use crate::handler::{DIRECT_PATH, GATE_PATH};
         let mut config = Config::new("img");
         config.image_pull_secrets = vec!["private-registry".into()];
-        let router = build_router(AppState {
-            config: Arc::new(config),
-            metrics: Arc::new(Metrics::new()),
-        });
-        for path in ["/mutate", GATE_PATH, DIRECT_PATH] {
-            let request = Request::post(path)
-                .header("content-type", "application/json")
-                .body(Body::from(body("CREATE", pod())))
-                .unwrap_or_else(|e| panic!("{e}"));
-            let response = router
-                .clone()
-                .oneshot(request)
-                .await
-                .unwrap_or_else(|e| panic!("{e}"));
-            let bytes = axum::body::to_bytes(response.into_body(), MAX_BODY_BYTES)
-                .await
-                .unwrap_or_default();
-            let review: Value = serde_json::from_slice(&bytes).unwrap_or_default();
-            let patch = STANDARD
-                .decode(review["response"]["patch"].as_str().unwrap_or_default())
-                .unwrap_or_default();
-            let ops: Vec<Value> = serde_json::from_slice(&patch).unwrap_or_default();
+        let paths = ["/mutate", GATE_PATH, DIRECT_PATH];
+        for (path, ops) in paths.iter().zip(patches_by_path(config, &paths).await) {
             let added: Vec<&Value> = ops
                 .iter()
                 .filter(|op| op["path"] == "/spec/imagePullSecrets")
