@@ -363,9 +363,7 @@ mod tests {
 
     #[test]
     fn four_flags_start_a_server_with_documented_defaults() {
-        let cli = Cli::try_parse_from([
-            "multus-eni-webhook",
-            "serve",
+        let args = serve_args(&[
             "--addr",
             "0.0.0.0:8443",
             "--tls-cert",
@@ -374,16 +372,22 @@ mod tests {
             "/tls/tls.key",
             "--sidecar-image",
             "img:1",
-        ])
-        .unwrap_or_else(|e| panic!("{e}"));
-        let Command::Serve(args) = cli.command else {
-            panic!("expected serve");
-        };
+        ]);
         assert_eq!(args.metrics_addr.to_string(), "[::]:8080");
         assert_eq!(args.log_format, LogFormat::Json);
         assert_eq!(args.shutdown_delay, Duration::from_secs(10));
         let config = args.sidecar.config().unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(config, Config::new("img:1"));
+    }
+
+    /// `multus-eni-webhook serve` with `flags`, parsed.
+    fn serve_args(flags: &[&str]) -> ServeArgs {
+        let argv = ["multus-eni-webhook", "serve"].iter().chain(flags);
+        let cli = Cli::try_parse_from(argv).unwrap_or_else(|e| panic!("{e}"));
+        let Command::Serve(args) = cli.command else {
+            panic!("expected serve");
+        };
+        args
     }
 
     fn inject_args(extra: &[&str]) -> std::result::Result<SidecarArgs, clap::Error> {
@@ -459,17 +463,11 @@ mod tests {
 
     #[test]
     fn listeners_default_to_both_address_families() {
-        let cli = Cli::try_parse_from([
-            "multus-eni-webhook",
-            "serve",
+        let args = serve_args(&[
             "--tls-cert=/tls/tls.crt",
             "--tls-key=/tls/tls.key",
             "--sidecar-image=img:1",
-        ])
-        .unwrap_or_else(|e| panic!("{e}"));
-        let Command::Serve(args) = cli.command else {
-            panic!("expected serve");
-        };
+        ]);
         assert_eq!(args.addr.to_string(), "[::]:8443");
         assert_eq!(args.metrics_addr.to_string(), "[::]:8080");
     }
