@@ -145,7 +145,7 @@ def main() -> int:
         with ThreadPoolExecutor(4) as pool:
             list(pool.map(lambda p: cluster.create_pod(emu, p), pods))
         cluster.attach_pods_to_bridge(emu, pods)
-        common = ["--resync-interval=60s", *args.agent_arg]
+        common = [*cluster.AGENT_ARGS, "--resync-interval=60s", *args.agent_arg]
         results = {}
         print(f"prefix_scale: {args.pods} pods on {args.nodes} nodes, blocks of {args.block}; per-address mode", flush=True)
         results["address"] = run_mode(emu, pods, log_dir, "address", common, args.timeout)

@@ -160,8 +160,9 @@ def start_agents(emu: Emulator, endpoint: str, pods: list[Pod], log_dir: Path, e
 
     binary = Path(cluster.agent_binary())
     agents: dict[str, Any] = {}
+    args = [*cluster.AGENT_ARGS, *(extra or [])]
     for node in sorted({p.eni.node for p in pods}):
-        a = Agent(emu.ns, endpoint, log_dir / f"agent-{node}", binary, extra, instance_id=node)
+        a = Agent(emu.ns, endpoint, log_dir / f"agent-{node}", binary, args, instance_id=node)
         agents[node] = a.start()
     deadline = time.monotonic() + 60
     while not all(a.http("/readyz")[0] == 200 for a in agents.values()):

@@ -484,7 +484,7 @@ impl Node {
             .pods
             .values()
             .flat_map(|p| p.interfaces.iter())
-            .filter(|i| plan::worth_a_lookup(i, enis))
+            .filter(|i| plan::worth_a_lookup(i, enis, &self.config.ignored))
             .filter_map(|i| i.mac)
             .collect()
     }

@@ -120,15 +120,15 @@ pub fn vpc_cni_holder(enis: &InstanceEnis, address: IpAddr) -> Option<&EniAddres
 
 /// Whether the MAC of `iface` is worth a lookup when no read placed it: not when every address
 /// on it is held by a VPC CNI ENI of this instance (a VPC CNI pod's `eth0`, a veth with a
-/// random MAC): whatever EC2 answered, the agent would change nothing for it, and one lookup per
-/// pod and resync would spend the account's Describe bucket for nothing.
-pub fn worth_a_lookup(iface: &DesiredInterface, enis: &InstanceEnis) -> bool {
+/// random MAC) or inside `--ignore-cidrs`: whatever EC2 answered, the agent would change
+/// nothing for it, and one lookup per pod would spend the account's Describe bucket for nothing.
+pub fn worth_a_lookup(iface: &DesiredInterface, enis: &InstanceEnis, ignored: &[IpNet]) -> bool {
     iface
         .addresses
         .iter()
         .copied()
         .chain(iface.tentative.iter().map(|a| IpAddr::V6(*a)))
-        .any(|a| vpc_cni_holder(enis, a).is_none())
+        .any(|a| vpc_cni_holder(enis, a).is_none() && !is_ignored(ignored, a))
 }
 
 pub fn held_by_not_no_manage(holder: &str) -> Refusal {
@@ -621,12 +621,21 @@ mod tests {
         let enis = enis();
         let eth0 = |addresses: &[&str]| pod("vpc-cni-pod", VETH, addresses).interfaces[0].clone();
         assert!(
-            !worth_a_lookup(&eth0(&["10.0.1.30"]), &enis),
+            !worth_a_lookup(&eth0(&["10.0.1.30"]), &enis, &[]),
             "every address on the VPC CNI's ENI: nothing to learn"
         );
-        assert!(worth_a_lookup(&eth0(&["10.0.1.30", "10.0.1.77"]), &enis));
+        assert!(worth_a_lookup(
+            &eth0(&["10.0.1.30", "10.0.1.77"]),
+            &enis,
+            &[]
+        ));
+        let ignored: Vec<IpNet> = vec!["10.0.1.64/26".parse().unwrap_or_else(|e| panic!("{e}"))];
         assert!(
-            worth_a_lookup(&eth0(&["10.0.1.20"]), &enis),
+            !worth_a_lookup(&eth0(&["10.0.1.30", "10.0.1.77"]), &enis, &ignored),
+            "the rest inside --ignore-cidrs: nothing to learn either"
+        );
+        assert!(
+            worth_a_lookup(&eth0(&["10.0.1.20"]), &enis, &[]),
             "held by a Multus ENI (another interface's MAC): looked up"
         );
         let facts = Facts {
