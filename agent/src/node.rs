@@ -473,7 +473,6 @@ impl Node {
         }
     }
 
-    /// The MACs of every pod interface of the node.
     /// The MACs of the node's pod interfaces that could be an ENI's the agent acts for
     /// ([`plan::worth_a_lookup`]).
     fn pod_macs(&self) -> BTreeSet<MacAddress> {
