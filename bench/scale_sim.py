@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import datetime
 import json
 import os
 import random
@@ -134,6 +135,31 @@ def routable_spread(proxy: ThrottlingProxy, since: float, addresses: set[str]) -
     return cluster.percentile(times, 0.5), cluster.percentile(times, 0.9)
 
 
+def ready_after_assign(proxy: ThrottlingProxy, since: float, pods: list[Pod]) -> list[float]:
+    """Per pod: seconds from EC2's answer to the first successful Assign of its last address
+    (as the proxy sent it back) to its sidecar's first "readiness changed" to ready (its own
+    log; both wall clock): "address on the ENI → /readyz 200"."""
+    arrived: dict[str, float] = {}
+    for r in proxy.requests(ASSIGN):
+        if r.arrived >= since and r.status == 200 and r.fault is None:
+            for a in r.values("PrivateIpAddress"):
+                arrived.setdefault(a, r.answered_wall)
+    out = []
+    for p in pods:
+        if p.sidecar is None or any(a not in arrived for a in p.addresses):
+            continue
+        assigned = max(arrived[a] for a in p.addresses)
+        ready = [
+            x["timestamp"]
+            for x in p.sidecar.logs()
+            if x.get("action") == "readiness" and x.get("ready") is True
+        ]
+        if ready:
+            at = datetime.datetime.fromisoformat(ready[0].replace("Z", "+00:00")).timestamp()
+            out.append(at - assigned)
+    return out
+
+
 def ready_count(pods: list[Pod]) -> int:
     """Pods whose sidecar answers 200 on /readyz (asked inside each pod's namespace)."""
     return sum(1 for p in pods if p.sidecar is not None and p.sidecar.probe() == 200)
@@ -220,6 +246,7 @@ def run_sidecars(
         extra["routable"] = routable_spread(proxy, start.started, all_addr)
         time.sleep(1.0)
         extra["ready_after_start"] = ready_count(pods)
+        extra["ready_after_assign"] = ready_after_assign(proxy, start.started, pods)
         dead = [p.index for p in pods if p.proc is not None and p.proc.poll() is not None]
         extra["exited_early"] = dead
         # --- change
@@ -512,6 +539,12 @@ def _sidecar_lines(args: argparse.Namespace, sc: RunResult, lines: list[str]) ->
         f"exit codes {sc.extra['exit_codes']}, not exited {sc.extra['not_exited']}; released {sc.extra['released']} addresses "
         f"({sc.phases[-1].calls.get(UNASSIGN, {}).get('ok', 0)} successful Unassign calls)"
     )
+    waits = sc.extra.get("ready_after_assign") or []
+    if waits:
+        lines.append(
+            f"- {sc.mode}: EC2 answered a pod's address assigned → its sidecar ready ({len(waits)} pods): "
+            f"p50 {cluster.percentile(waits, .5):.2f} s, p99 {cluster.percentile(waits, .99):.2f} s, max {max(waits):.2f} s"
+        )
     n, span = sc.extra.get("resync_wave", (0, 0.0))
     if n:
         lines.append(f"- sidecar resync while idle: {n} DescribeNetworkInterfaces within {span:.1f} s (jittered: each sidecar's first resync falls ½–1½ × 60 s after its start)")

@@ -122,6 +122,7 @@ class Request:
     arrived: float  # time.monotonic()
     arrived_wall: float  # time.time()
     status: int = 0
+    answered_wall: float = 0.0  # time.time() when the answer was ready to go back
     fault: str | None = None  # an injected fault
     error: str | None = None  # the EC2 error code answered (injected or as EC2 would)
 
@@ -373,6 +374,7 @@ class FaultProxy:
                     fault = self._take_matching_fault(request) or self._take_fault(action)
                     error = _ERRORS[fault] if fault else None
                     answer = None if fault else await self._answer_as_ec2(request, method, target, headers, body)
+                request.answered_wall = time.time()
                 if error is not None:
                     status, reason, code, message = error
                     payload = _error_body(code, message)
