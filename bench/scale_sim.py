@@ -26,7 +26,7 @@ import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import cluster
 from cluster import Emulator, Pod, ProcStats
@@ -102,13 +102,15 @@ def all_assigned(pods: list[Pod], wanted: dict[int, set[str]]) -> Any:
     return check
 
 
-def first_ok(proxy: ThrottlingProxy, action: str, since: float, prefix: str) -> dict[str, float]:
-    """Address → arrival of the first successful `action` request naming it."""
+def first_ok(
+    proxy: ThrottlingProxy, action: str, since: float, prefix: str, at: Callable[[Any], float] = lambda r: r.arrived
+) -> dict[str, float]:
+    """Address → `at` (by default the arrival) of the first successful `action` request naming it."""
     out: dict[str, float] = {}
     for r in proxy.requests(action):
         if r.arrived >= since and r.status == 200 and r.fault is None:
             for a in r.values(prefix):
-                out.setdefault(a, r.arrived)
+                out.setdefault(a, at(r))
     return out
 
 
@@ -139,11 +141,7 @@ def ready_after_assign(proxy: ThrottlingProxy, since: float, pods: list[Pod]) ->
     """Per pod: seconds from EC2's answer to the first successful Assign of its last address
     (as the proxy sent it back) to its sidecar's first "readiness changed" to ready (its own
     log; both wall clock): "address on the ENI → /readyz 200"."""
-    arrived: dict[str, float] = {}
-    for r in proxy.requests(ASSIGN):
-        if r.arrived >= since and r.status == 200 and r.fault is None:
-            for a in r.values("PrivateIpAddress"):
-                arrived.setdefault(a, r.answered_wall)
+    arrived = first_ok(proxy, ASSIGN, since, "PrivateIpAddress", lambda r: r.answered_wall)
     out = []
     for p in pods:
         if p.sidecar is None or any(a not in arrived for a in p.addresses):

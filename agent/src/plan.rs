@@ -511,7 +511,6 @@ mod tests {
         let w = wanted([&p], &enis, &[]);
         let facts = Facts {
             enis: enis.clone(),
-            ignored: Vec::new(),
             wanted: w,
             ..Facts::default()
         };
@@ -688,7 +687,6 @@ mod tests {
         );
         let facts = Facts {
             enis: enis.clone(),
-            ignored: Vec::new(),
             wanted: w,
             ..Facts::default()
         };
@@ -747,7 +745,6 @@ mod tests {
         let w = wanted([&p], &enis_holding, &[]);
         let facts = Facts {
             enis: enis_holding.clone(),
-            ignored: Vec::new(),
             wanted: w,
             ..Facts::default()
         };

@@ -212,13 +212,13 @@ impl PrefixBook {
             self.idle_since.remove(&(eni_id.clone(), *p));
             if let Some(q) = self.queued.get_mut(eni_id) {
                 q.unassign.remove(p);
-            }
-            if eni.has_prefix(*p) {
-                // Queued before a read showed it there (an assign that timed out but was
-                // carried out): nothing left to send.
-                if let Some(q) = self.queued.get_mut(eni_id) {
+                if eni.has_prefix(*p) {
+                    // Queued before a read showed it there (an assign that timed out but was
+                    // carried out): nothing left to send.
                     q.assign.remove(p);
                 }
+            }
+            if eni.has_prefix(*p) {
                 // A pod of this node holds an address in it on this ENI: the agent's own.
                 owned_changed |= self.owned.entry(eni_id.clone()).or_default().insert(*p);
                 self.refused.forget(*p);
