@@ -551,8 +551,11 @@ def _sidecar_lines(args: argparse.Namespace, sc: RunResult, lines: list[str]) ->
     if sc.extra.get("agent_stats"):
         ast = [ProcStats(**v) for v in sc.extra["agent_stats"]]
         lines.append(
-            f"- agents ({len(ast)}, up to {sc.extra['pods_per_agent']} pods each): RSS max {max(s.rss_kib for s in ast) / 1024:.1f} MiB, "
-            f"CPU for the whole run max {max(s.cpu_seconds for s in ast) * 1000:.0f} ms"
+            f"- agents ({len(ast)}, up to {sc.extra['pods_per_agent']} pods each), read after the idle phase: "
+            f"RSS max {max(s.rss_kib for s in ast) / 1024:.1f} MiB (RssAnon, the agent's own memory, "
+            f"max {max(s.anon_kib for s in ast) / 1024:.1f} MiB; RssFile, the binary's pages shared by every "
+            f"agent, max {max(s.file_kib for s in ast) / 1024:.1f} MiB), peak RSS (VmHWM) max "
+            f"{max(s.hwm_kib for s in ast) / 1024:.1f} MiB, CPU for the whole run max {max(s.cpu_seconds for s in ast) * 1000:.0f} ms"
         )
 
 

@@ -17,6 +17,7 @@ import time
 
 import pytest
 
+from lib import moto
 from lib.agent import claim, claim_from, supports_flag
 from lib.netns import run
 from lib.nodes import ASSIGN4, ASSIGNS, DESCRIBE, FAST, UNASSIGN4, UNASSIGNS, metric_sum
@@ -106,6 +107,30 @@ def test_a_caller_outside_the_nodes_pod_namespaces_is_refused(cluster):
     assert cluster.holds(e.multus, pod_address)
     assert not cluster.calls(ASSIGNS, stranger_address) and not cluster.calls(ASSIGNS, host_address)
     assert a.agent.metric("multus_eni_agent_refusals_total", 'reason="not_a_pod"') >= 3
+
+
+def test_an_address_the_hosts_interface_takes_is_held_and_reclaimed_once_its_link_is_gone(cluster):
+    """The node's host namespace is followed by its address events alone (its links are a veth
+    per pod): addresses a host interface takes after the agent started are held, never
+    reclaimed even with --reclaim-unowned; once the link is deleted (the kernel reports its
+    addresses deleted, IPv4 and IPv6) they are reclaimed like any leak."""
+    a = cluster.node("--reclaim-unowned", *FAST)
+    e, w = a.enis, cluster.world
+    v4, v6 = w.v4(43), w.v6(0x43)
+    host = cluster.emulator.ns  # where the agent runs: the node's host network namespace
+    host_link = f"k{os.getpid() % 100000}"
+    host.add_veth(host_link, host_link + "p")
+    try:
+        host.add_address(host_link, v4 + "/32")
+        host.add_address(host_link, v6 + "/128")
+        for address in (v4, v6):
+            moto.assign(cluster.emulator.ns, cluster.emulator.direct, e.multus.id, address)
+        cluster.resyncs(a, 4)  # 8 s, past --reclaim-after (4 s)
+        assert cluster.holds(e.multus, v4, v6), "an address held on the host was reclaimed"
+    finally:
+        host.del_link(host_link)
+    wait_for(lambda: cluster.lacks(e.multus, v4, v6), "reclaimed once the host's link is gone")
+    assert a.agent.metric("multus_eni_agent_reclaims_total") == 2
 
 
 def test_a_huge_line_is_cut_off_and_memory_stays_bounded_while_other_pods_are_served(cluster):

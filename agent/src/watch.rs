@@ -337,7 +337,7 @@ impl NamespaceWatch {
             attempt += 1;
             let opened = {
                 let _permit = self.permit().await;
-                open_in(self.path.clone()).await
+                open_in(self.path.clone(), self.kind).await
             };
             match opened {
                 Ok(opened) => break opened,
@@ -357,7 +357,10 @@ impl NamespaceWatch {
             }
         };
         let _ = self.id.set(id);
-        let mut table = InterfaceTable::every_interface();
+        let mut table = match self.kind {
+            Kind::Pod => InterfaceTable::every_interface(),
+            Kind::Host => InterfaceTable::addresses_only(),
+        };
         loop {
             // A full dump: at the start, when asked, after a dropped event.
             let read = {
@@ -465,8 +468,10 @@ fn check_nsfs(file: &File) -> io::Result<()> {
 }
 
 /// On a thread of its own: enters the namespace at `path` and opens a netlink socket there,
-/// served by the agent's runtime. An entry that is no namespace fails with `InvalidData`.
-async fn open_in(path: PathBuf) -> io::Result<(NetnsId, AddressWatcher)> {
+/// served by the agent's runtime. An entry that is no namespace fails with `InvalidData`. The
+/// host's socket hears address events only: the host's addresses are all the agent needs of it,
+/// and a node's host namespace has a veth per pod whose link events it would otherwise parse.
+async fn open_in(path: PathBuf, kind: Kind) -> io::Result<(NetnsId, AddressWatcher)> {
     let runtime = tokio::runtime::Handle::current();
     let (tx, rx) = tokio::sync::oneshot::channel();
     std::thread::Builder::new()
@@ -478,7 +483,11 @@ async fn open_in(path: PathBuf) -> io::Result<(NetnsId, AddressWatcher)> {
                 let id = netns_id(&file)?;
                 setns(&file, CloneFlags::CLONE_NEWNET).map_err(io::Error::from)?;
                 let _entered = runtime.enter();
-                let watcher = AddressWatcher::subscribe().map_err(io::Error::other)?;
+                let watcher = match kind {
+                    Kind::Pod => AddressWatcher::subscribe(),
+                    Kind::Host => AddressWatcher::subscribe_addresses(),
+                }
+                .map_err(io::Error::other)?;
                 Ok((id, watcher))
             })();
             let _ = tx.send(opened);

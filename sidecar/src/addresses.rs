@@ -37,13 +37,27 @@ struct Interface {
     dad_failed: BTreeSet<Ipv6Addr>,
 }
 
+/// Which interfaces a table keeps.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+enum Scope {
+    /// The interfaces named in `wanted` (the sidecar's).
+    #[default]
+    Named,
+    /// Every link, whatever its name (the node agent's view of a pod namespace).
+    Every,
+    /// Addresses only, by link index, from address messages alone: the node agent's view of
+    /// the host, where only which addresses are in use matters. A node's host namespace has a
+    /// veth per pod: following their link events (and dumping each new link's addresses) made
+    /// the agent's memory and CPU grow with every pod started on the node (docs/scale.md).
+    AddressesOnly,
+}
+
 /// The named interfaces that exist, by kernel link index. Every other interface (eth0...)
 /// is ignored.
 #[derive(Debug, Clone, Default)]
 pub struct InterfaceTable {
     wanted: Vec<String>,
-    /// Every interface counts, whatever its name (the node agent's view of a pod namespace).
-    all: bool,
+    scope: Scope,
     by_index: BTreeMap<u32, Interface>,
 }
 
@@ -102,7 +116,7 @@ impl InterfaceTable {
     pub fn new(wanted: Vec<String>) -> Self {
         Self {
             wanted,
-            all: false,
+            scope: Scope::Named,
             by_index: BTreeMap::new(),
         }
     }
@@ -110,13 +124,23 @@ impl InterfaceTable {
     /// A table of every interface of the namespace (the node agent's view of a pod).
     pub fn every_interface() -> Self {
         Self {
-            all: true,
+            scope: Scope::Every,
+            ..Self::default()
+        }
+    }
+
+    /// A table of the namespace's global addresses only, by link index, kept from address
+    /// messages (link messages are ignored; [`AddressWatcher::subscribe_addresses`] does not
+    /// ask for them). Its interfaces have no MAC and are named after their index.
+    pub fn addresses_only() -> Self {
+        Self {
+            scope: Scope::AddressesOnly,
             ..Self::default()
         }
     }
 
     fn is_wanted(&self, name: &str) -> bool {
-        self.all || self.wanted.iter().any(|w| w == name)
+        self.scope == Scope::Every || self.wanted.iter().any(|w| w == name)
     }
 
     /// The interface names the sidecar manages, in command-line order.
@@ -158,6 +182,11 @@ impl InterfaceTable {
     /// Applies one link or address message (from a dump or an event).
     pub fn apply(&mut self, msg: &RouteNetlinkMessage) -> Applied {
         match msg {
+            RouteNetlinkMessage::NewLink(_) | RouteNetlinkMessage::DelLink(_)
+                if self.scope == Scope::AddressesOnly =>
+            {
+                Applied::default()
+            }
             RouteNetlinkMessage::NewLink(link) => self.new_link(link),
             RouteNetlinkMessage::DelLink(link) => {
                 let removed = self.by_index.remove(&link.header.index).is_some();
@@ -226,13 +255,20 @@ impl InterfaceTable {
     }
 
     fn address(&mut self, msg: &AddressMessage, added: bool) -> Applied {
-        let Some(iface) = self.by_index.get_mut(&msg.header.index) else {
-            return Applied::default();
-        };
         if msg.header.scope != AddressScope::Universe {
             return Applied::default();
         }
         let Some(ip) = address_of(msg) else {
+            return Applied::default();
+        };
+        let index = msg.header.index;
+        if self.scope == Scope::AddressesOnly && added {
+            self.by_index.entry(index).or_insert_with(|| Interface {
+                name: format!("#{index}"),
+                ..Default::default()
+            });
+        }
+        let Some(iface) = self.by_index.get_mut(&index) else {
             return Applied::default();
         };
         let flags = address_flags(msg);
@@ -255,8 +291,15 @@ impl InterfaceTable {
                 }
             }
         }
+        let changed = before != (iface.usable.clone(), iface.tentative.clone());
+        let empty =
+            iface.usable.is_empty() && iface.tentative.is_empty() && iface.dad_failed.is_empty();
+        if self.scope == Scope::AddressesOnly && empty {
+            // A link is known here only by its addresses (its deletion removes them one by one).
+            self.by_index.remove(&index);
+        }
         Applied {
-            changed: before != (iface.usable.clone(), iface.tentative.clone()),
+            changed,
             dump_link: None,
         }
     }
@@ -284,12 +327,23 @@ impl AddressWatcher {
     /// Subscribes to `RTNLGRP_LINK`, `RTNLGRP_IPV4_IFADDR` and `RTNLGRP_IPV6_IFADDR`. Subscribe
     /// first, dump second: a change between the two is then seen as an event, not lost.
     pub fn subscribe() -> Result<Self> {
-        let (connection, handle, events) = rtnetlink::new_multicast_connection(&[
+        Self::subscribe_to(&[
             MulticastGroup::Link,
             MulticastGroup::Ipv4Ifaddr,
             MulticastGroup::Ipv6Ifaddr,
         ])
-        .map_err(|e| Error::Netlink(format!("cannot open netlink socket: {e}")))?;
+    }
+
+    /// Subscribes to `RTNLGRP_IPV4_IFADDR` and `RTNLGRP_IPV6_IFADDR` only, for a table of
+    /// [`InterfaceTable::addresses_only`]: the kernel reports a deleted link's addresses as
+    /// deleted, so no link event is needed to keep the addresses in use.
+    pub fn subscribe_addresses() -> Result<Self> {
+        Self::subscribe_to(&[MulticastGroup::Ipv4Ifaddr, MulticastGroup::Ipv6Ifaddr])
+    }
+
+    fn subscribe_to(groups: &[MulticastGroup]) -> Result<Self> {
+        let (connection, handle, events) = rtnetlink::new_multicast_connection(groups)
+            .map_err(|e| Error::Netlink(format!("cannot open netlink socket: {e}")))?;
         let connection = tokio::spawn(connection);
         Ok(Self {
             handle,
@@ -304,12 +358,14 @@ impl AddressWatcher {
     pub async fn dump(&self, table: &mut InterfaceTable) -> Result<bool> {
         let mut fresh = InterfaceTable {
             wanted: table.wanted.clone(),
-            all: table.all,
+            scope: table.scope,
             by_index: BTreeMap::new(),
         };
-        let mut links = self.handle.link().get().execute();
-        while let Some(link) = links.try_next().await.map_err(netlink_error)? {
-            fresh.apply(&RouteNetlinkMessage::NewLink(link));
+        if fresh.scope != Scope::AddressesOnly {
+            let mut links = self.handle.link().get().execute();
+            while let Some(link) = links.try_next().await.map_err(netlink_error)? {
+                fresh.apply(&RouteNetlinkMessage::NewLink(link));
+            }
         }
         self.dump_addresses(&mut fresh, None).await?;
         let changed = fresh.desired() != table.desired();
@@ -577,6 +633,31 @@ mod tests {
         let mut named = InterfaceTable::new(vec!["net1".into()]);
         named.apply(&link(2, "eth0", [2, 0, 0, 0, 0, 1]));
         assert!(named.desired().is_empty());
+    }
+
+    #[test]
+    fn a_table_of_addresses_only_keeps_addresses_by_index_and_ignores_links() {
+        let mut t = InterfaceTable::addresses_only();
+        assert_eq!(
+            t.apply(&link(7, "veth1", [2, 0, 0, 0, 0, 7])),
+            Applied::default(),
+            "a link alone is nothing here"
+        );
+        assert!(t.desired().is_empty());
+        let e = AddressFlags::empty();
+        let a = addr(7, "10.0.1.7", AddressScope::Universe, e);
+        let link_local = addr(8, "fe80::7", AddressScope::Link, e);
+        assert!(t.apply(&RouteNetlinkMessage::NewAddress(a.clone())).changed);
+        assert!(!t.apply(&RouteNetlinkMessage::NewAddress(link_local)).changed);
+        let d = t.desired();
+        assert_eq!(d.len(), 1);
+        assert_eq!(d[0].mac, None);
+        assert_eq!(d[0].addresses.len(), 1);
+        let mut del = LinkMessage::default();
+        del.header.index = 7;
+        assert!(!t.apply(&RouteNetlinkMessage::DelLink(del)).changed);
+        assert!(t.apply(&RouteNetlinkMessage::DelAddress(a)).changed);
+        assert!(t.desired().is_empty(), "no address left: the link is forgotten");
     }
 
     #[test]
