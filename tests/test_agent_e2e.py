@@ -207,7 +207,7 @@ def test_pods_started_together_share_a_few_assign_calls_and_release_in_a_few_una
 
 
 def test_claims_within_the_batch_interval_wait_for_it_and_share_one_call(node):
-    """The pace (`--batch-interval`, 3 s by default): the first claim after a quiet period goes
+    """The pace (`--batch-interval`, 5 s by default): the first claim after a quiet period goes
     at once; claims that follow within the interval wait for it and go out together. A long
     interval (20 s) makes the grouping independent of the host's speed."""
     w = node.world

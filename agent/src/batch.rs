@@ -1,7 +1,7 @@
 //! Group commit per ENI: everything queued for one ENI while its previous call was in flight
 //! goes out together, paced: a call starts no sooner than the interval after the ENI's previous
 //! one ([`Pacing`]: the batch interval, longer while EC2 throttles, jittered; releases alone
-//! keep the batch interval). The first change after a quiet period goes at once (no added wait
+//! wait half the batch interval). The first change after a quiet period goes at once (no added wait
 //! at low load); under load everything that arrives within the interval shares one call.
 //!
 //! Why a pace and not only group commit: EC2 answers in milliseconds, so a node whose pods
@@ -32,7 +32,7 @@ struct LastCall {
     started: Instant,
     /// Before a batch with assigns: the paced interval, jittered.
     paced: Duration,
-    /// Before a batch of releases only: the batch interval.
+    /// Before a batch of releases only: half the batch interval.
     release: Duration,
 }
 
@@ -169,7 +169,7 @@ impl Batches {
                 let last = LastCall {
                     started: now,
                     paced,
-                    release: self.pacing.base(),
+                    release: self.pacing.release_interval(),
                 };
                 self.last_call.insert(eni.clone(), last);
                 out.push((eni, changes));
@@ -191,7 +191,7 @@ impl Batches {
     }
 
     /// The earliest start of the ENI's next call; `None` when it may start now (never
-    /// called, or quiet for longer than the interval). A batch of releases only waits the
+    /// called, or quiet for longer than the interval). A batch of releases only waits half the
     /// batch interval, not the paced one.
     fn due_at(&self, eni: &str) -> Option<Instant> {
         let last = self.last_call.get(eni)?;
@@ -367,8 +367,8 @@ mod tests {
         b.unassign("eni-1", ip("10.0.1.6"));
         assert_eq!(
             b.next_due(t0),
-            Some(t0 + interval),
-            "a release waits the batch interval only"
+            Some(t0 + interval / 2),
+            "a release waits half the batch interval only"
         );
         b.assign("eni-1", ip("10.0.1.7"));
         let due = b.next_due(t0).unwrap_or(t0);

@@ -164,9 +164,10 @@ pub struct RunArgs {
 
     /// Shortest time between the starts of two EC2 calls for one ENI: what arrives sooner waits
     /// and shares the next call. The first change after a quiet period goes at once. The
-    /// account's Assign bucket refills 5 calls/s for all nodes: raise it for rollouts over
-    /// more nodes at once (docs/scale.md, "Pacing"); `0s` leaves group commit alone.
-    #[arg(long, env = "MULTUS_ENI_BATCH_INTERVAL", default_value = "3s", value_parser = humantime::parse_duration)]
+    /// account's Assign bucket refills 5 calls/s for all nodes: 5 s keeps 50 nodes rolling out
+    /// at once near it; raise it for more (docs/scale.md, "Pacing"); `0s` leaves group commit
+    /// alone.
+    #[arg(long, env = "MULTUS_ENI_BATCH_INTERVAL", default_value = "5s", value_parser = humantime::parse_duration)]
     pub batch_interval: Duration,
 
     /// First wait after EC2 refuses the agent's credentials, region or permissions (the agent

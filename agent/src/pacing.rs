@@ -10,8 +10,9 @@
 //! Why no slower than twice the base: in the model of a 1,000-pod rollout on 50 nodes
 //! (bench/pace_model.py, docs/scale.md "Pacing") four times the base saved no more throttled
 //! calls and made the tail after the last pod 7 s longer. Releases are not paced this way: the
-//! address is already unusable, and holding it only delays the IPAM's reuse; they keep the
-//! base interval.
+//! address is already unusable, and holding it only delays the IPAM's reuse; they go at half the
+//! base interval, so that a mass deletion (pods' namespaces go over a second or two) is off the
+//! ENI in two calls without waiting out a rollout's pace.
 
 use std::time::Duration;
 
@@ -64,9 +65,14 @@ impl Pacing {
         Duration::from_secs_f64(1.0 / self.rate)
     }
 
-    /// The interval between two calls of releases only.
+    /// The base interval (`--batch-interval`).
     pub fn base(&self) -> Duration {
         self.base
+    }
+
+    /// The interval between two calls of releases only: half the base, whatever the pace.
+    pub fn release_interval(&self) -> Duration {
+        self.base / 2
     }
 
     /// `interval` jittered by `unit` (in [0, 1)): ±20 %.
@@ -103,6 +109,7 @@ mod tests {
             "back to the base in steps of a tenth (additive)"
         );
         assert_eq!(p.base(), Duration::from_secs(3));
+        assert_eq!(p.release_interval(), Duration::from_millis(1500));
     }
 
     #[test]
