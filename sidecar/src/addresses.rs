@@ -648,7 +648,10 @@ mod tests {
         let a = addr(7, "10.0.1.7", AddressScope::Universe, e);
         let link_local = addr(8, "fe80::7", AddressScope::Link, e);
         assert!(t.apply(&RouteNetlinkMessage::NewAddress(a.clone())).changed);
-        assert!(!t.apply(&RouteNetlinkMessage::NewAddress(link_local)).changed);
+        assert!(
+            !t.apply(&RouteNetlinkMessage::NewAddress(link_local))
+                .changed
+        );
         let d = t.desired();
         assert_eq!(d.len(), 1);
         assert_eq!(d[0].mac, None);
@@ -657,7 +660,10 @@ mod tests {
         del.header.index = 7;
         assert!(!t.apply(&RouteNetlinkMessage::DelLink(del)).changed);
         assert!(t.apply(&RouteNetlinkMessage::DelAddress(a)).changed);
-        assert!(t.desired().is_empty(), "no address left: the link is forgotten");
+        assert!(
+            t.desired().is_empty(),
+            "no address left: the link is forgotten"
+        );
     }
 
     #[test]
