@@ -100,8 +100,6 @@ class Agent:
             "RUST_LOG": "info",
             **sidecar_lib.aws_env(self.endpoint),
         }
-        if os.environ.get("XMALLOC"):
-            env["MALLOC_ARENA_MAX"] = os.environ["XMALLOC"]
         self._log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(
             self.ns.exec_argv(argv), env=env, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True
