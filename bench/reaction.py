@@ -109,8 +109,8 @@ def main() -> int:
     ap.add_argument("--idle", type=float, default=30.0)
     ap.add_argument(
         "--settle", type=float, default=None,
-        help="pause after each call is seen (default 0.3 s; agent mode 3.2 s: the agent paces one ENI's "
-        "calls 3 s apart (--batch-interval), so changes closer together are batched by design, and "
+        help="pause after each call is seen (default 0.3 s; agent mode 5.2 s: the agent paces one ENI's "
+        "calls 5 s apart (--batch-interval), so changes closer together are batched by design, and "
         "'low load' is one change per interval)",
     )
     ap.add_argument("--keep-logs", action="store_true")
@@ -118,7 +118,7 @@ def main() -> int:
     ap.add_argument("--write-doc", action="store_true", help="replace the figures in docs/scale.md")
     args = ap.parse_args()
     if args.settle is None:
-        args.settle = 3.2 if args.agent else 0.3
+        args.settle = 5.2 if args.agent else 0.3
     if args.agent and args.write_doc:
         print("reaction: --write-doc records direct mode only", file=sys.stderr)
         return 2
