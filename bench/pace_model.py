@@ -14,8 +14,8 @@ seconds.
 
 It is a model: it reproduced the measured group-commit run (400 pods on 40 nodes: 278
 Assign calls, 115 throttled, all routable 12.9 s after the last pod; the model says
-~300, ~150, ~11 s) before it was used to pick 3 s; at 1,000 pods on 50 nodes it predicted 5 s
-within a second and a call of the bench (223 calls, 23 throttled, 8.6 s; measured 224, 24, 7.6 s),
+~300, ~150, ~11 s) before it was used to pick 3 s. For 5 s at 1,000 pods on 50 nodes over 12 s
+it said 223 calls, 23 throttled, 8.6 s; the bench measured 224, 24 and 7.6 s on a rollout of 13 s,
 and 5 s became the default (issue 22, docs/scale.md "Pacing").
 
     .venv/bin/python bench/pace_model.py

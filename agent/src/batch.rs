@@ -1,8 +1,8 @@
 //! Group commit per ENI: everything queued for one ENI while its previous call was in flight
 //! goes out together, paced: a call starts no sooner than the interval after the ENI's previous
 //! one ([`Pacing`]: the batch interval, longer while EC2 throttles, jittered; releases alone
-//! wait half the batch interval). The first change after a quiet period goes at once (no added wait
-//! at low load); under load everything that arrives within the interval shares one call.
+//! wait half the batch interval). The first change after a quiet period goes at once (no added
+//! wait at low load); under load everything that arrives within the interval shares one call.
 //!
 //! Why a pace and not only group commit: EC2 answers in milliseconds, so a node whose pods
 //! start one every half second would make one call per pod, and the account's Assign bucket
@@ -26,14 +26,13 @@ pub struct Pending {
     unassign: BTreeSet<IpAddr>,
 }
 
-/// When an ENI's last call started, and the gaps before its next one.
+/// When an ENI's last call started, and the gap before its next one with assigns (a batch of
+/// releases only waits [`Pacing::release_interval`]).
 #[derive(Debug, Clone, Copy)]
 struct LastCall {
     started: Instant,
-    /// Before a batch with assigns: the paced interval, jittered.
+    /// The paced interval, jittered.
     paced: Duration,
-    /// Before a batch of releases only: half the batch interval.
-    release: Duration,
 }
 
 /// The queued changes of every ENI of the node, and which ENIs have a call in flight.
@@ -169,14 +168,14 @@ impl Batches {
                 let last = LastCall {
                     started: now,
                     paced,
-                    release: self.pacing.release_interval(),
                 };
                 self.last_call.insert(eni.clone(), last);
                 out.push((eni, changes));
             }
         }
+        let release = self.pacing.release_interval();
         self.last_call
-            .retain(|_, l| now.saturating_duration_since(l.started) < l.paced.max(l.release));
+            .retain(|_, l| now.saturating_duration_since(l.started) < l.paced.max(release));
         out
     }
 
@@ -199,7 +198,7 @@ impl Batches {
         Some(
             last.started
                 + if releases_only {
-                    last.release
+                    self.pacing.release_interval()
                 } else {
                     last.paced
                 },
