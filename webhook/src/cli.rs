@@ -407,6 +407,12 @@ mod tests {
         }
     }
 
+    /// The injection config of `inject` with `extra` flags, both expected to succeed.
+    fn inject_config(extra: &[&str]) -> Config {
+        let args = inject_args(extra).unwrap_or_else(|e| panic!("{e}"));
+        args.config().unwrap_or_else(|e| panic!("{e}"))
+    }
+
     #[test]
     fn role_arn_without_region_is_a_start_up_error_naming_the_fix() {
         let args = inject_args(&["--sidecar-role-arn", "arn:aws:iam::1:role/r"])
@@ -430,7 +436,7 @@ mod tests {
 
     #[test]
     fn injection_flags_reach_the_config() {
-        let args = inject_args(&[
+        let config = inject_config(&[
             "--ec2-access=direct",
             "--agent-socket-dir=/var/run/me",
             "--agent-port=19812",
@@ -441,9 +447,7 @@ mod tests {
             "--sidecar-https-proxy=http://proxy:3128",
             "--sidecar-no-proxy=169.254.169.254",
             "--sidecar-ec2-endpoint=https://ec2.example",
-        ])
-        .unwrap_or_else(|e| panic!("{e}"));
-        let config = args.config().unwrap_or_else(|e| panic!("{e}"));
+        ]);
         assert_eq!(config.ec2_access, Ec2Access::Direct);
         assert_eq!(config.agent_socket_dir, "/var/run/me");
         assert_eq!(config.agent_port, 19812);
@@ -474,18 +478,15 @@ mod tests {
 
     #[test]
     fn image_pull_secrets_repeat_and_keep_their_order_once_each() {
-        let args = inject_args(&[
+        let config = inject_config(&[
             "--image-pull-secret=registry-a",
             "--image-pull-secret",
             "registry.b",
             "--image-pull-secret=registry-a",
-        ])
-        .unwrap_or_else(|e| panic!("{e}"));
-        let config = args.config().unwrap_or_else(|e| panic!("{e}"));
+        ]);
         assert_eq!(config.image_pull_secrets, ["registry-a", "registry.b"]);
         // None by default: pods keep exactly their own pull secrets.
-        let args = inject_args(&[]).unwrap_or_else(|e| panic!("{e}"));
-        let config = args.config().unwrap_or_else(|e| panic!("{e}"));
+        let config = inject_config(&[]);
         assert!(config.image_pull_secrets.is_empty());
     }
 
@@ -493,9 +494,7 @@ mod tests {
     fn a_comma_list_is_several_pull_secrets_as_the_env_variable_gives_them() {
         // clap applies the same delimiter to MULTUS_ENI_IMAGE_PULL_SECRETS; the environment is
         // process-wide, so the parse is shown on the flag, which shares the value parser.
-        let args =
-            inject_args(&["--image-pull-secret=ecr-a, ecr-b,,"]).unwrap_or_else(|e| panic!("{e}"));
-        let config = args.config().unwrap_or_else(|e| panic!("{e}"));
+        let config = inject_config(&["--image-pull-secret=ecr-a, ecr-b,,"]);
         assert_eq!(config.image_pull_secrets, ["ecr-a", "ecr-b"]);
         use clap::CommandFactory;
         let command = Cli::command();
