@@ -413,15 +413,18 @@ mod tests {
         args.config().unwrap_or_else(|e| panic!("{e}"))
     }
 
-    #[test]
-    fn role_arn_without_region_is_a_start_up_error_naming_the_fix() {
-        let args = inject_args(&["--sidecar-role-arn", "arn:aws:iam::1:role/r"])
-            .unwrap_or_else(|e| panic!("{e}"));
-        let err = args
-            .config()
+    /// The start-up error of `inject` with `extra` flags (empty if there is none).
+    fn inject_config_error(extra: &[&str]) -> String {
+        let args = inject_args(extra).unwrap_or_else(|e| panic!("{e}"));
+        args.config()
             .err()
             .map(|e| e.to_string())
-            .unwrap_or_default();
+            .unwrap_or_default()
+    }
+
+    #[test]
+    fn role_arn_without_region_is_a_start_up_error_naming_the_fix() {
+        let err = inject_config_error(&["--sidecar-role-arn", "arn:aws:iam::1:role/r"]);
         assert!(err.contains("--aws-region"), "{err}");
         assert!(err.contains("MULTUS_ENI_AWS_REGION"), "{err}");
         let args = inject_args(&[
@@ -515,26 +518,14 @@ mod tests {
     #[test]
     fn a_pull_secret_the_api_server_would_refuse_fails_at_start_up() {
         for bad in ["Registry", "-reg", "reg_1", "a..b"] {
-            let args = inject_args(&[&format!("--image-pull-secret={bad}")])
-                .unwrap_or_else(|e| panic!("{e}"));
-            let err = args
-                .config()
-                .err()
-                .map(|e| e.to_string())
-                .unwrap_or_default();
+            let err = inject_config_error(&[&format!("--image-pull-secret={bad}")]);
             assert!(err.contains("--image-pull-secret"), "{bad}: {err}");
         }
     }
 
     #[test]
     fn a_relative_agent_socket_dir_fails_at_start_up() {
-        let args =
-            inject_args(&["--agent-socket-dir=run/multus-eni"]).unwrap_or_else(|e| panic!("{e}"));
-        let err = args
-            .config()
-            .err()
-            .map(|e| e.to_string())
-            .unwrap_or_default();
+        let err = inject_config_error(&["--agent-socket-dir=run/multus-eni"]);
         assert!(err.contains("--agent-socket-dir"), "{err}");
     }
 
